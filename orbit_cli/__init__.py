@@ -1,0 +1,1 @@
+"""Orbit's command line: thin Typer modules over orbit_core."""

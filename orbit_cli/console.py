@@ -1,0 +1,20 @@
+"""Shared rich console and the one-line error format."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one red line and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def not_built(command: str, issue: str) -> typer.Exit:
+    err_console.print(f"[yellow]orbit {command} is not built yet[/] ({issue})", highlight=False)
+    return typer.Exit(code=2)

@@ -1,0 +1,52 @@
+"""The ``orbit`` command: sub-apps are registered here; errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from orbit_cli import pending, recipes
+from orbit_cli.console import err_console
+from orbit_cli.eval import eval_cmd
+from orbit_cli.train import train
+from orbit_core.errors import OrbitError
+
+app = typer.Typer(
+    name="orbit",
+    help="Adapter RL post-training on a frozen low-precision base.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+app.add_typer(pending.convert_app, name="convert")
+app.command("quantize")(pending.quantize)
+app.command("preflight")(pending.preflight)
+app.command("train")(train)
+app.command("eval")(eval_cmd)
+app.add_typer(recipes.app, name="recipes")
+
+_debug = {"on": False}
+
+
+@app.callback()
+def root(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors.")) -> None:
+    _debug["on"] = debug
+
+
+def main() -> None:
+    _debug["on"] = "--debug" in sys.argv
+    try:
+        app()
+    except OrbitError as err:
+        if _debug["on"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: checkpoints already written are intact; rerun with train.resume=auto to continue")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

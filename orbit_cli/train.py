@@ -1,0 +1,65 @@
+"""``orbit train --recipe NAME [section.field=value ...]``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.syntax import Syntax
+
+from orbit_cli.console import console
+from orbit_cli.render import eval_table, summary_table
+from orbit_core.config import load_recipe, to_yaml
+from orbit_core.train import Callbacks, plot_reward_curve, run_training
+
+
+def train(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped recipe name or path to a YAML recipe."),
+    overrides: list[str] = typer.Argument(None, help="section.field=value overrides, e.g. train.lr=1e-4."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config as YAML and exit."),
+) -> None:
+    """Adapter RL: rollout, reward, GRPO update, eval and checkpoints."""
+    config = load_recipe(recipe, overrides or [])
+    if dry_run:
+        console.print(Syntax(to_yaml(config), "yaml"))
+        return
+    progress = Progress(
+        TextColumn("[bold blue]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"), console=console, transient=False,
+    )
+    task = progress.add_task("train", total=config.train.steps, stats="")
+
+    def on_start(start: int, total: int) -> None:
+        progress.update(task, completed=start, total=total)
+        progress.start()
+
+    def on_step(m: dict) -> None:
+        stats = (f"reward {m['reward/mean']:.3f}  kl {m['kl']:.4f}  entropy {m['entropy']:.3f}  "
+                 f"len {m['response_len/mean']:.1f}  {m['tokens_per_s']:.0f} tok/s  {m['time/step_s']:.2f}s/step")
+        if m["reward/errors"] or m["reward/timeouts"]:
+            stats += f"  [red]reward errors {m['reward/errors']} timeouts {m['reward/timeouts']}[/]"
+        progress.update(task, completed=m["step"], stats=stats)
+
+    def on_eval(step: int, report) -> None:
+        progress.console.print(eval_table(f"eval @ step {step}", report))
+
+    def on_message(text: str) -> None:
+        (progress.console if progress.live.is_started else console).print(text, highlight=False)
+
+    try:
+        result = run_training(config, Callbacks(on_message=on_message, on_start=on_start, on_step=on_step, on_eval=on_eval))
+    finally:
+        progress.stop()
+    out = Path(result.output_dir)
+    plot = plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png", title=f"{recipe}: GRPO + LoRA")
+    report = {
+        "before": result.eval_before.to_dict() if result.eval_before else None,
+        "after": result.eval_after.to_dict() if result.eval_after else None,
+        "steps": result.steps_done,
+        "last_checkpoint": result.last_checkpoint,
+    }
+    (out / "eval_report.json").write_text(json.dumps(report, indent=2))
+    console.print(summary_table(result.eval_before, result.eval_after))
+    console.print(f"checkpoint: {result.last_checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\nplot:       {plot}")

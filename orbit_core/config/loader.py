@@ -1,0 +1,230 @@
+"""YAML recipes -> typed RecipeConfig, with validated ``section.field=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from orbit_core.config.schema import SECTIONS, RecipeConfig
+from orbit_core.errors import OrbitError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """Resolve a shipped recipe name or a user's YAML path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not candidate.is_file():
+            raise OrbitError(f"recipe file not found: {name_or_path}", "check the path")
+        return candidate
+    shipped = RECIPE_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(name_or_path, list_recipes(), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "run `orbit recipes list`"
+    raise OrbitError(f"unknown recipe '{name_or_path}'", hint)
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RecipeConfig)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_hints(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to ``tp`` or raise a one-line error."""
+    origin = get_origin(tp)
+    bad = OrbitError(f"{where}: expected {_type_name(tp)}, got {value!r}", f"set {where} to a valid {_type_name(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        as_str = str(value).lower() if isinstance(value, bool) else value
+        if as_str in choices:
+            return as_str
+        raise bad
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except OrbitError:
+                continue
+        raise bad
+    if origin is list:
+        (inner,) = get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, inner, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _unknown(kind: str, name: str, valid: list[str]) -> OrbitError:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid {kind}s: {', '.join(valid)}"
+    return OrbitError(f"unknown {kind} '{name}'", hint)
+
+
+def build_config(raw: dict[str, Any]) -> RecipeConfig:
+    """Validate a nested dict (sections -> fields) and build a RecipeConfig."""
+    if not isinstance(raw, dict):
+        raise OrbitError("a recipe must be a YAML mapping of sections", f"use sections: {', '.join(SECTIONS)}")
+    sections = _section_types()
+    built: dict[str, Any] = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise _unknown("section", str(name), list(SECTIONS))
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise OrbitError(f"section '{name}' must be a mapping of fields", f"write it as `{name}:` with indented fields")
+        hints = _field_hints(sections[name])
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                valid = [f"{name}.{k}" for k in hints]
+                raise _unknown("key", f"{name}.{key}", valid)
+            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        built[name] = sections[name](**kwargs)
+    config = RecipeConfig(**built)
+    validate(config)
+    return config
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings to a nested dict (Megatron-Bridge style)."""
+    merged = {k: dict(v or {}) for k, v in raw.items()}
+    sections = _section_types()
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise OrbitError(f"bad override '{item}'", "write overrides as section.field=value, e.g. train.lr=1e-4")
+        key, value = item.split("=", 1)
+        section, field_name = key.split(".", 1)
+        if section not in sections:
+            raise _unknown("section", section, list(SECTIONS))
+        hints = _field_hints(sections[section])
+        if field_name not in hints:
+            raise _unknown("key", key, [f"{section}.{k}" for k in hints])
+        parsed: Any = value
+        if get_origin(hints[field_name]) is list and value.startswith("["):
+            parsed = yaml.safe_load(value)
+        merged.setdefault(section, {})[field_name] = parsed
+    return merged
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeConfig:
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise OrbitError(f"recipe {path}{where} is not valid YAML", "fix the YAML syntax") from err
+    return build_config(apply_overrides(raw, overrides or []))
+
+
+def to_dict(config: RecipeConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: RecipeConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def validate(config: RecipeConfig) -> None:
+    """Cross-field checks, done before anything loads."""
+    t, r = config.train, config.rollout
+    positive = {
+        "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size, "rollout.batch_size": r.batch_size,
+        "rollout.n_samples_per_prompt": r.n_samples_per_prompt, "rollout.max_new_tokens": r.max_new_tokens,
+        "rollout.max_running": r.max_running, "peft.rank": config.peft.rank,
+        "eval.n_samples": config.eval.n_samples,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise OrbitError(f"{name} must be > 0, got {value}", f"set {name} to a positive integer")
+    if t.global_batch_size % t.micro_batch_size:
+        raise OrbitError(
+            f"train.global_batch_size ({t.global_batch_size}) is not a multiple of train.micro_batch_size ({t.micro_batch_size})",
+            "make global_batch_size = micro_batch_size x gradient accumulation steps",
+        )
+    samples = r.batch_size * r.n_samples_per_prompt
+    if samples % t.global_batch_size:
+        raise OrbitError(
+            f"rollout.batch_size x rollout.n_samples_per_prompt ({samples}) is not a multiple of train.global_batch_size ({t.global_batch_size})",
+            "each rollout must split into whole optimizer steps",
+        )
+    if not 0.0 < r.top_p <= 1.0:
+        raise OrbitError(f"rollout.top_p must be in (0, 1], got {r.top_p}", "set rollout.top_p=1.0 to disable")
+    if r.temperature < 0 or config.eval.temperature < 0:
+        raise OrbitError("temperature must be >= 0", "use 0 for greedy decoding")
+    if any(k <= 0 or k > config.eval.n_samples for k in config.eval.k):
+        raise OrbitError(
+            f"eval.k values {config.eval.k} must be in [1, eval.n_samples={config.eval.n_samples}]",
+            "raise eval.n_samples or lower eval.k",
+        )
+    if config.rl.use_kl_loss and config.rl.kl_coef <= 0:
+        raise OrbitError("rl.use_kl_loss is on but rl.kl_coef is 0", "set rl.kl_coef > 0 or rl.use_kl_loss=false")

@@ -1,0 +1,124 @@
+"""Typed recipe sections. Each component is built from its own section only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = "embedded:tiny-arith"
+    """Local HF checkpoint directory, or ``embedded:tiny-arith`` (built on first use, cached)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    """``auto`` picks cuda when available, else cpu."""
+    warmstart_steps: int = 1500
+    """Supervised steps used to warm-start the embedded model (ignored for real checkpoints)."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train_path: str = "embedded:tiny-arith/train.jsonl"
+    """Prompt JSONL; ``path@[:N]`` / ``path@[A:B]`` slice it."""
+    prompt_key: str = "prompt"
+    label_key: str = "label"
+    apply_chat_template: Literal["auto", "true", "false"] = "auto"
+    """``auto`` uses the tokenizer's chat template when it has one."""
+    max_prompt_len: int = 1024
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    backend: Literal["builtin"] = "builtin"
+    batch_size: int = 16
+    """Prompts sampled per rollout step."""
+    n_samples_per_prompt: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    stop: list[str] = field(default_factory=list)
+    max_running: int = 256
+    """KV-cache slots: sequences decoded together; finished ones free their slot."""
+
+
+@dataclass(frozen=True)
+class RLSection:
+    advantage_estimator: Literal["grpo"] = "grpo"
+    std_normalization: bool = True
+    eps_clip: float = 0.2
+    eps_clip_high: float = 0.28
+    loss_agg: Literal["token-mean"] = "token-mean"
+    use_kl_loss: bool = False
+    kl_coef: float = 0.0
+    kl_type: Literal["kl", "low_var_kl"] = "low_var_kl"
+    entropy_coef: float = 0.0
+    reward: str = "math"
+    """``math`` (math-verify, \\boxed{} extraction), ``module:function`` or ``file.py:function``."""
+    reward_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class PeftSection:
+    method: Literal["lora"] = "lora"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    backend: Literal["torch"] = "torch"
+    steps: int = 20
+    """Rollout steps (each: generate, score, update)."""
+    global_batch_size: int = 64
+    """Samples per optimizer step."""
+    micro_batch_size: int = 16
+    """Samples per forward/backward; global / micro = gradient accumulation steps."""
+    lr: float = 1e-4
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 1234
+    output_dir: str = "runs/orbit"
+    save_interval: int = 10
+    keep_last: int = 2
+    resume: str = "auto"
+    """``auto`` continues from the latest complete checkpoint, ``never`` starts fresh, or a path."""
+    eval_interval: int = 0
+    """0 evaluates only before and after training."""
+    wandb: Literal["auto", "true", "false", "offline"] = "auto"
+    wandb_project: str = "orbit"
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    test_path: str = "embedded:tiny-arith/test.jsonl"
+    n_samples: int = 4
+    k: list[int] = field(default_factory=lambda: [1, 4])
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    before_train: bool = True
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    rl: RLSection = field(default_factory=RLSection)
+    peft: PeftSection = field(default_factory=PeftSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+SECTIONS = ("model", "data", "rollout", "rl", "peft", "train", "eval")

@@ -1,0 +1,1 @@
+"""convert: arrives with the low-precision issue."""

@@ -1,0 +1,48 @@
+"""``orbit eval``: a recipe's base model, or a trained adapter on its base, against a test JSONL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orbit_core.config.loader import apply_overrides, build_config
+from orbit_core.config.schema import RecipeConfig
+from orbit_core.data.prompts import use_chat_template
+from orbit_core.errors import OrbitError
+from orbit_core.eval.evaluate import EvalReport, evaluate
+from orbit_core.rollout.engine import BuiltinEngine
+from orbit_core.train.checkpoint import latest_checkpoint, load_adapter
+from orbit_core.train.setup import build_policy, build_rewards, load_records
+
+
+def adapter_dir_of(path: str) -> Path:
+    """A checkpoint dir, or a run dir (its latest checkpoint)."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return p
+    latest = latest_checkpoint(str(p))
+    if latest is None:
+        raise OrbitError(f"no adapter in {path}", "pass a step_* checkpoint directory or a run directory written by `orbit train`")
+    return latest
+
+
+def config_from_adapter(path: str, overrides: list[str]) -> RecipeConfig:
+    _, meta = load_adapter(adapter_dir_of(path))
+    if "recipe" not in meta:
+        raise OrbitError(f"{path}: adapter_config.json has no recipe", "the adapter was not written by `orbit train`")
+    return build_config(apply_overrides(meta["recipe"], overrides))
+
+
+def run_eval(config: RecipeConfig, adapter: str | None = None, log=print) -> EvalReport:
+    policy = build_policy(config.model, config.peft if adapter else None, log)
+    if adapter:
+        state, _ = load_adapter(adapter_dir_of(adapter))
+        from orbit_core.peft.lora import load_adapter_state_dict
+
+        load_adapter_state_dict(policy.model, state, adapter)
+    e = config.eval
+    records = load_records(e.test_path, config.data)
+    engine = BuiltinEngine(policy.model, policy.tokenizer, max_running=config.rollout.max_running, seed=config.train.seed)
+    chat = use_chat_template(policy.tokenizer, config.data.apply_chat_template)
+    return evaluate(engine, policy.tokenizer, records, build_rewards(config.rl), chat=chat,
+                    max_prompt_len=config.data.max_prompt_len, max_new_tokens=e.max_new_tokens, n_samples=e.n_samples,
+                    ks=e.k, temperature=e.temperature, stop=tuple(config.rollout.stop))

@@ -1,0 +1,132 @@
+"""Load and save HF safetensors checkpoints (single file or sharded with an index) and tokenizers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from orbit_core.errors import OrbitError, require_path
+from orbit_core.models.config import DecoderConfig
+from orbit_core.models.transformer import DecoderLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    require_path(path, "model checkpoint directory", is_dir=True)
+    config_file = os.path.join(path, "config.json")
+    require_path(config_file, "checkpoint config.json")
+    try:
+        return json.loads(Path(config_file).read_text())
+    except json.JSONDecodeError as err:
+        raise OrbitError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno})", "restore the file from the source checkpoint") from err
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint, from its index when sharded."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            weight_map = json.loads(Path(index).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise OrbitError(f"{index} is corrupted (no weight_map)", "restore the index from the source checkpoint") from err
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            require_path(os.path.join(path, name), f"shard listed in {index}")
+        return [os.path.join(path, name) for name in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise OrbitError(f"no model.safetensors or model.safetensors.index.json in {path}", "point model.path at a HF safetensors checkpoint")
+
+
+def iter_tensors(files: list[str]):
+    """Yield ``(name, tensor)`` one at a time, so memory holds one tensor beyond the model."""
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+        except OrbitError:
+            raise
+        except Exception as err:  # safetensors raises its own error types for truncated headers/data
+            raise OrbitError(f"{file} is corrupted or truncated ({err})", "re-download or re-save the checkpoint") from err
+
+
+def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu") -> DecoderLM:
+    """Build the native model from a HF checkpoint directory and load its weights by name."""
+    hf = read_hf_config(path)
+    config = DecoderConfig.from_hf(hf, source=os.path.join(path, "config.json"))
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    expected = dict(model.state_dict())
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    loaded: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_tensors(weight_files(path)):
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name not in expected:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise OrbitError(f"{path}: unexpected tensor {name!r} for model_type={config.model_type}", "the checkpoint does not match its config.json")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise OrbitError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}",
+                "the checkpoint does not match its config.json",
+            )
+        loaded[name] = tensor.to(device=device, dtype=DTYPES[dtype])
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise OrbitError(f"{path}: missing {len(missing)} tensors, first {missing[0]!r}", "the checkpoint is incomplete; re-save it")
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = torch.empty(0, device=device), torch.empty(0, device=device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def save_model(model: DecoderLM, path: str, hf_config: dict[str, Any], max_shard_bytes: int | None = None) -> None:
+    """Write ``config.json`` + safetensors (sharded with an index when ``max_shard_bytes`` is exceeded)."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    Path(path, "config.json").write_text(json.dumps(hf_config, indent=2))
+    if max_shard_bytes is None or sum(t.numel() * t.element_size() for t in state.values()) <= max_shard_bytes:
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    Path(path, "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer through transformers (offline)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:
+        raise OrbitError(f"cannot load a tokenizer from {path} ({type(err).__name__})", "the checkpoint needs tokenizer.json / tokenizer_config.json") from err

@@ -1,0 +1,72 @@
+"""Architecture hyper-parameters read from a HF ``config.json`` (Llama / Qwen2 / Qwen3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from orbit_core.errors import OrbitError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "DecoderConfig":
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise OrbitError(
+                f"{source}: unsupported architecture model_type={model_type!r}",
+                f"Orbit's native model supports {', '.join(SUPPORTED_MODEL_TYPES)}",
+            )
+        try:
+            hidden = int(hf["hidden_size"])
+            heads = int(hf["num_attention_heads"])
+            # transformers >= 5 keeps rope settings in rope_parameters; older files use rope_theta/rope_scaling.
+            rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+            theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+            if rope.get("rope_type", rope.get("type")) in (None, "default"):
+                rope = {}
+            eos = hf.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+            return cls(
+                model_type=model_type,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=rope,
+                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                # Qwen2 always has q/k/v biases; Llama and Qwen3 declare it.
+                attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+                qk_norm=model_type == "qwen3",
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as err:
+            raise OrbitError(f"{source}: missing field {err.args[0]!r}", "the checkpoint's config.json is incomplete") from err

@@ -1,0 +1,192 @@
+"""The Llama / Qwen2 / Qwen3 dense decoder, one file, shared by the trainer and the rollout engine.
+
+Module names follow the HF checkpoints (``model.layers.N.self_attn.q_proj``) so weights load by name.
+Three call modes share the same math:
+  * no cache: causal attention over right-padded sequences (training, scoring);
+  * prefill: the same, also writing K/V of ``slots`` into the cache at positions ``0..T-1``;
+  * decode: one token per cache slot, attending to cached keys ``< kv_len``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orbit_core.models.config import DecoderConfig
+from orbit_core.models.rope import apply_rope, rope_tables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 and cast back before the weight, as the reference implementation does.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values: ``[layers, slots, kv_heads, capacity, head_dim]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: DecoderConfig, slots: int, capacity: int, dtype: torch.dtype, device: torch.device) -> "KVCache":
+        shape = (config.num_layers, slots, config.num_kv_heads, capacity, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        # Qwen2 biases q/k/v only; Llama and Qwen3 put attention_bias on o_proj too.
+        o_bias = bias and config.model_type != "qwen2"
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        slots: torch.Tensor | None,
+        decode_mask: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """decode_mask: ``(write_pos [slots], mask [slots, 1, 1, kv_len])`` in decode mode."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.num_heads != self.num_kv_heads
+        if decode_mask is None:
+            if cache is not None:
+                cache.k[self.layer_idx, slots, :, :seq] = k.to(cache.k.dtype)
+                cache.v[self.layer_idx, slots, :, :seq] = v.to(cache.v.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            # decode: one new token per slot; positions come in through the mask's width.
+            write_pos, decode_mask = decode_mask
+            kv_len = decode_mask.shape[-1]
+            rows = torch.arange(batch, device=x.device)
+            cache.k[self.layer_idx, rows, :, write_pos] = k[:, :, 0].to(cache.k.dtype)
+            cache.v[self.layer_idx, rows, :, write_pos] = v[:, :, 0].to(cache.v.dtype)
+            keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
+            values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, slots, decode_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, decode_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DecoderLM(nn.Module):
+    """Causal LM. ``forward`` returns logits ``[batch, seq, vocab]`` (or ``[batch, vocab]`` with ``last_index``)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_len = 0
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max().item()) + 1 if positions.numel() else 1
+        if needed > self._rope_len:
+            length = max(needed, 2 * self._rope_len, 256)
+            c = self.config
+            cos, sin = rope_tables(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings, length)
+            self.rope_cos, self.rope_sin = cos.to(positions.device), sin.to(positions.device)
+            self._rope_len = length
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    def ensure_rope(self, length: int, device: torch.device) -> None:
+        """Precompute the rope tables so decode steps do no host-side work."""
+        self._rope(torch.tensor([length - 1], device=device))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        decode_mask: torch.Tensor | None = None,
+        last_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids/positions: [batch, seq]; decode_mask: [batch, 1, 1, kv_len] bool; last_index: [batch]."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if decode_mask is not None:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            decode_mask = (positions[:, 0], decode_mask)
+        else:
+            cos, sin = self._rope(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, slots, decode_mask)
+        if last_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last_index]
+        return self.lm_head(self.model.norm(x))

@@ -1,0 +1,1 @@
+"""preflight: arrives with the low-precision issue."""

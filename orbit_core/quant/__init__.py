@@ -1,0 +1,1 @@
+"""quant: arrives with the low-precision issue."""

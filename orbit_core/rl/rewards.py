@@ -1,0 +1,152 @@
+"""Reward functions: math answers via math-verify, or a user's ``module:function`` / ``file.py:function``.
+
+A user function is called as ``fn(prompt: str, response: str, label) -> float``. One that raises
+or exceeds the timeout scores 0 for that sample; the run goes on and the failures are counted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from orbit_core.errors import OrbitError
+
+RewardFn = Callable[[str, str, Any], float]
+
+_BOXED = "\\boxed{"
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}``, braces balanced; None when there is none."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, i = 1, start + len(_BOXED)
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+def math_reward(prompt: str, response: str, label: Any) -> float:
+    """1.0 when the response's answer equals the label under math-verify, else 0.0.
+
+    Only a boxed answer counts when the response has one; otherwise the whole response is parsed.
+    Runs in worker threads, so math-verify's signal-based timeouts are off (ours applies instead).
+    """
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    boxed = extract_boxed(response)
+    candidate = f"${boxed}$" if boxed is not None else response
+    if not candidate.strip():
+        return 0.0
+    gold = parse(f"${label}$", parsing_timeout=None)
+    answer = parse(candidate, parsing_timeout=None)
+    if not gold or not answer:
+        return 0.0
+    return 1.0 if verify(gold, answer, timeout_seconds=None) else 0.0
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """``math``, ``package.module:function`` or ``path/to/file.py:function``."""
+    if spec == "math":
+        return math_reward
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise OrbitError(f"rl.reward={spec!r} is not a reward", "use math, module:function or file.py:function")
+    if module_name.endswith(".py") or os.sep in module_name:
+        if not os.path.isfile(module_name):
+            raise OrbitError(f"reward file not found: {module_name}", "check rl.reward's path")
+        loader_spec = importlib.util.spec_from_file_location(f"orbit_user_reward_{abs(hash(module_name))}", module_name)
+        module = importlib.util.module_from_spec(loader_spec)
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as err:
+            raise OrbitError(f"reward file {module_name} failed to import: {type(err).__name__}: {err}", "fix the file") from err
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise OrbitError(f"cannot import reward module {module_name!r} ({err})", "install it or put it on PYTHONPATH") from err
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise OrbitError(f"{module_name} has no function {func_name!r}", "check rl.reward's function name")
+    return fn
+
+
+@dataclass
+class RewardStats:
+    errors: int = 0
+    timeouts: int = 0
+    last_error: str = ""
+
+
+class RewardRunner:
+    """Scores samples on daemon threads, at most ``workers`` at a time, each with its own timeout.
+
+    A call that hangs is abandoned (its thread is a daemon, so it never blocks exit) and its
+    worker slot is handed back, so one stuck sample cannot stall the rest of the batch.
+    """
+
+    def __init__(self, fn: RewardFn, timeout_s: float = 10.0, workers: int = 4):
+        self.fn = fn
+        self.timeout_s = timeout_s
+        self.workers = workers
+
+    def score(self, prompts: list[str], responses: list[str], labels: list[Any]) -> tuple[list[float], RewardStats]:
+        count = len(prompts)
+        slots = threading.Semaphore(self.workers)
+        lock = threading.Lock()
+        started: list[float | None] = [None] * count
+        outcome: list[tuple[str, Any] | None] = [None] * count
+
+        def run(i: int) -> None:
+            slots.acquire()
+            with lock:
+                started[i] = time.monotonic()
+            try:
+                result: tuple[str, Any] = ("ok", float(self.fn(prompts[i], responses[i], labels[i])))
+            except Exception as err:  # a user's reward bug must not stop the run
+                result = ("error", re.sub(r"\s+", " ", f"{type(err).__name__}: {err}")[:200])
+            with lock:
+                if outcome[i] is None:
+                    outcome[i] = result
+                    slots.release()
+
+        for i in range(count):
+            threading.Thread(target=run, args=(i,), daemon=True, name=f"orbit-reward-{i}").start()
+        while True:
+            with lock:
+                now = time.monotonic()
+                for i in range(count):
+                    if outcome[i] is None and started[i] is not None and now - started[i] > self.timeout_s:
+                        outcome[i] = ("timeout", None)
+                        slots.release()
+                if all(o is not None for o in outcome):
+                    break
+            time.sleep(0.002)
+        stats = RewardStats()
+        scores: list[float] = []
+        for kind, value in outcome:
+            if kind == "ok":
+                scores.append(value)
+                continue
+            scores.append(0.0)
+            if kind == "timeout":
+                stats.timeouts += 1
+            else:
+                stats.errors += 1
+                stats.last_error = value
+        return scores, stats

@@ -1,0 +1,210 @@
+"""The one RL loop: rollout -> reward -> advantages -> minibatch updates -> log / eval / checkpoint."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from orbit_core import __version__
+from orbit_core.config.loader import to_dict, to_yaml
+from orbit_core.config.schema import RecipeConfig
+from orbit_core.data.prompts import encode_prompt, use_chat_template
+from orbit_core.errors import OrbitError
+from orbit_core.eval.evaluate import EvalReport, evaluate
+from orbit_core.rl.advantages import grpo_advantages
+from orbit_core.rollout.engine import BuiltinEngine
+from orbit_core.rollout.types import SamplingParams
+from orbit_core.train.batch import build_batch
+from orbit_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from orbit_core.train.metrics import MetricsLogger
+from orbit_core.train.setup import build_policy, build_rewards, eval_records, load_records
+from orbit_core.train.torch_backend import TorchTrainer
+
+
+@dataclass
+class Callbacks:
+    """How the caller (the CLI) watches a run; the library never prints progress itself."""
+
+    on_message: Callable[[str], None] = print
+    on_start: Callable[[int, int], None] = lambda start, total: None
+    on_step: Callable[[dict[str, Any]], None] = lambda metrics: None
+    on_eval: Callable[[int, EvalReport], None] = lambda step, report: None
+
+
+@dataclass
+class RunResult:
+    output_dir: str
+    steps_done: int
+    eval_before: EvalReport | None = None
+    eval_after: EvalReport | None = None
+    last_checkpoint: str | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class PromptSampler:
+    """Shuffled passes over the prompts; its position is part of the checkpoint."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.cursor = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[int]:
+        picked = []
+        while len(picked) < count:
+            if self.cursor >= self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._make_order()
+            picked.append(self._order[self.cursor])
+            self.cursor += 1
+        return picked
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._make_order()
+
+
+def _resume_path(config: RecipeConfig) -> Path | None:
+    resume = config.train.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(config.train.output_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise OrbitError(f"train.resume={resume}: no such checkpoint directory", "use auto, never or a step_* directory")
+    return path
+
+
+def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> RunResult:
+    cb = callbacks or Callbacks()
+    t, r, rl = config.train, config.rollout, config.rl
+    torch.manual_seed(t.seed)
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(config))
+
+    records = load_records(config.data.train_path, config.data)
+    test_records = eval_records(config.eval, config.data)
+    rewards = build_rewards(rl)
+    policy = build_policy(config.model, config.peft, cb.on_message)
+    model, tokenizer = policy.model, policy.tokenizer
+    chat = use_chat_template(tokenizer, config.data.apply_chat_template)
+    engine = BuiltinEngine(model, tokenizer, max_running=r.max_running, seed=t.seed)
+    samples_per_step = r.batch_size * r.n_samples_per_prompt
+    updates_per_step = samples_per_step // t.global_batch_size
+    trainer = TorchTrainer(model, t, rl, r.temperature if r.temperature > 0 else 1.0, t.steps * updates_per_step)
+    sampler = PromptSampler(len(records), t.seed, config.data.shuffle)
+    shuffle_rng = random.Random(t.seed)
+    adapter_config = {"peft": to_dict(config)["peft"], "base_model": policy.base_path, "target_layers": policy.lora_targets,
+                      "orbit_version": __version__, "recipe": to_dict(config)}
+
+    start_step = 0
+    resume_from = _resume_path(config)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        trainer.load_adapter(state["adapter"], str(resume_from))
+        trainer.load_state_dict(state["optimizer"])
+        sampler.restore(state["trainer_state"]["data"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        engine.generator.set_state(rng["engine"])
+        shuffle_rng.setstate(rng["shuffle"])
+        start_step = int(state["trainer_state"]["step"])
+        cb.on_message(f"resumed from {resume_from} (step {start_step})")
+
+    logger = MetricsLogger(t.output_dir, t.wandb, t.wandb_project, to_dict(config), resume_step=start_step)
+    result = RunResult(output_dir=str(out), steps_done=start_step)
+    stop = tuple(r.stop)
+
+    def run_eval(step: int) -> EvalReport:
+        e = config.eval
+        report = evaluate(engine, tokenizer, test_records, rewards, chat=chat, max_prompt_len=config.data.max_prompt_len,
+                          max_new_tokens=e.max_new_tokens, n_samples=e.n_samples, ks=e.k, temperature=e.temperature, stop=stop)
+        logger.log({"step": step, "eval/greedy_accuracy": report.greedy_accuracy,
+                    **{f"eval/{k}": v for k, v in report.pass_at_k.items()}})
+        cb.on_eval(step, report)
+        return report
+
+    def save(step: int) -> str:
+        rng_state = {"torch": torch.get_rng_state(), "engine": engine.generator.get_state(), "shuffle": shuffle_rng.getstate()}
+        path = save_checkpoint(t.output_dir, step, trainer.adapter_state(), adapter_config, trainer.state_dict(), rng_state,
+                               {"data": sampler.state(), "orbit_version": __version__}, t.keep_last)
+        result.last_checkpoint = str(path)
+        return str(path)
+
+    try:
+        if test_records is not None and config.eval.before_train and start_step == 0:
+            result.eval_before = run_eval(0)
+        cb.on_start(start_step, t.steps)
+        for step in range(start_step + 1, t.steps + 1):
+            step_start = time.perf_counter()
+            chosen = [records[i] for i in sampler.take(r.batch_size)]
+            prompts = [encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len) for rec in chosen]
+            rollout_start = time.perf_counter()
+            completions = engine.generate(prompts, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop,
+                                                                  r.n_samples_per_prompt))
+            rollout_s = time.perf_counter() - rollout_start
+            texts = [chosen[c.prompt_index].prompt for c in completions]
+            scores, stats = rewards.score([str(x) for x in texts], [c.text for c in completions],
+                                          [chosen[c.prompt_index].label for c in completions])
+            reward_t = torch.tensor(scores)
+            advantages = grpo_advantages(reward_t, r.n_samples_per_prompt, rl.std_normalization)
+            batch = build_batch(completions, advantages, tokenizer.pad_token_id or 0)
+            batch.old_logprobs = trainer.logprobs(batch)
+            if rl.use_kl_loss or rl.kl_coef > 0:
+                batch.ref_logprobs = trainer.logprobs(batch, reference=True)
+            mismatch = ((batch.old_logprobs - batch.rollout_logprobs).abs() * batch.response_mask).max().item()
+            order = list(range(len(batch)))
+            shuffle_rng.shuffle(order)
+            train_start = time.perf_counter()
+            update_stats = []
+            for u in range(updates_per_step):
+                index = torch.tensor(order[u * t.global_batch_size : (u + 1) * t.global_batch_size])
+                update_stats.append(trainer.update(batch.select(index), t.global_batch_size))
+            train_s = time.perf_counter() - train_start
+            step_s = time.perf_counter() - step_start
+            response_tokens = float(batch.response_mask.sum())
+            metrics: dict[str, Any] = {
+                "step": step,
+                "reward/mean": float(reward_t.mean()),
+                "reward/std": float(reward_t.std()) if len(scores) > 1 else 0.0,
+                "reward/errors": stats.errors,
+                "reward/timeouts": stats.timeouts,
+                **{k: sum(s[k] for s in update_stats) / len(update_stats) for k in update_stats[0]},
+                "response_len/mean": response_tokens / len(batch),
+                "rollout/trainer_logprob_abs_diff_max": mismatch,
+                "time/rollout_s": rollout_s,
+                "time/train_s": train_s,
+                "time/step_s": step_s,
+                "tokens_per_s": response_tokens / max(rollout_s, 1e-9),
+            }
+            if stats.last_error:
+                metrics["reward/last_error"] = stats.last_error
+            logger.log(metrics)
+            result.metrics.append(metrics)
+            result.steps_done = step
+            cb.on_step(metrics)
+            if test_records is not None and config.eval.enabled and t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+                run_eval(step)
+            if step == t.steps or (t.save_interval and step % t.save_interval == 0):
+                save(step)
+        if test_records is not None and start_step < t.steps:
+            result.eval_after = run_eval(t.steps)
+    finally:
+        logger.close()
+    return result

@@ -1,0 +1,62 @@
+"""Metrics sinks: a JSONL file in the run directory, and Weights & Biases when enabled."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from orbit_core.errors import OrbitError
+
+
+def wandb_wanted(mode: str) -> bool:
+    """``auto`` = on only when a key is configured (env, ~/.netrc or ~/.wandb_key)."""
+    if mode in ("true", "offline"):
+        return True
+    if mode == "false":
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    home = Path.home()
+    netrc = home / ".netrc"
+    return (home / ".wandb_key").is_file() or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, wandb_mode: str = "false", project: str = "orbit", run_config: dict | None = None,
+                 resume_step: int = 0):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step == 0 and self.path.exists():
+            self.path.unlink()
+        elif resume_step > 0 and self.path.exists():
+            self._truncate_after(resume_step)
+        self.run = None
+        if wandb_wanted(wandb_mode):
+            try:
+                import wandb
+            except ImportError as err:
+                raise OrbitError("train.wandb is on but wandb is not installed", "pip install 'orbit-rl[wandb]' or set train.wandb=false") from err
+            if wandb_mode == "offline":
+                os.environ["WANDB_MODE"] = "offline"
+            self.run = wandb.init(project=project, config=run_config, dir=output_dir, resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: drop their old lines."""
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=int(metrics.get("step", 0)))
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
