@@ -1,0 +1,1 @@
+complete --command orbit --no-files --arguments "(env _ORBIT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) orbit)" --condition "env _ORBIT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) orbit"

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random checkpoints saved by transformers, read back through Orbit's loader."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def save_hf_model(kind: str, path, **overrides):
+    """Save a random transformers model of ``kind`` (llama/qwen2/qwen3) and return it."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    config_cls, model_cls = classes[kind]
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=97, max_position_embeddings=256)
+    max_shard = overrides.pop("max_shard_size", None)
+    shape.update(overrides)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**shape)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.1)
+    model.save_pretrained(str(path), **({"max_shard_size": max_shard} if max_shard else {}))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny Qwen3 checkpoint with Orbit's char tokenizer: the shape of the embedded model, untrained."""
+    from transformers import Qwen3Config
+
+    from orbit_core.data.arith import ALPHABET
+    from orbit_core.models.char_tokenizer import build_char_tokenizer
+    from orbit_core.models.checkpoint import save_model
+    from orbit_core.models.config import DecoderConfig
+    from orbit_core.models.transformer import DecoderLM
+
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    tok = build_char_tokenizer(ALPHABET, str(path))
+    hf = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                     tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).to_dict()
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderConfig.from_hf(hf))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.3)
+    save_model(model, str(path), hf)
+    return str(path)
+
+
+@pytest.fixture()
+def orbit_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORBIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

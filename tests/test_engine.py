@@ -1,0 +1,91 @@
+"""The builtin engine: logprobs equal a fresh forward pass, greedy equals an uncached loop, stops."""
+
+from __future__ import annotations
+
+import torch
+
+from orbit_core.models import load_model, load_tokenizer
+from orbit_core.peft import apply_lora
+from orbit_core.rl.logprobs import token_logprobs
+from orbit_core.rollout import BuiltinEngine, SamplingParams
+from orbit_core.rollout.sampling import sample_tokens
+
+
+def _engine(path, max_running=4, lora=True):
+    model, tok = load_model(path), load_tokenizer(path)
+    if lora:
+        apply_lora(model, 4, 8, 0.0, ["all-linear"])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    return BuiltinEngine(model, tok, max_running=max_running, seed=3), model, tok
+
+
+def _prompts(tok):
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in ("1+2=", "34-12=", "7=", "99+99+1-5=", "5-")]
+
+
+def test_logprobs_equal_fresh_forward(tiny_checkpoint):
+    # more requests (5 prompts x 3) than slots (4): exercises slot reuse and mixed prompt lengths
+    engine, model, tok = _engine(tiny_checkpoint, max_running=4)
+    for temperature in (1.0, 0.7):
+        completions = engine.generate(_prompts(tok), SamplingParams(max_new_tokens=10, temperature=temperature, n=3))
+        assert len(completions) == 15
+        assert [(c.prompt_index, c.sample_index) for c in completions] == [(p, s) for p in range(5) for s in range(3)]
+        for c in completions:
+            ids = torch.tensor([c.prompt_ids + c.token_ids])
+            with torch.no_grad():
+                logits = model(ids[:, :-1])
+            expected = token_logprobs(logits, ids[:, 1:], temperature)[0, len(c.prompt_ids) - 1 :]
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=2e-5, rtol=0)
+
+
+def test_greedy_matches_uncached_loop(tiny_checkpoint):
+    engine, model, tok = _engine(tiny_checkpoint, max_running=2)
+    prompts = _prompts(tok)
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0))
+    eos = tok.eos_token_id
+    for prompt, c in zip(prompts, completions):
+        ids = list(prompt)
+        generated = []
+        for _ in range(8):
+            with torch.no_grad():
+                nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            generated.append(nxt)
+            ids.append(nxt)
+            if nxt == eos:
+                break
+        assert c.token_ids == generated
+        assert c.finish_reason == ("eos" if generated[-1] == eos else "length")
+
+
+def test_top_k_one_is_greedy(tiny_checkpoint):
+    engine, _, tok = _engine(tiny_checkpoint)
+    greedy = engine.generate(_prompts(tok), SamplingParams(max_new_tokens=6, temperature=0.0))
+    top1 = engine.generate(_prompts(tok), SamplingParams(max_new_tokens=6, temperature=1.0, top_k=1))
+    assert [c.token_ids for c in greedy] == [c.token_ids for c in top1]
+
+
+def test_stop_strings_cut_the_text(tiny_checkpoint):
+    engine, _, tok = _engine(tiny_checkpoint)
+    plain = engine.generate(_prompts(tok), SamplingParams(max_new_tokens=12, temperature=1.0, n=4))
+    stop_char = max("0123456789", key=lambda ch: sum(ch in c.text for c in plain))
+    stopped = engine.generate(_prompts(tok), SamplingParams(max_new_tokens=12, temperature=1.0, n=4, stop=(stop_char,)))
+    hits = [c for c in stopped if c.finish_reason == "stop"]
+    assert hits, "the stop string never appeared"
+    for c in hits:
+        assert stop_char not in c.text
+        assert stop_char in tok.decode(c.token_ids)
+        assert len(c.logprobs) == len(c.token_ids)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    tokens, _ = sample_tokens(logits, 1.0, top_k=2, generator=gen)
+    assert set(tokens.tolist()) == {2, 3}
+    probs = torch.softmax(logits[0], -1)  # [0.032, 0.087, 0.237, 0.644]
+    tokens, logprobs = sample_tokens(logits, 1.0, top_p=0.7, generator=gen)
+    assert set(tokens.tolist()) == {2, 3}  # 0.644 < 0.7, so the second token is needed
+    torch.testing.assert_close(logprobs[tokens == 3][0], probs[3].log())
