@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from orbit_core.models import load_model, load_tokenizer
@@ -89,3 +90,17 @@ def test_sampling_filters():
     tokens, logprobs = sample_tokens(logits, 1.0, top_p=0.7, generator=gen)
     assert set(tokens.tolist()) == {2, 3}  # 0.644 < 0.7, so the second token is needed
     torch.testing.assert_close(logprobs[tokens == 3][0], probs[3].log())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_logprobs_equal_fresh_forward(tiny_checkpoint):
+    model, tok = load_model(tiny_checkpoint, device="cuda"), load_tokenizer(tiny_checkpoint)
+    apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    model.to("cuda")
+    engine = BuiltinEngine(model, tok, max_running=4, seed=0)
+    completions = engine.generate(_prompts(tok), SamplingParams(max_new_tokens=10, temperature=1.0, n=3))
+    for c in completions:
+        ids = torch.tensor([c.prompt_ids + c.token_ids], device="cuda")
+        with torch.no_grad():
+            expected = token_logprobs(model(ids[:, :-1]), ids[:, 1:])[0, len(c.prompt_ids) - 1 :].cpu()
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)

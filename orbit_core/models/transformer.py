@@ -101,7 +101,12 @@ class Attention(nn.Module):
             cache.v[self.layer_idx, rows, :, write_pos] = v[:, :, 0].to(cache.v.dtype)
             keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
             values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask, enable_gqa=gqa)
+            # One query token per slot: fold each KV head's query group into the query-length axis,
+            # so attention reads the cache once instead of expanding it per query head.
+            group = self.num_heads // self.num_kv_heads
+            q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
+            out = out.reshape(batch, self.num_heads, 1, self.head_dim)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
