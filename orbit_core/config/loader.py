@@ -92,28 +92,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise bad
-    if tp is int:
-        if isinstance(value, bool):
+    if tp in (int, float):
+        numeric_ok = isinstance(value, int) or (tp is float and isinstance(value, float))
+        if isinstance(value, bool) or not (numeric_ok or isinstance(value, str)):
             raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        try:
+            return tp(value)
+        except ValueError:
+            raise bad from None
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
