@@ -36,7 +36,7 @@ def train(
         progress.start()
 
     def on_step(m: dict) -> None:
-        stats = (f"reward {m['reward/mean']:.3f}  kl {m['kl']:.4f}  entropy {m['entropy']:.3f}  "
+        stats = (f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.4f}  entropy {m['entropy']:.3f}  "
                  f"len {m['response_len/mean']:.1f}  {m['tokens_per_s']:.0f} tok/s  {m['time/step_s']:.2f}s/step")
         if m["reward/errors"] or m["reward/timeouts"]:
             stats += f"  [red]reward errors {m['reward/errors']} timeouts {m['reward/timeouts']}[/]"
@@ -53,7 +53,7 @@ def train(
     finally:
         progress.stop()
     out = Path(result.output_dir)
-    plot = plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png", title=f"{recipe}: GRPO + LoRA")
+    plot = plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png", title=f"{recipe}: {config.rl.advantage_estimator} + {config.peft.method}")
     report = {
         "before": result.eval_before.to_dict() if result.eval_before else None,
         "after": result.eval_after.to_dict() if result.eval_after else None,

@@ -31,9 +31,8 @@ def save_hf_model(kind: str, path, **overrides):
     return model
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny Qwen3 checkpoint with Orbit's char tokenizer: the shape of the embedded model, untrained."""
+def make_tiny_checkpoint(path, seed: int = 0) -> str:
+    """A tiny Qwen3 checkpoint with Orbit's char tokenizer: the embedded model's family, untrained."""
     from transformers import Qwen3Config
 
     from orbit_core.data.arith import ALPHABET
@@ -42,12 +41,11 @@ def tiny_checkpoint(tmp_path_factory):
     from orbit_core.models.config import DecoderConfig
     from orbit_core.models.transformer import DecoderLM
 
-    path = tmp_path_factory.mktemp("tiny-qwen3")
     tok = build_char_tokenizer(ALPHABET, str(path))
     hf = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).to_dict()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = DecoderLM(DecoderConfig.from_hf(hf))
     with torch.no_grad():
         for param in model.parameters():
@@ -55,6 +53,16 @@ def tiny_checkpoint(tmp_path_factory):
                 param.normal_(0.0, 0.3)
     save_model(model, str(path), hf)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-teacher"), seed=7)
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import torch
 
 from orbit_core.errors import OrbitError
 from orbit_core.models import load_model
-from orbit_core.peft import adapter_disabled, adapter_parameters, apply_lora, merge_lora
+from orbit_core.peft import adapter_disabled, adapter_parameters, apply_lora, merge_adapters
 
 
 def _randomize_lora(model):
@@ -37,7 +37,7 @@ def test_merged_weights_equal_unmerged_adapter(tiny_checkpoint):
         unmerged = model(ids)
         with adapter_disabled(model):
             base_only = model(ids)
-        merged = merge_lora(model)(ids)
+        merged = merge_adapters(model)(ids)
     assert (unmerged - base_only).abs().max() > 1e-3  # the adapter does something
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
 

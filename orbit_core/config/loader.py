@@ -212,5 +212,14 @@ def validate(config: RecipeConfig) -> None:
             f"eval.k values {config.eval.k} must be in [1, eval.n_samples={config.eval.n_samples}]",
             "raise eval.n_samples or lower eval.k",
         )
+    rl = config.rl
+    if rl.advantage_estimator == "ppo" and not rl.value_head:
+        raise OrbitError("rl.advantage_estimator=ppo needs a value head", "set rl.value_head=true")
+    if rl.advantage_estimator == "on_policy_distillation" and not rl.teacher_path:
+        raise OrbitError("rl.advantage_estimator=on_policy_distillation needs a teacher", "set rl.teacher_path to a checkpoint dir")
+    if rl.tis_cap < 0 or rl.dynamic_sampling_max_rounds < 1:
+        raise OrbitError("rl.tis_cap must be >= 0 and rl.dynamic_sampling_max_rounds >= 1", "fix those rl fields")
+    if config.peft.method == "oft" and config.peft.oft_block_size <= 0:
+        raise OrbitError(f"peft.oft_block_size must be > 0, got {config.peft.oft_block_size}", "use e.g. 16 or 32")
     if config.rl.use_kl_loss and config.rl.kl_coef <= 0:
         raise OrbitError("rl.use_kl_loss is on but rl.kl_coef is 0", "set rl.kl_coef > 0 or rl.use_kl_loss=false")

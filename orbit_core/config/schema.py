@@ -47,15 +47,33 @@ class RolloutSection:
 
 @dataclass(frozen=True)
 class RLSection:
-    advantage_estimator: Literal["grpo"] = "grpo"
+    advantage_estimator: Literal[
+        "grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "on_policy_distillation"
+    ] = "grpo"
     std_normalization: bool = True
+    """Divide GRPO/GSPO advantages by the group std (false = Dr. GRPO / DISABLE_GRPO_STD_NORMALIZATION)."""
     eps_clip: float = 0.2
     eps_clip_high: float = 0.28
-    loss_agg: Literal["token-mean"] = "token-mean"
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     use_kl_loss: bool = False
+    """true: KL to the base is a loss term; false with kl_coef > 0: a per-token reward penalty."""
     kl_coef: float = 0.0
-    kl_type: Literal["kl", "low_var_kl"] = "low_var_kl"
+    kl_type: Literal["kl", "mse", "low_var_kl"] = "low_var_kl"
     entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lambd: float = 1.0
+    """GAE lambda (ppo)."""
+    value_head: bool = False
+    """Train a value head with the adapter (required by ppo)."""
+    value_loss_coef: float = 0.5
+    value_clip: float = 0.2
+    teacher_path: str = ""
+    """Teacher checkpoint for on_policy_distillation (same tokenizer)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling cap between trainer and rollout logprobs; 0 = off."""
+    filter_zero_signal_groups: bool = False
+    """Drop groups whose rewards are all equal and sample more prompts to refill (DAPO dynamic sampling)."""
+    dynamic_sampling_max_rounds: int = 4
     reward: str = "math"
     """``math`` (math-verify, \\boxed{} extraction), ``module:function`` or ``file.py:function``."""
     reward_timeout_s: float = 10.0
@@ -63,11 +81,17 @@ class RLSection:
 
 @dataclass(frozen=True)
 class PeftSection:
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "oft"] = "lora"
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    oft_block_size: int = 32
+    """Rotation block size; must divide every target layer's input dimension."""
+    oft_coft: bool = False
+    """Constrained OFT: keep each skew block within oft_eps of zero."""
+    oft_eps: float = 6e-5
+    oft_block_share: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,9 @@ class TrainSection:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    optimizer_offload: bool = False
+    """Keep AdamW states in host memory (moved back for each step)."""
+    optimizer_dtype: Literal["float32", "bfloat16"] = "float32"
     grad_clip: float = 1.0
     seed: int = 1234
     output_dir: str = "runs/orbit"

@@ -36,7 +36,7 @@ def run_eval(config: RecipeConfig, adapter: str | None = None, log=print) -> Eva
     policy = build_policy(config.model, config.peft if adapter else None, log)
     if adapter:
         state, _ = load_adapter(adapter_dir_of(adapter))
-        from orbit_core.peft.lora import load_adapter_state_dict
+        from orbit_core.peft.base import load_adapter_state_dict
 
         load_adapter_state_dict(policy.model, state, adapter)
     e = config.eval

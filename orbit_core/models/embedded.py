@@ -69,22 +69,43 @@ def resolve_data_path(spec: str) -> str:
     return str(data_dir() / file)
 
 
+TEACHER = f"{TASK}-teacher"
+TEACHER_STEPS = 3000
+
+
 def resolve_model_path(spec: str, warmstart_steps: int, log: Callable[[str], None] = print) -> str:
+    """``embedded:tiny-arith`` (noisy warm-start) or ``embedded:tiny-arith-teacher`` (clean, longer:
+    a stronger model of the same tokenizer, the teacher of the distillation recipes)."""
     if not is_embedded(spec):
         return spec
-    if spec[len(PREFIX):] != TASK:
-        raise OrbitError(f"unknown embedded model {spec!r}", f"the embedded model is embedded:{TASK}")
-    target = cache_root() / TASK / f"model-w{warmstart_steps}"
+    name = spec[len(PREFIX):]
+    if name not in (TASK, TEACHER):
+        raise OrbitError(f"unknown embedded model {spec!r}", f"use embedded:{TASK} or embedded:{TEACHER}")
+    clean = name == TEACHER
+    steps = TEACHER_STEPS if clean else warmstart_steps
+    target = cache_root() / TASK / (f"teacher-w{steps}" if clean else f"model-w{steps}")
     if not target.exists():
-        log(f"building embedded:{TASK} (first use, cached at {target})")
-    return str(_atomic_build(target, lambda tmp: build_tiny_model(tmp, warmstart_steps, log)))
+        log(f"building {spec} (first use, cached at {target})")
+    return str(_atomic_build(target, lambda tmp: build_tiny_model(tmp, steps, log, clean=clean)))
 
 
-def build_tiny_model(path: Path, warmstart_steps: int, log: Callable[[str], None] = print) -> None:
-    """Random Qwen3-shaped model + char tokenizer, warm-started on the task's SFT split, saved as HF."""
-    import json
-
+def embedded_hf_config(vocab_size: int | None = None) -> dict:
+    """The embedded model's config.json contents, known without building it."""
     from transformers import Qwen3Config
+
+    from orbit_core.models.char_tokenizer import PIECES, SPECIAL_TOKENS
+
+    vocab = vocab_size or len(SPECIAL_TOKENS) + len(PIECES) + len(dict.fromkeys(ALPHABET))
+    return Qwen3Config(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                       architectures=["Qwen3ForCausalLM"], **TINY_SHAPE).to_dict()
+
+
+def build_tiny_model(path: Path, warmstart_steps: int, log: Callable[[str], None] = print, clean: bool = False) -> None:
+    """Random Qwen3-shaped model + char tokenizer, warm-started on the task's SFT split, saved as HF.
+
+    ``clean`` trains on the true labels instead of the noisy targets.
+    """
+    import json
 
     from orbit_core.models.char_tokenizer import build_char_tokenizer
     from orbit_core.models.checkpoint import save_model
@@ -93,8 +114,8 @@ def build_tiny_model(path: Path, warmstart_steps: int, log: Callable[[str], None
     from orbit_core.train.warmstart import supervised_warmstart
 
     tokenizer = build_char_tokenizer(ALPHABET, str(path))
-    hf = Qwen3Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, architectures=["Qwen3ForCausalLM"], **TINY_SHAPE).to_dict()
+    hf = embedded_hf_config(len(tokenizer))
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     torch.manual_seed(TASK_SEED)
     model = DecoderLM(DecoderConfig.from_hf(hf))
     with torch.no_grad():
@@ -102,6 +123,8 @@ def build_tiny_model(path: Path, warmstart_steps: int, log: Callable[[str], None
             if param.dim() == 2:
                 param.normal_(0.0, 0.02)
     rows = [json.loads(line) for line in open(data_dir() / "sft.jsonl")]
+    if clean:
+        rows = [{**row, "target": row["label"]} for row in rows]
     every = max(1, warmstart_steps // 5)
 
     def report(step: int, loss: float) -> None:

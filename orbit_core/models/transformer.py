@@ -180,8 +180,12 @@ class DecoderLM(nn.Module):
         slots: torch.Tensor | None = None,
         decode_mask: torch.Tensor | None = None,
         last_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids/positions: [batch, seq]; decode_mask: [batch, 1, 1, kv_len] bool; last_index: [batch]."""
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids/positions: [batch, seq]; decode_mask: [batch, 1, 1, kv_len] bool; last_index: [batch].
+
+        ``return_hidden`` also returns the final normed hidden states (what a value head reads).
+        """
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if decode_mask is not None:
@@ -194,4 +198,6 @@ class DecoderLM(nn.Module):
             x = layer(x, cos, sin, cache, slots, decode_mask)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index]
-        return self.lm_head(self.model.norm(x))
+        hidden = self.model.norm(x)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits

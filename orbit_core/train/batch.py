@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,33 +17,42 @@ class RolloutBatch:
     input_ids: torch.Tensor  # [batch, seq]
     response_mask: torch.Tensor  # [batch, seq-1], 1 where the target token is a response token
     rollout_logprobs: torch.Tensor  # [batch, seq-1], engine logprobs of the targets
-    advantages: torch.Tensor  # [batch]
+    scores: torch.Tensor  # [batch], outcome rewards
+    advantages: torch.Tensor | None = None  # [batch] (sequence level) or [batch, seq-1]
     old_logprobs: torch.Tensor | None = None  # [batch, seq-1], trainer logprobs before the update
     ref_logprobs: torch.Tensor | None = None  # [batch, seq-1], base model (adapter disabled)
+    teacher_logprobs: torch.Tensor | None = None  # [batch, seq-1], distillation teacher
+    old_values: torch.Tensor | None = None  # [batch, seq-1], value head before the update (ppo)
+    returns: torch.Tensor | None = None  # [batch, seq-1], value targets (ppo)
+    tis_weights: torch.Tensor | None = None  # [batch, seq-1], truncated importance weights
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def _map(self, fn) -> "RolloutBatch":
+        return RolloutBatch(**{f.name: None if getattr(self, f.name) is None else fn(f.name, getattr(self, f.name))
+                               for f in dataclasses.fields(self)})
+
     def select(self, index: torch.Tensor) -> "RolloutBatch":
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return RolloutBatch(pick(self.input_ids), pick(self.response_mask), pick(self.rollout_logprobs),
-                            pick(self.advantages), pick(self.old_logprobs), pick(self.ref_logprobs))
+        return self._map(lambda name, t: t[index])
 
     def trimmed(self) -> "RolloutBatch":
         """Drop trailing all-padding columns (fewer FLOPs for a micro-batch of short samples)."""
-        lengths = (self.response_mask.sum(0) > 0).nonzero()
-        width = int(lengths.max()) + 1 if lengths.numel() else 1
-        cut = lambda t: None if t is None else t[:, :width]  # noqa: E731
-        return RolloutBatch(self.input_ids[:, : width + 1], cut(self.response_mask), cut(self.rollout_logprobs),
-                            self.advantages, cut(self.old_logprobs), cut(self.ref_logprobs))
+        used = (self.response_mask.sum(0) > 0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 1
+
+        def cut(name: str, t: torch.Tensor) -> torch.Tensor:
+            if name == "input_ids":
+                return t[:, : width + 1]
+            return t[:, :width] if t.dim() == 2 else t
+
+        return self._map(cut)
 
     def to(self, device: torch.device) -> "RolloutBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return RolloutBatch(move(self.input_ids), move(self.response_mask), move(self.rollout_logprobs),
-                            move(self.advantages), move(self.old_logprobs), move(self.ref_logprobs))
+        return self._map(lambda name, t: t.to(device))
 
 
-def build_batch(completions: list[Completion], advantages: torch.Tensor, pad_id: int) -> RolloutBatch:
+def build_batch(completions: list[Completion], scores: torch.Tensor, pad_id: int) -> RolloutBatch:
     seqs = [c.prompt_ids + c.token_ids for c in completions]
     width = max(len(s) for s in seqs)
     batch = len(seqs)
@@ -54,4 +64,4 @@ def build_batch(completions: list[Completion], advantages: torch.Tensor, pad_id:
         start, end = len(c.prompt_ids) - 1, len(s) - 1
         mask[i, start:end] = 1.0
         logprobs[i, start:end] = torch.tensor(c.logprobs, dtype=torch.float32)
-    return RolloutBatch(ids, mask, logprobs, advantages.float())
+    return RolloutBatch(ids, mask, logprobs, scores.float())

@@ -16,13 +16,15 @@ from orbit_core.config.schema import RecipeConfig
 from orbit_core.data.prompts import encode_prompt, use_chat_template
 from orbit_core.errors import OrbitError
 from orbit_core.eval.evaluate import EvalReport, evaluate
-from orbit_core.rl.advantages import grpo_advantages
+from orbit_core.rl.estimators import compute_advantages, needs_reference
+from orbit_core.rl.losses import truncated_importance_weights
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_core.train.batch import build_batch
 from orbit_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from orbit_core.train.metrics import MetricsLogger
-from orbit_core.train.setup import build_policy, build_rewards, eval_records, load_records
+from orbit_core.train.sampling_round import collect_groups
+from orbit_core.train.setup import build_policy, build_rewards, check_adapter_fits, eval_records, load_records, load_teacher
 from orbit_core.train.torch_backend import TorchTrainer
 
 
@@ -101,16 +103,21 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
     records = load_records(config.data.train_path, config.data)
     test_records = eval_records(config.eval, config.data)
     rewards = build_rewards(rl)
-    policy = build_policy(config.model, config.peft, cb.on_message)
+    check_adapter_fits(config.model, config.peft)
+    policy = build_policy(config.model, config.peft, cb.on_message, value_head=rl.value_head)
     model, tokenizer = policy.model, policy.tokenizer
+    teacher = None
+    if rl.advantage_estimator == "on_policy_distillation":
+        teacher = load_teacher(rl.teacher_path, config.model.dtype, policy.device, model.config.vocab_size, cb.on_message)
     chat = use_chat_template(tokenizer, config.data.apply_chat_template)
     engine = BuiltinEngine(model, tokenizer, max_running=r.max_running, seed=t.seed)
     samples_per_step = r.batch_size * r.n_samples_per_prompt
     updates_per_step = samples_per_step // t.global_batch_size
-    trainer = TorchTrainer(model, t, rl, r.temperature if r.temperature > 0 else 1.0, t.steps * updates_per_step)
+    trainer = TorchTrainer(model, t, rl, r.temperature if r.temperature > 0 else 1.0, t.steps * updates_per_step,
+                           r.max_new_tokens)
     sampler = PromptSampler(len(records), t.seed, config.data.shuffle)
     shuffle_rng = random.Random(t.seed)
-    adapter_config = {"peft": to_dict(config)["peft"], "base_model": policy.base_path, "target_layers": policy.lora_targets,
+    adapter_config = {"peft": to_dict(config)["peft"], "base_model": policy.base_path, "target_layers": policy.adapter_targets,
                       "orbit_version": __version__, "recipe": to_dict(config)}
 
     start_step = 0
@@ -151,23 +158,31 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
         if test_records is not None and config.eval.before_train and start_step == 0:
             result.eval_before = run_eval(0)
         cb.on_start(start_step, t.steps)
+        params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop, r.n_samples_per_prompt)
         for step in range(start_step + 1, t.steps + 1):
             step_start = time.perf_counter()
-            chosen = [records[i] for i in sampler.take(r.batch_size)]
-            prompts = [encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len) for rec in chosen]
-            rollout_start = time.perf_counter()
-            completions = engine.generate(prompts, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop,
-                                                                  r.n_samples_per_prompt))
-            rollout_s = time.perf_counter() - rollout_start
-            texts = [chosen[c.prompt_index].prompt for c in completions]
-            scores, stats = rewards.score([str(x) for x in texts], [c.text for c in completions],
-                                          [chosen[c.prompt_index].label for c in completions])
-            reward_t = torch.tensor(scores)
-            advantages = grpo_advantages(reward_t, r.n_samples_per_prompt, rl.std_normalization)
-            batch = build_batch(completions, advantages, tokenizer.pad_token_id or 0)
-            batch.old_logprobs = trainer.logprobs(batch)
-            if rl.use_kl_loss or rl.kl_coef > 0:
+            rollouts = collect_groups(
+                engine, rewards, lambda n: [records[i] for i in sampler.take(n)],
+                lambda rec: encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len),
+                params, r.batch_size, rl.filter_zero_signal_groups, rl.dynamic_sampling_max_rounds,
+            )
+            rollout_s = time.perf_counter() - step_start
+            completions = [c for g in rollouts.groups for c in g.completions]
+            scores = torch.tensor([s for g in rollouts.groups for s in g.scores])
+            batch = build_batch(completions, scores, tokenizer.pad_token_id or 0)
+            batch.old_logprobs, batch.old_values = trainer.score(batch)
+            if needs_reference(rl):
                 batch.ref_logprobs = trainer.logprobs(batch, reference=True)
+            if teacher is not None:
+                batch.teacher_logprobs = trainer.score(batch, model=teacher)[0]
+            batch.advantages, batch.returns = compute_advantages(
+                rl, scores, batch.response_mask, r.n_samples_per_prompt, batch.old_logprobs, batch.ref_logprobs,
+                batch.old_values, batch.teacher_logprobs)
+            tis_truncated = 0.0
+            if rl.tis_cap > 0:
+                batch.tis_weights, truncated = truncated_importance_weights(
+                    batch.old_logprobs, batch.rollout_logprobs, batch.response_mask, rl.tis_cap)
+                tis_truncated = float(truncated)
             mismatch = ((batch.old_logprobs - batch.rollout_logprobs).abs() * batch.response_mask).max().item()
             order = list(range(len(batch)))
             shuffle_rng.shuffle(order)
@@ -175,26 +190,29 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
             update_stats = []
             for u in range(updates_per_step):
                 index = torch.tensor(order[u * t.global_batch_size : (u + 1) * t.global_batch_size])
-                update_stats.append(trainer.update(batch.select(index), t.global_batch_size))
+                update_stats.append(trainer.update(batch.select(index)))
             train_s = time.perf_counter() - train_start
             step_s = time.perf_counter() - step_start
             response_tokens = float(batch.response_mask.sum())
             metrics: dict[str, Any] = {
                 "step": step,
-                "reward/mean": float(reward_t.mean()),
-                "reward/std": float(reward_t.std()) if len(scores) > 1 else 0.0,
-                "reward/errors": stats.errors,
-                "reward/timeouts": stats.timeouts,
-                **{k: sum(s[k] for s in update_stats) / len(update_stats) for k in update_stats[0]},
+                "reward/mean": float(scores.mean()),
+                "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+                "reward/errors": rollouts.reward_errors,
+                "reward/timeouts": rollouts.reward_timeouts,
+                **{k: sum(s.get(k, 0.0) for s in update_stats) / len(update_stats) for k in update_stats[0]},
                 "response_len/mean": response_tokens / len(batch),
                 "rollout/trainer_logprob_abs_diff_max": mismatch,
+                "rollout/tis_truncated_fraction": tis_truncated,
+                "rollout/sampling_rounds": rollouts.rounds,
+                "rollout/groups_filtered": rollouts.groups_filtered,
                 "time/rollout_s": rollout_s,
                 "time/train_s": train_s,
                 "time/step_s": step_s,
                 "tokens_per_s": response_tokens / max(rollout_s, 1e-9),
             }
-            if stats.last_error:
-                metrics["reward/last_error"] = stats.last_error
+            if rollouts.last_error:
+                metrics["reward/last_error"] = rollouts.last_error
             logger.log(metrics)
             result.metrics.append(metrics)
             result.steps_done = step

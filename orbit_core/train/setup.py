@@ -10,10 +10,13 @@ import torch
 from orbit_core.config.schema import DataSection, EvalSection, ModelSection, PeftSection, RLSection
 from orbit_core.data.jsonl import PromptRecord, read_prompts
 from orbit_core.errors import OrbitError
-from orbit_core.models.checkpoint import load_model, load_tokenizer
-from orbit_core.models.embedded import resolve_data_path, resolve_model_path
+from orbit_core.models.checkpoint import load_model, load_tokenizer, read_hf_config
+from orbit_core.models.config import DecoderConfig
+from orbit_core.models.embedded import embedded_hf_config, is_embedded, resolve_data_path, resolve_model_path
 from orbit_core.models.transformer import DecoderLM
 from orbit_core.peft.lora import apply_lora
+from orbit_core.peft.oft import apply_oft
+from orbit_core.peft.value_head import attach_value_head
 from orbit_core.rl.rewards import RewardRunner, load_reward_fn
 
 
@@ -30,21 +33,47 @@ class PolicyModel:
     model: DecoderLM
     tokenizer: object
     base_path: str
-    lora_targets: list[str]
+    adapter_targets: list[str]
     device: torch.device
 
 
-def build_policy(model_cfg: ModelSection, peft_cfg: PeftSection | None, log: Callable[[str], None] = print) -> PolicyModel:
-    """Frozen base from a checkpoint (or the embedded one) with LoRA on top when ``peft_cfg`` is given."""
+def apply_adapter(model: DecoderLM, peft_cfg: PeftSection) -> list[str]:
+    if peft_cfg.method == "oft":
+        return apply_oft(model, peft_cfg.oft_block_size, peft_cfg.oft_coft, peft_cfg.oft_eps, peft_cfg.oft_block_share,
+                         peft_cfg.target_modules)
+    return apply_lora(model, peft_cfg.rank, peft_cfg.alpha, peft_cfg.dropout, peft_cfg.target_modules)
+
+
+def check_adapter_fits(model_cfg: ModelSection, peft_cfg: PeftSection) -> None:
+    """Apply the adapter to a weightless (meta) copy: shape errors surface before anything loads."""
+    hf = embedded_hf_config() if is_embedded(model_cfg.path) else read_hf_config(model_cfg.path)
+    with torch.device("meta"):
+        apply_adapter(DecoderLM(DecoderConfig.from_hf(hf)), peft_cfg)
+
+
+def build_policy(model_cfg: ModelSection, peft_cfg: PeftSection | None, log: Callable[[str], None] = print,
+                 value_head: bool = False) -> PolicyModel:
+    """Frozen base from a checkpoint (or the embedded one) with the adapter on top when ``peft_cfg`` is given."""
     device = pick_device(model_cfg.device)
     path = resolve_model_path(model_cfg.path, model_cfg.warmstart_steps, log)
     model = load_model(path, model_cfg.dtype, device)
     tokenizer = load_tokenizer(path)
     targets: list[str] = []
     if peft_cfg is not None:
-        targets = apply_lora(model, peft_cfg.rank, peft_cfg.alpha, peft_cfg.dropout, peft_cfg.target_modules)
+        targets = apply_adapter(model, peft_cfg)
+        if value_head:
+            attach_value_head(model, model.config.hidden_size)
         model.to(device)
     return PolicyModel(model, tokenizer, path, targets, device)
+
+
+def load_teacher(spec: str, dtype: str, device: torch.device, vocab_size: int, log: Callable[[str], None] = print) -> DecoderLM:
+    path = resolve_model_path(spec, 0, log)
+    teacher = load_model(path, dtype, device)
+    if teacher.config.vocab_size != vocab_size:
+        raise OrbitError(f"teacher {path} has vocab_size {teacher.config.vocab_size}, the student {vocab_size}",
+                         "on-policy distillation needs a teacher with the student's tokenizer")
+    return teacher
 
 
 def load_records(spec: str, data_cfg: DataSection) -> list[PromptRecord]:

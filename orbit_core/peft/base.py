@@ -1,0 +1,109 @@
+"""What every adapter layer shares: a frozen base linear, an on/off switch, a merge rule."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from orbit_core.errors import OrbitError
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a frozen ``nn.Linear``; subclasses own the trainable tensors."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.enabled = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with this adapter folded in, ``[out, in]`` in fp32."""
+        raise NotImplementedError
+
+
+def target_linears(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the linears matched by leaf names, globs over full names, or ``all-linear`` (not lm_head)."""
+
+    def matches(name: str) -> bool:
+        leaf = name.rsplit(".", 1)[-1]
+        for pattern in patterns:
+            if pattern == "all-linear" and leaf in LINEAR_NAMES:
+                return True
+            if pattern != "all-linear" and (fnmatch.fnmatch(name, pattern) or leaf == pattern):
+                return True
+        return False
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head" and matches(n)]
+    if not names:
+        raise OrbitError(f"peft.target_modules={patterns} matched no linear layer",
+                         f"use all-linear or names among {', '.join(LINEAR_NAMES)}")
+    return names
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, module)
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor (adapter layers, and a PPO value head when present), by full name."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise OrbitError(f"{source} does not fit this model ({what})", "use the base model and peft settings the adapter was trained with")
+    with torch.no_grad():
+        for name, param in params.items():
+            if state[name].shape != param.shape:
+                raise OrbitError(f"{source}: {name} has shape {tuple(state[name].shape)}, model expects {tuple(param.shape)}",
+                                 "the peft settings (rank, block size) must match the adapter")
+            param.copy_(state[name])
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module):
+    """Run the frozen base alone (the KL reference) without a second copy of the weights."""
+    modules = [m for _, m in adapter_modules(model)]
+    previous = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, state in zip(modules, previous):
+            m.enabled = state
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight in place and unwrap it (for export / serving)."""
+    for name, module in list(adapter_modules(model)):
+        with torch.no_grad():
+            base = module.base
+            base.weight.copy_(module.merged_weight().to(base.weight.dtype))
+        replace_module(model, name, base)
+    return model

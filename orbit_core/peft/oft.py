@@ -1,0 +1,78 @@
+"""OFT: a block-diagonal orthogonal rotation of each target linear's input (Qiu et al. 2023).
+
+Each block ``R = (I + Q)^{-1} (I - Q)`` is the Cayley transform of a skew-symmetric ``Q``, so it
+is orthogonal by construction; ``Q = 0`` at init gives ``R = I`` (logits unchanged).
+``y = W (R_blockdiag x)``, i.e. the merged weight is ``W R_blockdiag``.
+COFT keeps each ``Q`` within ``eps`` of zero (Frobenius norm) by projection after every step;
+``block_share`` trains one rotation used by every block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from orbit_core.errors import OrbitError
+from orbit_core.peft.base import AdapterLayer, adapter_modules, replace_module, target_linears
+
+
+class OFTLinear(AdapterLayer):
+    def __init__(self, base: nn.Linear, block_size: int, coft: bool, eps: float, block_share: bool, name: str = "linear"):
+        super().__init__(base)
+        if block_size <= 0 or base.in_features % block_size:
+            raise OrbitError(
+                f"peft.oft_block_size={block_size} does not divide {name} (in_features={base.in_features}, out_features={base.out_features})",
+                "pick a block size that divides every target layer's input dimension",
+            )
+        self.block_size, self.coft, self.eps, self.block_share = block_size, coft, eps, block_share
+        self.num_blocks = base.in_features // block_size
+        stored = 1 if block_share else self.num_blocks
+        # Unconstrained square parameters; their skew part is Q. fp32 so small updates survive.
+        self.oft_skew = nn.Parameter(torch.zeros(stored, block_size, block_size, device=base.weight.device, dtype=torch.float32))
+
+    def skew(self) -> torch.Tensor:
+        return 0.5 * (self.oft_skew - self.oft_skew.transpose(1, 2))
+
+    def rotation(self) -> torch.Tensor:
+        """Orthogonal blocks ``[num_blocks, b, b]`` (one block expanded when shared)."""
+        q = self.skew()
+        eye = torch.eye(self.block_size, device=q.device, dtype=q.dtype).expand_as(q)
+        blocks = torch.linalg.solve(eye + q, eye - q)
+        return blocks.expand(self.num_blocks, -1, -1) if self.block_share else blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        blocks = self.rotation()
+        shaped = x.to(blocks.dtype).reshape(*x.shape[:-1], self.num_blocks, self.block_size)
+        # row-vector convention: x_n <- R_n x_n for every block n
+        rotated = torch.einsum("...nc,nbc->...nb", shaped, blocks).reshape(x.shape)
+        return self.base(rotated.to(x.dtype))
+
+    def merged_weight(self) -> torch.Tensor:
+        rotation = torch.block_diag(*self.rotation())
+        return self.base.weight.float() @ rotation
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """COFT: scale each skew block back onto the ball ``||Q||_F <= eps``."""
+        q = self.skew()
+        norms = q.flatten(1).norm(dim=1).clamp(min=1e-12)[:, None, None]
+        scale = torch.clamp(self.eps / norms, max=1.0)
+        self.oft_skew.copy_(q * scale)
+
+
+def apply_oft(model: nn.Module, block_size: int, coft: bool, eps: float, block_share: bool, target_modules: list[str]) -> list[str]:
+    """Freeze every base parameter and wrap the targeted linears. Errors before changing anything."""
+    model.requires_grad_(False)
+    targets = target_linears(model, target_modules)
+    wrapped = {name: OFTLinear(model.get_submodule(name), block_size, coft, eps, block_share, name) for name in targets}
+    for name, module in wrapped.items():
+        replace_module(model, name, module)
+    return targets
+
+
+def project_oft_(model: nn.Module) -> None:
+    for _, module in adapter_modules(model):
+        if isinstance(module, OFTLinear) and module.coft:
+            module.project_()
