@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from orbit_cli import pending, recipes
+from orbit_cli import convert, pending, recipes
 from orbit_cli.console import err_console
 from orbit_cli.eval import eval_cmd
 from orbit_cli.train import train
@@ -19,7 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
 )
-app.add_typer(pending.convert_app, name="convert")
+app.add_typer(convert.app, name="convert")
 app.command("quantize")(pending.quantize)
 app.command("preflight")(pending.preflight)
 app.command("train")(train)

@@ -26,7 +26,7 @@ def test_help_lists_every_command():
         assert command in out.stdout
 
 
-@pytest.mark.parametrize("args", [("quantize", "int4", "a", "b"), ("convert", "export-adapter", "a", "b"),
+@pytest.mark.parametrize("args", [("quantize", "int4", "a", "b"), ("convert", "hf-to-megatron", "a", "b"),
                                   ("preflight", "int4", "--recipe", "tiny-arith-lora")])
 def test_unbuilt_commands_say_so_and_exit_2(args):
     out = run(*args)

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from orbit_core.config.loader import apply_overrides, build_config
 from orbit_core.config.schema import RecipeConfig
 from orbit_core.data.prompts import use_chat_template
 from orbit_core.errors import OrbitError
 from orbit_core.eval.evaluate import EvalReport, evaluate
 from orbit_core.rollout.engine import BuiltinEngine
-from orbit_core.train.checkpoint import latest_checkpoint, load_adapter
+from orbit_core.train.checkpoint import load_adapter, resolve_adapter_dir
 from orbit_core.train.setup import build_policy, build_rewards, load_records
 
 
-def adapter_dir_of(path: str) -> Path:
-    """A checkpoint dir, or a run dir (its latest checkpoint)."""
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        return p
-    latest = latest_checkpoint(str(p))
-    if latest is None:
-        raise OrbitError(f"no adapter in {path}", "pass a step_* checkpoint directory or a run directory written by `orbit train`")
-    return latest
-
-
 def config_from_adapter(path: str, overrides: list[str]) -> RecipeConfig:
-    _, meta = load_adapter(adapter_dir_of(path))
+    _, meta = load_adapter(resolve_adapter_dir(path))
     if "recipe" not in meta:
         raise OrbitError(f"{path}: adapter_config.json has no recipe", "the adapter was not written by `orbit train`")
     return build_config(apply_overrides(meta["recipe"], overrides))
@@ -35,7 +22,7 @@ def config_from_adapter(path: str, overrides: list[str]) -> RecipeConfig:
 def run_eval(config: RecipeConfig, adapter: str | None = None, log=print) -> EvalReport:
     policy = build_policy(config.model, config.peft if adapter else None, log)
     if adapter:
-        state, _ = load_adapter(adapter_dir_of(adapter))
+        state, _ = load_adapter(resolve_adapter_dir(adapter))
         from orbit_core.peft.base import load_adapter_state_dict
 
         load_adapter_state_dict(policy.model, state, adapter)

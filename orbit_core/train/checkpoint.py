@@ -48,6 +48,17 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resolve_adapter_dir(path: str) -> Path:
+    """A checkpoint dir as given, or a run dir's latest checkpoint."""
+    p = Path(path)
+    if (p / ADAPTER_CONFIG).is_file():
+        return p
+    latest = latest_checkpoint(str(p))
+    if latest is None:
+        raise OrbitError(f"no adapter in {path}", "pass a step_* checkpoint directory or a run directory written by `orbit train`")
+    return latest
+
+
 def save_adapter(directory: Path, adapter_state: dict[str, torch.Tensor], adapter_config: dict[str, Any]) -> None:
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state.items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "orbit-lora"})
