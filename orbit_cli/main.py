@@ -6,7 +6,9 @@ import sys
 
 import typer
 
-from orbit_cli import convert, pending, recipes
+from orbit_cli import convert, recipes
+from orbit_cli.preflight import preflight
+from orbit_cli.quantize import quantize
 from orbit_cli.console import err_console
 from orbit_cli.eval import eval_cmd
 from orbit_cli.train import train
@@ -20,8 +22,8 @@ app = typer.Typer(
     add_completion=True,
 )
 app.add_typer(convert.app, name="convert")
-app.command("quantize")(pending.quantize)
-app.command("preflight")(pending.preflight)
+app.command("quantize")(quantize)
+app.command("preflight")(preflight)
 app.command("train")(train)
 app.command("eval")(eval_cmd)
 app.add_typer(recipes.app, name="recipes")

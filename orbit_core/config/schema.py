@@ -9,7 +9,8 @@ from typing import Literal
 @dataclass(frozen=True)
 class ModelSection:
     path: str = "embedded:tiny-arith"
-    """Local HF checkpoint directory, or ``embedded:tiny-arith`` (built on first use, cached)."""
+    """Local HF checkpoint directory (bf16/fp32 or compressed-tensors int4/fp8/nvfp4), or
+    ``embedded:tiny-arith`` / ``embedded:tiny-arith-int4`` (built on first use, cached)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     """``auto`` picks cuda when available, else cpu."""
@@ -138,6 +139,27 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class QuantSection:
+    fake_qat: bool = False
+    """Train against fake-quantized merged weights with a straight-through estimator (needs a quantized base)."""
+
+
+@dataclass(frozen=True)
+class PreflightSection:
+    runtime: bool = False
+    """Run the runtime logprob parity check at step 0 of `orbit train`; refuse to start when it fails."""
+    max_logprob_abs_diff: float = 0.05
+    min_topk_agreement: float = 0.9
+    topk: int = 5
+    num_prompts: int = 8
+    max_new_tokens: int = 16
+    source_path: str = ""
+    """Unquantized checkpoint the quantized one came from: enables the dequantization error check."""
+    skip_checkpoint: bool = False
+    skip_runtime: bool = False
+
+
+@dataclass(frozen=True)
 class RecipeConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -146,6 +168,8 @@ class RecipeConfig:
     peft: PeftSection = field(default_factory=PeftSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    preflight: PreflightSection = field(default_factory=PreflightSection)
 
 
-SECTIONS = ("model", "data", "rollout", "rl", "peft", "train", "eval")
+SECTIONS = ("model", "data", "rollout", "rl", "peft", "train", "eval", "quant", "preflight")

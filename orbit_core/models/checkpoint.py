@@ -60,9 +60,16 @@ def iter_tensors(files: list[str]):
 
 
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu") -> DecoderLM:
-    """Build the native model from a HF checkpoint directory and load its weights by name."""
+    """Build the native model from a HF checkpoint directory and load its weights by name.
+
+    A compressed-tensors checkpoint keeps its quantized linears packed (``QuantLinear``).
+    """
     hf = read_hf_config(path)
     config = DecoderConfig.from_hf(hf, source=os.path.join(path, "config.json"))
+    if hf.get("quantization_config"):
+        from orbit_core.quant.load import load_quantized_model
+
+        return load_quantized_model(path, hf, config, dtype, device)
     with torch.device("meta"):
         model = DecoderLM(config)
     expected = dict(model.state_dict())

@@ -79,14 +79,31 @@ def resolve_model_path(spec: str, warmstart_steps: int, log: Callable[[str], Non
     if not is_embedded(spec):
         return spec
     name = spec[len(PREFIX):]
+    if name == f"{TASK}-int4":
+        return quantized_embedded(warmstart_steps, "int4", log)
     if name not in (TASK, TEACHER):
-        raise OrbitError(f"unknown embedded model {spec!r}", f"use embedded:{TASK} or embedded:{TEACHER}")
+        raise OrbitError(f"unknown embedded model {spec!r}", f"use embedded:{TASK}, embedded:{TASK}-int4 or embedded:{TEACHER}")
     clean = name == TEACHER
     steps = TEACHER_STEPS if clean else warmstart_steps
     target = cache_root() / TASK / (f"teacher-w{steps}" if clean else f"model-w{steps}")
     if not target.exists():
         log(f"building {spec} (first use, cached at {target})")
     return str(_atomic_build(target, lambda tmp: build_tiny_model(tmp, steps, log, clean=clean)))
+
+
+INT4_GROUP = 32
+
+
+def quantized_embedded(warmstart_steps: int, fmt: str, log: Callable[[str], None] = print) -> str:
+    """The warm-started embedded model quantized by ``orbit quantize`` (int4: group size 32)."""
+    from orbit_core.quant.quantize import quantize_checkpoint
+
+    source = resolve_model_path(f"{PREFIX}{TASK}", warmstart_steps, log)
+    target = cache_root() / TASK / f"model-w{warmstart_steps}-{fmt}"
+    if not target.exists():
+        log(f"quantizing embedded:{TASK} to {fmt} (cached at {target})")
+        quantize_checkpoint(source, str(target), fmt, group_size=INT4_GROUP)
+    return str(target)
 
 
 def embedded_hf_config(vocab_size: int | None = None) -> dict:

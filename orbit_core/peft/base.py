@@ -14,18 +14,40 @@ from orbit_core.errors import OrbitError
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class AdapterLayer(nn.Module):
-    """Wraps a frozen ``nn.Linear``; subclasses own the trainable tensors."""
+def is_linear(module: nn.Module) -> bool:
+    """A dense ``nn.Linear`` or a packed quantized linear (anything with in/out features and a forward)."""
+    from orbit_core.quant.linear import QuantLinear
 
-    def __init__(self, base: nn.Linear):
+    return isinstance(module, (nn.Linear, QuantLinear))
+
+
+def base_device(base: nn.Module) -> torch.device:
+    return next(iter(list(base.parameters()) + list(base.buffers()))).device
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight ``[out, in]`` (dequantized in fp32 for a packed base)."""
+    return base.dequantized(torch.float32) if hasattr(base, "dequantized") else base.weight.float()
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a frozen linear (dense or packed); subclasses own the trainable tensors.
+
+    With ``fake_quant`` set (QAT), forward runs on ``fake_quant(merged_weight())`` so the adapter
+    learns what survives quantizing the merged weight, gradients passing straight through.
+    """
+
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
         self.enabled = True
+        self.fake_quant = None
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
+    def fake_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.fake_quant(self.merged_weight())
+        bias = getattr(self.base, "bias", None)
+        return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def merged_weight(self) -> torch.Tensor:
         """The base weight with this adapter folded in, ``[out, in]`` in fp32."""
@@ -44,7 +66,7 @@ def target_linears(model: nn.Module, patterns: list[str]) -> list[str]:
                 return True
         return False
 
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head" and matches(n)]
+    names = [n for n, m in model.named_modules() if is_linear(m) and n != "lm_head" and matches(n)]
     if not names:
         raise OrbitError(f"peft.target_modules={patterns} matched no linear layer",
                          f"use all-linear or names among {', '.join(LINEAR_NAMES)}")
@@ -104,6 +126,14 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for name, module in list(adapter_modules(model)):
         with torch.no_grad():
             base = module.base
-            base.weight.copy_(module.merged_weight().to(base.weight.dtype))
+            merged = module.merged_weight()
+            if hasattr(base, "dequantized"):  # a packed base merges into a dense linear
+                dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=merged.device)
+                dense.weight.copy_(merged)
+                if base.bias is not None:
+                    dense.bias.copy_(base.bias.float())
+                base = dense.requires_grad_(False)
+            else:
+                base.weight.copy_(merged.to(base.weight.dtype))
         replace_module(model, name, base)
     return model

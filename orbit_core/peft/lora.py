@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from orbit_core.peft.base import AdapterLayer, replace_module, target_linears
+from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
 
 
 class LoRALinear(AdapterLayer):
@@ -17,7 +17,7 @@ class LoRALinear(AdapterLayer):
         super().__init__(base)
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
-        device = base.weight.device
+        device = base_device(base)
         # Adapter weights live in fp32 even on a low-precision base, so updates are not lost to rounding.
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
@@ -25,6 +25,8 @@ class LoRALinear(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and self.fake_quant is not None:
+            return self.fake_quant_forward(x)
         out = self.base(x)
         if not self.enabled:
             return out
@@ -36,7 +38,7 @@ class LoRALinear(AdapterLayer):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.delta_weight()
+        return base_weight(self.base) + self.delta_weight()
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from orbit_core.errors import OrbitError
-from orbit_core.peft.base import AdapterLayer, adapter_modules, replace_module, target_linears
+from orbit_core.peft.base import AdapterLayer, adapter_modules, base_device, base_weight, replace_module, target_linears
 
 
 class OFTLinear(AdapterLayer):
@@ -28,7 +28,7 @@ class OFTLinear(AdapterLayer):
         self.num_blocks = base.in_features // block_size
         stored = 1 if block_share else self.num_blocks
         # Unconstrained square parameters; their skew part is Q. fp32 so small updates survive.
-        self.oft_skew = nn.Parameter(torch.zeros(stored, block_size, block_size, device=base.weight.device, dtype=torch.float32))
+        self.oft_skew = nn.Parameter(torch.zeros(stored, block_size, block_size, device=base_device(base), dtype=torch.float32))
 
     def skew(self) -> torch.Tensor:
         return 0.5 * (self.oft_skew - self.oft_skew.transpose(1, 2))
@@ -43,6 +43,8 @@ class OFTLinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
+        if self.fake_quant is not None:
+            return self.fake_quant_forward(x)
         blocks = self.rotation()
         shaped = x.to(blocks.dtype).reshape(*x.shape[:-1], self.num_blocks, self.block_size)
         # row-vector convention: x_n <- R_n x_n for every block n
@@ -51,7 +53,7 @@ class OFTLinear(AdapterLayer):
 
     def merged_weight(self) -> torch.Tensor:
         rotation = torch.block_diag(*self.rotation())
-        return self.base.weight.float() @ rotation
+        return base_weight(self.base) @ rotation
 
     @torch.no_grad()
     def project_(self) -> None:

@@ -97,6 +97,8 @@ class BuiltinEngine:
         active = torch.zeros(slots, dtype=torch.bool, device=device)
         out_tokens = torch.zeros(slots, max_new, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(slots, max_new, dtype=torch.float32, device=device)
+        k = params.topk_ids
+        out_topk = torch.zeros(slots, max_new, max(k, 1), dtype=torch.long, device=device)
         rows = torch.arange(slots, device=device)
         key_index = torch.arange(cache.capacity, device=device)
         triggers = self._stop_triggers(params.stop)
@@ -106,8 +108,11 @@ class BuiltinEngine:
         results: list[Completion | None] = [None] * len(requests)
         max_len = 0  # host-side upper bound of lengths over active slots: no sync per decode step
 
-        def record(new_tokens: torch.Tensor, new_logprobs: torch.Tensor, which: torch.Tensor) -> None:
+        def record(new_tokens: torch.Tensor, new_logprobs: torch.Tensor, which: torch.Tensor, logits: torch.Tensor) -> None:
             idx = n_generated.clamp(max=max_new - 1)
+            if k:
+                top = logits.float().topk(k, dim=-1).indices
+                out_topk[rows, idx] = torch.where(which[:, None], top, out_topk[rows, idx])
             out_tokens[rows, idx] = torch.where(which, new_tokens, out_tokens[rows, idx])
             out_logprobs[rows, idx] = torch.where(which, new_logprobs, out_logprobs[rows, idx])
             n_generated.add_(which.long())
@@ -123,8 +128,12 @@ class BuiltinEngine:
                     if any(s in text for s in params.stop):
                         stop_hit[slot] = True
             for slot in (done | stop_hit).nonzero().flatten().tolist():
+                request = slot_request[slot]
                 self._complete(slot, slot_request, requests, prompts, results, out_tokens, out_logprobs,
                                n_generated, params, bool(stop_hit[slot]))
+                if k:
+                    done_completion = results[request]
+                    done_completion.extra["topk_ids"] = out_topk[slot, : len(done_completion.token_ids)].tolist()
                 active[slot] = False
                 free.append(slot)
 
@@ -139,10 +148,12 @@ class BuiltinEngine:
                 tokens, logprobs = self._last_logits_sample(params)
                 new_tokens = torch.zeros(slots, dtype=torch.long, device=device)
                 new_logprobs = torch.zeros(slots, dtype=torch.float32, device=device)
+                slot_logits = torch.zeros(slots, self._prefill_logits.shape[-1], device=device)
                 new_tokens[admitted], new_logprobs[admitted] = tokens, logprobs
+                slot_logits[admitted] = self._prefill_logits.float()
                 active |= admit_mask
                 max_len = int(torch.where(active, lengths, 0).max())
-                record(new_tokens, new_logprobs, admit_mask)
+                record(new_tokens, new_logprobs, admit_mask, slot_logits)
                 finish_checks(new_tokens, admit_mask)
                 continue
             kv_len = min(_round_up(max_len + 1, KV_BUCKET), cache.capacity)
@@ -151,7 +162,7 @@ class BuiltinEngine:
             tokens, logprobs = sample_tokens(logits, params.temperature, params.top_k, params.top_p, self.generator)
             lengths.add_(active.long())
             max_len += 1
-            record(tokens, logprobs, active)
+            record(tokens, logprobs, active, logits)
             finish_checks(tokens, active)
         return [r for r in results if r is not None]
 

@@ -16,6 +16,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     n: int = 1
     """Samples per prompt."""
+    topk_ids: int = 0
+    """Also record the top-k token ids at every generated position (``Completion.extra["topk_ids"]``)."""
 
 
 @dataclass

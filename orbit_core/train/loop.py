@@ -16,6 +16,7 @@ from orbit_core.config.schema import RecipeConfig
 from orbit_core.data.prompts import encode_prompt, use_chat_template
 from orbit_core.errors import OrbitError
 from orbit_core.eval.evaluate import EvalReport, evaluate
+from orbit_core.preflight.runtime import runtime_parity
 from orbit_core.rl.estimators import compute_advantages, needs_reference
 from orbit_core.rl.losses import truncated_importance_weights
 from orbit_core.rollout.engine import BuiltinEngine
@@ -104,7 +105,8 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
     test_records = eval_records(config.eval, config.data)
     rewards = build_rewards(rl)
     check_adapter_fits(config.model, config.peft)
-    policy = build_policy(config.model, config.peft, cb.on_message, value_head=rl.value_head)
+    policy = build_policy(config.model, config.peft, cb.on_message, value_head=rl.value_head,
+                          fake_qat=config.quant.fake_qat)
     model, tokenizer = policy.model, policy.tokenizer
     teacher = None
     if rl.advantage_estimator == "on_policy_distillation":
@@ -119,6 +121,23 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
     shuffle_rng = random.Random(t.seed)
     adapter_config = {"peft": to_dict(config)["peft"], "base_model": policy.base_path, "target_layers": policy.adapter_targets,
                       "orbit_version": __version__, "recipe": to_dict(config)}
+
+    preflight_metrics: dict[str, Any] = {}
+    if config.preflight.runtime and not config.preflight.skip_runtime:
+        pf = config.preflight
+        prompts = [encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len) for rec in records[: pf.num_prompts]]
+        report = runtime_parity(engine, model, tokenizer, prompts, pf.max_new_tokens, pf.topk, pf.max_logprob_abs_diff,
+                                pf.min_topk_agreement, r.temperature or 1.0)
+        preflight_metrics = {"preflight/max_logprob_abs_diff": report.max_abs_diff,
+                             "preflight/mean_logprob_abs_diff": report.mean_abs_diff,
+                             "preflight/topk_agreement": report.topk_agreement}
+        cb.on_message(f"runtime preflight: max |logprob diff| {report.max_abs_diff:.2e}, top-{pf.topk} agreement "
+                      f"{report.topk_agreement:.3f} over {report.tokens} tokens")
+        if not report.passed:
+            raise OrbitError(
+                f"runtime preflight failed: max |logprob diff| {report.max_abs_diff:.3g} (gate {pf.max_logprob_abs_diff}), "
+                f"top-{pf.topk} agreement {report.topk_agreement:.3f} (gate {pf.min_topk_agreement})",
+                "run `orbit preflight` for the worst tokens, or set preflight.skip_runtime=true for a smoke run")
 
     start_step = 0
     resume_from = _resume_path(config)
@@ -136,6 +155,8 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
 
     logger = MetricsLogger(t.output_dir, t.wandb, t.wandb_project, to_dict(config), resume_step=start_step)
     result = RunResult(output_dir=str(out), steps_done=start_step)
+    if preflight_metrics:
+        logger.log({"step": start_step, **preflight_metrics})
     stop = tuple(r.stop)
 
     def run_eval(step: int) -> EvalReport:

@@ -47,12 +47,28 @@ def apply_adapter(model: DecoderLM, peft_cfg: PeftSection) -> list[str]:
 def check_adapter_fits(model_cfg: ModelSection, peft_cfg: PeftSection) -> None:
     """Apply the adapter to a weightless (meta) copy: shape errors surface before anything loads."""
     hf = embedded_hf_config() if is_embedded(model_cfg.path) else read_hf_config(model_cfg.path)
+    hf = {k: v for k, v in hf.items() if k != "quantization_config"}
     with torch.device("meta"):
         apply_adapter(DecoderLM(DecoderConfig.from_hf(hf)), peft_cfg)
 
 
+def enable_fake_qat(model: DecoderLM) -> None:
+    """Point every adapter layer at the base's own quantization format (straight-through QAT)."""
+    from functools import partial
+
+    from orbit_core.peft.base import adapter_modules
+    from orbit_core.quant.linear import fake_quantize
+
+    fmt = getattr(model, "quant_format", None)
+    if fmt is None:
+        raise OrbitError("quant.fake_qat=true needs a quantized base checkpoint", "point model.path at an orbit quantize output")
+    for _, module in adapter_modules(model):
+        if getattr(module.base, "dequantized", None) is not None:
+            module.fake_quant = partial(fake_quantize, fmt=fmt)
+
+
 def build_policy(model_cfg: ModelSection, peft_cfg: PeftSection | None, log: Callable[[str], None] = print,
-                 value_head: bool = False) -> PolicyModel:
+                 value_head: bool = False, fake_qat: bool = False) -> PolicyModel:
     """Frozen base from a checkpoint (or the embedded one) with the adapter on top when ``peft_cfg`` is given."""
     device = pick_device(model_cfg.device)
     path = resolve_model_path(model_cfg.path, model_cfg.warmstart_steps, log)
@@ -63,6 +79,8 @@ def build_policy(model_cfg: ModelSection, peft_cfg: PeftSection | None, log: Cal
         targets = apply_adapter(model, peft_cfg)
         if value_head:
             attach_value_head(model, model.config.hidden_size)
+        if fake_qat:
+            enable_fake_qat(model)
         model.to(device)
     return PolicyModel(model, tokenizer, path, targets, device)
 

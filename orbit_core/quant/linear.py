@@ -1,0 +1,56 @@
+"""A frozen linear whose weight stays packed in memory and is dequantized on the fly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orbit_core.quant.dequant import dequant_fp8_block, dequant_int4, dequant_nvfp4
+
+
+class QuantLinear(nn.Module):
+    """Holds the checkpoint's compressed tensors as buffers (never parameters: the base is frozen).
+
+    ``forward`` dequantizes to the activation dtype with the plain-torch references; the GPU issue
+    swaps in fused Triton kernels behind the same module.
+    """
+
+    def __init__(self, fmt_name: str, in_features: int, out_features: int, tensors: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.fmt_name, self.in_features, self.out_features = fmt_name, in_features, out_features
+        self.compute_dtype = compute_dtype
+        for name, tensor in tensors.items():
+            if name != "weight_shape":
+                self.register_buffer(name, tensor)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        if self.fmt_name == "int4":
+            return dequant_int4(self.weight_packed, self.weight_scale, (self.out_features, self.in_features), dtype)
+        if self.fmt_name == "fp8":
+            return dequant_fp8_block(self.weight, self.weight_scale, dtype)
+        return dequant_nvfp4(self.weight_packed, self.weight_scale, self.weight_global_scale, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt_name}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def fake_quantize(weight: torch.Tensor, fmt) -> torch.Tensor:
+    """Quantize-dequantize ``weight`` in ``fmt`` with a straight-through gradient (QAT)."""
+    from orbit_core.quant.quantize import quantize_weight
+    from compressed_tensors.compressors import BaseCompressor
+
+    with torch.no_grad():
+        compressed = quantize_weight(weight.detach(), fmt, "fake-quant")
+        restored = BaseCompressor.get_value_from_registry(fmt.storage).decompress(compressed, fmt.scheme)["weight"]
+    return weight + (restored.to(weight.dtype) - weight).detach()

@@ -1,0 +1,172 @@
+"""``orbit quantize``: stream a HF checkpoint into a compressed-tensors checkpoint.
+
+One source tensor is in memory at a time plus the shard being filled, so a model larger than
+RAM can be converted. Output goes to a temp dir renamed into place at the end: an interrupted
+run never leaves an OUT that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from orbit_core.errors import OrbitError, require_path
+from orbit_core.models.checkpoint import iter_tensors, read_hf_config, weight_files
+from orbit_core.models.config import DecoderConfig
+from orbit_core.models.transformer import DecoderLM
+from orbit_core.quant.formats import DEFAULT_IGNORE, WeightFormat, is_ignored, weight_format
+
+COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+
+
+def linear_names(hf_config: dict) -> dict[str, tuple[int, int]]:
+    """Every nn.Linear of the architecture -> (out, in), from a weightless model."""
+    with torch.device("meta"):
+        model = DecoderLM(DecoderConfig.from_hf(hf_config))
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _reduce_blocks(weight: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """min / max per ``[rows, cols]`` tile, zero-padding ragged edges (0 is always representable)."""
+    out_f, in_f = weight.shape
+    padded = F.pad(weight, (0, -in_f % cols, 0, -out_f % rows))
+    tiles = padded.view(padded.shape[0] // rows, rows, padded.shape[1] // cols, cols)
+    return tiles.amin(dim=(1, 3)), tiles.amax(dim=(1, 3))
+
+
+def quantize_weight(weight: torch.Tensor, fmt: WeightFormat, name: str) -> dict[str, torch.Tensor]:
+    """One ``[out, in]`` weight -> the compressed-tensors tensors of its module (local names)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    weight = weight.float()
+    out_f, in_f = weight.shape
+    args = fmt.args
+    state: dict[str, torch.Tensor] = {"weight": weight}
+    if fmt.block is not None:
+        mins, maxs = _reduce_blocks(weight, *fmt.block)
+        scale, zero = calculate_qparams(mins, maxs, args)
+    else:
+        group = fmt.group_size
+        if in_f % group:
+            raise OrbitError(f"group size {group} does not divide {name} (in_features={in_f})",
+                             "choose a group size that divides every quantized layer, or ignore that layer")
+        grouped = weight.view(out_f, in_f // group, group)
+        global_scale = None
+        if fmt.name == "nvfp4":
+            global_scale = generate_gparam(weight.min(), weight.max())
+            state["weight_global_scale"] = global_scale
+        scale, zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args, global_scale=global_scale)
+    state.update(weight_scale=scale, weight_zero_point=zero)
+    return BaseCompressor.get_value_from_registry(fmt.storage).compress(state, fmt.scheme)
+
+
+class ShardWriter:
+    """Fills safetensors shards up to ``max_shard_bytes`` and writes the index at the end."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory, self.max_bytes = directory, max_shard_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.files: list[dict[str, torch.Tensor]] = []
+        self.weight_map: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + size > self.max_bytes:
+            self._flush()
+        self.current[name] = tensor.contiguous()
+        self.current_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        index = len(self.files)
+        save_file(self.current, str(self.directory / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
+        self.weight_map.update({name: index for name in self.current})
+        self.files.append({})
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.current or not self.files:
+            self._flush()
+        count = len(self.files)
+        names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        if count == 1:
+            names = ["model.safetensors"]
+        for i, name in enumerate(names):
+            os.rename(self.directory / f"shard-{i:05d}.tmp", self.directory / name)
+        if count > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": {k: names[v] for k, v in self.weight_map.items()}}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def quantize_checkpoint(
+    source: str, out: str, fmt_name: str, group_size: int = 128, ignore: list[str] | None = None,
+    max_shard_bytes: int = 2 << 30, on_tensor: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    fmt = weight_format(fmt_name, group_size if fmt_name == "int4" else None)
+    hf = read_hf_config(source)
+    if hf.get("quantization_config"):
+        raise OrbitError(f"{source} is already quantized", "quantize the original bf16/fp32 checkpoint")
+    files = weight_files(source)
+    final = Path(out)
+    if final.exists() and any(final.iterdir()):
+        raise OrbitError(f"output directory {out} is not empty", "choose a new directory")
+    linears = linear_names(hf)
+    patterns = list(DEFAULT_IGNORE if ignore is None else ignore)
+    quantized = [n for n in linears if not is_ignored(n, patterns)]
+    skipped = sorted(n for n in linears if n not in quantized)
+    group = fmt.group_size if fmt.block is None else None
+    for name in quantized:  # fail before writing anything
+        if group and linears[name][1] % group:
+            raise OrbitError(f"group size {group} does not divide {name} (in_features={linears[name][1]})",
+                             "choose a group size that divides every quantized layer, or --ignore that layer")
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            total += len(list(handle.keys()))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for i, (name, tensor) in enumerate(iter_tensors(files)):
+            module = name[: -len(".weight")] if name.endswith(".weight") else None
+            if module in quantized:
+                for local, value in quantize_weight(tensor, fmt, module).items():
+                    writer.add(f"{module}.{local}", value)
+            else:
+                writer.add(name, tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor)
+            if on_tensor is not None:
+                on_tensor(i + 1, total, name)
+        writer.close()
+        from compressed_tensors.quantization import QuantizationConfig
+
+        qconfig = QuantizationConfig(config_groups={"group_0": fmt.scheme}, format=fmt.storage, ignore=skipped,
+                                     quantization_status="compressed")
+        hf_out = {**hf, "torch_dtype": "bfloat16", "quantization_config": qconfig.model_dump(mode="json", exclude_none=True)}
+        (tmp / "config.json").write_text(json.dumps(hf_out, indent=2))
+        for extra in COPY_FILES:
+            if os.path.isfile(os.path.join(source, extra)):
+                shutil.copy2(os.path.join(source, extra), tmp / extra)
+        if final.exists():
+            final.rmdir()
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def check_source(path: str) -> None:
+    require_path(path, "source checkpoint", is_dir=True)
