@@ -13,8 +13,3 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one red line and return the Exit to raise."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=code)
-
-
-def not_built(command: str, issue: str) -> typer.Exit:
-    err_console.print(f"[yellow]orbit {command} is not built yet[/] ({issue})", highlight=False)
-    return typer.Exit(code=2)

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import typer
 
-from orbit_cli.console import console, not_built
+from orbit_cli.console import console
 from orbit_core.convert import export_peft_adapter, merge_adapter
+from orbit_core.convert.megatron import hf_to_megatron as hf_to_megatron_core
+from orbit_core.convert.megatron import megatron_to_hf as megatron_to_hf_core
 
 app = typer.Typer(help="Convert checkpoints: HF <-> Megatron, adapter export and merge.", no_args_is_help=True)
-MEGATRON = "the low-precision base issue: Megatron torch_dist conversion"
 
 
 @app.command("hf-to-megatron")
 def hf_to_megatron(src: str = typer.Argument(..., help="HF checkpoint dir."), out: str = typer.Argument(..., help="Output dir.")) -> None:
-    """HF checkpoint -> Megatron torch_dist checkpoint."""
-    raise not_built("convert hf-to-megatron", MEGATRON)
+    """HF checkpoint -> Megatron torch_dist checkpoint (iter_0000000 + latest_checkpointed_iteration.txt)."""
+    console.print(f"Megatron checkpoint written to {hf_to_megatron_core(src, out)}")
 
 
 @app.command("megatron-to-hf")
 def megatron_to_hf(src: str = typer.Argument(..., help="Megatron checkpoint root."), out: str = typer.Argument(..., help="Output dir."),
-                   hf_config: str = typer.Option(None, "--hf-config", help="Reference HF config dir.")) -> None:
-    """Megatron torch_dist checkpoint -> HF checkpoint."""
-    raise not_built("convert megatron-to-hf", MEGATRON)
+                   hf_config: str = typer.Option(None, "--hf-config", help="HF checkpoint dir whose config.json (and tokenizer) to use; default: the config stored by hf-to-megatron.")) -> None:
+    """Megatron torch_dist checkpoint -> HF safetensors checkpoint (resolves latest_checkpointed_iteration.txt)."""
+    console.print(f"HF checkpoint written to {megatron_to_hf_core(src, out, hf_config)}")
 
 
 @app.command("export-adapter")

@@ -26,14 +26,6 @@ def test_help_lists_every_command():
         assert command in out.stdout
 
 
-@pytest.mark.parametrize("args", [("convert", "hf-to-megatron", "a", "b"), ("convert", "megatron-to-hf", "a", "b")])
-def test_unbuilt_commands_say_so_and_exit_2(args):
-    out = run(*args)
-    assert out.returncode == 2
-    assert "not built yet" in out.stderr
-    assert "Traceback" not in out.stderr
-
-
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     out = run("train", "--recipe", "tiny-arith-lora", "train.lrr=1")
     assert out.returncode == 2

@@ -15,6 +15,14 @@ _PRESETS = {"int4": ("W4A16", "pack-quantized"), "fp8": ("FP8_BLOCK", "float-qua
 DEFAULT_IGNORE = ("embed_tokens", "lm_head", "norm", "mlp.gate", "router")
 
 
+def require_compressed_tensors() -> None:
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as err:
+        raise OrbitError(f"compressed-tensors is not importable ({err}); quantized checkpoints need it",
+                         "pip install 'orbit-rl[quant]'") from err
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     name: str
@@ -36,6 +44,7 @@ class WeightFormat:
 
 def weight_format(name: str, group_size: int | None = None) -> WeightFormat:
     """int4 (W4A16 symmetric group-wise), fp8 (e4m3, 128x128 blocks) or nvfp4 (e2m1, e4m3 per 16, global)."""
+    require_compressed_tensors()
     from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
 
     if name not in _PRESETS:
@@ -50,11 +59,12 @@ def weight_format(name: str, group_size: int | None = None) -> WeightFormat:
 
 def format_from_config(quant_config: dict, source: str) -> tuple[WeightFormat, list[str]]:
     """Parse a checkpoint's ``quantization_config`` into (format, ignored module names), or fail clearly."""
-    from compressed_tensors.quantization import QuantizationConfig
-
     if quant_config.get("quant_method") != "compressed-tensors":
         raise OrbitError(f"{source}: quant_method={quant_config.get('quant_method')!r} is not supported",
                          "Orbit loads compressed-tensors checkpoints (orbit quantize writes them)")
+    require_compressed_tensors()
+    from compressed_tensors.quantization import QuantizationConfig
+
     try:
         parsed = QuantizationConfig.model_validate(quant_config)
     except Exception as err:

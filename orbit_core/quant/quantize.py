@@ -113,7 +113,9 @@ class ShardWriter:
 def quantize_checkpoint(
     source: str, out: str, fmt_name: str, group_size: int = 128, ignore: list[str] | None = None,
     max_shard_bytes: int = 2 << 30, on_tensor: Callable[[int, int, str], None] | None = None,
+    device: str | None = None,
 ) -> Path:
+    """``device`` (e.g. ``cuda``) computes the scales there; the stream still holds one tensor at a time."""
     fmt = weight_format(fmt_name, group_size if fmt_name == "int4" else None)
     hf = read_hf_config(source)
     if hf.get("quantization_config"):
@@ -144,8 +146,9 @@ def quantize_checkpoint(
         for i, (name, tensor) in enumerate(iter_tensors(files)):
             module = name[: -len(".weight")] if name.endswith(".weight") else None
             if module in quantized:
-                for local, value in quantize_weight(tensor, fmt, module).items():
-                    writer.add(f"{module}.{local}", value)
+                work = tensor.to(device) if device is not None else tensor
+                for local, value in quantize_weight(work, fmt, module).items():
+                    writer.add(f"{module}.{local}", value.cpu())
             else:
                 writer.add(name, tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor)
             if on_tensor is not None:

@@ -1,0 +1,225 @@
+"""HF <-> Megatron torch_dist checkpoints, written and read by megatron-core's dist_checkpointing.
+
+Parameter names are those of megatron-core's GPTModel with the Transformer-Engine layer spec
+(what Megatron-Bridge builds): input norms fused into ``linear_qkv`` / ``linear_fc1`` as
+``layer_norm_weight``, Q/K/V fused per query group, gate and up stacked in ``linear_fc1``.
+Layout: ``OUT/iter_0000000/`` plus ``OUT/latest_checkpointed_iteration.txt``. Tensors keep their
+dtype, so HF -> Megatron -> HF is bit-exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from orbit_core.errors import OrbitError, require_path
+from orbit_core.models.checkpoint import iter_tensors, read_hf_config, weight_files
+from orbit_core.models.config import DecoderConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _megatron():
+    try:
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing import ShardedTensor
+    except ImportError as err:
+        raise OrbitError("megatron-core is not installed", "pip install 'orbit-rl[megatron]'") from err
+    return dist_checkpointing, ShardedTensor
+
+
+@contextlib.contextmanager
+def _process_group():
+    """dist_checkpointing needs a process group; a one-rank gloo group when none exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    init_file = tempfile.mktemp(prefix="orbit-pg-")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(init_file)
+
+
+@contextlib.contextmanager
+def _cpu_shims():
+    # megatron-core's torch_dist writer calls torch.cuda.synchronize() and allocates a status
+    # flag on torch.cuda.current_device() unconditionally; on a CPU-only torch both are routed
+    # to the CPU (the sync has nothing to wait for). On a GPU machine nothing is patched.
+    if torch.cuda.is_available():
+        yield
+        return
+    with mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None), \
+            mock.patch.object(torch.cuda, "current_device", lambda: "cpu"):
+        yield
+
+
+def _qkv_order(c: DecoderConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[q of group g; k of g; v of g] for each query group g, megatron-core's fused layout."""
+    per_group = c.num_heads // c.num_kv_heads
+    tail = q.shape[1:]
+    q = q.reshape(c.num_kv_heads, per_group * c.head_dim, *tail)
+    k = k.reshape(c.num_kv_heads, c.head_dim, *tail)
+    v = v.reshape(c.num_kv_heads, c.head_dim, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+def _qkv_split(c: DecoderConfig, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    per_group = c.num_heads // c.num_kv_heads
+    tail = fused.shape[1:]
+    grouped = fused.reshape(c.num_kv_heads, (per_group + 2) * c.head_dim, *tail)
+    q, k, v = grouped.split([per_group * c.head_dim, c.head_dim, c.head_dim], dim=1)
+    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
+
+
+def hf_to_megatron_state(c: DecoderConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    if not c.tie_word_embeddings:
+        out["output_layer.weight"] = hf["lm_head.weight"]
+    for i in range(c.num_layers):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        attn = h + "self_attn."
+        out[m + "self_attention.linear_qkv.layer_norm_weight"] = hf[h + "input_layernorm.weight"]
+        out[m + "self_attention.linear_qkv.weight"] = _qkv_order(c, hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"])
+        if attn + "q_proj.bias" in hf:
+            out[m + "self_attention.linear_qkv.bias"] = _qkv_order(c, hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"])
+        out[m + "self_attention.linear_proj.weight"] = hf[attn + "o_proj.weight"]
+        if attn + "o_proj.bias" in hf:
+            out[m + "self_attention.linear_proj.bias"] = hf[attn + "o_proj.bias"]
+        if c.qk_norm:
+            out[m + "self_attention.q_layernorm.weight"] = hf[attn + "q_norm.weight"]
+            out[m + "self_attention.k_layernorm.weight"] = hf[attn + "k_norm.weight"]
+        out[m + "mlp.linear_fc1.layer_norm_weight"] = hf[h + "post_attention_layernorm.weight"]
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], dim=0)
+        out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
+    return out
+
+
+def megatron_to_hf_state(c: DecoderConfig, mg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"],
+           "model.norm.weight": mg["decoder.final_layernorm.weight"]}
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = mg["output_layer.weight"]
+    for i in range(c.num_layers):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        attn = h + "self_attn."
+        out[h + "input_layernorm.weight"] = mg[m + "self_attention.linear_qkv.layer_norm_weight"]
+        q, k, v = _qkv_split(c, mg[m + "self_attention.linear_qkv.weight"])
+        out.update({attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v})
+        if m + "self_attention.linear_qkv.bias" in mg:
+            q, k, v = _qkv_split(c, mg[m + "self_attention.linear_qkv.bias"])
+            out.update({attn + "q_proj.bias": q, attn + "k_proj.bias": k, attn + "v_proj.bias": v})
+        out[attn + "o_proj.weight"] = mg[m + "self_attention.linear_proj.weight"]
+        if m + "self_attention.linear_proj.bias" in mg:
+            out[attn + "o_proj.bias"] = mg[m + "self_attention.linear_proj.bias"]
+        if c.qk_norm:
+            out[attn + "q_norm.weight"] = mg[m + "self_attention.q_layernorm.weight"]
+            out[attn + "k_norm.weight"] = mg[m + "self_attention.k_layernorm.weight"]
+        out[h + "post_attention_layernorm.weight"] = mg[m + "mlp.linear_fc1.layer_norm_weight"]
+        gate, up = mg[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out.update({h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up})
+        out[h + "mlp.down_proj.weight"] = mg[m + "mlp.linear_fc2.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_to_megatron(src: str, out: str) -> Path:
+    dist_checkpointing, ShardedTensor = _megatron()
+    hf_config = read_hf_config(src)
+    if hf_config.get("quantization_config"):
+        raise OrbitError(f"{src} is a quantized checkpoint", "convert the bf16 source; the base is quantized on the HF side")
+    config = DecoderConfig.from_hf(hf_config, os.path.join(src, "config.json"))
+    hf = dict(iter_tensors(weight_files(src)))
+    try:
+        megatron = hf_to_megatron_state(config, hf)
+    except KeyError as err:
+        raise OrbitError(f"{src}: tensor {err.args[0]} is missing", "the checkpoint does not match its config.json") from err
+    final = Path(out)
+    if final.exists() and any(final.iterdir()):
+        raise OrbitError(f"output directory {out} is not empty", "choose a new directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        iteration_dir = tmp / "iter_0000000"
+        iteration_dir.mkdir()
+        sharded = {"model": {name: ShardedTensor.from_rank_offsets(name, tensor, replica_id=0) for name, tensor in megatron.items()},
+                   "checkpoint_version": 3.0, "iteration": 0, "hf_config": json.dumps(hf_config)}
+        with _process_group(), _cpu_shims():
+            dist_checkpointing.save(sharded, str(iteration_dir))
+        (tmp / TRACKER).write_text("0")
+        if final.exists():
+            final.rmdir()
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_iteration_dir(root: str) -> Path:
+    """``root/latest_checkpointed_iteration.txt`` -> ``root/iter_NNNNNNN`` (or ``release``)."""
+    require_path(root, "Megatron checkpoint root", is_dir=True)
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        raise OrbitError(f"{tracker} not found", "point at a Megatron checkpoint root (the directory holding iter_* and the tracker file)")
+    value = tracker.read_text().strip()
+    name = "release" if value == "release" else f"iter_{int(value):07d}" if value.isdigit() else None
+    if name is None:
+        raise OrbitError(f"{tracker} holds {value!r}, not an iteration number", "write the iteration (e.g. 0) or 'release'")
+    path = Path(root) / name
+    if not path.is_dir():
+        raise OrbitError(f"{tracker} names {name}, which does not exist", "restore that iteration or fix the tracker file")
+    return path
+
+
+def megatron_to_hf(src: str, out: str, hf_config_dir: str | None = None) -> Path:
+    dist_checkpointing, _ = _megatron()
+    iteration = resolve_iteration_dir(src)
+    with _process_group():
+        common = dist_checkpointing.load_common_state_dict(str(iteration))
+        plain = dist_checkpointing.load_plain_tensors(str(iteration))
+    if hf_config_dir:
+        hf_config = read_hf_config(hf_config_dir)
+    elif isinstance(common, dict) and "hf_config" in common:
+        hf_config = json.loads(common["hf_config"])
+    else:
+        raise OrbitError(f"{iteration} carries no HF config", "pass --hf-config with the HF checkpoint the model came from")
+    config = DecoderConfig.from_hf(hf_config)
+    tensors = {k.removeprefix("model."): v for k, v in plain.items() if isinstance(v, torch.Tensor)}
+    try:
+        hf = megatron_to_hf_state(config, tensors)
+    except KeyError as err:
+        raise OrbitError(f"{iteration}: tensor {err.args[0]} is missing", "the checkpoint does not match the HF config") from err
+    from safetensors.torch import save_file
+
+    final = Path(out)
+    if final.exists() and any(final.iterdir()):
+        raise OrbitError(f"output directory {out} is not empty", "choose a new directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if hf_config_dir:
+            from orbit_core.quant.quantize import COPY_FILES
+
+            for name in COPY_FILES:
+                if os.path.isfile(os.path.join(hf_config_dir, name)):
+                    shutil.copy2(os.path.join(hf_config_dir, name), tmp / name)
+        if final.exists():
+            final.rmdir()
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
