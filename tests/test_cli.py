@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.helpers import small_recipe
 
 ORBIT = [sys.executable, "-m", "orbit_cli.main"]

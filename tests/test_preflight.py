@@ -69,3 +69,18 @@ def test_train_refuses_to_start_when_runtime_parity_fails(tmp_path, int4_checkpo
     recipe = _recipe(tmp_path, int4_checkpoint, runtime=True)
     result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
     assert result.steps_done == 4
+
+
+def test_fake_qat_trains_on_int4_and_is_refused_on_dense(tmp_path, int4_checkpoint, tiny_checkpoint):
+    recipe = _recipe(tmp_path, int4_checkpoint)
+    import yaml
+
+    raw = yaml.safe_load(recipe.read_text())
+    raw["quant"] = {"fake_qat": True}
+    raw["train"].update(steps=1)
+    raw["eval"] = {"enabled": False}
+    recipe.write_text(yaml.safe_dump(raw))
+    assert run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None)).steps_done == 1
+    dense = small_recipe(tmp_path / "dense", tiny_checkpoint, quant={"fake_qat": True})
+    with pytest.raises(OrbitError, match="quant.fake_qat=true needs a quantized base"):
+        run_training(load_recipe(str(dense)), Callbacks(on_message=lambda m: None))

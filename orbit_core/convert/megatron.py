@@ -19,6 +19,7 @@ from unittest import mock
 
 import torch
 
+from orbit_core.atomic import atomic_output_dir
 from orbit_core.errors import OrbitError, require_path
 from orbit_core.models.checkpoint import iter_tensors, read_hf_config, weight_files
 from orbit_core.models.config import DecoderConfig
@@ -146,12 +147,7 @@ def hf_to_megatron(src: str, out: str) -> Path:
         megatron = hf_to_megatron_state(config, hf)
     except KeyError as err:
         raise OrbitError(f"{src}: tensor {err.args[0]} is missing", "the checkpoint does not match its config.json") from err
-    final = Path(out)
-    if final.exists() and any(final.iterdir()):
-        raise OrbitError(f"output directory {out} is not empty", "choose a new directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         iteration_dir = tmp / "iter_0000000"
         iteration_dir.mkdir()
         sharded = {"model": {name: ShardedTensor.from_rank_offsets(name, tensor, replica_id=0) for name, tensor in megatron.items()},
@@ -159,12 +155,7 @@ def hf_to_megatron(src: str, out: str) -> Path:
         with _process_group(), _cpu_shims():
             dist_checkpointing.save(sharded, str(iteration_dir))
         (tmp / TRACKER).write_text("0")
-        if final.exists():
-            final.rmdir()
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(out)
 
 
 def resolve_iteration_dir(root: str) -> Path:
@@ -203,12 +194,7 @@ def megatron_to_hf(src: str, out: str, hf_config_dir: str | None = None) -> Path
         raise OrbitError(f"{iteration}: tensor {err.args[0]} is missing", "the checkpoint does not match the HF config") from err
     from safetensors.torch import save_file
 
-    final = Path(out)
-    if final.exists() and any(final.iterdir()):
-        raise OrbitError(f"output directory {out} is not empty", "choose a new directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if hf_config_dir:
@@ -217,9 +203,4 @@ def megatron_to_hf(src: str, out: str, hf_config_dir: str | None = None) -> Path
             for name in COPY_FILES:
                 if os.path.isfile(os.path.join(hf_config_dir, name)):
                     shutil.copy2(os.path.join(hf_config_dir, name), tmp / name)
-        if final.exists():
-            final.rmdir()
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(out)

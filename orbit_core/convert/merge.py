@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from orbit_core.atomic import atomic_output_dir
 from orbit_core.config.loader import build_config
-from orbit_core.errors import OrbitError
 from orbit_core.models.checkpoint import DTYPES, load_model, read_hf_config, save_model
 from orbit_core.models.embedded import resolve_model_path
 from orbit_core.peft.base import load_adapter_state_dict, merge_adapters
+from orbit_core.quant.quantize import COPY_FILES
 from orbit_core.train.checkpoint import load_adapter, resolve_adapter_dir
 from orbit_core.train.setup import apply_adapter
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+
 
 
 def merge_adapter(base: str, adapter: str, out: str, dtype: str = "bfloat16") -> Path:
@@ -34,20 +33,10 @@ def merge_adapter(base: str, adapter: str, out: str, dtype: str = "bfloat16") ->
     model.to(DTYPES[dtype])
     hf = read_hf_config(base_path)
     hf["torch_dtype"] = hf["dtype"] = dtype
-    final = Path(out)
-    if final.exists() and any(final.iterdir()):
-        raise OrbitError(f"output directory {out} is not empty", "choose a new directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         with torch.no_grad():
             save_model(model, str(tmp), hf)
-        for name in TOKENIZER_FILES:
+        for name in COPY_FILES:
             if os.path.isfile(os.path.join(base_path, name)):
                 shutil.copy2(os.path.join(base_path, name), tmp / name)
-        if final.exists():
-            final.rmdir()
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(out)

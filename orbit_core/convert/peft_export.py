@@ -11,14 +11,12 @@ A PPO value head is not part of the policy and is not exported.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from orbit_core.atomic import atomic_output_dir
 from orbit_core.errors import OrbitError
 from orbit_core.train.checkpoint import load_adapter, resolve_adapter_dir
 
@@ -56,17 +54,7 @@ def export_peft_adapter(source: str, out: str) -> Path:
         else:
             tensors[f"{prefix}.oft_R.weight"] = _oft_vector(state[f"{name}.oft_skew"].float())
     config = _peft_config(peft, targets, meta.get("base_model", ""))
-    final = Path(out)
-    if final.exists() and any(final.iterdir()):
-        raise OrbitError(f"output directory {out} is not empty", "choose a new directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if final.exists():
-            final.rmdir()
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(out)

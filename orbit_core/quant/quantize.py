@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from orbit_core.atomic import atomic_output_dir
 from orbit_core.errors import OrbitError, require_path
 from orbit_core.models.checkpoint import iter_tensors, read_hf_config, weight_files
 from orbit_core.models.config import DecoderConfig
@@ -121,8 +121,7 @@ def quantize_checkpoint(
     if hf.get("quantization_config"):
         raise OrbitError(f"{source} is already quantized", "quantize the original bf16/fp32 checkpoint")
     files = weight_files(source)
-    final = Path(out)
-    if final.exists() and any(final.iterdir()):
+    if Path(out).exists() and any(Path(out).iterdir()):
         raise OrbitError(f"output directory {out} is not empty", "choose a new directory")
     linears = linear_names(hf)
     patterns = list(DEFAULT_IGNORE if ignore is None else ignore)
@@ -139,9 +138,7 @@ def quantize_checkpoint(
     for file in files:
         with safe_open(file, framework="pt") as handle:
             total += len(list(handle.keys()))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_output_dir(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for i, (name, tensor) in enumerate(iter_tensors(files)):
             module = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -163,12 +160,7 @@ def quantize_checkpoint(
         for extra in COPY_FILES:
             if os.path.isfile(os.path.join(source, extra)):
                 shutil.copy2(os.path.join(source, extra), tmp / extra)
-        if final.exists():
-            final.rmdir()
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(out)
 
 
 def check_source(path: str) -> None:
