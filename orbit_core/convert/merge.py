@@ -18,8 +18,6 @@ from orbit_core.train.checkpoint import load_adapter, resolve_adapter_dir
 from orbit_core.train.setup import apply_adapter
 
 
-
-
 def merge_adapter(base: str, adapter: str, out: str, dtype: str = "bfloat16") -> Path:
     base_path = resolve_model_path(base, 0, lambda msg: None) if base.startswith("embedded:") else base
     state, meta = load_adapter(resolve_adapter_dir(adapter))
