@@ -44,6 +44,20 @@ def test_sharded_checkpoint_loads(tmp_path):
         torch.testing.assert_close(ours(ids), reference(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_orbit_save_shards_and_loads_back(tmp_path):
+    from orbit_core.models import save_model
+
+    save_hf_model("qwen3", tmp_path / "src")
+    model = load_model(str(tmp_path / "src"))
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    save_model(model, str(tmp_path / "out"), config, max_shard_bytes=50_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path / "out"))(ids), model(ids), atol=0, rtol=0)
+
+
 def test_unsupported_architecture_is_one_clear_error(tmp_path):
     save_hf_model("qwen3", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

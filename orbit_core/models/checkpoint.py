@@ -100,33 +100,56 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
     return model.eval()
 
 
-def save_model(model: DecoderLM, path: str, hf_config: dict[str, Any], max_shard_bytes: int | None = None) -> None:
-    """Write ``config.json`` + safetensors (sharded with an index when ``max_shard_bytes`` is exceeded)."""
+class ShardWriter:
+    """Fills safetensors shards up to ``max_shard_bytes`` and writes the index at the end."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory, self.max_bytes = directory, max_shard_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.files: list[dict[str, torch.Tensor]] = []
+        self.weight_map: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + size > self.max_bytes:
+            self._flush()
+        self.current[name] = tensor.contiguous()
+        self.current_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        index = len(self.files)
+        save_file(self.current, str(self.directory / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
+        self.weight_map.update({name: index for name in self.current})
+        self.files.append({})
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.current or not self.files:
+            self._flush()
+        count = len(self.files)
+        names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        if count == 1:
+            names = ["model.safetensors"]
+        for i, name in enumerate(names):
+            os.rename(self.directory / f"shard-{i:05d}.tmp", self.directory / name)
+        if count > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": {k: names[v] for k, v in self.weight_map.items()}}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_model(model: DecoderLM, path: str, hf_config: dict[str, Any], max_shard_bytes: int = 2 << 30) -> None:
+    """Write ``config.json`` + safetensors (sharded with an index past ``max_shard_bytes``)."""
     os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
     Path(path, "config.json").write_text(json.dumps(hf_config, indent=2))
-    if max_shard_bytes is None or sum(t.numel() * t.element_size() for t in state.values()) <= max_shard_bytes:
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    Path(path, "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    writer = ShardWriter(Path(path), max_shard_bytes)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        writer.add(name, tensor.detach().cpu())
+    writer.close()
 
 
 def load_tokenizer(path: str):

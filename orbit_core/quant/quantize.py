@@ -15,11 +15,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from orbit_core.atomic import atomic_output_dir
-from orbit_core.errors import OrbitError, require_path
-from orbit_core.models.checkpoint import iter_tensors, read_hf_config, weight_files
+from orbit_core.errors import OrbitError
+from orbit_core.models.checkpoint import ShardWriter, iter_tensors, read_hf_config, weight_files
 from orbit_core.models.config import DecoderConfig
 from orbit_core.models.transformer import DecoderLM
 from orbit_core.quant.formats import DEFAULT_IGNORE, WeightFormat, is_ignored, weight_format
@@ -68,46 +67,6 @@ def quantize_weight(weight: torch.Tensor, fmt: WeightFormat, name: str) -> dict[
         scale, zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args, global_scale=global_scale)
     state.update(weight_scale=scale, weight_zero_point=zero)
     return BaseCompressor.get_value_from_registry(fmt.storage).compress(state, fmt.scheme)
-
-
-class ShardWriter:
-    """Fills safetensors shards up to ``max_shard_bytes`` and writes the index at the end."""
-
-    def __init__(self, directory: Path, max_shard_bytes: int):
-        self.directory, self.max_bytes = directory, max_shard_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.files: list[dict[str, torch.Tensor]] = []
-        self.weight_map: dict[str, int] = {}
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.current and self.current_bytes + size > self.max_bytes:
-            self._flush()
-        self.current[name] = tensor.contiguous()
-        self.current_bytes += size
-        self.total += size
-
-    def _flush(self) -> None:
-        index = len(self.files)
-        save_file(self.current, str(self.directory / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
-        self.weight_map.update({name: index for name in self.current})
-        self.files.append({})
-        self.current, self.current_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.current or not self.files:
-            self._flush()
-        count = len(self.files)
-        names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        if count == 1:
-            names = ["model.safetensors"]
-        for i, name in enumerate(names):
-            os.rename(self.directory / f"shard-{i:05d}.tmp", self.directory / name)
-        if count > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": {k: names[v] for k, v in self.weight_map.items()}}
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def quantize_checkpoint(
@@ -162,6 +121,3 @@ def quantize_checkpoint(
                 shutil.copy2(os.path.join(source, extra), tmp / extra)
     return Path(out)
 
-
-def check_source(path: str) -> None:
-    require_path(path, "source checkpoint", is_dir=True)

@@ -34,6 +34,14 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", 
     raise ValueError(f"unknown loss aggregation {mode!r}; use one of {', '.join(LOSS_AGGREGATIONS)}")
 
 
+def _clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` and where the clipped branch won."""
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).float()
+
+
 def clipped_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -54,13 +62,10 @@ def clipped_policy_loss(
     eps_high = eps_clip if eps_clip_high is None else eps_clip_high
     if advantages.dim() == 1:
         advantages = advantages[:, None]
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - eps_clip, 1.0 + eps_high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
+    per_token, was_clipped = _clipped_surrogate(torch.exp(logprobs - old_logprobs), advantages, eps_clip, eps_high)
     if token_weights is not None:
         per_token = per_token * token_weights
-    clip_fraction = masked_mean((clipped < unclipped).float(), mask)
+    clip_fraction = masked_mean(was_clipped, mask)
     return aggregate(per_token, mask, loss_agg, norm_length), clip_fraction.detach()
 
 
@@ -80,10 +85,8 @@ def gspo_policy_loss(
     eps_high = eps_clip if eps_clip_high is None else eps_clip_high
     lengths = mask.sum(dim=1).clamp(min=1.0)
     seq_ratio = torch.exp(((logprobs - old_logprobs) * mask).sum(dim=1) / lengths)
-    unclipped = seq_ratio * advantages
-    clipped = torch.clamp(seq_ratio, 1.0 - eps_clip, 1.0 + eps_high) * advantages
-    loss = -torch.minimum(unclipped, clipped).mean()
-    return loss, (clipped < unclipped).float().mean().detach()
+    per_seq, was_clipped = _clipped_surrogate(seq_ratio, advantages, eps_clip, eps_high)
+    return per_seq.mean(), was_clipped.mean().detach()
 
 
 def clipped_value_loss(

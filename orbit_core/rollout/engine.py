@@ -40,12 +40,15 @@ class BuiltinEngine:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=self.device)
         self._token_text: list[str] | None = None
+        self._triggers: dict[tuple[str, ...], torch.Tensor] = {}
 
     # -- helpers ---------------------------------------------------------------------------
     def _stop_triggers(self, stop: tuple[str, ...]) -> torch.Tensor | None:
         """[vocab] bool: tokens whose text holds the last character of some stop string."""
         if not stop:
             return None
+        if stop in self._triggers:
+            return self._triggers[stop]
         if self._token_text is None:
             vocab = self.model.config.vocab_size
             self._token_text = [self.tokenizer.decode([i]) for i in range(min(vocab, len(self.tokenizer)))]
@@ -54,7 +57,8 @@ class BuiltinEngine:
         for i, text in enumerate(self._token_text):
             if any(ch in text for ch in ends):
                 mask[i] = True
-        return mask.to(self.device)
+        self._triggers[stop] = mask.to(self.device)
+        return self._triggers[stop]
 
     def _ensure_cache(self, slots: int, capacity: int) -> KVCache:
         c = self.cache
@@ -63,10 +67,6 @@ class BuiltinEngine:
             self.cache = None  # free the old one before allocating
             self.cache = KVCache.allocate(self.model.config, slots, capacity, dtype, self.device)
         return self.cache
-
-    def release_memory(self) -> None:
-        """Drop the KV cache (colocated training wants the memory back)."""
-        self.cache = None
 
     # -- generation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -141,16 +141,16 @@ class BuiltinEngine:
             if pending and free:
                 admitted = [free.pop() for _ in range(min(len(free), len(pending)))]
                 batch_req = [pending.pop(0) for _ in admitted]
-                self._prefill(prompts, requests, batch_req, admitted, cache, lengths, slot_request)
+                prefill_logits = self._prefill(prompts, requests, batch_req, admitted, cache, lengths, slot_request)
                 admit_mask = torch.zeros(slots, dtype=torch.bool, device=device)
                 admit_mask[admitted] = True
                 n_generated[admit_mask] = 0
-                tokens, logprobs = self._last_logits_sample(params)
+                tokens, logprobs = sample_tokens(prefill_logits, params.temperature, params.top_k, params.top_p, self.generator)
                 new_tokens = torch.zeros(slots, dtype=torch.long, device=device)
                 new_logprobs = torch.zeros(slots, dtype=torch.float32, device=device)
-                slot_logits = torch.zeros(slots, self._prefill_logits.shape[-1], device=device)
+                slot_logits = torch.zeros(slots, prefill_logits.shape[-1], device=device)
                 new_tokens[admitted], new_logprobs[admitted] = tokens, logprobs
-                slot_logits[admitted] = self._prefill_logits.float()
+                slot_logits[admitted] = prefill_logits.float()
                 active |= admit_mask
                 max_len = int(torch.where(active, lengths, 0).max())
                 record(new_tokens, new_logprobs, admit_mask, slot_logits)
@@ -166,7 +166,8 @@ class BuiltinEngine:
             finish_checks(tokens, active)
         return [r for r in results if r is not None]
 
-    def _prefill(self, prompts, requests, batch_req, admitted, cache, lengths, slot_request) -> None:
+    def _prefill(self, prompts, requests, batch_req, admitted, cache, lengths, slot_request) -> torch.Tensor:
+        """Fill the admitted slots' cache with their prompts; returns last-position logits [admitted, vocab]."""
         ids = [prompts[requests[r][0]] for r in batch_req]
         width = _round_up(max(len(x) for x in ids), PREFILL_BUCKET)
         pad = self.tokenizer.pad_token_id if getattr(self.tokenizer, "pad_token_id", None) is not None else 0
@@ -176,13 +177,11 @@ class BuiltinEngine:
         batch = batch.to(self.device)
         prompt_lengths = torch.tensor([len(x) for x in ids], device=self.device)
         slots_t = torch.tensor(admitted, device=self.device)
-        self._prefill_logits = self.model(batch, cache=cache, slots=slots_t, last_index=prompt_lengths - 1)
+        logits = self.model(batch, cache=cache, slots=slots_t, last_index=prompt_lengths - 1)
         lengths[slots_t] = prompt_lengths
         for slot, r in zip(admitted, batch_req):
             slot_request[slot] = r
-
-    def _last_logits_sample(self, params: SamplingParams):
-        return sample_tokens(self._prefill_logits, params.temperature, params.top_k, params.top_p, self.generator)
+        return logits
 
     def _complete(self, slot, slot_request, requests, prompts, results, out_tokens, out_logprobs, n_generated,
                   params: SamplingParams, stopped: bool) -> None:
