@@ -37,7 +37,10 @@ def train(
 
     def on_step(m: dict) -> None:
         stats = (f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.4f}  entropy {m['entropy']:.3f}  "
-                 f"len {m['response_len/mean']:.1f}  {m['tokens_per_s']:.0f} tok/s  {m['time/step_s']:.2f}s/step")
+                 f"len {m['response_len/mean']:.1f}  {m['tokens_per_s']:.0f} tok/s  {m['time/step_s']:.2f}s/step  "
+                 f"bubble {m['time/bubble_fraction']:.0%}  stale<={m['staleness/max']}")
+        if m["sync/bytes"]:
+            stats += f"  sync {m['sync/bytes'] / 1e6:.2f}MB/{m['sync/ms']:.0f}ms"
         if m["reward/errors"] or m["reward/timeouts"]:
             stats += f"  [red]reward errors {m['reward/errors']} timeouts {m['reward/timeouts']}[/]"
         progress.update(task, completed=m["step"], stats=stats)

@@ -221,5 +221,21 @@ def validate(config: RecipeConfig) -> None:
         raise OrbitError("rl.tis_cap must be >= 0 and rl.dynamic_sampling_max_rounds >= 1", "fix those rl fields")
     if config.peft.method == "oft" and config.peft.oft_block_size <= 0:
         raise OrbitError(f"peft.oft_block_size must be > 0, got {config.peft.oft_block_size}", "use e.g. 16 or 32")
+    if r.adapter_double_buffer and (t.mode != "async" or r.placement != "non-colocated"):
+        raise OrbitError(
+            f"rollout.adapter_double_buffer=true needs an async, non-colocated run (got train.mode={t.mode}, "
+            f"rollout.placement={r.placement})",
+            "set train.mode=async rollout.placement=non-colocated, or adapter_double_buffer=false")
+    if t.mode == "async" and r.placement != "non-colocated":
+        raise OrbitError("train.mode=async needs rollout.placement=non-colocated (a colocated engine is time-sliced "
+                         "with the trainer, nothing overlaps)", "add rollout.placement=non-colocated")
+    if t.mode == "async" and t.max_staleness < 1:
+        raise OrbitError(f"train.max_staleness must be >= 1 in async mode, got {t.max_staleness}",
+                         "use train.mode=sync for fully on-policy steps")
+    if r.placement == "non-colocated" and config.quant.fake_qat:
+        raise OrbitError("quant.fake_qat=true is not supported with rollout.placement=non-colocated",
+                         "use rollout.placement=colocated for fake-QAT runs")
+    if r.engine_threads < 0 or r.engine_timeout_s <= 0:
+        raise OrbitError("rollout.engine_threads must be >= 0 and rollout.engine_timeout_s > 0", "fix those rollout fields")
     if config.rl.use_kl_loss and config.rl.kl_coef <= 0:
         raise OrbitError("rl.use_kl_loss is on but rl.kl_coef is 0", "set rl.kl_coef > 0 or rl.use_kl_loss=false")

@@ -44,6 +44,20 @@ class RolloutSection:
     stop: list[str] = field(default_factory=list)
     max_running: int = 256
     """KV-cache slots: sequences decoded together; finished ones free their slot."""
+    placement: Literal["colocated", "non-colocated"] = "colocated"
+    """``colocated``: the engine runs in the trainer's process on its device, time-sliced, and frees
+    its KV cache while the trainer runs. ``non-colocated``: the engine runs in its own process
+    (``engine_device``) and receives adapter-only syncs; required by ``train.mode=async``."""
+    adapter_double_buffer: bool = False
+    """Two adapter slots in the engine: a sync writes the idle slot while decoding continues, then
+    flips between decode steps (async, non-colocated only)."""
+    engine_device: str = "auto"
+    """Device of a non-colocated engine; ``auto`` = cuda:1 when the trainer is on cuda and a
+    second GPU is visible, else the trainer's device."""
+    engine_threads: int = 0
+    """CPU threads of a non-colocated engine process; 0 = half the cores (the trainer keeps the rest)."""
+    engine_timeout_s: float = 600.0
+    """A non-colocated engine that sends nothing for this long is treated as crashed."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,10 @@ class PeftSection:
 @dataclass(frozen=True)
 class TrainSection:
     backend: Literal["torch"] = "torch"
+    mode: Literal["sync", "async"] = "sync"
+    """``async``: the engine generates step t+1's batch while the trainer updates on step t."""
+    max_staleness: int = 1
+    """async: the most optimizer steps a sample's adapter version may trail the trainer's."""
     steps: int = 20
     """Rollout steps (each: generate, score, update)."""
     global_batch_size: int = 64
@@ -123,6 +141,8 @@ class TrainSection:
     """``auto`` continues from the latest complete checkpoint, ``never`` starts fresh, or a path."""
     eval_interval: int = 0
     """0 evaluates only before and after training."""
+    save_rollouts: bool = False
+    """Write every step's samples (tokens, logprobs, adapter version, reward) to rollouts/step_N.jsonl."""
     wandb: Literal["auto", "true", "false", "offline"] = "auto"
     wandb_project: str = "orbit"
 

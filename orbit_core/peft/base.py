@@ -43,6 +43,7 @@ class AdapterLayer(nn.Module):
         self.base.requires_grad_(False)
         self.enabled = True
         self.fake_quant = None
+        self.slot_bank = None  # set on an engine copy: per-row adapter versions (see peft/slots.py)
 
     def fake_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.fake_quant(self.merged_weight())

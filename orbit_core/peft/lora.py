@@ -30,8 +30,13 @@ class LoRALinear(AdapterLayer):
         out = self.base(x)
         if not self.enabled:
             return out
-        delta = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()
-        return out + (delta * self.scaling).to(out.dtype)
+        if self.slot_bank is not None:
+            delta = self.slot_bank.route(lambda s: self.low_rank(x, self.slot_A[s], self.slot_B[s]))
+            return out + delta.to(out.dtype)
+        return out + self.low_rank(self.dropout(x), self.lora_A, self.lora_B).to(out.dtype)
+
+    def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ((x.to(a.dtype) @ a.t()) @ b.t()) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """``[out, in]`` update this adapter adds to the base weight."""

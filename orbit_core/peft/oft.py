@@ -16,6 +16,14 @@ from orbit_core.errors import OrbitError
 from orbit_core.peft.base import AdapterLayer, adapter_modules, base_device, base_weight, replace_module, target_linears
 
 
+def cayley_blocks(param: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """``R = (I + Q)^{-1} (I - Q)`` with ``Q`` the skew part of each ``[b, b]`` block of ``param``."""
+    q = 0.5 * (param - param.transpose(1, 2))
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
+    blocks = torch.linalg.solve(eye + q, eye - q)
+    return blocks.expand(num_blocks, -1, -1) if blocks.shape[0] != num_blocks else blocks
+
+
 class OFTLinear(AdapterLayer):
     def __init__(self, base: nn.Linear, block_size: int, coft: bool, eps: float, block_share: bool, name: str = "linear"):
         super().__init__(base)
@@ -35,21 +43,21 @@ class OFTLinear(AdapterLayer):
 
     def rotation(self) -> torch.Tensor:
         """Orthogonal blocks ``[num_blocks, b, b]`` (one block expanded when shared)."""
-        q = self.skew()
-        eye = torch.eye(self.block_size, device=q.device, dtype=q.dtype).expand_as(q)
-        blocks = torch.linalg.solve(eye + q, eye - q)
-        return blocks.expand(self.num_blocks, -1, -1) if self.block_share else blocks
+        return cayley_blocks(self.oft_skew, self.num_blocks)
+
+    def rotate(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        shaped = x.to(blocks.dtype).reshape(*x.shape[:-1], self.num_blocks, self.block_size)
+        # row-vector convention: x_n <- R_n x_n for every block n
+        return torch.einsum("...nc,nbc->...nb", shaped, blocks).reshape(x.shape).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
+        if self.slot_bank is not None:
+            return self.base(self.slot_bank.route(lambda s: self.rotate(x, self.slot_rotation[s])))
         if self.fake_quant is not None:
             return self.fake_quant_forward(x)
-        blocks = self.rotation()
-        shaped = x.to(blocks.dtype).reshape(*x.shape[:-1], self.num_blocks, self.block_size)
-        # row-vector convention: x_n <- R_n x_n for every block n
-        rotated = torch.einsum("...nc,nbc->...nb", shaped, blocks).reshape(x.shape)
-        return self.base(rotated.to(x.dtype))
+        return self.base(self.rotate(x, self.rotation()))
 
     def merged_weight(self) -> torch.Tensor:
         rotation = torch.block_diag(*self.rotation())

@@ -106,6 +106,11 @@ class RewardRunner:
         self.workers = workers
 
     def score(self, prompts: list[str], responses: list[str], labels: list[Any]) -> tuple[list[float], RewardStats]:
+        scores, outcomes = self.score_each(prompts, responses, labels)
+        return scores, summarize(outcomes)
+
+    def score_each(self, prompts: list[str], responses: list[str], labels: list[Any]) -> tuple[list[float], list[str]]:
+        """Scores, and per sample ``ok``, ``timeout`` or ``error: <message>`` (failures score 0)."""
         count = len(prompts)
         slots = threading.Semaphore(self.workers)
         lock = threading.Lock()
@@ -137,16 +142,16 @@ class RewardRunner:
                 if all(o is not None for o in outcome):
                     break
             time.sleep(0.002)
-        stats = RewardStats()
-        scores: list[float] = []
-        for kind, value in outcome:
-            if kind == "ok":
-                scores.append(value)
-                continue
-            scores.append(0.0)
-            if kind == "timeout":
-                stats.timeouts += 1
-            else:
-                stats.errors += 1
-                stats.last_error = value
-        return scores, stats
+        scores = [value if kind == "ok" else 0.0 for kind, value in outcome]
+        return scores, [kind if kind != "error" else f"error: {value}" for kind, value in outcome]
+
+
+def summarize(outcomes: list[str]) -> RewardStats:
+    stats = RewardStats()
+    for outcome in outcomes:
+        if outcome == "timeout":
+            stats.timeouts += 1
+        elif outcome != "ok":
+            stats.errors += 1
+            stats.last_error = outcome[len("error: "):]
+    return stats

@@ -19,12 +19,14 @@ from orbit_core.eval.evaluate import EvalReport, evaluate
 from orbit_core.preflight.runtime import runtime_parity
 from orbit_core.rl.estimators import compute_advantages, needs_reference
 from orbit_core.rl.losses import truncated_importance_weights
+from orbit_core.rollout.adapter_payload import full_weight_bytes
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_core.train.batch import build_batch
 from orbit_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from orbit_core.train.metrics import MetricsLogger
-from orbit_core.train.sampling_round import collect_groups
+from orbit_core.train.metrics import MetricsLogger, write_rollouts
+from orbit_core.train.rollout_driver import ColocatedRollouts, RoundSpec
+from orbit_core.train.remote_setup import start_remote_rollouts
 from orbit_core.train.setup import build_policy, build_rewards, check_adapter_fits, eval_records, load_records, load_teacher
 from orbit_core.train.torch_backend import TorchTrainer
 
@@ -37,6 +39,8 @@ class Callbacks:
     on_start: Callable[[int, int], None] = lambda start, total: None
     on_step: Callable[[dict[str, Any]], None] = lambda metrics: None
     on_eval: Callable[[int, EvalReport], None] = lambda step, report: None
+    on_engine_start: Callable[[dict[str, Any]], None] = lambda info: None
+    """A non-colocated engine process is up: its pid, device and threads."""
 
 
 @dataclass
@@ -93,6 +97,25 @@ def _resume_path(config: RecipeConfig) -> Path | None:
     return path
 
 
+def _runtime_preflight(config: RecipeConfig, parity_engine, model, tokenizer, records, chat, cb: Callbacks) -> dict[str, Any]:
+    """Step-0 engine-vs-trainer logprob parity, against the engine that will generate the rollouts."""
+    pf = config.preflight
+    if not pf.runtime or pf.skip_runtime:
+        return {}
+    prompts = [encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len) for rec in records[: pf.num_prompts]]
+    report = runtime_parity(parity_engine, model, tokenizer, prompts, pf.max_new_tokens, pf.topk, pf.max_logprob_abs_diff,
+                            pf.min_topk_agreement, config.rollout.temperature or 1.0)
+    cb.on_message(f"runtime preflight: max |logprob diff| {report.max_abs_diff:.2e}, top-{pf.topk} agreement "
+                  f"{report.topk_agreement:.3f} over {report.tokens} tokens")
+    if not report.passed:
+        raise OrbitError(
+            f"runtime preflight failed: max |logprob diff| {report.max_abs_diff:.3g} (gate {pf.max_logprob_abs_diff}), "
+            f"top-{pf.topk} agreement {report.topk_agreement:.3f} (gate {pf.min_topk_agreement})",
+            "run `orbit preflight` for the worst tokens, or set preflight.skip_runtime=true for a smoke run")
+    return {"preflight/max_logprob_abs_diff": report.max_abs_diff, "preflight/mean_logprob_abs_diff": report.mean_abs_diff,
+            "preflight/topk_agreement": report.topk_agreement}
+
+
 def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> RunResult:
     cb = callbacks or Callbacks()
     t, r, rl = config.train, config.rollout, config.rl
@@ -122,23 +145,6 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
     adapter_config = {"peft": to_dict(config)["peft"], "base_model": policy.base_path, "target_layers": policy.adapter_targets,
                       "orbit_version": __version__, "recipe": to_dict(config)}
 
-    preflight_metrics: dict[str, Any] = {}
-    if config.preflight.runtime and not config.preflight.skip_runtime:
-        pf = config.preflight
-        prompts = [encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len) for rec in records[: pf.num_prompts]]
-        report = runtime_parity(engine, model, tokenizer, prompts, pf.max_new_tokens, pf.topk, pf.max_logprob_abs_diff,
-                                pf.min_topk_agreement, r.temperature or 1.0)
-        preflight_metrics = {"preflight/max_logprob_abs_diff": report.max_abs_diff,
-                             "preflight/mean_logprob_abs_diff": report.mean_abs_diff,
-                             "preflight/topk_agreement": report.topk_agreement}
-        cb.on_message(f"runtime preflight: max |logprob diff| {report.max_abs_diff:.2e}, top-{pf.topk} agreement "
-                      f"{report.topk_agreement:.3f} over {report.tokens} tokens")
-        if not report.passed:
-            raise OrbitError(
-                f"runtime preflight failed: max |logprob diff| {report.max_abs_diff:.3g} (gate {pf.max_logprob_abs_diff}), "
-                f"top-{pf.topk} agreement {report.topk_agreement:.3f} (gate {pf.min_topk_agreement})",
-                "run `orbit preflight` for the worst tokens, or set preflight.skip_runtime=true for a smoke run")
-
     start_step = 0
     resume_from = _resume_path(config)
     if resume_from is not None:
@@ -153,85 +159,139 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
         start_step = int(state["trainer_state"]["step"])
         cb.on_message(f"resumed from {resume_from} (step {start_step})")
 
+    stop = tuple(r.stop)
+    params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop, r.n_samples_per_prompt)
+    round_spec = RoundSpec(rewards, lambda n: [records[i] for i in sampler.take(n)],
+                           lambda rec: encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len),
+                           params, r.batch_size, rl.filter_zero_signal_groups, rl.dynamic_sampling_max_rounds, sampler.state)
+    threads = torch.get_num_threads()
+    if r.placement == "non-colocated":
+        source = start_remote_rollouts(config, policy, round_spec, start_step, cb.on_message)
+        parity_engine = source.engine
+        cb.on_engine_start(dict(source.engine.info))
+    else:
+        source = ColocatedRollouts(engine, round_spec)
+        parity_engine = engine
+    try:
+        preflight_metrics = _runtime_preflight(config, parity_engine, model, tokenizer, records, chat, cb)
+    except BaseException:
+        source.close()
+        torch.set_num_threads(threads)
+        raise
+
     logger = MetricsLogger(t.output_dir, t.wandb, t.wandb_project, to_dict(config), resume_step=start_step)
     result = RunResult(output_dir=str(out), steps_done=start_step)
     if preflight_metrics:
         logger.log({"step": start_step, **preflight_metrics})
-    stop = tuple(r.stop)
+    full_bytes = full_weight_bytes(model, next(model.parameters()).dtype)
+    saved_step = start_step
 
     def run_eval(step: int) -> EvalReport:
         e = config.eval
         report = evaluate(engine, tokenizer, test_records, rewards, chat=chat, max_prompt_len=config.data.max_prompt_len,
                           max_new_tokens=e.max_new_tokens, n_samples=e.n_samples, ks=e.k, temperature=e.temperature, stop=stop)
+        engine.release()
         logger.log({"step": step, "eval/greedy_accuracy": report.greedy_accuracy,
                     **{f"eval/{k}": v for k, v in report.pass_at_k.items()}})
         cb.on_eval(step, report)
         return report
 
     def save(step: int) -> str:
+        nonlocal saved_step
         rng_state = {"torch": torch.get_rng_state(), "engine": engine.generator.get_state(), "shuffle": shuffle_rng.getstate()}
         path = save_checkpoint(t.output_dir, step, trainer.adapter_state(), adapter_config, trainer.state_dict(), rng_state,
-                               {"data": sampler.state(), "orbit_version": __version__}, t.keep_last)
-        result.last_checkpoint = str(path)
+                               {"data": source.data_state(step), "orbit_version": __version__}, t.keep_last)
+        result.last_checkpoint, saved_step = str(path), step
         return str(path)
+
+    def train_on(step: int, rollouts) -> dict[str, Any]:
+        completions = [c for g in rollouts.groups for c in g.completions]
+        scores = torch.tensor([s for g in rollouts.groups for s in g.scores])
+        batch = build_batch(completions, scores, tokenizer.pad_token_id or 0)
+        stats: dict[str, Any] = {}
+        if t.mode == "async":
+            # Importance ratios against the behaviour policy: the logprobs recorded at sampling.
+            batch.old_logprobs = batch.rollout_logprobs
+            if trainer.has_value_head:
+                batch.old_values = trainer.score(batch)[1]
+        else:
+            batch.old_logprobs, batch.old_values = trainer.score(batch)
+            stats["rollout/trainer_logprob_abs_diff_max"] = (
+                (batch.old_logprobs - batch.rollout_logprobs).abs() * batch.response_mask).max().item()
+        if needs_reference(rl):
+            batch.ref_logprobs = trainer.logprobs(batch, reference=True)
+        if teacher is not None:
+            batch.teacher_logprobs = trainer.score(batch, model=teacher)[0]
+        batch.advantages, batch.returns = compute_advantages(
+            rl, scores, batch.response_mask, r.n_samples_per_prompt, batch.old_logprobs, batch.ref_logprobs,
+            batch.old_values, batch.teacher_logprobs)
+        if rl.tis_cap > 0:
+            batch.tis_weights, truncated = truncated_importance_weights(
+                batch.old_logprobs, batch.rollout_logprobs, batch.response_mask, rl.tis_cap)
+            stats["rollout/tis_truncated_fraction"] = float(truncated)
+        order = list(range(len(batch)))
+        shuffle_rng.shuffle(order)
+        update_stats = []
+        for u in range(updates_per_step):
+            index = torch.tensor(order[u * t.global_batch_size : (u + 1) * t.global_batch_size])
+            update_stats.append(trainer.update(batch.select(index)))
+        response_tokens = float(batch.response_mask.sum())
+        return {
+            "reward/mean": float(scores.mean()),
+            "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+            **{k: sum(s.get(k, 0.0) for s in update_stats) / len(update_stats) for k in update_stats[0]},
+            "response_len/mean": response_tokens / len(batch),
+            "response_tokens": response_tokens,
+            **stats,
+        }
 
     try:
         if test_records is not None and config.eval.before_train and start_step == 0:
             result.eval_before = run_eval(0)
         cb.on_start(start_step, t.steps)
-        params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop, r.n_samples_per_prompt)
+        source.begin(start_step)
+        busy_before = source.engine_busy_s()
         for step in range(start_step + 1, t.steps + 1):
             step_start = time.perf_counter()
-            rollouts = collect_groups(
-                engine, rewards, lambda n: [records[i] for i in sampler.take(n)],
-                lambda rec: encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len),
-                params, r.batch_size, rl.filter_zero_signal_groups, rl.dynamic_sampling_max_rounds,
-            )
-            rollout_s = time.perf_counter() - step_start
-            completions = [c for g in rollouts.groups for c in g.completions]
-            scores = torch.tensor([s for g in rollouts.groups for s in g.scores])
-            batch = build_batch(completions, scores, tokenizer.pad_token_id or 0)
-            batch.old_logprobs, batch.old_values = trainer.score(batch)
-            if needs_reference(rl):
-                batch.ref_logprobs = trainer.logprobs(batch, reference=True)
-            if teacher is not None:
-                batch.teacher_logprobs = trainer.score(batch, model=teacher)[0]
-            batch.advantages, batch.returns = compute_advantages(
-                rl, scores, batch.response_mask, r.n_samples_per_prompt, batch.old_logprobs, batch.ref_logprobs,
-                batch.old_values, batch.teacher_logprobs)
-            tis_truncated = 0.0
-            if rl.tis_cap > 0:
-                batch.tis_weights, truncated = truncated_importance_weights(
-                    batch.old_logprobs, batch.rollout_logprobs, batch.response_mask, rl.tis_cap)
-                tis_truncated = float(truncated)
-            mismatch = ((batch.old_logprobs - batch.rollout_logprobs).abs() * batch.response_mask).max().item()
-            order = list(range(len(batch)))
-            shuffle_rng.shuffle(order)
+            rollouts = source.collect(step)
+            if t.save_rollouts:
+                write_rollouts(out / "rollouts" / f"step_{step:06d}.jsonl", step, rollouts.groups)
             train_start = time.perf_counter()
-            update_stats = []
-            for u in range(updates_per_step):
-                index = torch.tensor(order[u * t.global_batch_size : (u + 1) * t.global_batch_size])
-                update_stats.append(trainer.update(batch.select(index)))
-            train_s = time.perf_counter() - train_start
-            step_s = time.perf_counter() - step_start
-            response_tokens = float(batch.response_mask.sum())
-            metrics: dict[str, Any] = {
-                "step": step,
-                "reward/mean": float(scores.mean()),
-                "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+            metrics: dict[str, Any] = {"step": step, **train_on(step, rollouts)}
+            sync_start = time.perf_counter()
+            metrics.update(source.publish(step))
+            end = time.perf_counter()
+            busy_now = source.engine_busy_s()
+            reward_s = rollouts.reward_s
+            if busy_now is None:
+                rollout_s = rollouts.extra["rollout_s"]
+            else:
+                rollout_s, reward_s = busy_now[0] - busy_before[0], reward_s + busy_now[1] - busy_before[1]
+            busy_before = busy_now
+            step_s = end - step_start
+            idle_s = rollouts.extra["idle_s"]
+            staleness = rollouts.extra["staleness"]
+            samples = sum(staleness.values())
+            metrics.update({
                 "reward/errors": rollouts.reward_errors,
                 "reward/timeouts": rollouts.reward_timeouts,
-                **{k: sum(s.get(k, 0.0) for s in update_stats) / len(update_stats) for k in update_stats[0]},
-                "response_len/mean": response_tokens / len(batch),
-                "rollout/trainer_logprob_abs_diff_max": mismatch,
-                "rollout/tis_truncated_fraction": tis_truncated,
                 "rollout/sampling_rounds": rollouts.rounds,
                 "rollout/groups_filtered": rollouts.groups_filtered,
-                "time/rollout_s": rollout_s,
-                "time/train_s": train_s,
                 "time/step_s": step_s,
-                "tokens_per_s": response_tokens / max(rollout_s, 1e-9),
-            }
+                "time/rollout_s": rollout_s,
+                "time/reward_s": reward_s,
+                "time/train_s": sync_start - train_start,
+                "time/sync_s": end - sync_start,
+                "time/idle_s": idle_s,
+                "time/bubble_fraction": idle_s / step_s,
+                "sync/full_weight_bytes": full_bytes,
+                "staleness/mean": sum(k * n for k, n in staleness.items()) / max(samples, 1),
+                "staleness/max": max(staleness),
+                **{f"staleness/count_{k}": staleness.get(k, 0) for k in range(max(staleness) + 1)},
+                "tokens_per_s": metrics.pop("response_tokens") / max(rollout_s, 1e-9),
+            })
+            if busy_now is not None:
+                metrics["time/engine_idle_fraction"] = max(0.0, 1.0 - rollout_s / step_s)
             if rollouts.last_error:
                 metrics["reward/last_error"] = rollouts.last_error
             logger.log(metrics)
@@ -244,6 +304,13 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
                 save(step)
         if test_records is not None and start_step < t.steps:
             result.eval_after = run_eval(t.steps)
+    except OrbitError:
+        # An engine crash or a failed sync: keep the last completed step (if sane) before stopping.
+        if result.steps_done > saved_step and all(torch.isfinite(v).all() for v in trainer.adapter_state().values()):
+            cb.on_message(f"saved {save(result.steps_done)} before stopping")
+        raise
     finally:
+        source.close()
+        torch.set_num_threads(threads)
         logger.close()
     return result

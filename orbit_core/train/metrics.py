@@ -60,3 +60,16 @@ class MetricsLogger:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_rollouts(path: Path, step: int, groups) -> None:
+    """One JSON line per sample: what produced it (adapter version) and what it scored."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for group in groups:
+            for completion, score in zip(group.completions, group.scores):
+                handle.write(json.dumps({
+                    "step": step, "adapter_version": completion.adapter_version, "reward": score,
+                    "prompt_ids": completion.prompt_ids, "token_ids": completion.token_ids,
+                    "logprobs": completion.logprobs, "text": completion.text, "finish_reason": completion.finish_reason,
+                }) + "\n")

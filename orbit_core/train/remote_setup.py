@@ -1,0 +1,47 @@
+"""Start a non-colocated engine process for a run: device, CPU threads, initial adapter."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from orbit_core.config.schema import RecipeConfig
+from orbit_core.peft.slots import engine_adapter_state
+from orbit_core.rollout.adapter_payload import encode
+from orbit_core.rollout.remote import EngineProcess
+from orbit_core.rollout.worker import EngineSpec
+from orbit_core.train.rollout_driver import RemoteRollouts, RoundSpec
+from orbit_core.train.setup import PolicyModel
+
+
+def engine_device(spec: str, trainer_device: torch.device) -> str:
+    if spec != "auto":
+        return spec
+    if trainer_device.type == "cuda" and torch.cuda.device_count() > 1:
+        return "cuda:1"
+    return str(trainer_device)
+
+
+def split_threads(requested: int) -> int:
+    """Threads for the engine process; the trainer process keeps the other cores."""
+    cores = os.cpu_count() or 1
+    engine = requested or max(1, cores // 2)
+    torch.set_num_threads(max(1, cores - engine))
+    return engine
+
+
+def start_remote_rollouts(config: RecipeConfig, policy: PolicyModel, spec: RoundSpec, start_step: int,
+                          log: Callable[[str], None]) -> RemoteRollouts:
+    r, t = config.rollout, config.train
+    threads = split_threads(r.engine_threads)
+    engine_spec = EngineSpec(
+        model_path=policy.base_path, dtype=config.model.dtype, device=engine_device(r.engine_device, policy.device),
+        peft=config.peft, num_slots=2 if r.adapter_double_buffer else 1, max_running=r.max_running,
+        seed=t.seed + 7919 * start_step, threads=threads, adapter=encode(engine_adapter_state(policy.model)),
+        version=start_step, reward=config.rl.reward, reward_timeout_s=config.rl.reward_timeout_s)
+    engine = EngineProcess(engine_spec, timeout_s=r.engine_timeout_s)
+    log(f"rollout engine: pid {engine.info['pid']} on {engine.info['device']} ({engine.info['threads']} threads), "
+        f"{t.mode}, {'two adapter slots' if r.adapter_double_buffer else 'one adapter slot'}")
+    return RemoteRollouts(engine, spec, policy.model, t.mode, t.max_staleness, t.steps, engine_scores=True)

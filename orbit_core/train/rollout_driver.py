@@ -1,0 +1,154 @@
+"""Where a step's rollouts come from, and how the new adapter reaches the engine.
+
+``ColocatedRollouts``: sync, in-process. The engine generates with the live model (the sync is
+free), then gives its KV cache back so the trainer has the memory.
+``RemoteRollouts``: an engine process. In sync mode batch ``t`` is submitted after adapter
+``t-1`` is active. In async mode batches run ``max_staleness`` steps ahead: batch ``t+1+S`` is
+submitted right after adapter ``t`` is pushed, and the engine's push barrier makes every sample
+of batch ``b`` come from a version ``>= b-1-S``; each sample carries its version, checked here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from orbit_core.data.jsonl import PromptRecord
+from orbit_core.errors import OrbitError
+from orbit_core.peft.slots import engine_adapter_state
+from orbit_core.rl.rewards import RewardRunner
+from orbit_core.rollout.adapter_payload import encode as encode_payload
+from orbit_core.rollout.engine import BuiltinEngine
+from orbit_core.rollout.remote import EngineProcess
+from orbit_core.rollout.types import SamplingParams
+from orbit_core.train.sampling_round import StepRollouts, collect_groups
+
+
+@dataclass
+class RoundSpec:
+    rewards: RewardRunner
+    take: Callable[[int], list[PromptRecord]]
+    encode: Callable[[PromptRecord], list[int]]
+    params: SamplingParams
+    batch_size: int
+    filter_zero_signal: bool
+    max_rounds: int
+    data_state: Callable[[], dict]
+
+
+def staleness_counts(step: int, versions: list[int]) -> Counter:
+    """Samples used at ``step`` were produced by ``version``; the trainer is at ``step - 1``."""
+    return Counter((step - 1) - v for v in versions)
+
+
+class ColocatedRollouts:
+    def __init__(self, engine: BuiltinEngine, spec: RoundSpec):
+        self.engine, self.spec = engine, spec
+
+    def begin(self, start_step: int) -> None:
+        self.engine.adapter_version = start_step
+
+    def collect(self, step: int) -> StepRollouts:
+        s = self.spec
+        out = collect_groups(self.engine, s.rewards, s.take, s.encode, s.params, s.batch_size, s.filter_zero_signal, s.max_rounds)
+        self.engine.release()
+        out.extra.update(rollout_s=out.generate_s, idle_s=0.0, staleness=staleness_counts(step, _versions(out)))
+        return out
+
+    def publish(self, version: int) -> dict:
+        self.engine.adapter_version = version  # it generates with the live weights: nothing moves
+        return {"sync/bytes": 0, "sync/ms": 0.0}
+
+    def data_state(self, step: int) -> dict:
+        return self.spec.data_state()
+
+    def engine_busy_s(self) -> tuple[float, float] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _versions(out: StepRollouts) -> list[int]:
+    return [c.adapter_version for g in out.groups for c in g.completions]
+
+
+class RemoteRollouts:
+    def __init__(self, engine: EngineProcess, spec: RoundSpec, model: nn.Module, mode: str, max_staleness: int,
+                 total_steps: int, engine_scores: bool):
+        self.engine, self.spec, self.model = engine, spec, model
+        self.engine_scores = engine_scores
+        self.ahead = max_staleness if mode == "async" else 0
+        self.total_steps = total_steps
+        self.inflight: dict[int, list[PromptRecord]] = {}
+        self.data_before: dict[int, dict] = {}
+
+    def begin(self, start_step: int) -> None:
+        for batch in range(start_step + 1, min(self.total_steps, start_step + 1 + self.ahead) + 1):
+            self._submit(batch)
+
+    def _submit(self, batch: int) -> None:
+        s = self.spec
+        self.data_before[batch] = s.data_state()
+        records = s.take(s.batch_size)
+        self.inflight[batch] = records
+        rewards = [(str(r.prompt), r.label) for r in records] if self.engine_scores else None
+        self.engine.submit(batch, [s.encode(r) for r in records], s.params, rewards)
+
+    def _check_sync(self) -> None:
+        if self.engine.failed:
+            version, why = self.engine.failed[0]
+            raise OrbitError(f"adapter sync v{version} failed in the engine, which stayed on v{self.engine.version}: {why}",
+                             "the run stops after saving; check the adapter for NaN/inf and rerun to resume")
+
+    def collect(self, step: int) -> StepRollouts:
+        self._check_sync()
+        if step not in self.inflight:
+            self._submit(step)
+        records = self.inflight.pop(step)
+        s = self.spec
+        start = time.perf_counter()
+        completions = self.engine.collect(step, len(records) * s.params.n)
+        waited = time.perf_counter() - start
+        out = collect_groups(self.engine, s.rewards, s.take, s.encode, s.params, s.batch_size, s.filter_zero_signal,
+                             s.max_rounds, first_round=(records, completions), first_scored=self.engine_scores)
+        counts = staleness_counts(step, _versions(out))
+        worst = max(counts)
+        if worst > self.ahead or min(counts) < 0:
+            raise OrbitError(f"step {step} got samples {worst} versions old, over train.max_staleness={self.ahead}",
+                             "this is a bug in the engine's push barrier; please report it")
+        out.extra.update(idle_s=waited + out.generate_s, staleness=counts)
+        self._check_sync()
+        return out
+
+    def publish(self, version: int) -> dict:
+        start = time.perf_counter()
+        payload = encode_payload(engine_adapter_state(self.model))
+        self.engine.push(version, payload)
+        if self.ahead == 0:
+            self.engine.wait_version(version)  # sync: the next batch starts on this adapter
+            self._check_sync()
+        elif version + 1 + self.ahead <= self.total_steps:
+            self._submit(version + 1 + self.ahead)
+        metrics = {"sync/bytes": len(payload), "sync/ms": (time.perf_counter() - start) * 1e3}
+        applied = self.engine.synced.get(version) or self.engine.synced.get(max(self.engine.synced, default=-1))
+        if applied:
+            metrics["sync/engine_apply_ms"] = applied["apply_ms"]
+            metrics["sync/push_to_active_ms"] = applied["sent_to_active_ms"]
+        return metrics
+
+    def data_state(self, step: int) -> dict:
+        """Where the prompt stream stood before batch ``step + 1`` was drawn (in-flight batches are redrawn on resume)."""
+        return self.data_before.get(step + 1) or self.spec.data_state()
+
+    def engine_busy_s(self) -> tuple[float, float] | None:
+        """Cumulative seconds the engine spent generating, and scoring rewards."""
+        self.engine.pump()
+        return float(self.engine.stats.get("busy_s", 0.0)), float(self.engine.stats.get("reward_s", 0.0))
+
+    def close(self) -> None:
+        self.engine.close()
