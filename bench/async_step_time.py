@@ -1,0 +1,80 @@
+"""Step time of async vs sync adapter RL on the same recipe, one JSON line per configuration.
+
+Baseline: ``sync-colocated`` (the default placement), measured in the same run on the same
+machine. Every configuration runs the same recipe for ``--steps`` steps with eval off; the first
+``--warmup`` steps (engine start, allocator warm-up) are left out of the means.
+    python -m bench.async_step_time --recipe tiny-arith-lora --steps 14
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from statistics import mean
+
+import torch
+
+from orbit_core.config import load_recipe
+from orbit_core.train import Callbacks, run_training
+
+CONFIGS = {
+    "sync-colocated": [],
+    "sync-non-colocated": ["rollout.placement=non-colocated"],
+    "async": ["train.mode=async", "rollout.placement=non-colocated"],
+    "async-double-buffer": ["train.mode=async", "rollout.placement=non-colocated", "rollout.adapter_double_buffer=true"],
+}
+PEFT = {"lora": ["peft.method=lora"], "oft": ["peft.method=oft", "peft.oft_block_size=32"]}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} cores (CPU)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", default="tiny-arith-lora")
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peft", nargs="+", default=["lora", "oft"], choices=sorted(PEFT))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("overrides", nargs="*", help="extra section.field=value overrides for every run")
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="orbit-async-bench-")
+    for method in args.peft:
+        baseline = None
+        for name in args.configs:
+            overrides = [f"train.steps={args.steps}", "eval.enabled=false", "train.resume=never", "train.save_interval=0",
+                         "train.wandb=false", f"train.output_dir={root}/{method}-{name}", *PEFT[method], *CONFIGS[name],
+                         *args.overrides]
+            config = load_recipe(args.recipe, overrides)
+            result = run_training(config, Callbacks(on_message=lambda m: None))
+            rows = result.metrics[args.warmup:]
+
+            def avg(key: str) -> float:
+                return mean(r.get(key, 0.0) for r in rows)
+
+            step_s = avg("time/step_s")
+            baseline = baseline or step_s
+            print(json.dumps({
+                "bench": "async_step_time", "recipe": args.recipe, "peft": method, "config": name,
+                "step_s": round(step_s, 4), "baseline": "sync-colocated", "baseline_step_s": round(baseline, 4),
+                "speedup_vs_baseline": round(baseline / step_s, 3),
+                "rollout_s": round(avg("time/rollout_s"), 4), "train_s": round(avg("time/train_s"), 4),
+                "reward_s": round(avg("time/reward_s"), 4), "sync_s": round(avg("time/sync_s"), 4),
+                "idle_s": round(avg("time/idle_s"), 4), "bubble_fraction": round(avg("time/bubble_fraction"), 3),
+                "sync_bytes": int(avg("sync/bytes")), "full_weight_bytes": int(avg("sync/full_weight_bytes")),
+                "sync_ms": round(avg("sync/ms"), 2), "engine_apply_ms": round(avg("sync/engine_apply_ms"), 2),
+                "staleness_max": max(r["staleness/max"] for r in rows), "staleness_mean": round(avg("staleness/mean"), 3),
+                "reward_last_steps": round(avg("reward/mean"), 3), "reward_errors": int(sum(r["reward/errors"] for r in rows)),
+                "steps_measured": len(rows),
+                "device": device_name(), "torch": torch.__version__,
+            }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
