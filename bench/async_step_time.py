@@ -3,7 +3,10 @@
 Baseline: ``sync-colocated`` (the default placement), measured in the same run on the same
 machine. Every configuration runs the same recipe for ``--steps`` steps with eval off; the first
 ``--warmup`` steps (engine start, allocator warm-up) are left out of the means.
-    python -m bench.async_step_time --recipe tiny-arith-lora --steps 14
+    python -m bench.async_step_time --steps 14
+
+LoRA runs the embedded default recipe; OFT runs the GRPO+OFT recipe at the async OFT recipe's
+learning rate (5e-4), so sync and async train the same adapter at the same settings.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ CONFIGS = {
     "async": ["train.mode=async", "rollout.placement=non-colocated"],
     "async-double-buffer": ["train.mode=async", "rollout.placement=non-colocated", "rollout.adapter_double_buffer=true"],
 }
-PEFT = {"lora": ["peft.method=lora"], "oft": ["peft.method=oft", "peft.oft_block_size=32"]}
+PEFT = {
+    "lora": ("tiny-arith-lora", []),
+    "oft": ("tiny-arith-grpo-oft", ["train.lr=5e-4", "train.min_lr=1e-4"]),
+}
 
 
 def device_name() -> str:
@@ -37,7 +43,7 @@ def device_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", default="tiny-arith-lora")
+    parser.add_argument("--recipe", default=None, help="one recipe for every --peft (default: per method, see PEFT)")
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peft", nargs="+", default=["lora", "oft"], choices=sorted(PEFT))
@@ -46,12 +52,14 @@ def main() -> None:
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="orbit-async-bench-")
     for method in args.peft:
+        recipe, peft_overrides = PEFT[method]
+        recipe = args.recipe or recipe
         baseline = None
         for name in args.configs:
             overrides = [f"train.steps={args.steps}", "eval.enabled=false", "train.resume=never", "train.save_interval=0",
-                         "train.wandb=false", f"train.output_dir={root}/{method}-{name}", *PEFT[method], *CONFIGS[name],
+                         "train.wandb=false", f"train.output_dir={root}/{method}-{name}", *peft_overrides, *CONFIGS[name],
                          *args.overrides]
-            config = load_recipe(args.recipe, overrides)
+            config = load_recipe(recipe, overrides)
             result = run_training(config, Callbacks(on_message=lambda m: None))
             rows = result.metrics[args.warmup:]
 
@@ -61,7 +69,7 @@ def main() -> None:
             step_s = avg("time/step_s")
             baseline = baseline or step_s
             print(json.dumps({
-                "bench": "async_step_time", "recipe": args.recipe, "peft": method, "config": name,
+                "bench": "async_step_time", "recipe": recipe, "peft": method, "config": name,
                 "step_s": round(step_s, 4), "baseline": "sync-colocated", "baseline_step_s": round(baseline, 4),
                 "speedup_vs_baseline": round(baseline / step_s, 3),
                 "rollout_s": round(avg("time/rollout_s"), 4), "train_s": round(avg("time/train_s"), 4),
