@@ -36,8 +36,9 @@ def train(
         progress.start()
 
     def on_step(m: dict) -> None:
+        throughput = f"{m['tokens_per_s']:.0f} tok/s  " if "tokens_per_s" in m else ""
         stats = (f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.4f}  entropy {m['entropy']:.3f}  "
-                 f"len {m['response_len/mean']:.1f}  {m['tokens_per_s']:.0f} tok/s  {m['time/step_s']:.2f}s/step  "
+                 f"len {m['response_len/mean']:.1f}  {throughput}{m['time/step_s']:.2f}s/step  "
                  f"bubble {m['time/bubble_fraction']:.0%}  stale<={m['staleness/max']}")
         if m["sync/bytes"]:
             stats += f"  sync {m['sync/bytes'] / 1e6:.2f}MB/{m['sync/ms']:.0f}ms"

@@ -186,6 +186,11 @@ def test_async_run_bounds_staleness_and_records_versions(tmp_path, tiny_checkpoi
         for key in ("time/rollout_s", "time/train_s", "time/sync_s", "time/idle_s", "time/bubble_fraction"):
             assert m[key] >= 0
     assert max(m["staleness/max"] for m in result.metrics) == staleness  # the engine really ran ahead
+    # throughput counts what the engine generated during each step: over the run, every consumed token once
+    generated = sum(m.get("tokens_per_s", 0.0) * m["time/rollout_s"] for m in result.metrics)
+    consumed = sum(m["response_len/mean"] * 16 for m in result.metrics)
+    assert generated == pytest.approx(consumed, rel=1e-6)
+    assert all(m["tokens_per_s"] < 1e6 for m in result.metrics if "tokens_per_s" in m)
     # every sample's logprobs come back when recomputed with the adapter version recorded for it
     model = _policy(tiny_checkpoint, config.peft)
     adapters = {step: load_adapter(path)[0] for step, path in list_checkpoints(config.train.output_dir)}

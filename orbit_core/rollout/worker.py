@@ -67,6 +67,7 @@ class EngineServer:
         self.push: _Push | None = None
         self.busy_s = 0.0
         self.reward_s = 0.0
+        self.tokens = 0
         self.stopping = False
         self.reward_inputs: dict = {}
         self.scorer = None
@@ -109,7 +110,7 @@ class EngineServer:
             self.inbox.popleft()
 
     def _stats(self) -> dict:
-        return {"busy_s": self.busy_s, "reward_s": self.reward_s, "version": self.bank.versions[self.loop.active_slot],
+        return {"busy_s": self.busy_s, "reward_s": self.reward_s, "tokens": self.tokens, "version": self.bank.versions[self.loop.active_slot],
                 "running": self.loop.running, "pending": len(self.loop.pending)}
 
     # -- adapter sync ----------------------------------------------------------------------
@@ -191,6 +192,7 @@ class EngineServer:
                     finished = self.loop.step()
                 self.busy_s += time.perf_counter() - start
                 if finished:
+                    self.tokens += sum(len(completion.token_ids) for _, completion in finished)
                     self._emit([(request.tag, completion) for request, completion in finished])
                 continue
             with self.wakeup:

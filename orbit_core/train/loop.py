@@ -250,7 +250,7 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
             result.eval_before = run_eval(0)
         cb.on_start(start_step, t.steps)
         source.begin(start_step)
-        busy_before = source.engine_busy_s()
+        busy_before = source.engine_counters()
         for step in range(start_step + 1, t.steps + 1):
             step_start = time.perf_counter()
             rollouts = source.collect(step)
@@ -261,12 +261,14 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
             sync_start = time.perf_counter()
             metrics.update(source.publish(step))
             end = time.perf_counter()
-            busy_now = source.engine_busy_s()
+            busy_now = source.engine_counters()
             reward_s = rollouts.reward_s
+            response_tokens = metrics.pop("response_tokens")
             if busy_now is None:
-                rollout_s = rollouts.extra["rollout_s"]
-            else:
+                rollout_s, generated = rollouts.extra["rollout_s"], response_tokens
+            else:  # the engine works ahead: count what it did during this step, not the batch it handed over
                 rollout_s, reward_s = busy_now[0] - busy_before[0], reward_s + busy_now[1] - busy_before[1]
+                generated = busy_now[2] - busy_before[2]
             busy_before = busy_now
             step_s = end - step_start
             idle_s = rollouts.extra["idle_s"]
@@ -288,8 +290,9 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
                 "staleness/mean": sum(k * n for k, n in staleness.items()) / max(samples, 1),
                 "staleness/max": max(staleness),
                 **{f"staleness/count_{k}": staleness.get(k, 0) for k in range(max(staleness) + 1)},
-                "tokens_per_s": metrics.pop("response_tokens") / max(rollout_s, 1e-9),
             })
+            if rollout_s > 0:  # an async engine with nothing left to generate has no throughput to report
+                metrics["tokens_per_s"] = generated / rollout_s
             if busy_now is not None:
                 metrics["time/engine_idle_fraction"] = max(0.0, 1.0 - rollout_s / step_s)
             if rollouts.last_error:

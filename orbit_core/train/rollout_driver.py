@@ -66,7 +66,7 @@ class ColocatedRollouts:
     def data_state(self, step: int) -> dict:
         return self.spec.data_state()
 
-    def engine_busy_s(self) -> tuple[float, float] | None:
+    def engine_counters(self) -> tuple[float, float, int] | None:
         return None
 
     def close(self) -> None:
@@ -145,10 +145,11 @@ class RemoteRollouts:
         """Where the prompt stream stood before batch ``step + 1`` was drawn (in-flight batches are redrawn on resume)."""
         return self.data_before.get(step + 1) or self.spec.data_state()
 
-    def engine_busy_s(self) -> tuple[float, float] | None:
-        """Cumulative seconds the engine spent generating, and scoring rewards."""
+    def engine_counters(self) -> tuple[float, float, int] | None:
+        """Cumulative seconds the engine spent generating and scoring rewards, and tokens it generated."""
         self.engine.pump()
-        return float(self.engine.stats.get("busy_s", 0.0)), float(self.engine.stats.get("reward_s", 0.0))
+        stats = self.engine.stats
+        return float(stats.get("busy_s", 0.0)), float(stats.get("reward_s", 0.0)), int(stats.get("tokens", 0))
 
     def close(self) -> None:
         self.engine.close()
