@@ -267,8 +267,9 @@ def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> Ru
             if busy_now is None:
                 rollout_s, generated = rollouts.extra["rollout_s"], response_tokens
             else:  # the engine works ahead: count what it did during this step, not the batch it handed over
-                rollout_s, reward_s = busy_now[0] - busy_before[0], reward_s + busy_now[1] - busy_before[1]
-                generated = busy_now[2] - busy_before[2]
+                rollout_s = busy_now.busy_s - busy_before.busy_s
+                reward_s += busy_now.reward_s - busy_before.reward_s
+                generated = busy_now.tokens - busy_before.tokens
             busy_before = busy_now
             step_s = end - step_start
             idle_s = rollouts.extra["idle_s"]

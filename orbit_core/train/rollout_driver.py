@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from torch import nn
 
@@ -38,6 +38,14 @@ class RoundSpec:
     filter_zero_signal: bool
     max_rounds: int
     data_state: Callable[[], dict]
+
+
+class EngineCounters(NamedTuple):
+    """Cumulative since the engine started; a step's share is the difference of two readings."""
+
+    busy_s: float
+    reward_s: float
+    tokens: int
 
 
 def staleness_counts(step: int, versions: list[int]) -> Counter:
@@ -66,7 +74,7 @@ class ColocatedRollouts:
     def data_state(self, step: int) -> dict:
         return self.spec.data_state()
 
-    def engine_counters(self) -> tuple[float, float, int] | None:
+    def engine_counters(self) -> EngineCounters | None:
         return None
 
     def close(self) -> None:
@@ -145,11 +153,10 @@ class RemoteRollouts:
         """Where the prompt stream stood before batch ``step + 1`` was drawn (in-flight batches are redrawn on resume)."""
         return self.data_before.get(step + 1) or self.spec.data_state()
 
-    def engine_counters(self) -> tuple[float, float, int] | None:
-        """Cumulative seconds the engine spent generating and scoring rewards, and tokens it generated."""
+    def engine_counters(self) -> EngineCounters | None:
         self.engine.pump()
         stats = self.engine.stats
-        return float(stats.get("busy_s", 0.0)), float(stats.get("reward_s", 0.0)), int(stats.get("tokens", 0))
+        return EngineCounters(float(stats.get("busy_s", 0.0)), float(stats.get("reward_s", 0.0)), int(stats.get("tokens", 0)))
 
     def close(self) -> None:
         self.engine.close()
