@@ -28,7 +28,7 @@ from orbit_core.peft.slots import engine_adapter_state
 from orbit_core.rollout.adapter_payload import decode, encode
 from orbit_core.rollout.remote import EngineProcess
 from orbit_core.rollout.worker import EngineSpec
-from orbit_core.train.setup import build_policy
+from orbit_core.policy.build import build_policy
 
 PEFTS = {"lora": PeftSection(method="lora", rank=16, alpha=32), "oft": PeftSection(method="oft", oft_block_size=32)}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.rollout_throughput import SHAPES
-from orbit_core.models import load_model
+from orbit_core.policy import load_base
 from orbit_core.quant import quantize_checkpoint
 
 TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -39,7 +39,7 @@ def write_random_checkpoint(path: Path, shape: dict) -> None:
 def measure(path: str) -> tuple[int, int]:
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    model = load_model(path, "bfloat16", "cuda")
+    model = load_base(path, "bfloat16", "cuda")
     allocated = torch.cuda.memory_allocated() - before
     tensor_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     del model

@@ -11,8 +11,7 @@ from orbit_core.errors import OrbitError
 from orbit_core.models import load_model
 from orbit_core.peft.base import load_adapter_state_dict
 from orbit_core.train import Callbacks, load_adapter, run_training
-from orbit_core.train.checkpoint import resolve_adapter_dir
-from orbit_core.train.setup import apply_adapter
+from orbit_core.policy import apply_adapter, resolve_adapter_dir
 from tests.conftest import save_hf_model
 from tests.helpers import small_recipe
 

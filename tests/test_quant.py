@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from orbit_core.errors import OrbitError
-from orbit_core.models import load_model
+from orbit_core.policy import load_base
 from orbit_core.peft import apply_lora
 from orbit_core.preflight import check_checkpoint
 from orbit_core.quant import QuantLinear, quantize_checkpoint
@@ -62,7 +62,7 @@ def test_transformers_loads_our_checkpoint_with_our_logits(quantized, fmt):
 
     ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
     theirs = AutoModelForCausalLM.from_pretrained(str(quantized[fmt]), dtype=torch.float32).eval()
-    ours = load_model(str(quantized[fmt]))
+    ours = load_base(str(quantized[fmt]))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=2e-4, rtol=2e-4)
 
@@ -72,7 +72,7 @@ def test_error_within_format_bound_and_memory_stays_packed(source, quantized, fm
     report = check_checkpoint(str(quantized[fmt]), str(source))
     assert report.passed, [c.detail for c in report.checks]
     assert 0.0 < report.max_error_ratio <= 1.0001
-    model = load_model(str(quantized[fmt]))
+    model = load_base(str(quantized[fmt]))
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(quant) == 14
     packed = sum(b.numel() * b.element_size() for m in quant for b in m.buffers())
@@ -88,7 +88,7 @@ def test_lora_trains_on_packed_base_and_fake_qat(quantized):
     from orbit_core.peft import adapter_parameters
     from orbit_core.quant import fake_quantize
 
-    model = load_model(str(quantized["int4"]))
+    model = load_base(str(quantized["int4"]))
     apply_lora(model, 4, 8, 0.0, ["all-linear"])
     before = {n: b.clone() for n, b in model.named_buffers() if "weight" in n}
     opt = torch.optim.AdamW(adapter_parameters(model), lr=1e-2)
@@ -121,13 +121,13 @@ def test_bad_checkpoints_fail_clearly(quantized, tmp_path):
     config["quantization_config"]["quant_method"] = "gptq"
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(OrbitError, match="quant_method='gptq' is not supported"):
-        load_model(str(broken))
+        load_base(str(broken))
     truncated = tmp_path / "truncated"
     shutil.copytree(quantized["int4"], truncated)
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
     with pytest.raises(OrbitError, match="corrupted or truncated"):
-        load_model(str(truncated))
+        load_base(str(truncated))
 
 
 def test_corrupted_scale_fails_checkpoint_preflight(source, quantized, tmp_path):

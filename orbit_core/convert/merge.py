@@ -10,19 +10,20 @@ import torch
 
 from orbit_core.atomic import atomic_output_dir
 from orbit_core.config.loader import build_config
-from orbit_core.models.checkpoint import DTYPES, load_model, read_hf_config, save_model
-from orbit_core.models.embedded import resolve_model_path
+from orbit_core.models.checkpoint import DTYPES, read_hf_config, save_model
 from orbit_core.peft.base import load_adapter_state_dict, merge_adapters
 from orbit_core.quant.quantize import COPY_FILES
-from orbit_core.train.checkpoint import load_adapter, resolve_adapter_dir
-from orbit_core.train.setup import apply_adapter
+from orbit_core.policy.adapter_files import load_adapter, resolve_adapter_dir
+from orbit_core.policy.build import apply_adapter
+from orbit_core.policy.embedded import resolve_model_path
+from orbit_core.policy.load import load_base
 
 
 def merge_adapter(base: str, adapter: str, out: str, dtype: str = "bfloat16") -> Path:
     base_path = resolve_model_path(base, 0, lambda msg: None) if base.startswith("embedded:") else base
     state, meta = load_adapter(resolve_adapter_dir(adapter))
     peft_cfg = build_config({"peft": meta["peft"]}).peft
-    model = load_model(base_path, "float32")
+    model = load_base(base_path, "float32")
     apply_adapter(model, peft_cfg)
     # a PPO value head is not part of the policy
     state = {k: v for k, v in state.items() if not k.startswith("value_head.")}

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from orbit_core.atomic import atomic_output_dir
 from orbit_core.errors import OrbitError
-from orbit_core.train.checkpoint import load_adapter, resolve_adapter_dir
+from orbit_core.policy.adapter_files import load_adapter, resolve_adapter_dir
 
 
 def _peft_config(peft: dict, targets: list[str], base_model: str) -> dict:

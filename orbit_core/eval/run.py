@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from orbit_core.config.loader import apply_overrides, build_config
 from orbit_core.config.schema import RecipeConfig
+from orbit_core.data.jsonl import load_records
 from orbit_core.data.prompts import use_chat_template
 from orbit_core.errors import OrbitError
 from orbit_core.eval.evaluate import EvalReport, evaluate
 from orbit_core.rollout.engine import BuiltinEngine
-from orbit_core.train.checkpoint import load_adapter, resolve_adapter_dir
-from orbit_core.train.setup import build_policy, build_rewards, load_records
+from orbit_core.policy.adapter_files import load_adapter, resolve_adapter_dir
+from orbit_core.policy.build import build_policy
+from orbit_core.rl.reward_pool import build_rewards
 
 
 def config_from_adapter(path: str, overrides: list[str]) -> RecipeConfig:
@@ -30,6 +32,10 @@ def run_eval(config: RecipeConfig, adapter: str | None = None, log=print) -> Eva
     records = load_records(e.test_path, config.data)
     engine = BuiltinEngine(policy.model, policy.tokenizer, max_running=config.rollout.max_running, seed=config.train.seed)
     chat = use_chat_template(policy.tokenizer, config.data.apply_chat_template)
-    return evaluate(engine, policy.tokenizer, records, build_rewards(config.rl), chat=chat,
-                    max_prompt_len=config.data.max_prompt_len, max_new_tokens=e.max_new_tokens, n_samples=e.n_samples,
-                    ks=e.k, temperature=e.temperature, stop=tuple(config.rollout.stop))
+    rewards = build_rewards(config.rl)
+    try:
+        return evaluate(engine, policy.tokenizer, records, rewards, chat=chat, max_prompt_len=config.data.max_prompt_len,
+                        max_new_tokens=e.max_new_tokens, n_samples=e.n_samples, ks=e.k, temperature=e.temperature,
+                        stop=tuple(config.rollout.stop))
+    finally:
+        rewards.close()

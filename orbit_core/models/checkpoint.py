@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
@@ -15,6 +15,7 @@ from orbit_core.errors import OrbitError, require_path
 from orbit_core.models.config import DecoderConfig
 from orbit_core.models.transformer import DecoderLM
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,16 +61,14 @@ def iter_tensors(files: list[str]):
 
 
 def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu") -> DecoderLM:
-    """Build the native model from a HF checkpoint directory and load its weights by name.
+    """Build the native model from a dense HF checkpoint directory and load its weights by name.
 
-    A compressed-tensors checkpoint keeps its quantized linears packed (``QuantLinear``).
+    Quantized checkpoints go through ``orbit_core.policy.load.load_base``, which dispatches on format.
     """
     hf = read_hf_config(path)
     config = DecoderConfig.from_hf(hf, source=os.path.join(path, "config.json"))
     if hf.get("quantization_config"):
-        from orbit_core.quant.load import load_quantized_model
-
-        return load_quantized_model(path, hf, config, dtype, device)
+        raise OrbitError(f"{path} is a quantized checkpoint", "load it with orbit_core.policy.load_base")
     with torch.device("meta"):
         model = DecoderLM(config)
     expected = dict(model.state_dict())
@@ -100,62 +99,69 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
     return model.eval()
 
 
-class ShardWriter:
-    """Fills safetensors shards up to ``max_shard_bytes`` and writes the index at the end."""
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
-        self.directory, self.max_bytes = directory, max_shard_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.files: list[dict[str, torch.Tensor]] = []
-        self.weight_map: dict[str, int] = {}
-        self.total = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.current and self.current_bytes + size > self.max_bytes:
-            self._flush()
-        self.current[name] = tensor.contiguous()
-        self.current_bytes += size
-        self.total += size
+def tensor_specs(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``name -> (shape, safetensors dtype)`` from the files' headers (reads no data)."""
+    specs = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    specs[name] = (tuple(view.get_shape()), view.get_dtype())
+        except Exception as err:  # safetensors raises its own error types for truncated headers
+            raise OrbitError(f"{file} is corrupted or truncated ({err})", "re-download or re-save the checkpoint") from err
+    return specs
 
-    def _flush(self) -> None:
-        index = len(self.files)
-        save_file(self.current, str(self.directory / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
-        self.weight_map.update({name: index for name in self.current})
-        self.files.append({})
-        self.current, self.current_bytes = {}, 0
 
-    def close(self) -> None:
-        if self.current or not self.files:
-            self._flush()
-        count = len(self.files)
-        names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        if count == 1:
-            names = ["model.safetensors"]
-        for i, name in enumerate(names):
-            os.rename(self.directory / f"shard-{i:05d}.tmp", self.directory / name)
-        if count > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": {k: names[v] for k, v in self.weight_map.items()}}
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+def write_shards(directory: Path, sizes: dict[str, int], tensors: Iterable[tuple[str, torch.Tensor]],
+                 max_shard_bytes: int) -> None:
+    """Write streamed tensors as HF safetensors shards (plus the index when there are several).
+
+    huggingface_hub plans the shards from ``sizes`` (bytes per tensor name, in the order they will
+    arrive); a shard file is written as soon as all its tensors have arrived, so memory holds about
+    one shard, never the whole model.
+    """
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    plan = split_state_dict_into_shards_factory(sizes, get_storage_size=lambda size: size, max_shard_size=max_shard_bytes,
+                                                filename_pattern="model{suffix}.safetensors")
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        if name not in plan.tensor_to_filename:
+            raise ValueError(f"tensor {name!r} was not planned")
+        file = plan.tensor_to_filename[name]
+        pending.setdefault(file, {})[name] = tensor.contiguous()
+        if len(pending[file]) == len(plan.filename_to_tensors[file]):
+            save_file(pending.pop(file), str(directory / file), metadata={"format": "pt"})
+    if pending:
+        raise ValueError(f"tensors never arrived for {sorted(pending)}")
+    if plan.is_sharded:
+        index = {"metadata": {**plan.metadata, "total_size": sum(sizes.values())}, "weight_map": plan.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def save_model(model: DecoderLM, path: str, hf_config: dict[str, Any], max_shard_bytes: int = 2 << 30) -> None:
     """Write ``config.json`` + safetensors (sharded with an index past ``max_shard_bytes``)."""
     os.makedirs(path, exist_ok=True)
     Path(path, "config.json").write_text(json.dumps(hf_config, indent=2))
-    writer = ShardWriter(Path(path), max_shard_bytes)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        writer.add(name, tensor.detach().cpu())
-    writer.close()
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
+             if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
+    write_shards(Path(path), {name: t.numel() * t.element_size() for name, t in state.items()}, state.items(),
+                 max_shard_bytes)
 
 
 def load_tokenizer(path: str):
     """The checkpoint's tokenizer through transformers (offline)."""
     from transformers import AutoTokenizer
 
+    # without its files, transformers builds an empty tokenizer from config.json instead of failing
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise OrbitError(f"cannot load a tokenizer from {path}: none of {', '.join(TOKENIZER_FILES)} is there",
+                         "copy the tokenizer files of the model into the checkpoint directory")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from orbit_core.errors import OrbitError
-from orbit_core.models.checkpoint import iter_tensors, load_model, weight_files
+from orbit_core.models.checkpoint import iter_tensors, weight_files
+from orbit_core.policy.load import load_base
 from orbit_core.quant.linear import QuantLinear
 
 
@@ -54,7 +55,7 @@ def error_bound(fmt: str, module: QuantLinear, source: torch.Tensor) -> torch.Te
 def check_checkpoint(path: str, source: str | None = None) -> CheckpointReport:
     """Load through the trainer's own path (shape/dtype/group checks), then scales, then error bounds."""
     try:
-        model = load_model(path, "float32")
+        model = load_base(path, "float32")
     except OrbitError as err:
         report = CheckpointReport(fmt="?")
         report.checks.append(Check("tensors promised by quantization_config", False, str(err)))

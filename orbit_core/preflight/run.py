@@ -8,12 +8,15 @@ from dataclasses import dataclass
 from orbit_core.config.schema import RecipeConfig
 from orbit_core.data.prompts import encode_prompt, use_chat_template
 from orbit_core.errors import OrbitError
-from orbit_core.models.checkpoint import load_model, load_tokenizer, read_hf_config
-from orbit_core.models.embedded import PREFIX, TASK, is_embedded, resolve_model_path
+from orbit_core.data.embedded import PREFIX, TASK, is_embedded
+from orbit_core.data.jsonl import load_records
+from orbit_core.models.checkpoint import load_tokenizer, read_hf_config
+from orbit_core.policy.build import pick_device
+from orbit_core.policy.embedded import resolve_model_path
+from orbit_core.policy.load import load_base
 from orbit_core.preflight.checkpoint import CheckpointReport, check_checkpoint
 from orbit_core.preflight.runtime import RuntimeReport, runtime_parity
 from orbit_core.rollout.engine import BuiltinEngine
-from orbit_core.train.setup import load_records, pick_device
 
 PRECISIONS = ("int4", "fp8", "nvfp4", "bf16")
 
@@ -51,8 +54,8 @@ def run_preflight(config: RecipeConfig, precision: str, log=print, engine_overri
     if not p.skip_runtime:
         device = pick_device(config.model.device)
         tokenizer = load_tokenizer(path)
-        trainer_model = load_model(path, config.model.dtype, device)
-        engine_model = load_model(path, config.model.dtype, device)
+        trainer_model = load_base(path, config.model.dtype, device)
+        engine_model = load_base(path, config.model.dtype, device)
         if engine_overrides:
             engine_model.config = dataclasses.replace(engine_model.config, **engine_overrides)
             engine_model._rope_len = 0

@@ -92,3 +92,15 @@ def is_ignored(module_name: str, ignore: list[str]) -> bool:
 
 def packed_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def packed_nbytes(fmt: WeightFormat, out_features: int, in_features: int) -> dict[str, int]:
+    """Bytes of each tensor ``orbit quantize`` writes for one ``[out, in]`` linear (fp32 scales)."""
+    if fmt.name == "int4":
+        return {"weight_scale": 4 * out_features * (in_features // fmt.group_size),
+                "weight_packed": 4 * out_features * -(-in_features // 8), "weight_shape": 16}
+    if fmt.name == "fp8":
+        rows, cols = fmt.block
+        return {"weight_scale": 4 * -(-out_features // rows) * -(-in_features // cols), "weight": out_features * in_features}
+    return {"weight_global_scale": 4, "weight_packed": out_features * in_features // 2,
+            "weight_scale": out_features * in_features // 16}

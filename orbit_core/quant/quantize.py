@@ -8,6 +8,7 @@ run never leaves an OUT that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -18,10 +19,10 @@ import torch.nn.functional as F
 
 from orbit_core.atomic import atomic_output_dir
 from orbit_core.errors import OrbitError
-from orbit_core.models.checkpoint import ShardWriter, iter_tensors, read_hf_config, weight_files
+from orbit_core.models.checkpoint import DTYPE_BYTES, iter_tensors, read_hf_config, tensor_specs, weight_files, write_shards
 from orbit_core.models.config import DecoderConfig
 from orbit_core.models.transformer import DecoderLM
-from orbit_core.quant.formats import DEFAULT_IGNORE, WeightFormat, is_ignored, weight_format
+from orbit_core.quant.formats import DEFAULT_IGNORE, WeightFormat, is_ignored, packed_nbytes, weight_format
 
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
               "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
@@ -75,13 +76,15 @@ def quantize_checkpoint(
     device: str | None = None,
 ) -> Path:
     """``device`` (e.g. ``cuda``) computes the scales there; the stream still holds one tensor at a time."""
+    if fmt_name == "int4" and group_size <= 0:
+        raise OrbitError(f"--group-size must be a positive number of input columns, got {group_size}", "use e.g. 128 or 32")
     fmt = weight_format(fmt_name, group_size if fmt_name == "int4" else None)
     hf = read_hf_config(source)
     if hf.get("quantization_config"):
         raise OrbitError(f"{source} is already quantized", "quantize the original bf16/fp32 checkpoint")
     files = weight_files(source)
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise OrbitError(f"output directory {out} is not empty", "choose a new directory")
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise OrbitError(f"output {out} exists and is not an empty directory", "choose a new directory")
     linears = linear_names(hf)
     patterns = list(DEFAULT_IGNORE if ignore is None else ignore)
     quantized = [n for n in linears if not is_ignored(n, patterns)]
@@ -91,25 +94,30 @@ def quantize_checkpoint(
         if group and linears[name][1] % group:
             raise OrbitError(f"group size {group} does not divide {name} (in_features={linears[name][1]})",
                              "choose a group size that divides every quantized layer, or --ignore that layer")
-    from safetensors import safe_open
+    specs = tensor_specs(files)
+    sizes: dict[str, int] = {}
+    for name, (shape, dtype) in specs.items():
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module in quantized:
+            sizes.update({f"{module}.{local}": nbytes for local, nbytes in packed_nbytes(fmt, *shape).items()})
+        else:
+            per_element = 2 if dtype in ("F64", "F32", "F16", "BF16") else DTYPE_BYTES[dtype]
+            sizes[name] = per_element * math.prod(shape)
 
-    total = 0
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            total += len(list(handle.keys()))
-    with atomic_output_dir(out) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
+    def converted():
         for i, (name, tensor) in enumerate(iter_tensors(files)):
             module = name[: -len(".weight")] if name.endswith(".weight") else None
             if module in quantized:
                 work = tensor.to(device) if device is not None else tensor
                 for local, value in quantize_weight(work, fmt, module).items():
-                    writer.add(f"{module}.{local}", value.cpu())
+                    yield f"{module}.{local}", value.cpu()
             else:
-                writer.add(name, tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor)
+                yield name, tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
             if on_tensor is not None:
-                on_tensor(i + 1, total, name)
-        writer.close()
+                on_tensor(i + 1, len(specs), name)
+
+    with atomic_output_dir(out) as tmp:
+        write_shards(tmp, sizes, converted(), max_shard_bytes)
         from compressed_tensors.quantization import QuantizationConfig
 
         qconfig = QuantizationConfig(config_groups={"group_0": fmt.scheme}, format=fmt.storage, ignore=skipped,

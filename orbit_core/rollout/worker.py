@@ -46,6 +46,7 @@ class EngineSpec:
     reward: str = ""
     """``rl.reward``: when set, the engine scores each finished sample off the trainer's critical path."""
     reward_timeout_s: float = 10.0
+    reward_workers: int = -1
 
 
 class _Push:
@@ -72,9 +73,11 @@ class EngineServer:
         self.reward_inputs: dict = {}
         self.scorer = None
         if spec.reward:
-            from orbit_core.rl.rewards import RewardRunner, load_reward_fn
+            from orbit_core.config.schema import RLSection
+            from orbit_core.rl.reward_pool import build_rewards
 
-            self.scorer = RewardRunner(load_reward_fn(spec.reward), timeout_s=spec.reward_timeout_s)
+            self.scorer = build_rewards(RLSection(reward=spec.reward, reward_timeout_s=spec.reward_timeout_s,
+                                                  reward_workers=spec.reward_workers))
             self.to_score: queue.Queue = queue.Queue()
             threading.Thread(target=self._score_loop, daemon=True, name="orbit-engine-rewards").start()
         write_slot_all = prepare(model, decode(spec.adapter))
@@ -222,7 +225,7 @@ def serve(spec: EngineSpec, commands, events) -> None:
     try:
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
-        from orbit_core.train.setup import build_policy
+        from orbit_core.policy.build import build_policy
 
         policy = build_policy(ModelSection(path=spec.model_path, dtype=spec.dtype, device=spec.device, warmstart_steps=0),
                               spec.peft, log=lambda message: None)
@@ -243,9 +246,13 @@ def serve(spec: EngineSpec, commands, events) -> None:
         server.run()
         outbox.put(("closed",))
     except BaseException as err:  # report, then die: the trainer turns this into one error line
+        if server is not None and server.scorer is not None:
+            server.scorer.close()
         outbox.put(("error", f"{type(err).__name__}: {err}", traceback.format_exc(limit=6)))
         outbox.put(None)
         send_thread.join(timeout=10)
         os._exit(1)
+    if server.scorer is not None:
+        server.scorer.close()
     outbox.put(None)
     send_thread.join(timeout=10)

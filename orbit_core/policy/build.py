@@ -1,4 +1,4 @@
-"""Build the run's components, each from its own recipe section."""
+"""The policy every command works with: the frozen base (dense or packed) with the adapter on top."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ from typing import Callable
 
 import torch
 
-from orbit_core.config.schema import DataSection, EvalSection, ModelSection, PeftSection, RLSection
-from orbit_core.data.jsonl import PromptRecord, read_prompts
+from orbit_core.config.schema import ModelSection, PeftSection
+from orbit_core.data.embedded import is_embedded
 from orbit_core.errors import OrbitError
-from orbit_core.models.checkpoint import load_model, load_tokenizer, read_hf_config
+from orbit_core.models.checkpoint import load_tokenizer, read_hf_config
 from orbit_core.models.config import DecoderConfig
-from orbit_core.models.embedded import embedded_hf_config, is_embedded, resolve_data_path, resolve_model_path
 from orbit_core.models.transformer import DecoderLM
 from orbit_core.peft.lora import apply_lora
 from orbit_core.peft.oft import apply_oft
 from orbit_core.peft.value_head import attach_value_head
-from orbit_core.rl.rewards import RewardRunner, load_reward_fn
+from orbit_core.policy.embedded import embedded_hf_config, resolve_model_path
+from orbit_core.policy.load import load_base
 
 
 def pick_device(spec: str) -> torch.device:
@@ -72,7 +72,7 @@ def build_policy(model_cfg: ModelSection, peft_cfg: PeftSection | None, log: Cal
     """Frozen base from a checkpoint (or the embedded one) with the adapter on top when ``peft_cfg`` is given."""
     device = pick_device(model_cfg.device)
     path = resolve_model_path(model_cfg.path, model_cfg.warmstart_steps, log)
-    model = load_model(path, model_cfg.dtype, device)
+    model = load_base(path, model_cfg.dtype, device)
     tokenizer = load_tokenizer(path)
     targets: list[str] = []
     if peft_cfg is not None:
@@ -87,20 +87,8 @@ def build_policy(model_cfg: ModelSection, peft_cfg: PeftSection | None, log: Cal
 
 def load_teacher(spec: str, dtype: str, device: torch.device, vocab_size: int, log: Callable[[str], None] = print) -> DecoderLM:
     path = resolve_model_path(spec, 0, log)
-    teacher = load_model(path, dtype, device)
+    teacher = load_base(path, dtype, device)
     if teacher.config.vocab_size != vocab_size:
         raise OrbitError(f"teacher {path} has vocab_size {teacher.config.vocab_size}, the student {vocab_size}",
                          "on-policy distillation needs a teacher with the student's tokenizer")
     return teacher
-
-
-def load_records(spec: str, data_cfg: DataSection) -> list[PromptRecord]:
-    return read_prompts(resolve_data_path(spec), data_cfg.prompt_key, data_cfg.label_key)
-
-
-def build_rewards(rl_cfg: RLSection) -> RewardRunner:
-    return RewardRunner(load_reward_fn(rl_cfg.reward), timeout_s=rl_cfg.reward_timeout_s)
-
-
-def eval_records(eval_cfg: EvalSection, data_cfg: DataSection) -> list[PromptRecord] | None:
-    return load_records(eval_cfg.test_path, data_cfg) if eval_cfg.enabled else None

@@ -1,74 +1,22 @@
-"""``embedded:tiny-arith``: a small Qwen3-architecture model and its data, built offline on first use.
+"""``embedded:tiny-arith``: a small Qwen3-architecture model, built and warm-started offline on first use.
 
-Everything derives from a fixed seed and is cached under ``$ORBIT_CACHE`` (default
-``~/.cache/orbit``): the data once, the warm-started checkpoint once per ``warmstart_steps``.
-Both are written to a temp dir and renamed, so an interrupted build is never mistaken for a done one.
+The warm-started checkpoint is cached once per ``warmstart_steps`` beside the task's data
+(``orbit_core.data.embedded``), built in a temp dir and renamed into place.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from orbit_core.data.arith import ALPHABET, make_splits, target_text, write_jsonl
+from orbit_core.data.arith import ALPHABET, target_text
+from orbit_core.data.embedded import PREFIX, TASK, TASK_SEED, atomic_build, cache_root, data_dir, is_embedded
 from orbit_core.errors import OrbitError
 
-PREFIX = "embedded:"
-TASK = "tiny-arith"
-TASK_SEED = 0
 TINY_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, max_position_embeddings=64, tie_word_embeddings=True)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ORBIT_CACHE", Path.home() / ".cache" / "orbit"))
-
-
-def is_embedded(spec: str) -> bool:
-    return spec.startswith(PREFIX)
-
-
-def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.exists():  # another process won the race otherwise
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def data_dir() -> Path:
-    def build(tmp: Path) -> None:
-        for name, rows in make_splits(TASK_SEED).items():
-            write_jsonl(rows, tmp / f"{name}.jsonl")
-
-    return _atomic_build(cache_root() / TASK / "data", build)
-
-
-def resolve_data_path(spec: str) -> str:
-    """``embedded:tiny-arith/train.jsonl@[:64]`` -> a real path (slice suffix kept)."""
-    if not is_embedded(spec):
-        return spec
-    rest = spec[len(PREFIX):]
-    task, _, file = rest.partition("/")
-    if task != TASK or not file:
-        raise OrbitError(f"unknown embedded data {spec!r}", f"use embedded:{TASK}/train.jsonl or embedded:{TASK}/test.jsonl")
-    return str(data_dir() / file)
-
-
 TEACHER = f"{TASK}-teacher"
 TEACHER_STEPS = 3000
 
@@ -88,7 +36,7 @@ def resolve_model_path(spec: str, warmstart_steps: int, log: Callable[[str], Non
     target = cache_root() / TASK / (f"teacher-w{steps}" if clean else f"model-w{steps}")
     if not target.exists():
         log(f"building {spec} (first use, cached at {target})")
-    return str(_atomic_build(target, lambda tmp: build_tiny_model(tmp, steps, log, clean=clean)))
+    return str(atomic_build(target, lambda tmp: build_tiny_model(tmp, steps, log, clean=clean)))
 
 
 INT4_GROUP = 32
@@ -128,7 +76,7 @@ def build_tiny_model(path: Path, warmstart_steps: int, log: Callable[[str], None
     from orbit_core.models.checkpoint import save_model
     from orbit_core.models.config import DecoderConfig
     from orbit_core.models.transformer import DecoderLM
-    from orbit_core.train.warmstart import supervised_warmstart
+    from orbit_core.policy.warmstart import supervised_warmstart
 
     tokenizer = build_char_tokenizer(ALPHABET, str(path))
     hf = embedded_hf_config(len(tokenizer))
