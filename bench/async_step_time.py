@@ -1,7 +1,9 @@
 """Step time of async vs sync adapter RL on the same recipe, one JSON line per configuration.
 
-Baseline: ``sync-colocated`` (the default placement), measured in the same run on the same
-machine. Every configuration runs the same recipe for ``--steps`` steps with eval off; the first
+Baseline: ``sync-colocated`` (the default placement) with the first ``--reward-workers`` value,
+measured in the same run on the same machine. ``--reward-workers 0 -1`` compares scoring on threads
+in the scoring process (0, how Orbit scored before the reward pool) with one worker process per
+core (-1, the default). Every configuration runs the same recipe for ``--steps`` steps with eval off; the first
 ``--warmup`` steps (engine start, allocator warm-up) are left out of the means.
     python -m bench.async_step_time --steps 14
 
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peft", nargs="+", default=["lora", "oft"], choices=sorted(PEFT))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--reward-workers", nargs="+", type=int, default=[-1],
+                        help="rl.reward_workers values to compare (0 = threads, -1 = a process per core)")
     parser.add_argument("overrides", nargs="*", help="extra section.field=value overrides for every run")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="orbit-async-bench-")
@@ -55,10 +59,10 @@ def main() -> None:
         recipe, peft_overrides = PEFT[method]
         recipe = args.recipe or recipe
         baseline = None
-        for name in args.configs:
+        for workers, name in [(w, n) for w in args.reward_workers for n in args.configs]:
             overrides = [f"train.steps={args.steps}", "eval.enabled=false", "train.resume=never", "train.save_interval=0",
-                         "train.wandb=false", f"train.output_dir={root}/{method}-{name}", *peft_overrides, *CONFIGS[name],
-                         *args.overrides]
+                         "train.wandb=false", f"train.output_dir={root}/{method}-{name}-w{workers}", *peft_overrides,
+                         *CONFIGS[name], f"rl.reward_workers={workers}", *args.overrides]
             config = load_recipe(recipe, overrides)
             result = run_training(config, Callbacks(on_message=lambda m: None))
             rows = result.metrics[args.warmup:]
@@ -69,8 +73,9 @@ def main() -> None:
             step_s = avg("time/step_s")
             baseline = baseline or step_s
             print(json.dumps({
-                "bench": "async_step_time", "recipe": recipe, "peft": method, "config": name,
-                "step_s": round(step_s, 4), "baseline": "sync-colocated", "baseline_step_s": round(baseline, 4),
+                "bench": "async_step_time", "recipe": recipe, "peft": method, "config": name, "reward_workers": workers,
+                "step_s": round(step_s, 4), "baseline": f"sync-colocated, reward_workers={args.reward_workers[0]}",
+                "baseline_step_s": round(baseline, 4),
                 "speedup_vs_baseline": round(baseline / step_s, 3),
                 "rollout_s": round(avg("time/rollout_s"), 4), "train_s": round(avg("time/train_s"), 4),
                 "reward_s": round(avg("time/reward_s"), 4), "sync_s": round(avg("time/sync_s"), 4),

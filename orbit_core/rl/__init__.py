@@ -1,10 +1,22 @@
-from orbit_core.rl.advantages import grpo_advantages
-from orbit_core.rl.kl import kl_estimate
-from orbit_core.rl.logprobs import token_entropy, token_logprobs
-from orbit_core.rl.losses import aggregate, clipped_policy_loss, masked_mean
-from orbit_core.rl.rewards import RewardRunner, extract_boxed, load_reward_fn, math_reward
+"""RL math (advantages, losses, KL, logprobs) and rewards.
 
-__all__ = [
-    "grpo_advantages", "kl_estimate", "token_entropy", "token_logprobs", "aggregate",
-    "clipped_policy_loss", "masked_mean", "RewardRunner", "extract_boxed", "load_reward_fn", "math_reward",
-]
+Names are re-exported lazily so that a reward worker process, which imports only
+``orbit_core.rl.rewards``, does not pay for importing torch.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "grpo_advantages": "advantages", "kl_estimate": "kl", "token_entropy": "logprobs", "token_logprobs": "logprobs",
+    "aggregate": "losses", "clipped_policy_loss": "losses", "masked_mean": "losses", "RewardRunner": "rewards",
+    "extract_boxed": "rewards", "load_reward_fn": "rewards", "math_reward": "rewards", "RewardPool": "reward_pool",
+    "build_rewards": "reward_pool",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'orbit_core.rl' has no attribute {name!r}")
+    return getattr(import_module(f"orbit_core.rl.{_EXPORTS[name]}"), name)

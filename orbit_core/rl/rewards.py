@@ -1,7 +1,8 @@
 """Reward functions: math answers via math-verify, or a user's ``module:function`` / ``file.py:function``.
 
-A user function is called as ``fn(prompt: str, response: str, label) -> float``. One that raises
-or exceeds the timeout scores 0 for that sample; the run goes on and the failures are counted.
+A user function is called as ``fn(prompt: str, response: str, label) -> float``. One that raises,
+exceeds the timeout, or returns something that is not a finite number (NaN, inf, the string
+``"1.0"``) scores 0 for that sample; the run goes on and the failures are counted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import math
+import numbers
 import os
 import re
 import threading
@@ -80,10 +83,34 @@ def load_reward_fn(spec: str) -> RewardFn:
             module = importlib.import_module(module_name)
         except ImportError as err:
             raise OrbitError(f"cannot import reward module {module_name!r} ({err})", "install it or put it on PYTHONPATH") from err
+        except Exception as err:  # the module itself raised while importing
+            raise OrbitError(f"reward module {module_name!r} failed to import: {type(err).__name__}: {err}",
+                             "fix the module") from err
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise OrbitError(f"{module_name} has no function {func_name!r}", "check rl.reward's function name")
     return fn
+
+
+def checked_score(value: Any) -> tuple[str, Any]:
+    """A reward function's return value as an outcome: ``("ok", float)`` or ``("error", why)``.
+
+    Only real numbers count (bool and numpy scalars included); a string such as ``"1.0"`` is a bug
+    in the reward, not a score, and NaN/inf would poison the advantages and then the adapter.
+    """
+    if not isinstance(value, numbers.Real):
+        return "error", f"reward returned {type(value).__name__} {value!r:.40}, expected a number"
+    value = float(value)
+    if not math.isfinite(value):
+        return "error", f"reward returned {value}, expected a finite number"
+    return "ok", value
+
+
+def call_reward(fn: RewardFn, prompt: str, response: str, label: Any) -> tuple[str, Any]:
+    try:
+        return checked_score(fn(prompt, response, label))
+    except Exception as err:  # a user's reward bug must not stop the run
+        return "error", re.sub(r"\s+", " ", f"{type(err).__name__}: {err}")[:200]
 
 
 @dataclass
@@ -93,11 +120,18 @@ class RewardStats:
     last_error: str = ""
 
 
-class RewardRunner:
-    """Scores samples on daemon threads, at most ``workers`` at a time, each with its own timeout.
+def outcome_labels(outcome: list[tuple[str, Any]]) -> tuple[list[float], list[str]]:
+    """Scores (failures score 0) and per sample ``ok``, ``timeout`` or ``error: <message>``."""
+    scores = [value if kind == "ok" else 0.0 for kind, value in outcome]
+    return scores, [kind if kind != "error" else f"error: {value}" for kind, value in outcome]
 
-    A call that hangs is abandoned (its thread is a daemon, so it never blocks exit) and its
-    worker slot is handed back, so one stuck sample cannot stall the rest of the batch.
+
+class RewardRunner:
+    """Scores samples on daemon threads in this process, at most ``workers`` at a time (``rl.reward_workers=0``).
+
+    A call that hangs is abandoned and its worker slot handed back, so one stuck sample cannot
+    stall the batch; the abandoned thread itself runs on until the function returns, which is
+    why the default is the process pool (``RewardPool``), where a stuck worker is killed.
     """
 
     def __init__(self, fn: RewardFn, timeout_s: float = 10.0, workers: int = 4):
@@ -110,7 +144,6 @@ class RewardRunner:
         return scores, summarize(outcomes)
 
     def score_each(self, prompts: list[str], responses: list[str], labels: list[Any]) -> tuple[list[float], list[str]]:
-        """Scores, and per sample ``ok``, ``timeout`` or ``error: <message>`` (failures score 0)."""
         count = len(prompts)
         slots = threading.Semaphore(self.workers)
         lock = threading.Lock()
@@ -121,10 +154,7 @@ class RewardRunner:
             slots.acquire()
             with lock:
                 started[i] = time.monotonic()
-            try:
-                result: tuple[str, Any] = ("ok", float(self.fn(prompts[i], responses[i], labels[i])))
-            except Exception as err:  # a user's reward bug must not stop the run
-                result = ("error", re.sub(r"\s+", " ", f"{type(err).__name__}: {err}")[:200])
+            result = call_reward(self.fn, prompts[i], responses[i], labels[i])
             with lock:
                 if outcome[i] is None:
                     outcome[i] = result
@@ -142,8 +172,10 @@ class RewardRunner:
                 if all(o is not None for o in outcome):
                     break
             time.sleep(0.002)
-        scores = [value if kind == "ok" else 0.0 for kind, value in outcome]
-        return scores, [kind if kind != "error" else f"error: {value}" for kind, value in outcome]
+        return outcome_labels(outcome)
+
+    def close(self) -> None:
+        pass
 
 
 def summarize(outcomes: list[str]) -> RewardStats:
