@@ -13,7 +13,7 @@ from orbit_core.rl.advantages import (
     token_rewards,
     whiten,
 )
-from orbit_core.rl.kl import kl_estimate
+from orbit_core.rl.kl import kl_estimate, resolve_kl_type
 
 SEQUENCE_LEVEL = ("grpo", "gspo")
 
@@ -33,7 +33,7 @@ def compute_advantages(rl: RLSection, scores: torch.Tensor, mask: torch.Tensor, 
     """-> (advantages: [batch] for grpo/gspo, else [batch, seq]; returns for ppo, else None)."""
     kl = None
     if kl_in_reward(rl) and ref_logprobs is not None:
-        kl = kl_estimate(old_logprobs, ref_logprobs, rl.kl_type) * mask
+        kl = kl_estimate(old_logprobs, ref_logprobs, resolve_kl_type(rl.kl_type, as_loss=False)) * mask
     estimator = rl.advantage_estimator
     if estimator in SEQUENCE_LEVEL:
         if kl is not None:  # a sequence-level penalty: the summed per-token KL

@@ -76,17 +76,26 @@ def gspo_policy_loss(
     mask: torch.Tensor,
     eps_clip: float,
     eps_clip_high: float | None = None,
+    loss_agg: str = "seq-mean-token-mean",
+    token_weights: torch.Tensor | None = None,
+    norm_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GSPO (Zheng et al. 2025, eq. 5-7): one length-normalized ratio and one clip per sequence.
 
-    ``s_i = exp(mean_t(log pi - log pi_old))``; ``loss = -mean_i min(s_i A_i, clip(s_i, 1-eps, 1+eps_high) A_i)``.
-    advantages: [batch] (sequence level). Returns (loss, fraction of sequences clipped).
+    ``s_i = exp(mean_t(log pi - log pi_old))``; ``l_i = -min(s_i A_i, clip(s_i, 1-eps, 1+eps_high) A_i)``.
+    ``l_i`` is spread over the sequence's tokens, weighted by ``token_weights`` (truncated IS) and
+    reduced by ``loss_agg``: ``seq-mean-token-mean`` gives the paper's ``mean_i l_i``,
+    ``token-mean`` weighs sequences by their length. advantages: [batch] (sequence level).
+    Returns (loss, fraction of sequences clipped).
     """
     eps_high = eps_clip if eps_clip_high is None else eps_clip_high
     lengths = mask.sum(dim=1).clamp(min=1.0)
     seq_ratio = torch.exp(((logprobs - old_logprobs) * mask).sum(dim=1) / lengths)
     per_seq, was_clipped = _clipped_surrogate(seq_ratio, advantages, eps_clip, eps_high)
-    return per_seq.mean(), was_clipped.mean().detach()
+    per_token = per_seq[:, None].expand_as(mask)
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    return aggregate(per_token, mask, loss_agg, norm_length), was_clipped.mean().detach()
 
 
 def clipped_value_loss(

@@ -14,15 +14,15 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [batch, vocab] -> (tokens [batch], logprobs [batch]).
 
-    The logprob is taken from ``log_softmax(logits / temperature)`` before top-k/top-p filtering:
-    the distribution the trainer recomputes, so importance ratios start at exactly 1.
+    The logprob is that of the distribution the token was drawn from: ``log_softmax(logits / T)``
+    after top-k/top-p filtering (without filters, the full softmax the trainer recomputes).
+    Training refuses the filters, so its ratios always compare like with like.
     """
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
     scaled = logits / temperature
-    logprobs = torch.log_softmax(scaled, -1)
     filtered = scaled
     if top_k and top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
@@ -34,6 +34,6 @@ def sample_tokens(
         drop = (probs.cumsum(-1) - probs) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(filtered, -1)
-    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    logprobs = torch.log_softmax(filtered, -1)
+    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
