@@ -20,7 +20,7 @@ from orbit_core.rollout.remote import EngineCrashed, EngineProcess
 from orbit_core.rollout.types import SamplingParams
 from orbit_core.rollout.worker import EngineSpec
 from orbit_core.train import Callbacks, list_checkpoints, load_adapter, run_training
-from orbit_core.train.setup import build_policy
+from orbit_core.policy.build import build_policy
 from tests.helpers import small_recipe
 
 PEFTS = {"lora": PeftSection(rank=4, alpha=8), "oft": PeftSection(method="oft", oft_block_size=16)}
@@ -186,6 +186,9 @@ def test_async_run_bounds_staleness_and_records_versions(tmp_path, tiny_checkpoi
         for key in ("time/rollout_s", "time/train_s", "time/sync_s", "time/idle_s", "time/bubble_fraction"):
             assert m[key] >= 0
     assert max(m["staleness/max"] for m in result.metrics) == staleness  # the engine really ran ahead
+    # decoupled PPO: stale samples are recomputed by the trainer (proximal), which differs from the
+    # engine's behaviour logprobs once the adapter has moved
+    assert max(m["rollout/behaviour_proximal_logprob_abs_diff_max"] for m in result.metrics) > 1e-3
     # throughput counts what the engine generated during each step: over the run, every consumed token once
     generated = sum(m.get("tokens_per_s", 0.0) * m["time/rollout_s"] for m in result.metrics)
     consumed = sum(m["response_len/mean"] * 16 for m in result.metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -168,6 +169,11 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise OrbitError(f"recipe {path}{where} is not valid YAML", "fix the YAML syntax") from err
+    except UnicodeDecodeError as err:
+        raise OrbitError(f"recipe {path} is not UTF-8 text", "save it as UTF-8") from err
+    if not isinstance(raw, dict):
+        raise OrbitError(f"recipe {path} is a YAML {type(raw).__name__}, not a mapping of sections",
+                         f"write it as sections ({', '.join(SECTIONS)}) with indented fields")
     return build_config(apply_overrides(raw, overrides or []))
 
 
@@ -179,19 +185,29 @@ def to_yaml(config: RecipeConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+def _check_finite(config: RecipeConfig) -> None:
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise OrbitError(f"{section}.{f.name} must be a finite number, got {value}", f"set {section}.{f.name} to a number")
+
+
 def validate(config: RecipeConfig) -> None:
     """Cross-field checks, done before anything loads."""
+    _check_finite(config)
     t, r = config.train, config.rollout
     positive = {
         "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
         "train.micro_batch_size": t.micro_batch_size, "rollout.batch_size": r.batch_size,
         "rollout.n_samples_per_prompt": r.n_samples_per_prompt, "rollout.max_new_tokens": r.max_new_tokens,
         "rollout.max_running": r.max_running, "peft.rank": config.peft.rank,
-        "eval.n_samples": config.eval.n_samples,
+        "eval.n_samples": config.eval.n_samples, "data.max_prompt_len": config.data.max_prompt_len,
+        "train.lr": t.lr, "rl.reward_timeout_s": config.rl.reward_timeout_s,
     }
     for name, value in positive.items():
         if value <= 0:
-            raise OrbitError(f"{name} must be > 0, got {value}", f"set {name} to a positive integer")
+            raise OrbitError(f"{name} must be > 0, got {value}", f"set {name} to a positive number")
     if t.global_batch_size % t.micro_batch_size:
         raise OrbitError(
             f"train.global_batch_size ({t.global_batch_size}) is not a multiple of train.micro_batch_size ({t.micro_batch_size})",
@@ -205,6 +221,16 @@ def validate(config: RecipeConfig) -> None:
         )
     if not 0.0 < r.top_p <= 1.0:
         raise OrbitError(f"rollout.top_p must be in (0, 1], got {r.top_p}", "set rollout.top_p=1.0 to disable")
+    if r.top_k < 0:
+        raise OrbitError(f"rollout.top_k must be >= 0, got {r.top_k}", "use 0 to disable top-k")
+    if r.top_p < 1.0 or r.top_k > 0:
+        raise OrbitError(f"rollout.top_p={r.top_p} / rollout.top_k={r.top_k} sample from a truncated distribution, but the "
+                         "trainer's importance ratios use the full softmax", "train with rollout.top_p=1.0 rollout.top_k=0")
+    if not 0.0 <= config.data.max_truncated_fraction <= 1.0:
+        raise OrbitError(f"data.max_truncated_fraction must be in [0, 1], got {config.data.max_truncated_fraction}",
+                         "use e.g. 0.01 to allow 1% of prompts to be cut")
+    if t.min_lr < 0 or t.weight_decay < 0:
+        raise OrbitError("train.min_lr and train.weight_decay must be >= 0", "fix those train fields")
     if r.temperature < 0 or config.eval.temperature < 0:
         raise OrbitError("temperature must be >= 0", "use 0 for greedy decoding")
     if any(k <= 0 or k > config.eval.n_samples for k in config.eval.k):
@@ -237,5 +263,8 @@ def validate(config: RecipeConfig) -> None:
                          "use rollout.placement=colocated for fake-QAT runs")
     if r.engine_threads < 0 or r.engine_timeout_s <= 0:
         raise OrbitError("rollout.engine_threads must be >= 0 and rollout.engine_timeout_s > 0", "fix those rollout fields")
+    if config.rl.reward_workers < -1:
+        raise OrbitError(f"rl.reward_workers must be -1 (one per core), 0 (threads) or a count, got {config.rl.reward_workers}",
+                         "use rl.reward_workers=-1")
     if config.rl.use_kl_loss and config.rl.kl_coef <= 0:
         raise OrbitError("rl.use_kl_loss is on but rl.kl_coef is 0", "set rl.kl_coef > 0 or rl.use_kl_loss=false")

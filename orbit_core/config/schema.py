@@ -27,6 +27,9 @@ class DataSection:
     apply_chat_template: Literal["auto", "true", "false"] = "auto"
     """``auto`` uses the tokenizer's chat template when it has one."""
     max_prompt_len: int = 1024
+    """Longer prompts keep their last ``max_prompt_len`` tokens (counted and reported)."""
+    max_truncated_fraction: float = 0.0
+    """The most prompts that may be cut to ``max_prompt_len``; a dataset with more is refused."""
     shuffle: bool = True
 
 
@@ -40,7 +43,8 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    """0 disables top-k."""
+    """0 disables top-k. Training refuses top_p < 1 and top_k > 0: the trainer's ratios use the full
+    softmax, so samples from a truncated one would be off-policy in a way no ratio corrects."""
     stop: list[str] = field(default_factory=list)
     max_running: int = 256
     """KV-cache slots: sequences decoded together; finished ones free their slot."""
@@ -73,7 +77,9 @@ class RLSection:
     use_kl_loss: bool = False
     """true: KL to the base is a loss term; false with kl_coef > 0: a per-token reward penalty."""
     kl_coef: float = 0.0
-    kl_type: Literal["kl", "mse", "low_var_kl"] = "low_var_kl"
+    kl_type: Literal["auto", "kl", "mse", "low_var_kl"] = "auto"
+    """``auto``: k2 (``mse``) as a loss, whose gradient is that of KL(policy || base); k1 (``kl``) as a
+    reward penalty, whose value is unbiased. ``low_var_kl`` (k3) as a loss follows KL(base || policy)."""
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lambd: float = 1.0
@@ -85,13 +91,19 @@ class RLSection:
     teacher_path: str = ""
     """Teacher checkpoint for on_policy_distillation (same tokenizer)."""
     tis_cap: float = 0.0
-    """Truncated importance sampling cap between trainer and rollout logprobs; 0 = off."""
+    """Truncated importance sampling: each token's loss is weighted by min(pi_proximal / pi_behaviour,
+    tis_cap), the trainer's recomputed logprob over the engine's recorded one; it corrects async
+    staleness and engine/trainer mismatch (decoupled PPO). 0 = off."""
     filter_zero_signal_groups: bool = False
     """Drop groups whose rewards are all equal and sample more prompts to refill (DAPO dynamic sampling)."""
     dynamic_sampling_max_rounds: int = 4
     reward: str = "math"
     """``math`` (math-verify, \\boxed{} extraction), ``module:function`` or ``file.py:function``."""
     reward_timeout_s: float = 10.0
+    """A sample whose reward takes longer scores 0 and counts as a timeout."""
+    reward_workers: int = -1
+    """Reward worker processes, started once per run: -1 = one per CPU core; 0 = score on threads
+    in the calling process (for debugging; a timed-out call keeps its thread until it returns)."""
 
 
 @dataclass(frozen=True)
@@ -129,16 +141,16 @@ class TrainSection:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    optimizer_offload: bool = False
-    """Keep AdamW states in host memory (moved back for each step)."""
-    optimizer_dtype: Literal["float32", "bfloat16"] = "float32"
     grad_clip: float = 1.0
     seed: int = 1234
     output_dir: str = "runs/orbit"
     save_interval: int = 10
     keep_last: int = 2
     resume: str = "auto"
-    """``auto`` continues from the latest complete checkpoint, ``never`` starts fresh, or a path."""
+    """``auto`` continues from the newest usable checkpoint, ``never`` starts fresh (refused when
+    ``output_dir`` already holds files), or a step_* checkpoint path."""
+    overwrite: bool = False
+    """Start fresh in a non-empty ``output_dir``: its old contents are moved aside to ``<dir>.old-<time>``."""
     eval_interval: int = 0
     """0 evaluates only before and after training."""
     save_rollouts: bool = False

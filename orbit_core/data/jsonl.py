@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from orbit_core.config.schema import DataSection
+from orbit_core.data.embedded import resolve_data_path
 from orbit_core.errors import OrbitError, require_path
 
 _SLICE = re.compile(r"^(?P<path>.+)@\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
@@ -35,8 +37,12 @@ def read_prompts(spec: str, prompt_key: str = "prompt", label_key: str = "label"
     path, window = split_slice(spec)
     require_path(path, "prompt JSONL", is_dir=False)
     records: list[PromptRecord] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise OrbitError(f"{path}:{line_no} is not UTF-8 text (byte {err.start})", "re-encode the file as UTF-8") from err
             if not line.strip():
                 continue
             try:
@@ -54,3 +60,8 @@ def read_prompts(spec: str, prompt_key: str = "prompt", label_key: str = "label"
     if not records:
         raise OrbitError(f"{spec} holds no prompts", "check the file and its @[A:B] slice")
     return records
+
+
+def load_records(spec: str, data_cfg: DataSection) -> list[PromptRecord]:
+    """A recipe's prompt file (``embedded:`` data built on first use) with the recipe's keys."""
+    return read_prompts(resolve_data_path(spec), data_cfg.prompt_key, data_cfg.label_key)

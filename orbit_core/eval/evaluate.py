@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from orbit_core.data.jsonl import PromptRecord
 from orbit_core.data.prompts import encode_prompt
 from orbit_core.eval.passk import pass_at_k
-from orbit_core.rl.rewards import RewardRunner
 from orbit_core.rollout.types import RolloutBackend, SamplingParams
 
 
@@ -26,12 +25,18 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "EvalReport":
+        """Read back what ``to_dict`` wrote (an ``eval_report.json`` entry)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
+
 
 def evaluate(
     engine: RolloutBackend,
     tokenizer,
     records: list[PromptRecord],
-    rewards: RewardRunner,
+    rewards,
     *,
     chat: bool,
     max_prompt_len: int,

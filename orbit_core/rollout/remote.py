@@ -54,6 +54,9 @@ class EngineProcess:
         self.info: dict = {}
         self.closed = False
         self.events_seen = 0
+        # sends go through one thread, so a frozen engine (a full pipe) can be timed out, never hang us
+        self._outbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._write, daemon=True, name="orbit-engine-send").start()
         self._wait(lambda: bool(self.info), "starting")
 
     def _read(self) -> None:
@@ -134,10 +137,26 @@ class EngineProcess:
     def push(self, version: int, payload: bytes) -> None:
         self._send(("push", version, payload, time.time()))
 
-    def _send(self, message) -> None:
-        try:
-            self._commands.send(message)
-        except (BrokenPipeError, OSError):
+    def _write(self) -> None:
+        while True:
+            message, sent, errors = self._outbox.get()
+            try:
+                self._commands.send(message)
+            except (BrokenPipeError, OSError, ValueError) as err:
+                errors.append(err)
+            sent.set()
+
+    def _send(self, message, timeout_s: float | None = None) -> None:
+        """Hand ``message`` to the engine's pipe; an engine that does not take it within the timeout
+        is treated as crashed (and killed, which also frees the blocked writer thread)."""
+        sent, errors = threading.Event(), []
+        self._outbox.put((message, sent, errors))
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        if not sent.wait(limit):
+            if self.process.is_alive():
+                self.process.kill()
+            raise self._crash(f"did not take {message[0]!r} within {limit:.0f} s (frozen?)")
+        if errors:
             self.pump()
             raise self._crash("closed its pipe") from None
 
@@ -161,8 +180,8 @@ class EngineProcess:
             return
         self.closed = True
         try:
-            self._commands.send(("shutdown",))
-        except (BrokenPipeError, OSError):
+            self._send(("shutdown",), timeout_s=min(self.timeout_s, 10.0))
+        except OrbitError:
             pass
         self.process.join(timeout=10)
         if self.process.is_alive():

@@ -1,86 +1,55 @@
 """Atomic run checkpoints: adapter + optimizer + RNG + data position, the last K kept.
 
-Layout: ``<output_dir>/checkpoints/step_000010/`` with
-``adapter_model.safetensors``, ``adapter_config.json``, ``optimizer.pt``, ``rng.pt``, ``trainer_state.json``.
-A checkpoint is written to a hidden temp dir and renamed into place; a crash mid-write leaves
-only the temp dir, which resume ignores and the next save removes.
+A checkpoint is written to a hidden temp dir and renamed into place; a crash mid-write leaves only
+the temp dir, which resume ignores and the next save removes. Nothing non-finite is ever written:
+a save whose adapter or optimizer state holds NaN/inf is refused before any file changes, so it
+can never replace (or, through ``keep_last``, delete) a good checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from orbit_core.errors import OrbitError
-
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def checkpoint_root(output_dir: str) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = _STEP_DIR.match(entry.name)
-        if match and entry.is_dir() and (entry / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
+from orbit_core.policy.adapter_files import (
+    TRAINER_STATE,
+    checkpoint_root,
+    list_checkpoints,
+    load_adapter,
+    save_adapter,
+)
 
 
-def latest_checkpoint(output_dir: str) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+class NonFiniteState(OrbitError):
+    """The adapter or optimizer state holds NaN or inf."""
 
 
-def resolve_adapter_dir(path: str) -> Path:
-    """A checkpoint dir as given, or a run dir's latest checkpoint."""
-    p = Path(path)
-    if (p / ADAPTER_CONFIG).is_file():
-        return p
-    latest = latest_checkpoint(str(p))
-    if latest is None:
-        raise OrbitError(f"no adapter in {path}", "pass a step_* checkpoint directory or a run directory written by `orbit train`")
-    return latest
+def _tensors(state: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(state, torch.Tensor):
+        yield "", state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            for name, tensor in _tensors(value):
+                yield f"{key}.{name}".rstrip("."), tensor
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            for name, tensor in _tensors(value):
+                yield f"{i}.{name}".rstrip("."), tensor
 
 
-def save_adapter(directory: Path, adapter_state: dict[str, torch.Tensor], adapter_config: dict[str, Any]) -> None:
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state.items()}
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "orbit-lora"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
-
-
-def load_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    directory = Path(directory)
-    weights, config = directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
-    for path in (weights, config):
-        if not path.is_file():
-            raise OrbitError(f"{path} not found", "point at a checkpoint directory written by `orbit train`")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            state = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:
-        raise OrbitError(f"{weights} is corrupted or truncated ({err})", "use an earlier checkpoint") from err
-    try:
-        meta = json.loads(config.read_text())
-    except json.JSONDecodeError as err:
-        raise OrbitError(f"{config} is not valid JSON", "use an earlier checkpoint") from err
-    return state, meta
+def first_non_finite(state: Any) -> str | None:
+    """Name of the first floating tensor in a (nested) state holding NaN/inf, else None."""
+    for name, tensor in _tensors(state):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def save_checkpoint(
@@ -93,6 +62,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep_last: int,
 ) -> Path:
+    for what, state in (("adapter", adapter_state), ("optimizer state", optimizer_state)):
+        bad = first_non_finite(state)
+        if bad is not None:
+            raise NonFiniteState(f"step {step}: the {what} holds NaN/inf ({bad}); the checkpoint was not written",
+                                 "earlier checkpoints are intact: lower train.lr or check the reward, then resume")
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):
@@ -104,7 +78,7 @@ def save_checkpoint(
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_state, tmp / "rng.pt")
         # trainer_state.json is written last: its presence marks the checkpoint complete.
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -121,20 +95,38 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    state_file = path / "trainer_state.json"
+    state_file = path / TRAINER_STATE
     if not state_file.is_file():
-        raise OrbitError(f"{path} is not a complete checkpoint (no trainer_state.json)", "resume from another step_* directory")
+        raise OrbitError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})", "resume from another step_* directory")
+    try:
+        trainer_state = json.loads(state_file.read_text())
+        int(trainer_state["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise OrbitError(f"{state_file} is corrupt ({type(err).__name__})", "resume from an earlier checkpoint") from err
     adapter, adapter_config = load_adapter(path)
     try:
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     except Exception as err:
         raise OrbitError(f"{path}: optimizer.pt or rng.pt is unreadable ({type(err).__name__})", "resume from an earlier checkpoint") from err
+    bad = first_non_finite(adapter) or first_non_finite(optimizer)
+    if bad is not None:
+        raise NonFiniteState(f"{path} holds NaN/inf ({bad})", "resume from an earlier checkpoint")
     return {
         "adapter": adapter,
         "adapter_config": adapter_config,
         "optimizer": optimizer,
         "rng": rng,
-        "trainer_state": json.loads(state_file.read_text()),
+        "trainer_state": trainer_state,
         "path": str(path),
     }
+
+
+def load_latest_valid(output_dir: str, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The newest checkpoint that loads whole; damaged newer ones are named and skipped."""
+    for step, path in reversed(list_checkpoints(output_dir)):
+        try:
+            return load_checkpoint(path)
+        except OrbitError as err:
+            log(f"checkpoint {path.name} is unusable ({err.problem}); falling back to an earlier one")
+    return None

@@ -1,7 +1,13 @@
-"""The one RL loop: rollout -> reward -> advantages -> minibatch updates -> log / eval / checkpoint."""
+"""The one RL loop, read top to bottom: setup, then each step (rollout -> reward -> advantages ->
+updates -> sync -> log / eval / save), then cleanup.
+
+The loop sees a trainer only through ``TrainerBackend`` and the engine only through
+``RolloutSource`` (``train/backends.py``); ``train.backend`` and ``rollout.backend`` pick them.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -13,22 +19,25 @@ import torch
 from orbit_core import __version__
 from orbit_core.config.loader import to_dict, to_yaml
 from orbit_core.config.schema import RecipeConfig
-from orbit_core.data.prompts import encode_prompt, use_chat_template
+from orbit_core.data.jsonl import load_records
+from orbit_core.data.prompts import check_labels, encode_records, use_chat_template
+from orbit_core.data.sampler import PromptSampler
 from orbit_core.errors import OrbitError
 from orbit_core.eval.evaluate import EvalReport, evaluate
+from orbit_core.policy.build import build_policy, check_adapter_fits, load_teacher
 from orbit_core.preflight.runtime import runtime_parity
-from orbit_core.rl.estimators import compute_advantages, needs_reference
-from orbit_core.rl.losses import truncated_importance_weights
+from orbit_core.rl.reward_pool import build_rewards
 from orbit_core.rollout.adapter_payload import full_weight_bytes
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
+from orbit_core.train.backends import build_rollouts, build_trainer
 from orbit_core.train.batch import build_batch
-from orbit_core.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from orbit_core.train.checkpoint import save_checkpoint
 from orbit_core.train.metrics import MetricsLogger, write_rollouts
-from orbit_core.train.rollout_driver import ColocatedRollouts, RoundSpec
-from orbit_core.train.remote_setup import start_remote_rollouts
-from orbit_core.train.setup import build_policy, build_rewards, check_adapter_fits, eval_records, load_records, load_teacher
-from orbit_core.train.torch_backend import TorchTrainer
+from orbit_core.train.prepare import prepare_batch, split_updates
+from orbit_core.train.rollout_driver import RoundSpec
+from orbit_core.train.run_dir import EVAL_REPORT, plan_resume
+from orbit_core.train.step_metrics import StepTimes, average_updates, step_row
 
 
 @dataclass
@@ -51,270 +60,238 @@ class RunResult:
     eval_after: EvalReport | None = None
     last_checkpoint: str | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    already_complete: bool = False
+    """The run had finished before this call: nothing was trained, the results are the saved ones."""
 
 
-class PromptSampler:
-    """Shuffled passes over the prompts; its position is part of the checkpoint."""
+class TrainingRun:
+    def __init__(self, config: RecipeConfig, callbacks: Callbacks | None = None):
+        self.config = config
+        self.cb = callbacks or Callbacks()
+        self.out = Path(config.train.output_dir)
+        self.result = RunResult(output_dir=str(self.out), steps_done=0)
+        self.rewards = self.rollouts = self.logger = None
+        self.threads = torch.get_num_threads()
+        self.saved_step = 0
 
-    def __init__(self, size: int, seed: int, shuffle: bool):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch, self.cursor = 0, 0
-        self._order = self._make_order()
+    # -- setup ----------------------------------------------------------------------------
+    def setup(self) -> bool:
+        """Build everything; False when the run was already complete (its saved results are in ``result``)."""
+        c, t, rl = self.config, self.config.train, self.config.rl
+        torch.manual_seed(t.seed)
+        self.plan = plan_resume(c, self.cb.on_message)
+        if self._already_complete():
+            return False
+        for change in self.plan.changes:
+            self.cb.on_message(f"resume: {change}")
+        self.records = load_records(c.data.train_path, c.data)
+        self.test_records = load_records(c.eval.test_path, c.data) if c.eval.enabled else None
+        for what, records in (("train data", self.records), ("eval data", self.test_records or [])):
+            check_labels(records, rl.reward, c.data.label_key, what)
+        check_adapter_fits(c.model, c.peft)
+        self.rewards = build_rewards(rl)  # worker processes start while the model loads
+        self.policy = build_policy(c.model, c.peft, self.cb.on_message, value_head=rl.value_head, fake_qat=c.quant.fake_qat)
+        self.tokenizer = self.policy.tokenizer
+        self.chat = use_chat_template(self.tokenizer, c.data.apply_chat_template)
+        self.prompts = encode_records(self.tokenizer, self.records, self.chat, c.data, "train data")
+        if self.prompts.truncated or self.prompts.unknown:
+            self.cb.on_message(self.prompts.summary("train data", c.data.max_prompt_len))
+        teacher = None
+        if rl.advantage_estimator == "on_policy_distillation":
+            teacher = load_teacher(rl.teacher_path, c.model.dtype, self.policy.device, self.policy.model.config.vocab_size,
+                                   self.cb.on_message)
+        self.trainer = build_trainer(c, self.policy, teacher)
+        self.engine = BuiltinEngine(self.policy.model, self.tokenizer, max_running=c.rollout.max_running, seed=t.seed)
+        self.sampler = PromptSampler(len(self.records), t.seed, c.data.shuffle)
+        self.shuffle_rng = random.Random(t.seed)
+        if self.plan.state is not None:
+            self._restore(self.plan.state)
+        if t.mode == "async" and rl.tis_cap == 0:
+            self.cb.on_message("train.mode=async with rl.tis_cap=0: stale samples are clipped against the trainer's "
+                               "recompute but not reweighted; set rl.tis_cap (e.g. 2.0) to correct them")
+        self.rollouts = build_rollouts(c, self.policy, self.engine, self._round_spec(), self.start_step, self.cb.on_message)
+        if self.rollouts.engine_info():
+            self.cb.on_engine_start(self.rollouts.engine_info())
+        preflight = self._runtime_preflight()
+        # the run really starts here: only now is anything in the run directory written
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(to_yaml(c))
+        self.logger = MetricsLogger(t.output_dir, t.wandb, t.wandb_project, to_dict(c), resume_step=self.start_step,
+                                    log=self.cb.on_message)
+        self.logger.log({"step": self.start_step, "data/prompts": self.prompts.total,
+                         "data/truncated_prompts": self.prompts.truncated,
+                         "data/unknown_char_prompts": self.prompts.unknown, **preflight})
+        self.full_bytes = full_weight_bytes(self.policy.model, next(self.policy.model.parameters()).dtype)
+        self.result.steps_done = self.saved_step = self.start_step
+        saved = self.plan.saved_report or {}
+        if saved.get("before"):
+            self.result.eval_before = EvalReport.from_dict(saved["before"])
+        return True
 
-    def _make_order(self) -> list[int]:
-        order = list(range(self.size))
-        if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(order)
-        return order
+    def _already_complete(self) -> bool:
+        state, report = self.plan.state, self.plan.saved_report
+        if state is None or self.plan.start_step < self.config.train.steps or not (report and report.get("after")):
+            return False
+        self.result = RunResult(str(self.out), self.plan.start_step, last_checkpoint=state["path"], already_complete=True,
+                                eval_before=EvalReport.from_dict(report["before"]) if report.get("before") else None,
+                                eval_after=EvalReport.from_dict(report["after"]))
+        self.cb.on_message(f"{self.out} is already complete at step {self.plan.start_step}: showing its saved results "
+                           "(raise train.steps to continue it, or use train.overwrite=true to start over)")
+        return True
 
-    def take(self, count: int) -> list[int]:
-        picked = []
-        while len(picked) < count:
-            if self.cursor >= self.size:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._make_order()
-            picked.append(self._order[self.cursor])
-            self.cursor += 1
-        return picked
+    @property
+    def start_step(self) -> int:
+        return self.plan.start_step
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.trainer.load_adapter(state["adapter"], state["path"])
+        self.trainer.load_state_dict(state["optimizer"])
+        self.sampler.restore(state["trainer_state"]["data"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.engine.generator.set_state(rng["engine"])
+        self.shuffle_rng.setstate(rng["shuffle"])
+        self.cb.on_message(f"resumed from {state['path']} (step {self.start_step})")
 
-    def restore(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self._make_order()
+    def _round_spec(self) -> RoundSpec:
+        r, rl = self.config.rollout, self.config.rl
+        params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, tuple(r.stop), r.n_samples_per_prompt)
+        return RoundSpec(self.rewards, lambda n: [self.records[i] for i in self.sampler.take(n)],
+                         lambda record: self.prompts.ids[record.line], params, r.batch_size, rl.filter_zero_signal_groups,
+                         rl.dynamic_sampling_max_rounds, self.sampler.state)
 
+    def _runtime_preflight(self) -> dict[str, Any]:
+        """Step-0 engine-vs-trainer logprob parity, against the engine that will generate the rollouts."""
+        pf = self.config.preflight
+        if not pf.runtime or pf.skip_runtime:
+            return {}
+        prompts = [self.prompts.ids[rec.line] for rec in self.records[: pf.num_prompts]]
+        report = runtime_parity(self.rollouts.parity_engine, self.policy.model, self.tokenizer, prompts, pf.max_new_tokens,
+                                pf.topk, pf.max_logprob_abs_diff, pf.min_topk_agreement,
+                                self.config.rollout.temperature or 1.0)
+        self.cb.on_message(f"runtime preflight: max |logprob diff| {report.max_abs_diff:.2e}, top-{pf.topk} agreement "
+                           f"{report.topk_agreement:.3f} over {report.tokens} tokens")
+        if not report.passed:
+            raise OrbitError(
+                f"runtime preflight failed: max |logprob diff| {report.max_abs_diff:.3g} (gate {pf.max_logprob_abs_diff}), "
+                f"top-{pf.topk} agreement {report.topk_agreement:.3f} (gate {pf.min_topk_agreement})",
+                "run `orbit preflight` for the worst tokens, or set preflight.skip_runtime=true for a smoke run")
+        return {"preflight/max_logprob_abs_diff": report.max_abs_diff, "preflight/mean_logprob_abs_diff": report.mean_abs_diff,
+                "preflight/topk_agreement": report.topk_agreement}
 
-def _resume_path(config: RecipeConfig) -> Path | None:
-    resume = config.train.resume
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(config.train.output_dir)
-    path = Path(resume)
-    if not path.is_dir():
-        raise OrbitError(f"train.resume={resume}: no such checkpoint directory", "use auto, never or a step_* directory")
-    return path
+    # -- the steps ------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        t, e = self.config.train, self.config.eval
+        if self.test_records is not None and e.before_train and self.start_step == 0:
+            self.result.eval_before = self.evaluate(0)
+        self.cb.on_start(self.start_step, t.steps)
+        self.rollouts.begin(self.start_step)
+        self.counters = self.rollouts.engine_counters()
+        for step in range(self.start_step + 1, t.steps + 1):
+            row = self.train_step(step)
+            self.logger.log(row)
+            self.result.metrics.append(row)
+            self.result.steps_done = step
+            self.cb.on_step(row)
+            if self.test_records is not None and t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+                self.evaluate(step)
+            if step == t.steps or (t.save_interval and step % t.save_interval == 0):
+                self.save(step)
+        if self.test_records is not None:
+            self.result.eval_after = self.evaluate(t.steps)
+        self._write_report()
+        return self.result
 
+    def train_step(self, step: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        rollouts = self.rollouts.collect(step)
+        if self.config.train.save_rollouts:
+            write_rollouts(self.out / "rollouts" / f"step_{step:06d}.jsonl", step, rollouts.groups)
+        train_start = time.perf_counter()
+        train_stats = self.update(step, rollouts)
+        sync_start = time.perf_counter()
+        sync_stats = self.rollouts.publish(step, self.trainer.engine_adapter_state())
+        times = StepTimes(start, train_start, sync_start, time.perf_counter())
+        counters = self.rollouts.engine_counters()
+        row = step_row(step, rollouts, train_stats, sync_stats, times, self.counters, counters, self.full_bytes)
+        self.counters = counters
+        return row
 
-def _runtime_preflight(config: RecipeConfig, parity_engine, model, tokenizer, records, chat, cb: Callbacks) -> dict[str, Any]:
-    """Step-0 engine-vs-trainer logprob parity, against the engine that will generate the rollouts."""
-    pf = config.preflight
-    if not pf.runtime or pf.skip_runtime:
-        return {}
-    prompts = [encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len) for rec in records[: pf.num_prompts]]
-    report = runtime_parity(parity_engine, model, tokenizer, prompts, pf.max_new_tokens, pf.topk, pf.max_logprob_abs_diff,
-                            pf.min_topk_agreement, config.rollout.temperature or 1.0)
-    cb.on_message(f"runtime preflight: max |logprob diff| {report.max_abs_diff:.2e}, top-{pf.topk} agreement "
-                  f"{report.topk_agreement:.3f} over {report.tokens} tokens")
-    if not report.passed:
-        raise OrbitError(
-            f"runtime preflight failed: max |logprob diff| {report.max_abs_diff:.3g} (gate {pf.max_logprob_abs_diff}), "
-            f"top-{pf.topk} agreement {report.topk_agreement:.3f} (gate {pf.min_topk_agreement})",
-            "run `orbit preflight` for the worst tokens, or set preflight.skip_runtime=true for a smoke run")
-    return {"preflight/max_logprob_abs_diff": report.max_abs_diff, "preflight/mean_logprob_abs_diff": report.mean_abs_diff,
-            "preflight/topk_agreement": report.topk_agreement}
+    def update(self, step: int, rollouts) -> dict[str, Any]:
+        t, rl = self.config.train, self.config.rl
+        completions = [c for g in rollouts.groups for c in g.completions]
+        scores = torch.tensor([s for g in rollouts.groups for s in g.scores])
+        batch = build_batch(completions, scores, self.tokenizer.pad_token_id or 0)
+        stats = prepare_batch(batch, self.trainer, rl, self.config.rollout.n_samples_per_prompt,
+                              with_teacher=rl.advantage_estimator == "on_policy_distillation")
+        order = list(range(len(batch)))
+        self.shuffle_rng.shuffle(order)
+        updates = [self.trainer.update(batch.select(index)) for index in split_updates(len(batch), t.global_batch_size, order)]
+        row = average_updates(updates)
+        if row["train/skipped_updates"]:
+            self.cb.on_message(f"step {step}: skipped {row['train/skipped_updates']} of {len(updates)} updates "
+                               "(non-finite loss or gradient); the adapter kept its previous values")
+        response_tokens = float(batch.response_mask.sum())
+        return {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+                **row, "response_len/mean": response_tokens / len(batch), "response_tokens": response_tokens, **stats}
+
+    def evaluate(self, step: int) -> EvalReport:
+        c, e = self.config, self.config.eval
+        report = evaluate(self.engine, self.tokenizer, self.test_records, self.rewards, chat=self.chat,
+                          max_prompt_len=c.data.max_prompt_len, max_new_tokens=e.max_new_tokens, n_samples=e.n_samples,
+                          ks=e.k, temperature=e.temperature, stop=tuple(c.rollout.stop))
+        self.engine.release()
+        self.logger.log({"step": step, "eval/greedy_accuracy": report.greedy_accuracy,
+                         **{f"eval/{k}": v for k, v in report.pass_at_k.items()}})
+        self.cb.on_eval(step, report)
+        return report
+
+    # -- saving and cleanup ---------------------------------------------------------------
+    def save(self, step: int) -> str:
+        c = self.config
+        rng = {"torch": torch.get_rng_state(), "engine": self.engine.generator.get_state(),
+               "shuffle": self.shuffle_rng.getstate()}
+        adapter_config = {"peft": to_dict(c)["peft"], "base_model": self.policy.base_path,
+                          "target_layers": self.policy.adapter_targets, "orbit_version": __version__, "recipe": to_dict(c)}
+        path = save_checkpoint(c.train.output_dir, step, self.trainer.adapter_state(), adapter_config,
+                               self.trainer.state_dict(), rng, {"data": self.rollouts.data_state(step),
+                                                                "orbit_version": __version__}, c.train.keep_last)
+        self.result.last_checkpoint, self.saved_step = str(path), step
+        return str(path)
+
+    def save_before_stopping(self) -> None:
+        """An engine crash or a failed sync: keep the last completed step (if it is sane) before stopping."""
+        if self.logger is None or self.result.steps_done <= self.saved_step:
+            return
+        try:
+            self.cb.on_message(f"saved {self.save(self.result.steps_done)} before stopping")
+        except OrbitError as err:
+            self.cb.on_message(f"could not save step {self.result.steps_done}: {err.problem}")
+
+    def _write_report(self) -> None:
+        r = self.result
+        report = {"before": r.eval_before.to_dict() if r.eval_before else None,
+                  "after": r.eval_after.to_dict() if r.eval_after else None,
+                  "steps": r.steps_done, "last_checkpoint": r.last_checkpoint}
+        tmp = self.out / f".{EVAL_REPORT}.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(self.out / EVAL_REPORT)
+
+    def close(self) -> None:
+        for part in (self.rollouts, self.rewards, self.logger):
+            if part is not None:
+                part.close()
+        torch.set_num_threads(self.threads)
 
 
 def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> RunResult:
-    cb = callbacks or Callbacks()
-    t, r, rl = config.train, config.rollout, config.rl
-    torch.manual_seed(t.seed)
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(config))
-
-    records = load_records(config.data.train_path, config.data)
-    test_records = eval_records(config.eval, config.data)
-    rewards = build_rewards(rl)
-    check_adapter_fits(config.model, config.peft)
-    policy = build_policy(config.model, config.peft, cb.on_message, value_head=rl.value_head,
-                          fake_qat=config.quant.fake_qat)
-    model, tokenizer = policy.model, policy.tokenizer
-    teacher = None
-    if rl.advantage_estimator == "on_policy_distillation":
-        teacher = load_teacher(rl.teacher_path, config.model.dtype, policy.device, model.config.vocab_size, cb.on_message)
-    chat = use_chat_template(tokenizer, config.data.apply_chat_template)
-    engine = BuiltinEngine(model, tokenizer, max_running=r.max_running, seed=t.seed)
-    samples_per_step = r.batch_size * r.n_samples_per_prompt
-    updates_per_step = samples_per_step // t.global_batch_size
-    trainer = TorchTrainer(model, t, rl, r.temperature if r.temperature > 0 else 1.0, t.steps * updates_per_step,
-                           r.max_new_tokens)
-    sampler = PromptSampler(len(records), t.seed, config.data.shuffle)
-    shuffle_rng = random.Random(t.seed)
-    adapter_config = {"peft": to_dict(config)["peft"], "base_model": policy.base_path, "target_layers": policy.adapter_targets,
-                      "orbit_version": __version__, "recipe": to_dict(config)}
-
-    start_step = 0
-    resume_from = _resume_path(config)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        trainer.load_adapter(state["adapter"], str(resume_from))
-        trainer.load_state_dict(state["optimizer"])
-        sampler.restore(state["trainer_state"]["data"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        engine.generator.set_state(rng["engine"])
-        shuffle_rng.setstate(rng["shuffle"])
-        start_step = int(state["trainer_state"]["step"])
-        cb.on_message(f"resumed from {resume_from} (step {start_step})")
-
-    stop = tuple(r.stop)
-    params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stop, r.n_samples_per_prompt)
-    round_spec = RoundSpec(rewards, lambda n: [records[i] for i in sampler.take(n)],
-                           lambda rec: encode_prompt(tokenizer, rec.prompt, chat, config.data.max_prompt_len),
-                           params, r.batch_size, rl.filter_zero_signal_groups, rl.dynamic_sampling_max_rounds, sampler.state)
-    threads = torch.get_num_threads()
-    if r.placement == "non-colocated":
-        source = start_remote_rollouts(config, policy, round_spec, start_step, cb.on_message)
-        parity_engine = source.engine
-        cb.on_engine_start(dict(source.engine.info))
-    else:
-        source = ColocatedRollouts(engine, round_spec)
-        parity_engine = engine
+    run = TrainingRun(config, callbacks)
     try:
-        preflight_metrics = _runtime_preflight(config, parity_engine, model, tokenizer, records, chat, cb)
-    except BaseException:
-        source.close()
-        torch.set_num_threads(threads)
-        raise
-
-    logger = MetricsLogger(t.output_dir, t.wandb, t.wandb_project, to_dict(config), resume_step=start_step)
-    result = RunResult(output_dir=str(out), steps_done=start_step)
-    if preflight_metrics:
-        logger.log({"step": start_step, **preflight_metrics})
-    full_bytes = full_weight_bytes(model, next(model.parameters()).dtype)
-    saved_step = start_step
-
-    def run_eval(step: int) -> EvalReport:
-        e = config.eval
-        report = evaluate(engine, tokenizer, test_records, rewards, chat=chat, max_prompt_len=config.data.max_prompt_len,
-                          max_new_tokens=e.max_new_tokens, n_samples=e.n_samples, ks=e.k, temperature=e.temperature, stop=stop)
-        engine.release()
-        logger.log({"step": step, "eval/greedy_accuracy": report.greedy_accuracy,
-                    **{f"eval/{k}": v for k, v in report.pass_at_k.items()}})
-        cb.on_eval(step, report)
-        return report
-
-    def save(step: int) -> str:
-        nonlocal saved_step
-        rng_state = {"torch": torch.get_rng_state(), "engine": engine.generator.get_state(), "shuffle": shuffle_rng.getstate()}
-        path = save_checkpoint(t.output_dir, step, trainer.adapter_state(), adapter_config, trainer.state_dict(), rng_state,
-                               {"data": source.data_state(step), "orbit_version": __version__}, t.keep_last)
-        result.last_checkpoint, saved_step = str(path), step
-        return str(path)
-
-    def train_on(step: int, rollouts) -> dict[str, Any]:
-        completions = [c for g in rollouts.groups for c in g.completions]
-        scores = torch.tensor([s for g in rollouts.groups for s in g.scores])
-        batch = build_batch(completions, scores, tokenizer.pad_token_id or 0)
-        stats: dict[str, Any] = {}
-        if t.mode == "async":
-            # Importance ratios against the behaviour policy: the logprobs recorded at sampling.
-            batch.old_logprobs = batch.rollout_logprobs
-            if trainer.has_value_head:
-                batch.old_values = trainer.score(batch)[1]
-        else:
-            batch.old_logprobs, batch.old_values = trainer.score(batch)
-            stats["rollout/trainer_logprob_abs_diff_max"] = (
-                (batch.old_logprobs - batch.rollout_logprobs).abs() * batch.response_mask).max().item()
-        if needs_reference(rl):
-            batch.ref_logprobs = trainer.logprobs(batch, reference=True)
-        if teacher is not None:
-            batch.teacher_logprobs = trainer.score(batch, model=teacher)[0]
-        batch.advantages, batch.returns = compute_advantages(
-            rl, scores, batch.response_mask, r.n_samples_per_prompt, batch.old_logprobs, batch.ref_logprobs,
-            batch.old_values, batch.teacher_logprobs)
-        if rl.tis_cap > 0:
-            batch.tis_weights, truncated = truncated_importance_weights(
-                batch.old_logprobs, batch.rollout_logprobs, batch.response_mask, rl.tis_cap)
-            stats["rollout/tis_truncated_fraction"] = float(truncated)
-        order = list(range(len(batch)))
-        shuffle_rng.shuffle(order)
-        update_stats = []
-        for u in range(updates_per_step):
-            index = torch.tensor(order[u * t.global_batch_size : (u + 1) * t.global_batch_size])
-            update_stats.append(trainer.update(batch.select(index)))
-        response_tokens = float(batch.response_mask.sum())
-        return {
-            "reward/mean": float(scores.mean()),
-            "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
-            **{k: sum(s.get(k, 0.0) for s in update_stats) / len(update_stats) for k in update_stats[0]},
-            "response_len/mean": response_tokens / len(batch),
-            "response_tokens": response_tokens,
-            **stats,
-        }
-
-    try:
-        if test_records is not None and config.eval.before_train and start_step == 0:
-            result.eval_before = run_eval(0)
-        cb.on_start(start_step, t.steps)
-        source.begin(start_step)
-        busy_before = source.engine_counters()
-        for step in range(start_step + 1, t.steps + 1):
-            step_start = time.perf_counter()
-            rollouts = source.collect(step)
-            if t.save_rollouts:
-                write_rollouts(out / "rollouts" / f"step_{step:06d}.jsonl", step, rollouts.groups)
-            train_start = time.perf_counter()
-            metrics: dict[str, Any] = {"step": step, **train_on(step, rollouts)}
-            sync_start = time.perf_counter()
-            metrics.update(source.publish(step))
-            end = time.perf_counter()
-            busy_now = source.engine_counters()
-            reward_s = rollouts.reward_s
-            response_tokens = metrics.pop("response_tokens")
-            if busy_now is None:
-                rollout_s, generated = rollouts.extra["rollout_s"], response_tokens
-            else:  # the engine works ahead: count what it did during this step, not the batch it handed over
-                rollout_s = busy_now.busy_s - busy_before.busy_s
-                reward_s += busy_now.reward_s - busy_before.reward_s
-                generated = busy_now.tokens - busy_before.tokens
-            busy_before = busy_now
-            step_s = end - step_start
-            idle_s = rollouts.extra["idle_s"]
-            staleness = rollouts.extra["staleness"]
-            samples = sum(staleness.values())
-            metrics.update({
-                "reward/errors": rollouts.reward_errors,
-                "reward/timeouts": rollouts.reward_timeouts,
-                "rollout/sampling_rounds": rollouts.rounds,
-                "rollout/groups_filtered": rollouts.groups_filtered,
-                "time/step_s": step_s,
-                "time/rollout_s": rollout_s,
-                "time/reward_s": reward_s,
-                "time/train_s": sync_start - train_start,
-                "time/sync_s": end - sync_start,
-                "time/idle_s": idle_s,
-                "time/bubble_fraction": idle_s / step_s,
-                "sync/full_weight_bytes": full_bytes,
-                "staleness/mean": sum(k * n for k, n in staleness.items()) / max(samples, 1),
-                "staleness/max": max(staleness),
-                **{f"staleness/count_{k}": staleness.get(k, 0) for k in range(max(staleness) + 1)},
-            })
-            if rollout_s > 0:  # an async engine with nothing left to generate has no throughput to report
-                metrics["tokens_per_s"] = generated / rollout_s
-            if busy_now is not None:
-                metrics["time/engine_idle_fraction"] = max(0.0, 1.0 - rollout_s / step_s)
-            if rollouts.last_error:
-                metrics["reward/last_error"] = rollouts.last_error
-            logger.log(metrics)
-            result.metrics.append(metrics)
-            result.steps_done = step
-            cb.on_step(metrics)
-            if test_records is not None and config.eval.enabled and t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
-                run_eval(step)
-            if step == t.steps or (t.save_interval and step % t.save_interval == 0):
-                save(step)
-        if test_records is not None and start_step < t.steps:
-            result.eval_after = run_eval(t.steps)
+        if not run.setup():
+            return run.result
+        return run.run()
     except OrbitError:
-        # An engine crash or a failed sync: keep the last completed step (if sane) before stopping.
-        if result.steps_done > saved_step and all(torch.isfinite(v).all() for v in trainer.adapter_state().values()):
-            cb.on_message(f"saved {save(result.steps_done)} before stopping")
+        run.save_before_stopping()
         raise
     finally:
-        source.close()
-        torch.set_num_threads(threads)
-        logger.close()
-    return result
+        run.close()

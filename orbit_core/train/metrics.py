@@ -25,13 +25,15 @@ def wandb_wanted(mode: str) -> bool:
 
 class MetricsLogger:
     def __init__(self, output_dir: str, wandb_mode: str = "false", project: str = "orbit", run_config: dict | None = None,
-                 resume_step: int = 0):
+                 resume_step: int = 0, log=print):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step == 0 and self.path.exists():
             self.path.unlink()
         elif resume_step > 0 and self.path.exists():
-            self._truncate_after(resume_step)
+            dropped = self._truncate_after(resume_step)
+            if dropped:
+                log(f"{self.path}: dropped {dropped} unreadable line(s) (a write cut short by the previous stop)")
         self.run = None
         if wandb_wanted(wandb_mode):
             try:
@@ -42,10 +44,24 @@ class MetricsLogger:
                 os.environ["WANDB_MODE"] = "offline"
             self.run = wandb.init(project=project, config=run_config, dir=output_dir, resume="allow")
 
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run redoes the steps after its checkpoint: drop their old lines."""
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+    def _truncate_after(self, step: int) -> int:
+        """A resumed run redoes the steps after its checkpoint: drop their old lines (and any
+        half-written one). Returns how many lines could not be read."""
+        kept, unreadable = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                unreadable += 1
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        return unreadable
 
     def log(self, metrics: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -59,7 +75,14 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Every readable line (a line cut short by a crash is skipped)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def write_rollouts(path: Path, step: int, groups) -> None:

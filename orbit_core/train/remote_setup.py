@@ -13,7 +13,7 @@ from orbit_core.rollout.adapter_payload import encode
 from orbit_core.rollout.remote import EngineProcess
 from orbit_core.rollout.worker import EngineSpec
 from orbit_core.train.rollout_driver import RemoteRollouts, RoundSpec
-from orbit_core.train.setup import PolicyModel
+from orbit_core.policy.build import PolicyModel
 
 
 def engine_device(spec: str, trainer_device: torch.device) -> str:
@@ -40,8 +40,9 @@ def start_remote_rollouts(config: RecipeConfig, policy: PolicyModel, spec: Round
         model_path=policy.base_path, dtype=config.model.dtype, device=engine_device(r.engine_device, policy.device),
         peft=config.peft, num_slots=2 if r.adapter_double_buffer else 1, max_running=r.max_running,
         seed=t.seed + 7919 * start_step, threads=threads, adapter=encode(engine_adapter_state(policy.model)),
-        version=start_step, reward=config.rl.reward, reward_timeout_s=config.rl.reward_timeout_s)
+        version=start_step, reward=config.rl.reward, reward_timeout_s=config.rl.reward_timeout_s,
+        reward_workers=config.rl.reward_workers)
     engine = EngineProcess(engine_spec, timeout_s=r.engine_timeout_s)
     log(f"rollout engine: pid {engine.info['pid']} on {engine.info['device']} ({engine.info['threads']} threads), "
         f"{t.mode}, {'two adapter slots' if r.adapter_double_buffer else 'one adapter slot'}")
-    return RemoteRollouts(engine, spec, policy.model, t.mode, t.max_staleness, t.steps, engine_scores=True)
+    return RemoteRollouts(engine, spec, t.mode, t.max_staleness, t.steps, engine_scores=True)

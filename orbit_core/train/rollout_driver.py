@@ -15,11 +15,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from torch import nn
+import torch
 
 from orbit_core.data.jsonl import PromptRecord
 from orbit_core.errors import OrbitError
-from orbit_core.peft.slots import engine_adapter_state
+from orbit_core.rl.reward_pool import RewardPool
 from orbit_core.rl.rewards import RewardRunner
 from orbit_core.rollout.adapter_payload import encode as encode_payload
 from orbit_core.rollout.engine import BuiltinEngine
@@ -30,7 +30,7 @@ from orbit_core.train.sampling_round import StepRollouts, collect_groups
 
 @dataclass
 class RoundSpec:
-    rewards: RewardRunner
+    rewards: RewardRunner | RewardPool
     take: Callable[[int], list[PromptRecord]]
     encode: Callable[[PromptRecord], list[int]]
     params: SamplingParams
@@ -56,6 +56,7 @@ def staleness_counts(step: int, versions: list[int]) -> Counter:
 class ColocatedRollouts:
     def __init__(self, engine: BuiltinEngine, spec: RoundSpec):
         self.engine, self.spec = engine, spec
+        self.parity_engine = engine
 
     def begin(self, start_step: int) -> None:
         self.engine.adapter_version = start_step
@@ -67,7 +68,7 @@ class ColocatedRollouts:
         out.extra.update(rollout_s=out.generate_s, idle_s=0.0, staleness=staleness_counts(step, _versions(out)))
         return out
 
-    def publish(self, version: int) -> dict:
+    def publish(self, version: int, adapter_state: dict[str, torch.Tensor]) -> dict:
         self.engine.adapter_version = version  # it generates with the live weights: nothing moves
         return {"sync/bytes": 0, "sync/ms": 0.0}
 
@@ -76,6 +77,9 @@ class ColocatedRollouts:
 
     def engine_counters(self) -> EngineCounters | None:
         return None
+
+    def engine_info(self) -> dict:
+        return {}
 
     def close(self) -> None:
         pass
@@ -86,9 +90,10 @@ def _versions(out: StepRollouts) -> list[int]:
 
 
 class RemoteRollouts:
-    def __init__(self, engine: EngineProcess, spec: RoundSpec, model: nn.Module, mode: str, max_staleness: int,
-                 total_steps: int, engine_scores: bool):
-        self.engine, self.spec, self.model = engine, spec, model
+    def __init__(self, engine: EngineProcess, spec: RoundSpec, mode: str, max_staleness: int, total_steps: int,
+                 engine_scores: bool):
+        self.engine, self.spec = engine, spec
+        self.parity_engine = engine
         self.engine_scores = engine_scores
         self.ahead = max_staleness if mode == "async" else 0
         self.total_steps = total_steps
@@ -133,9 +138,9 @@ class RemoteRollouts:
         self._check_sync()
         return out
 
-    def publish(self, version: int) -> dict:
+    def publish(self, version: int, adapter_state: dict[str, torch.Tensor]) -> dict:
         start = time.perf_counter()
-        payload = encode_payload(engine_adapter_state(self.model))
+        payload = encode_payload(adapter_state)
         self.engine.push(version, payload)
         if self.ahead == 0:
             self.engine.wait_version(version)  # sync: the next batch starts on this adapter
@@ -157,6 +162,9 @@ class RemoteRollouts:
         self.engine.pump()
         stats = self.engine.stats
         return EngineCounters(float(stats.get("busy_s", 0.0)), float(stats.get("reward_s", 0.0)), int(stats.get("tokens", 0)))
+
+    def engine_info(self) -> dict:
+        return dict(self.engine.info)
 
     def close(self) -> None:
         self.engine.close()

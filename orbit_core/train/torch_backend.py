@@ -1,57 +1,54 @@
-"""The ``torch`` trainer backend: native PyTorch, AdamW over adapter parameters only."""
+"""The ``torch`` trainer backend: native PyTorch, torch's AdamW over the adapter parameters only."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import math
+from typing import Any
 
 import torch
 
-from orbit_core.config.schema import RLSection, TrainSection
+from orbit_core.config.schema import RecipeConfig
+from orbit_core.errors import OrbitError
 from orbit_core.models.transformer import DecoderLM
 from orbit_core.peft.base import adapter_disabled, adapter_parameters, adapter_state_dict, load_adapter_state_dict
 from orbit_core.peft.oft import project_oft_
+from orbit_core.peft.slots import engine_adapter_state
 from orbit_core.peft.value_head import values_from_hidden
-from orbit_core.rl.kl import kl_estimate
+from orbit_core.rl.kl import kl_estimate, resolve_kl_type
 from orbit_core.rl.logprobs import token_entropy, token_logprobs
 from orbit_core.rl.losses import aggregate, clipped_policy_loss, clipped_value_loss, gspo_policy_loss
 from orbit_core.train.batch import RolloutBatch
-from orbit_core.train.optim import AdapterAdamW
 from orbit_core.train.schedule import lr_at
 
 
-class TrainerBackend(Protocol):
-    def logprobs(self, batch: RolloutBatch, *, reference: bool = False) -> torch.Tensor: ...
-    def update(self, batch: RolloutBatch) -> dict[str, float]: ...
-    def adapter_state(self) -> dict[str, torch.Tensor]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+def adamw(params: list[torch.nn.Parameter], config: RecipeConfig) -> torch.optim.AdamW:
+    """torch's AdamW, fused on CUDA (one kernel for every adapter tensor), foreach elsewhere."""
+    t = config.train
+    on_cuda = bool(params) and params[0].device.type == "cuda"
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
+                             fused=on_cuda or None, foreach=None if on_cuda else True)
 
 
 class TorchTrainer:
-    def __init__(self, model: DecoderLM, train_cfg: TrainSection, rl_cfg: RLSection, temperature: float,
-                 total_updates: int, max_new_tokens: int):
-        self.model = model
-        self.train_cfg, self.rl_cfg = train_cfg, rl_cfg
-        self.temperature = temperature
-        self.total_updates = max(total_updates, 1)
-        self.norm_length = max_new_tokens  # Dr. GRPO's constant normalizer
+    def __init__(self, model: DecoderLM, config: RecipeConfig, teacher: DecoderLM | None = None):
+        r = config.rollout
+        self.model, self.teacher = model, teacher
+        self.train_cfg, self.rl_cfg = config.train, config.rl
+        self.temperature = r.temperature if r.temperature > 0 else 1.0
+        updates_per_step = r.batch_size * r.n_samples_per_prompt // config.train.global_batch_size
+        self.total_updates = max(config.train.steps * updates_per_step, 1)
+        self.norm_length = r.max_new_tokens  # Dr. GRPO's constant normalizer
+        self.kl_type = resolve_kl_type(config.rl.kl_type, as_loss=config.rl.use_kl_loss)
         self.device = next(model.parameters()).device
         self.params = adapter_parameters(model)
-        self.optimizer = AdapterAdamW(self.params, lr=train_cfg.lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                                      weight_decay=train_cfg.weight_decay, state_dtype=train_cfg.optimizer_dtype,
-                                      offload=train_cfg.optimizer_offload)
+        self.optimizer = adamw(self.params, config)
         self.updates_done = 0
         self.has_value_head = hasattr(model, "value_head")
 
+    # -- scoring (no grad) ----------------------------------------------------------------
     @torch.no_grad()
-    def score(self, batch: RolloutBatch, *, reference: bool = False, model: DecoderLM | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token logprobs [batch, seq-1] (and values when there is a value head).
-
-        ``reference`` runs with the adapter disabled; ``model`` scores with another model (a teacher).
-        """
-        net = model or self.model
-        with_values = model is None and not reference and self.has_value_head
+    def _forward_logprobs(self, batch: RolloutBatch, net: DecoderLM, reference: bool = False, with_values: bool = False,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         was_training = net.training
         net.eval()
         logprobs = torch.zeros_like(batch.response_mask)
@@ -76,13 +73,23 @@ class TorchTrainer:
             net.train(was_training)
         return logprobs, values
 
-    def logprobs(self, batch: RolloutBatch, *, reference: bool = False) -> torch.Tensor:
-        return self.score(batch, reference=reference)[0]
+    def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._forward_logprobs(batch, self.model, with_values=self.has_value_head)
 
+    def reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        return self._forward_logprobs(batch, self.model, reference=True)[0]
+
+    def teacher_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        if self.teacher is None:
+            raise OrbitError("teacher logprobs asked for but no teacher is loaded", "set rl.teacher_path")
+        return self._forward_logprobs(batch, self.teacher)[0]
+
+    # -- updates --------------------------------------------------------------------------
     def _set_lr(self) -> float:
         t = self.train_cfg
         lr = lr_at(self.updates_done, self.total_updates, t.lr, t.lr_schedule, t.warmup_steps, t.min_lr)
-        self.optimizer.param_groups[0]["lr"] = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         return lr
 
     def _micro_loss(self, micro: RolloutBatch) -> dict[str, torch.Tensor]:
@@ -94,19 +101,22 @@ class TorchTrainer:
         mask = micro.response_mask
         logprobs = token_logprobs(logits, micro.input_ids[:, 1:], self.temperature)
         if rl.advantage_estimator == "gspo":
-            pg_loss, clip_fraction = gspo_policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask,
-                                                      rl.eps_clip, rl.eps_clip_high)
+            pg_loss, clip_fraction = gspo_policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, rl.eps_clip,
+                                                      rl.eps_clip_high, rl.loss_agg, micro.tis_weights, self.norm_length)
         else:
             pg_loss, clip_fraction = clipped_policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, rl.eps_clip,
                                                          rl.eps_clip_high, rl.loss_agg, micro.tis_weights, self.norm_length)
         parts = {"pg_loss": pg_loss, "clip_fraction": clip_fraction}
         loss = pg_loss
-        entropy = aggregate(token_entropy(logits, self.temperature), mask, rl.loss_agg, self.norm_length)
-        parts["entropy"] = entropy
         if rl.entropy_coef:
+            entropy = aggregate(token_entropy(logits, self.temperature), mask, rl.loss_agg, self.norm_length)
             loss = loss - rl.entropy_coef * entropy
+        else:  # a metric only: no [batch, seq, vocab] graph kept for backward
+            with torch.no_grad():
+                entropy = aggregate(token_entropy(logits.detach(), self.temperature), mask, rl.loss_agg, self.norm_length)
+        parts["entropy"] = entropy
         if micro.ref_logprobs is not None:
-            kl = aggregate(kl_estimate(logprobs, micro.ref_logprobs, rl.kl_type), mask, rl.loss_agg, self.norm_length)
+            kl = aggregate(kl_estimate(logprobs, micro.ref_logprobs, self.kl_type), mask, rl.loss_agg, self.norm_length)
             parts["kl"] = kl
             if rl.use_kl_loss:
                 loss = loss + rl.kl_coef * kl
@@ -120,13 +130,17 @@ class TorchTrainer:
         return parts
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        """One optimizer step over ``batch`` (= one global batch), in micro-batches."""
+        """One optimizer step over ``batch`` (= one global batch), in micro-batches.
+
+        A non-finite loss or gradient norm skips the step (gradients dropped, adapter and
+        optimizer untouched) and reports ``update_skipped=1``.
+        """
         t = self.train_cfg
         self.model.train()
         lr = self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
         # each micro-batch weighs its share of the global normalizer: tokens for token-mean, else sequences
-        by_tokens = self.rl_cfg.loss_agg == "token-mean" and self.rl_cfg.advantage_estimator != "gspo"
+        by_tokens = self.rl_cfg.loss_agg == "token-mean"
         total = float(batch.response_mask.sum().clamp(min=1.0)) if by_tokens else float(len(batch))
         sums: dict[str, float] = {}
         for start in range(0, len(batch), t.micro_batch_size):
@@ -136,20 +150,31 @@ class TorchTrainer:
             (parts["loss"] * weight).backward()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf")))
+        if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**sums, "grad_norm": grad_norm, "lr": lr, "update_skipped": 1.0}
         self.optimizer.step()
         project_oft_(self.model)
         self.updates_done += 1
-        return {**sums, "grad_norm": float(grad_norm), "lr": lr}
+        return {**sums, "grad_norm": grad_norm, "lr": lr, "update_skipped": 0.0}
 
+    # -- state ----------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return adapter_state_dict(self.model)
+
+    def engine_adapter_state(self) -> dict[str, torch.Tensor]:
+        return engine_adapter_state(self.model)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "updates_done": self.updates_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError) as err:
+            raise OrbitError(f"the checkpoint's optimizer state does not fit this trainer ({type(err).__name__}: {err})",
+                             "it was written by an older Orbit or another adapter; start a new run") from err
         self.updates_done = int(state["updates_done"])
 
     def load_adapter(self, adapter: dict[str, torch.Tensor], source: str) -> None:
