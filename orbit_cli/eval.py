@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from orbit_cli.console import console, fail
+from orbit_cli.console import console, fail, say
 from orbit_cli.render import eval_table
 from orbit_core.config import load_recipe
 from orbit_core.eval import config_from_adapter, run_eval
@@ -23,9 +23,9 @@ def eval_cmd(
     if bool(recipe) == bool(adapter):
         raise fail("give exactly one of --recipe (base model) or --adapter (base + adapter)")
     config = config_from_adapter(adapter, overrides or []) if adapter else load_recipe(recipe, overrides or [])
-    report = run_eval(config, adapter, log=console.print)
+    report = run_eval(config, adapter, log=say)
     console.print(eval_table(f"eval: {adapter or recipe}", report))
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(report.to_dict(), indent=2))
-        console.print(f"report: {json_out}")
+        say(f"report: {json_out}")

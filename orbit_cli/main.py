@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from orbit_cli import convert, recipes
 from orbit_cli.preflight import preflight
@@ -43,7 +44,7 @@ def main() -> None:
     except OrbitError as err:
         if _debug["on"]:
             raise
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: checkpoints already written are intact; rerun with train.resume=auto to continue")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from orbit_cli.console import console
+from orbit_cli.console import console, say
 from orbit_core.config import load_recipe
 from orbit_core.preflight.run import run_preflight
 
@@ -17,7 +17,7 @@ def preflight(
 ) -> None:
     """Checkpoint parity and runtime logprob parity between the rollout engine and the trainer."""
     config = load_recipe(recipe, overrides or [])
-    result = run_preflight(config, precision, log=console.print)
+    result = run_preflight(config, precision, log=say)
     if result.checkpoint is not None:
         table = Table("check", "result", "detail", title=f"checkpoint parity ({result.checkpoint.fmt})", title_justify="left")
         for c in result.checkpoint.checks:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from orbit_cli.console import console
+from orbit_cli.console import console, say
 from orbit_core.quant import quantize_checkpoint
 
 
@@ -22,4 +22,4 @@ def quantize(
         task = progress.add_task("tensors", total=None, name="")
         path = quantize_checkpoint(src, out, fmt, group_size, ignore or None,
                                    on_tensor=lambda i, n, name: progress.update(task, completed=i, total=n, name=name))
-    console.print(f"{fmt} checkpoint written to {path}")
+    say(f"{fmt} checkpoint written to {path}")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
 
@@ -36,34 +36,35 @@ def train(
         progress.start()
 
     def on_step(m: dict) -> None:
+        # reward errors first: on an 80-column terminal the end of this line is what gets cut
+        stats = ""
+        if m["reward/errors"] or m["reward/timeouts"]:
+            stats += f"[red]reward err {m['reward/errors']} t/o {m['reward/timeouts']}[/]  "
+        if m.get("train/skipped_updates"):
+            stats += f"[red]skipped {m['train/skipped_updates']}[/]  "
         throughput = f"{m['tokens_per_s']:.0f} tok/s  " if "tokens_per_s" in m else ""
-        stats = (f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.4f}  entropy {m['entropy']:.3f}  "
-                 f"len {m['response_len/mean']:.1f}  {throughput}{m['time/step_s']:.2f}s/step  "
-                 f"bubble {m['time/bubble_fraction']:.0%}  stale<={m['staleness/max']}")
+        stats += (f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.4f}  entropy {m['entropy']:.3f}  "
+                  f"len {m['response_len/mean']:.1f}  {throughput}{m['time/step_s']:.2f}s/step  "
+                  f"bubble {m['time/bubble_fraction']:.0%}  stale<={m['staleness/max']}")
         if m["sync/bytes"]:
             stats += f"  sync {m['sync/bytes'] / 1e6:.2f}MB/{m['sync/ms']:.0f}ms"
-        if m["reward/errors"] or m["reward/timeouts"]:
-            stats += f"  [red]reward errors {m['reward/errors']} timeouts {m['reward/timeouts']}[/]"
         progress.update(task, completed=m["step"], stats=stats)
 
     def on_eval(step: int, report) -> None:
         progress.console.print(eval_table(f"eval @ step {step}", report))
 
     def on_message(text: str) -> None:
-        (progress.console if progress.live.is_started else console).print(text, highlight=False)
+        (progress.console if progress.live.is_started else console).print(escape(text), highlight=False)
 
     try:
         result = run_training(config, Callbacks(on_message=on_message, on_start=on_start, on_step=on_step, on_eval=on_eval))
     finally:
         progress.stop()
     out = Path(result.output_dir)
+    if result.already_complete:
+        console.print(summary_table(result.eval_before, result.eval_after))
+        console.print(escape(f"checkpoint: {result.last_checkpoint}\nreport:     {out / 'eval_report.json'}"))
+        return
     plot = plot_reward_curve(out / "metrics.jsonl", out / "reward_curve.png", title=f"{recipe}: {config.rl.advantage_estimator} + {config.peft.method}")
-    report = {
-        "before": result.eval_before.to_dict() if result.eval_before else None,
-        "after": result.eval_after.to_dict() if result.eval_after else None,
-        "steps": result.steps_done,
-        "last_checkpoint": result.last_checkpoint,
-    }
-    (out / "eval_report.json").write_text(json.dumps(report, indent=2))
     console.print(summary_table(result.eval_before, result.eval_after))
-    console.print(f"checkpoint: {result.last_checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\nplot:       {plot}")
+    console.print(escape(f"checkpoint: {result.last_checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\nplot:       {plot}"))

@@ -1,0 +1,118 @@
+"""Bad input as a new user gives it: one line naming the problem and the fix, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from orbit_cli.main import main
+from orbit_core.config import load_recipe
+from orbit_core.errors import OrbitError
+from orbit_core.train import Callbacks, run_training
+from tests.helpers import small_recipe, write_prompts
+
+
+def orbit(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run the CLI in this process (as the console script does) -> (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["orbit", *args])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    return stop.value.code, capsys.readouterr().err
+
+
+def one_line_error(code: int, err: str, expected: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and expected in err, err
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=0", "train.lr must be > 0, got 0.0"),
+    ("train.lr=-1e-4", "train.lr must be > 0"),
+    ("train.lr=nan", "train.lr must be a finite number, got nan"),
+    ("rollout.top_k=-1", "rollout.top_k must be >= 0, got -1"),
+    ("rl.reward_timeout_s=0", "rl.reward_timeout_s must be > 0"),
+    ("data.max_prompt_len=0", "data.max_prompt_len must be > 0"),
+    ("data.max_truncated_fraction=2", "data.max_truncated_fraction must be in [0, 1]"),
+    ("rl.reward_workers=-5", "rl.reward_workers must be -1"),
+    ("data.train_path=x.jsonl@[", "bad slice in 'x.jsonl@['"),
+])
+def test_bad_values_are_refused_in_one_line(monkeypatch, capsys, override, expected):
+    code, err = orbit(monkeypatch, capsys, "train", "--recipe", "tiny-arith-lora", override)
+    one_line_error(code, err, expected)
+
+
+def test_bad_files_are_refused_in_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    recipe = small_recipe(tmp_path, tiny_checkpoint)
+    binary = tmp_path / "latin1.jsonl"
+    binary.write_bytes(b'{"question": "caf\xe9", "answer": "1"}\n')
+    code, err = orbit(monkeypatch, capsys, "train", "--recipe", str(recipe), f"data.train_path={binary}")
+    one_line_error(code, err, "latin1.jsonl:1 is not UTF-8 text")
+
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model\n- data\n")
+    one_line_error(*orbit(monkeypatch, capsys, "train", "--recipe", str(listed)), "is a YAML list, not a mapping")
+
+    no_tokenizer = tmp_path / "no-tok"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{tiny_checkpoint}/{name}", no_tokenizer / name)
+    code, err = orbit(monkeypatch, capsys, "train", "--recipe", str(recipe), f"model.path={no_tokenizer}")
+    one_line_error(code, err, "cannot load a tokenizer")
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    code, err = orbit(monkeypatch, capsys, "train", "--recipe", str(recipe), f"train.output_dir={a_file}/run")
+    one_line_error(code, err, f"lies under {a_file}, which is a file")
+
+    raising = tmp_path / "raising_reward.py"
+    raising.write_text("raise KeyError('oops')\n")
+    code, err = orbit(monkeypatch, capsys, "train", "--recipe", str(recipe), f"rl.reward={raising}:score")
+    one_line_error(code, err, "failed to import: KeyError")
+
+
+def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    for size in ("0", "-32"):
+        code, err = orbit(monkeypatch, capsys, "quantize", "int4", tiny_checkpoint, str(tmp_path / "q"), "--group-size", size)
+        one_line_error(code, err, "--group-size must be a positive number")
+    a_file = tmp_path / "out-file"
+    a_file.write_text("x")
+    one_line_error(*orbit(monkeypatch, capsys, "quantize", "int4", tiny_checkpoint, str(a_file), "--group-size", "16"),
+                   "exists and is not an empty directory")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_checkpoint, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    code, err = orbit(monkeypatch, capsys, "quantize", "int4", str(truncated), str(tmp_path / "q2"), "--group-size", "16")
+    one_line_error(code, err, "is corrupted or truncated")
+    assert not (tmp_path / "q2").exists()
+
+
+def test_a_dataset_without_labels_is_refused_for_the_math_reward(tmp_path, tiny_checkpoint):
+    rows = tmp_path / "unlabeled.jsonl"
+    rows.write_text(json.dumps({"question": "1+1="}) + "\n")
+    recipe = small_recipe(tmp_path, tiny_checkpoint, data={"train_path": str(rows)}, rl={"reward": "math"},
+                          eval={"enabled": False})
+    with pytest.raises(OrbitError, match=r"1 of 1 prompts have no label 'answer' \(first at line 1\)"):
+        run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+
+
+def test_truncated_prompts_are_refused_or_counted_and_unknown_characters_counted(tmp_path, tiny_checkpoint):
+    rows = write_prompts(tmp_path / "prompts.jsonl", 16)
+    with open(rows, "a") as handle:  # a character the tiny tokenizer does not have
+        handle.write(json.dumps({"question": "7+1=\u00e9", "answer": "8"}) + "\n")
+    recipe = small_recipe(tmp_path, tiny_checkpoint, data={"train_path": str(rows), "max_prompt_len": 5},
+                          train={"steps": 1}, eval={"enabled": False})
+    with pytest.raises(OrbitError, match=r"train data: \d+ of 17 prompts .* longer than data.max_prompt_len=5"):
+        run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+    messages: list[str] = []
+    result = run_training(load_recipe(str(recipe), ["data.max_truncated_fraction=1.0"]), Callbacks(on_message=messages.append))
+    summary = [m for m in messages if m.startswith("train data: 17 prompts")]
+    assert summary and "1 with characters the tokenizer does not know" in summary[0]
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["data/unknown_char_prompts"] == 1 and first["data/truncated_prompts"] > 0
+    assert result.steps_done == 1
