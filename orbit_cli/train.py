@@ -15,6 +15,22 @@ from orbit_core.config import load_recipe, to_yaml
 from orbit_core.train import Callbacks, plot_reward_curve, run_training
 
 
+def progress_stats(m: dict) -> str:
+    """The progress line's text; failures come first, since a narrow terminal cuts the end."""
+    stats = ""
+    if m["reward/errors"] or m["reward/timeouts"]:
+        stats += f"[red]reward err {m['reward/errors']} t/o {m['reward/timeouts']}[/]  "
+    if m.get("train/skipped_updates"):
+        stats += f"[red]skipped {m['train/skipped_updates']}[/]  "
+    throughput = f"{m['tokens_per_s']:.0f} tok/s  " if "tokens_per_s" in m else ""
+    stats += (f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.4f}  entropy {m['entropy']:.3f}  "
+              f"len {m['response_len/mean']:.1f}  {throughput}{m['time/step_s']:.2f}s/step  "
+              f"bubble {m['time/bubble_fraction']:.0%}  stale<={m['staleness/max']}")
+    if m["sync/bytes"]:
+        stats += f"  sync {m['sync/bytes'] / 1e6:.2f}MB/{m['sync/ms']:.0f}ms"
+    return stats
+
+
 def train(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped recipe name or path to a YAML recipe."),
     overrides: list[str] = typer.Argument(None, help="section.field=value overrides, e.g. train.lr=1e-4."),
@@ -36,19 +52,7 @@ def train(
         progress.start()
 
     def on_step(m: dict) -> None:
-        # reward errors first: on an 80-column terminal the end of this line is what gets cut
-        stats = ""
-        if m["reward/errors"] or m["reward/timeouts"]:
-            stats += f"[red]reward err {m['reward/errors']} t/o {m['reward/timeouts']}[/]  "
-        if m.get("train/skipped_updates"):
-            stats += f"[red]skipped {m['train/skipped_updates']}[/]  "
-        throughput = f"{m['tokens_per_s']:.0f} tok/s  " if "tokens_per_s" in m else ""
-        stats += (f"reward {m['reward/mean']:.3f}  kl {m.get('kl', 0.0):.4f}  entropy {m['entropy']:.3f}  "
-                  f"len {m['response_len/mean']:.1f}  {throughput}{m['time/step_s']:.2f}s/step  "
-                  f"bubble {m['time/bubble_fraction']:.0%}  stale<={m['staleness/max']}")
-        if m["sync/bytes"]:
-            stats += f"  sync {m['sync/bytes'] / 1e6:.2f}MB/{m['sync/ms']:.0f}ms"
-        progress.update(task, completed=m["step"], stats=stats)
+        progress.update(task, completed=m["step"], stats=progress_stats(m))
 
     def on_eval(step: int, report) -> None:
         progress.console.print(eval_table(f"eval @ step {step}", report))

@@ -116,3 +116,17 @@ def test_truncated_prompts_are_refused_or_counted_and_unknown_characters_counted
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["data/unknown_char_prompts"] == 1 and first["data/truncated_prompts"] > 0
     assert result.steps_done == 1
+
+
+def test_reward_errors_stay_on_an_80_column_progress_line():
+    from rich.console import Console
+
+    from orbit_cli.train import progress_stats
+
+    row = {"reward/errors": 3, "reward/timeouts": 1, "reward/mean": 0.5, "entropy": 0.1, "response_len/mean": 5.0,
+           "tokens_per_s": 17664.0, "time/step_s": 0.72, "time/bubble_fraction": 0.0, "staleness/max": 0,
+           "sync/bytes": 628368, "sync/ms": 5.0, "kl": 0.0}
+    console = Console(width=80, record=True)
+    # the bar and counters take about 40 columns; the stats get what is left of the line
+    console.print("train " + "━" * 20 + " 60/60 0:01:02 " + progress_stats(row), overflow="crop", no_wrap=True)
+    assert "reward err 3 t/o 1" in console.export_text()

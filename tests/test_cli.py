@@ -66,6 +66,14 @@ def test_train_then_eval_adapter(tmp_path, tiny_checkpoint):
     assert evaluated["greedy_accuracy"] == report["after"]["greedy_accuracy"]  # greedy is deterministic
     out = run("eval", "--adapter", str(tmp_path / "nowhere"))
     assert out.returncode == 2 and "no adapter in" in out.stderr
+    # the same command again: the finished run is shown, not redone, and its report kept
+    saved = (run_dir / "eval_report.json").read_text()
+    again = run("train", "--recipe", str(recipe))
+    assert again.returncode == 0, again.stderr
+    assert "already complete at step 2" in again.stdout
+    assert f"{report['after']['greedy_accuracy']:.1%}" in again.stdout
+    assert "checkpoint: None" not in again.stdout
+    assert (run_dir / "eval_report.json").read_text() == saved
 
 
 def test_completion_scripts_match_the_cli():

@@ -73,3 +73,18 @@ def test_reward_that_raises_or_hangs_scores_zero_and_run_goes_on(tmp_path, tiny_
     timeouts = sum(m["reward/timeouts"] for m in result.metrics)
     assert errors + timeouts > 0
     assert any("boom" in m.get("reward/last_error", "") for m in result.metrics) or timeouts > 0
+
+
+def test_the_loop_builds_its_backends_from_the_registries(tmp_path, tiny_checkpoint, monkeypatch):
+    from orbit_core.train import backends
+
+    built = []
+    for registry in (backends.TRAINER_BACKENDS, backends.ROLLOUT_BACKENDS):
+        for name, factory in list(registry.items()):
+            def spy(*args, _factory=factory, _name=name, **kwargs):
+                built.append(_name)
+                return _factory(*args, **kwargs)
+            monkeypatch.setitem(registry, name, spy)
+    recipe = small_recipe(tmp_path, tiny_checkpoint, train={"steps": 1}, eval={"enabled": False})
+    run_training(load_recipe(str(recipe)), _quiet())
+    assert built == ["torch", "builtin"]
