@@ -158,3 +158,10 @@ def test_frozen_engine_times_out_on_send_and_the_run_saves_its_last_step(tmp_pat
     assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [1]
     result = run_training(load_recipe(str(recipe), ["rollout.engine_timeout_s=600"]), quiet())
     assert result.steps_done == 4
+
+
+def test_a_finished_run_without_eval_is_complete_too(tmp_path, tiny_checkpoint):
+    recipe = small_recipe(tmp_path, tiny_checkpoint, train={"steps": 2}, eval={"enabled": False})
+    first = run_training(load_recipe(str(recipe)), quiet())
+    again = run_training(load_recipe(str(recipe)), quiet())
+    assert again.already_complete and again.last_checkpoint == first.last_checkpoint

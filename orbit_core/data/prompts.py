@@ -64,7 +64,7 @@ def encode_records(tokenizer, records: list[PromptRecord], chat: bool, data_cfg:
         unknown += unk is not None and unk in full
         ids[record.line] = full[-data_cfg.max_prompt_len:]
     encoded = EncodedPrompts(ids, len(records), truncated, unknown)
-    if truncated > data_cfg.max_truncated_fraction * len(records):
+    if records and truncated > data_cfg.max_truncated_fraction * len(records):
         raise OrbitError(f"{what}: {truncated} of {len(records)} prompts ({truncated / len(records):.1%}) are longer than "
                          f"data.max_prompt_len={data_cfg.max_prompt_len} tokens and would lose their start",
                          "raise data.max_prompt_len, or allow it with data.max_truncated_fraction")

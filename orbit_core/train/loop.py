@@ -77,43 +77,60 @@ class TrainingRun:
     # -- setup ----------------------------------------------------------------------------
     def setup(self) -> bool:
         """Build everything; False when the run was already complete (its saved results are in ``result``)."""
-        c, t, rl = self.config, self.config.train, self.config.rl
-        torch.manual_seed(t.seed)
-        self.plan = plan_resume(c, self.cb.on_message)
+        torch.manual_seed(self.config.train.seed)
+        self.plan = plan_resume(self.config, self.cb.on_message)
         if self._already_complete():
             return False
         for change in self.plan.changes:
             self.cb.on_message(f"resume: {change}")
+        self._load_data()
+        self._build_policy_and_trainer()
+        self._start_rollouts()
+        self._open_run_dir(self._runtime_preflight())
+        return True
+
+    def _load_data(self) -> None:
+        c = self.config
         self.records = load_records(c.data.train_path, c.data)
         self.test_records = load_records(c.eval.test_path, c.data) if c.eval.enabled else None
         for what, records in (("train data", self.records), ("eval data", self.test_records or [])):
-            check_labels(records, rl.reward, c.data.label_key, what)
+            check_labels(records, c.rl.reward, c.data.label_key, what)
         check_adapter_fits(c.model, c.peft)
-        self.rewards = build_rewards(rl)  # worker processes start while the model loads
+        self.rewards = build_rewards(c.rl)  # worker processes start while the model loads
+
+    def _build_policy_and_trainer(self) -> None:
+        c, rl = self.config, self.config.rl
         self.policy = build_policy(c.model, c.peft, self.cb.on_message, value_head=rl.value_head, fake_qat=c.quant.fake_qat)
         self.tokenizer = self.policy.tokenizer
         self.chat = use_chat_template(self.tokenizer, c.data.apply_chat_template)
         self.prompts = encode_records(self.tokenizer, self.records, self.chat, c.data, "train data")
-        if self.prompts.truncated or self.prompts.unknown:
-            self.cb.on_message(self.prompts.summary("train data", c.data.max_prompt_len))
+        test_prompts = encode_records(self.tokenizer, self.test_records or [], self.chat, c.data, "eval data")
+        for what, encoded in (("train data", self.prompts), ("eval data", test_prompts)):
+            if encoded.truncated or encoded.unknown:
+                self.cb.on_message(encoded.summary(what, c.data.max_prompt_len))
         teacher = None
         if rl.advantage_estimator == "on_policy_distillation":
             teacher = load_teacher(rl.teacher_path, c.model.dtype, self.policy.device, self.policy.model.config.vocab_size,
                                    self.cb.on_message)
         self.trainer = build_trainer(c, self.policy, teacher)
-        self.engine = BuiltinEngine(self.policy.model, self.tokenizer, max_running=c.rollout.max_running, seed=t.seed)
-        self.sampler = PromptSampler(len(self.records), t.seed, c.data.shuffle)
-        self.shuffle_rng = random.Random(t.seed)
+        self.engine = BuiltinEngine(self.policy.model, self.tokenizer, max_running=c.rollout.max_running, seed=c.train.seed)
+        self.sampler = PromptSampler(len(self.records), c.train.seed, c.data.shuffle)
+        self.shuffle_rng = random.Random(c.train.seed)
         if self.plan.state is not None:
             self._restore(self.plan.state)
-        if t.mode == "async" and rl.tis_cap == 0:
+
+    def _start_rollouts(self) -> None:
+        c = self.config
+        if c.train.mode == "async" and c.rl.tis_cap == 0:
             self.cb.on_message("train.mode=async with rl.tis_cap=0: stale samples are clipped against the trainer's "
                                "recompute but not reweighted; set rl.tis_cap (e.g. 2.0) to correct them")
         self.rollouts = build_rollouts(c, self.policy, self.engine, self._round_spec(), self.start_step, self.cb.on_message)
         if self.rollouts.engine_info():
             self.cb.on_engine_start(self.rollouts.engine_info())
-        preflight = self._runtime_preflight()
-        # the run really starts here: only now is anything in the run directory written
+
+    def _open_run_dir(self, preflight: dict[str, Any]) -> None:
+        """The run really starts here: only now is anything in the run directory written."""
+        c, t = self.config, self.config.train
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(c))
         self.logger = MetricsLogger(t.output_dir, t.wandb, t.wandb_project, to_dict(c), resume_step=self.start_step,
@@ -123,18 +140,23 @@ class TrainingRun:
                          "data/unknown_char_prompts": self.prompts.unknown, **preflight})
         self.full_bytes = full_weight_bytes(self.policy.model, next(self.policy.model.parameters()).dtype)
         self.result.steps_done = self.saved_step = self.start_step
+        if self.plan.state is not None:
+            self.result.last_checkpoint = self.plan.state["path"]
         saved = self.plan.saved_report or {}
         if saved.get("before"):
             self.result.eval_before = EvalReport.from_dict(saved["before"])
-        return True
 
     def _already_complete(self) -> bool:
-        state, report = self.plan.state, self.plan.saved_report
-        if state is None or self.plan.start_step < self.config.train.steps or not (report and report.get("after")):
+        """Trained to ``train.steps`` and, when eval is on, evaluated (a run stopped during its final
+        eval is not complete: ``run`` redoes that eval)."""
+        state, report = self.plan.state, self.plan.saved_report or {}
+        if state is None or self.plan.start_step < self.config.train.steps:
+            return False
+        if self.config.eval.enabled and not report.get("after"):
             return False
         self.result = RunResult(str(self.out), self.plan.start_step, last_checkpoint=state["path"], already_complete=True,
                                 eval_before=EvalReport.from_dict(report["before"]) if report.get("before") else None,
-                                eval_after=EvalReport.from_dict(report["after"]))
+                                eval_after=EvalReport.from_dict(report["after"]) if report.get("after") else None)
         self.cb.on_message(f"{self.out} is already complete at step {self.plan.start_step}: showing its saved results "
                            "(raise train.steps to continue it, or use train.overwrite=true to start over)")
         return True
