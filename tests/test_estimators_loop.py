@@ -44,8 +44,8 @@ def test_loss_aggregations_run_with_kl_loss(tmp_path, tiny_checkpoint, agg):
     result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
     # LoRA starts as the identity, so the first step's policy is the base (the reference) exactly;
     # after one update it is not: a reference computed with the adapter on would read 0 here
-    assert result.metrics[0]["kl"] == 0.0
-    assert result.metrics[1]["kl"] > 1e-8
+    assert result.metrics[0]["kl"] < 1e-9, result.metrics[0]["kl"]
+    assert result.metrics[1]["kl"] > 1e-6, result.metrics[1]["kl"]
 
 
 def test_dynamic_sampling_refills_groups(tmp_path, tiny_checkpoint):

@@ -229,6 +229,9 @@ def validate(config: RecipeConfig) -> None:
     if not 0.0 <= config.data.max_truncated_fraction <= 1.0:
         raise OrbitError(f"data.max_truncated_fraction must be in [0, 1], got {config.data.max_truncated_fraction}",
                          "use e.g. 0.01 to allow 1% of prompts to be cut")
+    if t.max_tokens_per_micro_batch < 0:
+        raise OrbitError(f"train.max_tokens_per_micro_batch must be >= 0, got {t.max_tokens_per_micro_batch}",
+                         "use 0 to size micro-batches by train.micro_batch_size")
     if t.min_lr < 0 or t.weight_decay < 0:
         raise OrbitError("train.min_lr and train.weight_decay must be >= 0", "fix those train fields")
     if r.temperature < 0 or config.eval.temperature < 0:

@@ -141,6 +141,12 @@ class TrainSection:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward instead of keeping them: ``full`` keeps only each decoder
+    layer's input, ``selective`` recomputes only the MLPs (the largest activations)."""
+    max_tokens_per_micro_batch: int = 0
+    """Size micro-batches by padded tokens instead of ``micro_batch_size`` sequences: samples are
+    grouped by length so short ones share a micro-batch (0 = off)."""
     grad_clip: float = 1.0
     seed: int = 1234
     output_dir: str = "runs/orbit"

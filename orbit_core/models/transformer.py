@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from orbit_core.models.config import DecoderConfig
@@ -131,9 +132,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, slots, decode_mask):
+    def forward(self, x, cos, sin, cache, slots, decode_mask, checkpoint_mlp: bool = False):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, decode_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if checkpoint_mlp:  # the SwiGLU's [tokens, intermediate] activations are the largest a layer keeps
+            return x + checkpoint(self._mlp_block, x, use_reentrant=False)
+        return x + self._mlp_block(x)
+
+    def _mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderBody(nn.Module):
@@ -155,6 +161,8 @@ class DecoderLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope_len = 0
+        self.activation_checkpointing = "none"
+        """``none``, ``full`` (recompute whole layers in backward) or ``selective`` (only the MLPs)."""
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -181,10 +189,12 @@ class DecoderLM(nn.Module):
         decode_mask: torch.Tensor | None = None,
         last_index: torch.Tensor | None = None,
         return_hidden: bool = False,
+        hidden_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids/positions: [batch, seq]; decode_mask: [batch, 1, 1, kv_len] bool; last_index: [batch].
 
-        ``return_hidden`` also returns the final normed hidden states (what a value head reads).
+        ``return_hidden`` also returns the final normed hidden states (what a value head reads);
+        ``hidden_only`` returns just those, for a trainer that applies the lm_head in chunks.
         """
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -194,10 +204,16 @@ class DecoderLM(nn.Module):
         else:
             cos, sin = self._rope(positions)
         x = self.model.embed_tokens(input_ids)
+        recompute = self.activation_checkpointing if self.training and torch.is_grad_enabled() and cache is None else "none"
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, slots, decode_mask)
+            if recompute == "full":  # keep each layer's input, recompute the rest in backward
+                x = checkpoint(layer, x, cos, sin, None, None, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, slots, decode_mask, checkpoint_mlp=recompute == "selective")
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index]
         hidden = self.model.norm(x)
+        if hidden_only:
+            return hidden
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits

@@ -36,7 +36,8 @@ class LoRALinear(AdapterLayer):
         return out + self.low_rank(self.dropout(x), self.lora_A, self.lora_B).to(out.dtype)
 
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return ((x.to(a.dtype) @ a.t()) @ b.t()) * self.scaling
+        # computed in the activation dtype (bf16 on a GPU base); A and B stay fp32 master weights
+        return ((x @ a.to(x.dtype).t()) @ b.to(x.dtype).t()) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """``[out, in]`` update this adapter adds to the base weight."""

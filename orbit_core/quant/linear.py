@@ -9,6 +9,24 @@ from torch import nn
 from orbit_core.quant.dequant import dequant_fp8_block, dequant_int4, dequant_nvfp4
 
 
+class _PackedLinear(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W`` dequantized in forward and again in backward.
+
+    Autograd would otherwise keep every layer's dequantized ``[out, in]`` weight alive until the
+    backward pass, so a packed base would cost as much training memory as a bf16 one. Nothing
+    dequantized is saved here; the base is frozen, so only ``dX = dY W`` is computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "QuantLinear", bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.module = module
+        return F.linear(x, module.dequantized(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ ctx.module.dequantized(grad_out.dtype), None, None
+
+
 class QuantLinear(nn.Module):
     """Holds the checkpoint's compressed tensors as buffers (never parameters: the base is frozen).
 
@@ -39,7 +57,10 @@ class QuantLinear(nn.Module):
         return next(self.buffers()).device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedLinear.apply(x, self, bias)
+        return F.linear(x, self.dequantized(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"{self.fmt_name}, in_features={self.in_features}, out_features={self.out_features}"

@@ -48,6 +48,11 @@ class RolloutBatch:
 
         return self._map(cut)
 
+    def lengths(self) -> list[int]:
+        """Tokens of each row up to its last response token (what a forward pass over it needs)."""
+        columns = torch.arange(1, self.response_mask.shape[1] + 1)
+        return ((self.response_mask > 0) * columns).amax(dim=1).add(1).tolist()
+
     def to(self, device: torch.device) -> "RolloutBatch":
         return self._map(lambda name, t: t.to(device))
 
@@ -65,3 +70,20 @@ def build_batch(completions: list[Completion], scores: torch.Tensor, pad_id: int
         mask[i, start:end] = 1.0
         logprobs[i, start:end] = torch.tensor(c.logprobs, dtype=torch.float32)
     return RolloutBatch(ids, mask, logprobs, scores.float())
+
+
+def micro_batch_rows(batch: RolloutBatch, max_rows: int, max_tokens: int = 0) -> list[torch.Tensor]:
+    """Row indices of each micro-batch: ``max_rows`` rows at a time in order or, with ``max_tokens``,
+    rows grouped by length (longest first) so that rows x longest row <= ``max_tokens``: short
+    samples share a micro-batch instead of being padded to a long one's width."""
+    if max_tokens <= 0:
+        return [torch.arange(start, min(start + max_rows, len(batch))) for start in range(0, len(batch), max_rows)]
+    lengths = batch.lengths()
+    groups: list[list[int]] = []
+    for row in sorted(range(len(batch)), key=lambda i: -lengths[i]):
+        # rows arrive longest first, so a group's width is its first row's length
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return [torch.tensor(sorted(group)) for group in groups]

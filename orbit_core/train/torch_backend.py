@@ -15,9 +15,9 @@ from orbit_core.peft.oft import project_oft_
 from orbit_core.peft.slots import engine_adapter_state
 from orbit_core.peft.value_head import values_from_hidden
 from orbit_core.rl.kl import kl_estimate, resolve_kl_type
-from orbit_core.rl.logprobs import token_entropy, token_logprobs
+from orbit_core.rl.logprobs import chunked_token_entropy, chunked_token_logprobs, token_entropy, token_logprobs
 from orbit_core.rl.losses import aggregate, clipped_policy_loss, clipped_value_loss, gspo_policy_loss
-from orbit_core.train.batch import RolloutBatch
+from orbit_core.train.batch import RolloutBatch, micro_batch_rows
 from orbit_core.train.schedule import lr_at
 
 
@@ -44,6 +44,7 @@ class TorchTrainer:
         self.optimizer = adamw(self.params, config)
         self.updates_done = 0
         self.has_value_head = hasattr(model, "value_head")
+        model.activation_checkpointing = config.train.activation_checkpointing
 
     # -- scoring (no grad) ----------------------------------------------------------------
     @torch.no_grad()
@@ -53,21 +54,18 @@ class TorchTrainer:
         net.eval()
         logprobs = torch.zeros_like(batch.response_mask)
         values = torch.zeros_like(batch.response_mask) if with_values else None
-        size = self.train_cfg.micro_batch_size
         try:
-            for start in range(0, len(batch), size):
-                index = torch.arange(start, min(start + size, len(batch)))
+            for index in self._micro_batches(batch):
                 micro = batch.select(index).trimmed().to(self.device)
                 inputs = micro.input_ids[:, :-1]
                 if reference:
                     with adapter_disabled(net):
-                        logits = net(inputs)
-                elif with_values:
-                    logits, hidden = net(inputs, return_hidden=True)
-                    values[index, : logits.shape[1]] = values_from_hidden(net, hidden).cpu()
+                        hidden = net(inputs, hidden_only=True)
                 else:
-                    logits = net(inputs)
-                part = token_logprobs(logits, micro.input_ids[:, 1:], self.temperature)
+                    hidden = net(inputs, hidden_only=True)
+                if with_values:
+                    values[index, : hidden.shape[1]] = values_from_hidden(net, hidden).cpu()
+                part = chunked_token_logprobs(hidden, net.lm_head.weight, micro.input_ids[:, 1:], self.temperature)
                 logprobs[index, : part.shape[1]] = part.cpu()
         finally:
             net.train(was_training)
@@ -84,6 +82,9 @@ class TorchTrainer:
             raise OrbitError("teacher logprobs asked for but no teacher is loaded", "set rl.teacher_path")
         return self._forward_logprobs(batch, self.teacher)[0]
 
+    def _micro_batches(self, batch: RolloutBatch) -> list[torch.Tensor]:
+        return micro_batch_rows(batch, self.train_cfg.micro_batch_size, self.train_cfg.max_tokens_per_micro_batch)
+
     # -- updates --------------------------------------------------------------------------
     def _set_lr(self) -> float:
         t = self.train_cfg
@@ -94,33 +95,30 @@ class TorchTrainer:
 
     def _micro_loss(self, micro: RolloutBatch) -> dict[str, torch.Tensor]:
         rl = self.rl_cfg
-        if self.has_value_head:
-            logits, hidden = self.model(micro.input_ids[:, :-1], return_hidden=True)
-        else:
-            logits, hidden = self.model(micro.input_ids[:, :-1]), None
-        mask = micro.response_mask
-        logprobs = token_logprobs(logits, micro.input_ids[:, 1:], self.temperature)
+        hidden = self.model(micro.input_ids[:, :-1], hidden_only=True)
+        mask, targets, head = micro.response_mask, micro.input_ids[:, 1:], self.model.lm_head.weight
+        if rl.entropy_coef:  # the entropy's gradient needs the full logits
+            logits = self.model.lm_head(hidden)
+            logprobs = token_logprobs(logits, targets, self.temperature)
+            entropy = aggregate(token_entropy(logits, self.temperature), mask, rl.loss_agg, self.norm_length)
+        else:  # no fp32 [batch, seq, vocab] tensor; the entropy is a metric only
+            logprobs = chunked_token_logprobs(hidden, head, targets, self.temperature)
+            entropy = aggregate(chunked_token_entropy(hidden.detach(), head, self.temperature), mask, rl.loss_agg,
+                                self.norm_length)
         if rl.advantage_estimator == "gspo":
             pg_loss, clip_fraction = gspo_policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, rl.eps_clip,
                                                       rl.eps_clip_high, rl.loss_agg, micro.tis_weights, self.norm_length)
         else:
             pg_loss, clip_fraction = clipped_policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, rl.eps_clip,
                                                          rl.eps_clip_high, rl.loss_agg, micro.tis_weights, self.norm_length)
-        parts = {"pg_loss": pg_loss, "clip_fraction": clip_fraction}
-        loss = pg_loss
-        if rl.entropy_coef:
-            entropy = aggregate(token_entropy(logits, self.temperature), mask, rl.loss_agg, self.norm_length)
-            loss = loss - rl.entropy_coef * entropy
-        else:  # a metric only: no [batch, seq, vocab] graph kept for backward
-            with torch.no_grad():
-                entropy = aggregate(token_entropy(logits.detach(), self.temperature), mask, rl.loss_agg, self.norm_length)
-        parts["entropy"] = entropy
+        parts = {"pg_loss": pg_loss, "clip_fraction": clip_fraction, "entropy": entropy}
+        loss = pg_loss - rl.entropy_coef * entropy if rl.entropy_coef else pg_loss
         if micro.ref_logprobs is not None:
             kl = aggregate(kl_estimate(logprobs, micro.ref_logprobs, self.kl_type), mask, rl.loss_agg, self.norm_length)
             parts["kl"] = kl
             if rl.use_kl_loss:
                 loss = loss + rl.kl_coef * kl
-        if hidden is not None and micro.returns is not None:
+        if self.has_value_head and micro.returns is not None:
             values = values_from_hidden(self.model, hidden)
             value_loss, value_clip_fraction = clipped_value_loss(values, micro.old_values, micro.returns, mask, rl.value_clip,
                                                                  rl.loss_agg, self.norm_length)
@@ -143,8 +141,8 @@ class TorchTrainer:
         by_tokens = self.rl_cfg.loss_agg == "token-mean"
         total = float(batch.response_mask.sum().clamp(min=1.0)) if by_tokens else float(len(batch))
         sums: dict[str, float] = {}
-        for start in range(0, len(batch), t.micro_batch_size):
-            micro = batch.select(torch.arange(start, min(start + t.micro_batch_size, len(batch)))).trimmed().to(self.device)
+        for index in self._micro_batches(batch):
+            micro = batch.select(index).trimmed().to(self.device)
             weight = (float(micro.response_mask.sum()) if by_tokens else float(len(micro))) / total
             parts = self._micro_loss(micro)
             (parts["loss"] * weight).backward()
