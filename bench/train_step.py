@@ -27,6 +27,7 @@ from orbit_core.policy import load_base
 from orbit_core.quant import quantize_checkpoint
 from orbit_core.train.batch import RolloutBatch
 from orbit_core.train.torch_backend import TorchTrainer
+from orbit_kernels import int4 as int4_kernels
 
 RANK, ALPHA = 32, 64
 
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--bases", nargs="+", default=["bf16", "int4", "fp8", "nvfp4"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kernels", choices=["on", "both"], default="on",
+                        help="both: also run the int4 base with the Triton kernels off (the torch reference)")
     parser.add_argument("--profile", default="", help="BASE:CHECKPOINTING: print the top CUDA ops of that Orbit step")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
@@ -113,9 +116,12 @@ def main() -> None:
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
         return
-    runs = [("peft", "bf16", ac) for ac in ("none", "full")] + [("orbit", b, ac) for b in args.bases for ac in ("none", "full")]
+    runs = [("peft", "bf16", ac, True) for ac in ("none", "full")]
+    runs += [("orbit", b, ac, kernels) for b in args.bases for ac in ("none", "full")
+             for kernels in ((True, False) if b == "int4" and args.kernels == "both" else (True,))]
     baseline: dict[str, float] = {}
-    for system, base, ac in runs:
+    for system, base, ac, kernels in runs:
+        int4_kernels.ENABLED = kernels
         if system == "peft":
             step, model = peft_step(paths["bf16"], ids, ac == "full")
         else:
@@ -127,6 +133,7 @@ def main() -> None:
         ref_tps, ref_peak = baseline[ac]
         print(json.dumps({
             "bench": "train_step", "shape": args.shape, "system": system, "base": base, "activation_checkpointing": ac,
+            "kernels": "triton" if kernels and base == "int4" else "torch reference",
             "rows": args.rows, "tokens_per_row": args.tokens, "lora_rank": RANK, "step_s": round(seconds, 4),
             "tokens_per_s": round(tokens_per_s, 1), "peak_gib": round(peak, 2),
             "baseline": f"peft bf16, checkpointing {ac}", "speed_vs_baseline": round(tokens_per_s / ref_tps, 3),

@@ -8,23 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from orbit_kernels.int4 import dequant_int4, unpack_int4  # noqa: F401  (the int4 reference lives beside its kernel)
+
 # e2m1 magnitudes by their 3-bit code; bit 3 is the sign
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-
-
-def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
-    """int32 ``[rows, ceil(cols/8)]``, eight offset-by-8 nibbles each, lowest first -> int8 ``[rows, cols]``."""
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
-    nibbles = (packed[..., None] >> shifts) & 0xF
-    return (nibbles.flatten(-2)[..., :columns] - 8).to(torch.int8)
-
-
-def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """W4A16 symmetric group-wise: ``w = q * scale[group]``; scale ``[out, in / group]``."""
-    rows, cols = shape
-    q = unpack_int4(packed, cols).to(torch.float32)
-    group = cols // scale.shape[-1]
-    return (q.view(rows, -1, group) * scale.float()[..., None]).view(rows, cols).to(dtype)
 
 
 def dequant_fp8_block(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

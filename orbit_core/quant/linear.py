@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orbit_core.quant.dequant import dequant_fp8_block, dequant_int4, dequant_nvfp4
+from orbit_core.quant.dequant import dequant_fp8_block, dequant_nvfp4
+from orbit_kernels.int4 import int4_dequant, int4_linear
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -20,7 +21,7 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: "QuantLinear", bias: torch.Tensor | None) -> torch.Tensor:
         ctx.module = module
-        return F.linear(x, module.dequantized(x.dtype), bias)
+        return module.packed_linear(x, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -47,7 +48,7 @@ class QuantLinear(nn.Module):
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.compute_dtype
         if self.fmt_name == "int4":
-            return dequant_int4(self.weight_packed, self.weight_scale, (self.out_features, self.in_features), dtype)
+            return int4_dequant(self.weight_packed, self.weight_scale, self.in_features, dtype)
         if self.fmt_name == "fp8":
             return dequant_fp8_block(self.weight, self.weight_scale, dtype)
         return dequant_nvfp4(self.weight_packed, self.weight_scale, self.weight_global_scale, dtype)
@@ -56,11 +57,18 @@ class QuantLinear(nn.Module):
     def device(self) -> torch.device:
         return next(self.buffers()).device
 
+    def packed_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T + b`` through the format's kernel (int4: fused for decode-sized inputs)."""
+        if self.fmt_name == "int4":
+            y = int4_linear(x, self.weight_packed, self.weight_scale, self.in_features)
+            return y if bias is None else y + bias
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedLinear.apply(x, self, bias)
-        return F.linear(x, self.dequantized(x.dtype), bias)
+        return self.packed_linear(x, bias)
 
     def extra_repr(self) -> str:
         return f"{self.fmt_name}, in_features={self.in_features}, out_features={self.out_features}"

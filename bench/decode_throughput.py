@@ -1,0 +1,147 @@
+"""Decode throughput of the builtin engine by base precision, adapter and batch size, one JSON line each.
+
+Random weights in the given shape, 128-token prompts, 128 sampled new tokens, EOS off. Baselines in
+the same process: transformers ``generate`` on the bf16 weights, and for packed bases the same
+engine with the Triton kernels off (``--kernels both``). Rooflines: batch / (bytes read per decode
+step / the measured device-to-device copy bandwidth), once for the resident weights alone and once
+for the weights plus the KV cache a step reads (the mean context over the run).
+    python -m bench.decode_throughput --shape qwen3-1.7b --bases bf16 int4 --batches 1 32 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.base_memory import write_random_checkpoint
+from bench.rollout_throughput import SHAPES, NoEosTokenizer
+from orbit_core.peft.lora import apply_lora
+from orbit_core.policy import load_base
+from orbit_core.quant import quantize_checkpoint
+from orbit_core.rollout.engine import BuiltinEngine
+from orbit_core.rollout.types import SamplingParams
+from orbit_kernels import int4 as int4_kernels
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 10 / (time.perf_counter() - start)
+
+
+def resident_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def decode_seconds(model, prompts: list[list[int]], new: int, batch: int) -> float:
+    engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0)
+    params = SamplingParams(max_new_tokens=new, temperature=1.0)
+    engine.generate(prompts[:batch], SamplingParams(max_new_tokens=4, temperature=1.0))  # warm-up and autotune
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = engine.generate(prompts[:batch], params)
+    torch.cuda.synchronize()
+    assert all(len(c.token_ids) == new for c in out)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="qwen3-1.7b", choices=sorted(SHAPES))
+    parser.add_argument("--bases", nargs="+", default=["bf16", "int4"])
+    parser.add_argument("--adapters", nargs="+", default=["none", "lora"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32, 256])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--kernels", choices=["on", "both"], default="both")
+    parser.add_argument("--hf", action="store_true", help="also time transformers generate (bf16)")
+    args = parser.parse_args()
+    shape = SHAPES[args.shape]
+    root = Path(tempfile.mkdtemp())
+    write_random_checkpoint(root / "bf16", shape)
+    paths = {"bf16": str(root / "bf16")}
+    for fmt in args.bases:
+        if fmt != "bf16":
+            quantize_checkpoint(paths["bf16"], str(root / fmt), fmt, group_size=128, device="cuda")
+            paths[fmt] = str(root / fmt)
+    bandwidth = copy_bandwidth() / 2  # bytes read per second
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(10, shape["vocab_size"], (max(args.batches), args.prompt_len), generator=gen).tolist()
+    kv_per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * 2
+    mean_context = args.prompt_len + args.new / 2
+
+    def report(row: dict, tokens_per_s: float, weight_bytes: int, batch: int) -> None:
+        step_bytes = weight_bytes + batch * mean_context * kv_per_token
+        print(json.dumps({
+            "bench": "decode_throughput", "shape": args.shape, **row, "batch": batch, "prompt_len": args.prompt_len,
+            "new_tokens": args.new, "tokens_per_s": round(tokens_per_s, 1),
+            "ms_per_step": round(1e3 * batch / tokens_per_s, 2),
+            "roofline_weights_tokens_per_s": round(batch * bandwidth / weight_bytes, 1),
+            "roofline_weights_kv_tokens_per_s": round(batch * bandwidth / step_bytes, 1),
+            "fraction_of_weights_kv_roofline": round(tokens_per_s * step_bytes / (batch * bandwidth), 4),
+            "resident_weight_bytes": weight_bytes, "read_bandwidth_gb_s": round(bandwidth / 1e9),
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        }), flush=True)
+
+    for base in args.bases:
+        for adapter in args.adapters:
+            model = load_base(paths[base], "bfloat16", "cuda")
+            if adapter == "lora":
+                apply_lora(model, 16, 32, 0.0, ["all-linear"])
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if "lora_B" in name:
+                            p.normal_(0.0, 0.01)
+            model.eval()
+            weight_bytes = resident_bytes(model)
+            modes = [True, False] if base == "int4" and args.kernels == "both" else [True]
+            for kernels_on in modes:
+                int4_kernels.ENABLED = kernels_on
+                for batch in args.batches:
+                    seconds = decode_seconds(model, prompts, args.new, batch)
+                    report({"impl": "orbit_builtin", "base": base, "adapter": adapter,
+                            "kernels": "triton" if kernels_on and base == "int4" else "torch reference"},
+                           batch * args.new / seconds, weight_bytes, batch)
+            int4_kernels.ENABLED = True
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    if args.hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(paths["bf16"], dtype=torch.bfloat16).cuda().eval()
+        weight_bytes = resident_bytes(hf)
+        for batch in args.batches:
+            ids = torch.tensor(prompts[:batch], device="cuda")
+            run = lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                                        max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+            with torch.no_grad():
+                run(4)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                run(args.new)
+                torch.cuda.synchronize()
+            report({"impl": "hf_generate", "base": "bf16", "adapter": "none", "kernels": "-"},
+                   batch * args.new / (time.perf_counter() - start), weight_bytes, batch)
+
+
+if __name__ == "__main__":
+    main()
