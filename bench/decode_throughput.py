@@ -51,8 +51,8 @@ def resident_bytes(model) -> int:
     return total
 
 
-def decode_seconds(model, prompts: list[list[int]], new: int, batch: int) -> float:
-    engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0)
+def decode_seconds(model, prompts: list[list[int]], new: int, batch: int, cuda_graph: bool) -> float:
+    engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0, cuda_graph=cuda_graph)
     params = SamplingParams(max_new_tokens=new, temperature=1.0)
     engine.generate(prompts[:batch], SamplingParams(max_new_tokens=4, temperature=1.0))  # warm-up and autotune
     torch.cuda.synchronize()
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--kernels", choices=["on", "both"], default="both")
+    parser.add_argument("--graphs", choices=["on", "both"], default="both",
+                        help="both: also decode eagerly (rollout.cuda_graph=false), the launch-bound baseline")
     parser.add_argument("--hf", action="store_true", help="also time transformers generate (bf16)")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
@@ -112,14 +114,16 @@ def main() -> None:
                             p.normal_(0.0, 0.01)
             model.eval()
             weight_bytes = resident_bytes(model)
-            modes = [True, False] if base == "int4" and args.kernels == "both" else [True]
-            for kernels_on in modes:
+            kernel_modes = [True, False] if base == "int4" and args.kernels == "both" else [True]
+            graph_modes = [True, False] if args.graphs == "both" else [True]
+            for kernels_on in kernel_modes:
                 int4_kernels.ENABLED = kernels_on
-                for batch in args.batches:
-                    seconds = decode_seconds(model, prompts, args.new, batch)
-                    report({"impl": "orbit_builtin", "base": base, "adapter": adapter,
-                            "kernels": "triton" if kernels_on and base == "int4" else "torch reference"},
-                           batch * args.new / seconds, weight_bytes, batch)
+                for graphs in graph_modes:
+                    for batch in args.batches:
+                        seconds = decode_seconds(model, prompts, args.new, batch, graphs)
+                        report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "cuda_graph": graphs,
+                                "kernels": "triton" if kernels_on and base == "int4" else "torch reference"},
+                               batch * args.new / seconds, weight_bytes, batch)
             int4_kernels.ENABLED = True
             del model
             gc.collect()

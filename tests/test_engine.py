@@ -108,3 +108,25 @@ def test_cuda_engine_logprobs_equal_fresh_forward(tiny_checkpoint):
         with torch.no_grad():
             expected = token_logprobs(model(ids[:, :-1]), ids[:, 1:])[0, len(c.prompt_ids) - 1 :].cpu()
         torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cuda_graph_decode_equals_eager_decode(tiny_checkpoint, temperature):
+    model, tok = load_model(tiny_checkpoint, device="cuda"), load_tokenizer(tiny_checkpoint)
+    apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    model.to("cuda")
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, n=5)
+    runs = {}
+    for graphs in (True, False):
+        engine = BuiltinEngine(model, tok, max_running=16, seed=3, cuda_graph=graphs)
+        runs[graphs] = engine.generate(_prompts(tok), params)
+        if graphs:
+            assert engine.loop.graphed is not None and engine.loop.graphed.graphs and not engine.loop.graphed.failed
+    for graphed, eager in zip(runs[True], runs[False]):
+        assert graphed.token_ids == eager.token_ids
+        torch.testing.assert_close(torch.tensor(graphed.logprobs), torch.tensor(eager.logprobs), atol=1e-4, rtol=0)

@@ -60,6 +60,9 @@ class RolloutSection:
     second GPU is visible, else the trainer's device."""
     engine_threads: int = 0
     """CPU threads of a non-colocated engine process; 0 = half the cores (the trainer keeps the rest)."""
+    cuda_graph: bool = True
+    """On CUDA, replay the decode forward as CUDA graphs (one per row bucket); false decodes eagerly,
+    for debugging. Engines with two adapter slots (double buffering) decode eagerly for now."""
     engine_timeout_s: float = 600.0
     """A non-colocated engine that sends nothing for this long is treated as crashed."""
 

@@ -30,7 +30,8 @@ def run_eval(config: RecipeConfig, adapter: str | None = None, log=print) -> Eva
         load_adapter_state_dict(policy.model, state, adapter)
     e = config.eval
     records = load_records(e.test_path, config.data)
-    engine = BuiltinEngine(policy.model, policy.tokenizer, max_running=config.rollout.max_running, seed=config.train.seed)
+    engine = BuiltinEngine(policy.model, policy.tokenizer, max_running=config.rollout.max_running, seed=config.train.seed,
+                           cuda_graph=config.rollout.cuda_graph)
     chat = use_chat_template(policy.tokenizer, config.data.apply_chat_template)
     rewards = build_rewards(config.rl)
     try:

@@ -20,6 +20,7 @@ import torch
 
 from orbit_core.models.transformer import DecoderLM, KVCache
 from orbit_core.peft.slots import SlotBank
+from orbit_core.rollout.cuda_graphs import GraphedDecode
 from orbit_core.rollout.sampling import sample_tokens
 from orbit_core.rollout.types import Completion, SamplingParams
 
@@ -43,9 +44,10 @@ class Request:
 
 class DecodeLoop:
     def __init__(self, model: DecoderLM, tokenizer, generator: torch.Generator, max_running: int,
-                 bank: SlotBank | None = None, audit: bool = False, streaming: bool = False):
+                 bank: SlotBank | None = None, audit: bool = False, streaming: bool = False, cuda_graph: bool = True):
         """``streaming``: requests keep arriving, so size the cache for ``max_running`` rows up front
-        (otherwise for the requests waiting when it is allocated)."""
+        (otherwise for the requests waiting when it is allocated). ``cuda_graph``: replay the decode
+        forward as CUDA graphs (on a CUDA device, for an engine without adapter slots)."""
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
         self.max_running = max_running
         self.streaming = streaming
@@ -59,6 +61,8 @@ class DecodeLoop:
         self.eos_list = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         self.cache: KVCache | None = None
+        self.use_graphs = cuda_graph and self.device.type == "cuda" and bank is None
+        self.graphed: GraphedDecode | None = None
         self.busy_rows: dict[int, Request] = {}
         self.params: SamplingParams | None = None
         self.pending: deque[Request] = deque()
@@ -80,7 +84,7 @@ class DecodeLoop:
     def release(self) -> None:
         """Free the KV cache (colocated engines give the memory back while the trainer runs)."""
         assert self.idle, "release() with sequences in flight"
-        self.cache = None
+        self.cache = self.graphed = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -89,14 +93,14 @@ class DecodeLoop:
         self.pending.clear()
         self.busy_rows = {}
         self.slot_refs = [0] * len(self.slot_refs)
-        self.cache = None
+        self.cache = self.graphed = None
 
     def submit(self, requests: list[Request], params: SamplingParams) -> None:
         if self.params != params:
             if not self.idle:
                 raise RuntimeError("sampling params can only change while the engine is idle")
             self.params = params
-            self.cache = None
+            self.cache = self.graphed = None
         self.pending.extend(requests)
 
     def _stop_triggers(self, stop: tuple[str, ...]) -> torch.Tensor | None:
@@ -124,7 +128,7 @@ class DecodeLoop:
         c = self.cache
         if c is None or c.k.shape[1] < slots or c.capacity < capacity:
             dtype = next(self.model.parameters()).dtype
-            self.cache = None  # free the old one before allocating
+            self.cache = self.graphed = None  # free the old one before allocating
             self.cache = KVCache.allocate(self.model.config, slots, capacity, dtype, device)
         slots, max_new = self.cache.k.shape[1], p.max_new_tokens
         self.model.ensure_rope(self.cache.capacity, device)
@@ -206,14 +210,20 @@ class DecodeLoop:
 
     def _decode(self) -> list[tuple[Request, Completion]]:
         hi = min(round_up(max(self.busy_rows) + 1, ROW_BUCKET), self.cache.k.shape[1])
-        kv_len = min(round_up(self.max_len + 1, KV_BUCKET), self.cache.capacity)
         lengths = self.lengths[:hi]
-        mask = (self.key_index[None, :kv_len] <= lengths[:, None])[:, None, None, :]
-        view = KVCache(self.cache.k[:, :hi], self.cache.v[:, :hi])
-        if self.bank is not None:
-            used = tuple(s for s, n in enumerate(self.slot_refs) if n > 0)
-            self.bank.set_rows(self.row_adapter[:hi] if len(used) > 1 else None, used)
-        logits = self.model(self.last_token[:hi, None], lengths[:, None], cache=view, decode_mask=mask)[:, -1]
+        logits = None
+        if self.use_graphs:
+            if self.graphed is None:
+                self.graphed = GraphedDecode(self.model, self.cache)
+            logits = self.graphed.logits(self.last_token[:hi], lengths)
+        if logits is None:
+            kv_len = min(round_up(self.max_len + 1, KV_BUCKET), self.cache.capacity)
+            mask = (self.key_index[None, :kv_len] <= lengths[:, None])[:, None, None, :]
+            view = KVCache(self.cache.k[:, :hi], self.cache.v[:, :hi])
+            if self.bank is not None:
+                used = tuple(s for s, n in enumerate(self.slot_refs) if n > 0)
+                self.bank.set_rows(self.row_adapter[:hi] if len(used) > 1 else None, used)
+            logits = self.model(self.last_token[:hi, None], lengths[:, None], cache=view, decode_mask=mask)[:, -1]
         p = self.params
         tokens, logprobs = sample_tokens(logits, p.temperature, p.top_k, p.top_p, self.generator)
         which = self.active[:hi].clone()

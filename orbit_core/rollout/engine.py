@@ -12,12 +12,12 @@ from orbit_core.rollout.types import Completion, SamplingParams
 class BuiltinEngine:
     """Generates with the live model object, so it always uses the current adapter weights."""
 
-    def __init__(self, model: DecoderLM, tokenizer, max_running: int = 256, seed: int = 0):
+    def __init__(self, model: DecoderLM, tokenizer, max_running: int = 256, seed: int = 0, cuda_graph: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.loop = DecodeLoop(model, tokenizer, self.generator, max_running)
+        self.loop = DecodeLoop(model, tokenizer, self.generator, max_running, cuda_graph=cuda_graph)
 
     @property
     def adapter_version(self) -> int:

@@ -113,7 +113,8 @@ class TrainingRun:
             teacher = load_teacher(rl.teacher_path, c.model.dtype, self.policy.device, self.policy.model.config.vocab_size,
                                    self.cb.on_message)
         self.trainer = build_trainer(c, self.policy, teacher)
-        self.engine = BuiltinEngine(self.policy.model, self.tokenizer, max_running=c.rollout.max_running, seed=c.train.seed)
+        self.engine = BuiltinEngine(self.policy.model, self.tokenizer, max_running=c.rollout.max_running, seed=c.train.seed,
+                                    cuda_graph=c.rollout.cuda_graph)
         self.sampler = PromptSampler(len(self.records), c.train.seed, c.data.shuffle)
         self.shuffle_rng = random.Random(c.train.seed)
         if self.plan.state is not None:

@@ -1,0 +1,79 @@
+"""The decode forward captured as CUDA graphs, one per row bucket (powers of two, at least 8).
+
+A decode step launches a kernel per op of every layer from Python, so on a GPU it costs tens of
+milliseconds however little it computes. Replaying a captured graph launches them all at once.
+A graph owns its inputs: the step's last tokens and positions are copied into static buffers, the
+attention mask is built inside the graph from the positions, and the keys and values are the KV
+cache's own storage, read over its whole capacity. Graphs belong to one cache allocation and are
+dropped with it (``DecodeLoop.release``), so addresses never change under a captured graph.
+
+Warm-up and capture write their keys and values at the cache's last position, which no sequence
+ever reaches (``DecodeLoop._fits`` keeps one position spare), so capturing mid-generation is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from orbit_core.models.transformer import DecoderLM, KVCache
+
+log = logging.getLogger("orbit.rollout")
+MIN_BUCKET = 8
+
+
+class GraphedDecode:
+    def __init__(self, model: DecoderLM, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.key_index = torch.arange(cache.capacity, device=cache.k.device)
+        self.rope = (model.rope_cos, model.rope_sin)
+        self.failed = False
+
+    def bucket(self, rows: int) -> int:
+        return min(max(MIN_BUCKET, 1 << (rows - 1).bit_length()), self.cache.k.shape[1])
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: int) -> torch.Tensor:
+        mask = (self.key_index[None, :] <= positions)[:, None, None, :]
+        view = KVCache(self.cache.k[:, :rows], self.cache.v[:, :rows])
+        return self.model(tokens, positions, cache=view, decode_mask=mask)[:, -1]
+
+    def _capture(self, rows: int) -> None:
+        device = self.cache.k.device
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        positions = torch.full((rows, 1), self.cache.capacity - 1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: allocator, autotuned kernels, lazily built tables
+            for _ in range(2):
+                self._forward(tokens, positions, rows)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(tokens, positions, rows)
+        self.graphs[rows] = (graph, tokens, positions, logits)
+
+    def logits(self, last_token: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        """Logits ``[hi, vocab]`` for the rows' next positions, or None when capture is unavailable."""
+        if self.failed:
+            return None
+        if self.rope[0] is not self.model.rope_cos or self.rope[1] is not self.model.rope_sin:
+            self.graphs.clear()  # the rope tables were rebuilt (a longer training sequence): recapture
+            self.rope = (self.model.rope_cos, self.model.rope_sin)
+        hi = last_token.shape[0]
+        rows = self.bucket(hi)
+        if rows not in self.graphs:
+            try:
+                self._capture(rows)
+            except Exception as err:  # a model op that cannot be captured: decode eagerly from now on
+                self.failed = True
+                log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(err).__name__, err)
+                return None
+        graph, tokens, positions, logits = self.graphs[rows]
+        tokens[:hi, 0].copy_(last_token)
+        positions[:hi, 0].copy_(lengths)
+        positions[hi:].fill_(self.cache.capacity - 1)  # padding rows write only the spare position
+        graph.replay()
+        return logits[:hi]
