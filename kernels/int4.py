@@ -46,8 +46,11 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, in
 log = logging.getLogger("orbit.kernels")
 FUSED_MAX_ROWS = 32
 """Up to this many activation rows, ``int4_linear`` runs the fused kernel; above, dequant + cuBLAS.
-Measured on an H100 at the Qwen3-1.7B shape (bench/decode_throughput.py): even with the dequant
-path at 32 rows, 1.45x slower at 256 (100 vs 69 ms per decode step)."""
+Set from the first version of the kernel on an H100 at the Qwen3-1.7B shape (eager decode,
+bench/results/decode_throughput_h100.jsonl): even with the dequant path at 32 rows, 1.45x
+slower at 256."""
+LINEAR_BLOCK_K = 64
+"""The fused kernel's K tile: in_features and the group size must be multiples of it."""
 _reported: set[tuple] = set()
 ENABLED = True
 """Set False to force the references (benchmarks compare the two in one process)."""
@@ -78,31 +81,34 @@ if triton is not None:
         tl.store(out_ptr + offs_r[:, None] * stride_o + offs_c[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
 
     _LINEAR_CONFIGS = [
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
     ]
 
     @triton.autotune(configs=_LINEAR_CONFIGS, key=["M_BUCKET", "N", "K"])
     @triton.jit
     def _linear_kernel(x_ptr, packed_ptr, scale_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_p, stride_s, stride_ym,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # packed words are read as a contiguous [BLOCK_N, BLOCK_K / 8] tile and unpacked in registers;
+        # one scale per row and K tile (BLOCK_K divides the group)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = tl.arange(0, BLOCK_K // 8)
+        shifts = tl.arange(0, 8) * 4
+        n_mask = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
-            w_mask = offs_n[None, :] < N
-            words = tl.load(packed_ptr + offs_n[None, :] * stride_p + offs_k[:, None] // 8, mask=w_mask, other=0)
-            q = ((words >> ((offs_k[:, None] % 8) * 4)) & 0xF) - 8
-            scale = tl.load(scale_ptr + offs_n[None, :] * stride_s + offs_k[:, None] // GROUP, mask=w_mask, other=0.0)
-            w = (q.to(tl.float32) * scale.to(tl.float32)).to(x.dtype)
-            acc = tl.dot(x, w, acc)
+            words = tl.load(packed_ptr + offs_n[:, None] * stride_p + (k0 // 8 + offs_w)[None, :], mask=n_mask[:, None],
+                            other=0)
+            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K)) - 8
+            scale = tl.load(scale_ptr + offs_n * stride_s + k0 // GROUP, mask=n_mask, other=0.0)
+            w = (q.to(tl.float32) * scale.to(tl.float32)[:, None]).to(x.dtype)
+            acc = tl.dot(x, tl.trans(w), acc)
         y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
@@ -129,8 +135,8 @@ def _(packed, scale, in_features, dtype):
 def _fused_reason(x: torch.Tensor, in_features: int, group: int) -> str | None:
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activations are {x.dtype}"
-    if in_features % 256 or group % 8:
-        return f"in_features={in_features} is not a multiple of 256 or group={group} of 8"
+    if in_features % LINEAR_BLOCK_K or group % LINEAR_BLOCK_K:
+        return f"in_features={in_features} or group={group} is not a multiple of {LINEAR_BLOCK_K}"
     return None
 
 
@@ -155,7 +161,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_f
         return triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(out_features, meta["BLOCK_N"])
 
     _linear_kernel[grid](flat, packed, scale, y, rows, out_features, in_features, bucket, flat.stride(0), packed.stride(0),
-                         scale.stride(0), y.stride(0), GROUP=group)
+                         scale.stride(0), y.stride(0), GROUP=group, BLOCK_K=LINEAR_BLOCK_K)
     return y.view(*x.shape[:-1], out_features)
 
 

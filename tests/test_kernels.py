@@ -58,7 +58,7 @@ def test_linear_kernel_equals_the_reference_in_bf16(m, rows, cols, group):
 
 @cuda
 def test_unserved_shape_falls_back_and_says_so(caplog):
-    packed, scale = _packed(64, 200, 8, "cuda")  # 200 columns: not a multiple of 256
+    packed, scale = _packed(64, 200, 8, "cuda")  # 200 columns: not a multiple of the K tile
     x = torch.randn(3, 200, device="cuda", dtype=torch.bfloat16)
     with caplog.at_level("WARNING", logger="orbit.kernels"):
         got = int4_linear(x, packed, scale, 200)
