@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from orbit_cli.console import console, say
+from orbit_cli.console import say
 from orbit_core.convert import export_peft_adapter, merge_adapter
 from orbit_core.convert.megatron import hf_to_megatron as hf_to_megatron_core
 from orbit_core.convert.megatron import megatron_to_hf as megatron_to_hf_core
