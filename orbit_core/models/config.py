@@ -1,4 +1,5 @@
-"""Architecture hyper-parameters read from a HF ``config.json`` (Llama / Qwen2 / Qwen3)."""
+"""Architecture hyper-parameters read from a HF ``config.json`` (Llama / Qwen2 / Qwen3, and the
+mixture-of-experts Qwen3-MoE / Qwen2-MoE)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,37 @@ from typing import Any
 
 from orbit_core.errors import OrbitError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+QWEN2_FAMILY = ("qwen2", "qwen2_moe")
+"""q/k/v biases always, none on o_proj."""
+QK_NORM = ("qwen3", "qwen3_moe")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE's always-on expert, gated by a sigmoid; 0 = none."""
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        """Which layers hold an MoE block (the rest keep a dense MLP), as transformers decides it."""
+        return layer_idx not in self.mlp_only_layers and self.num_experts > 0 and (layer_idx + 1) % self.decoder_sparse_step == 0
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "MoEConfig":
+        # released Qwen MoE configs say num_experts; transformers >= 5 writes num_local_experts
+        experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+        return cls(num_experts=int(experts), experts_per_token=int(hf["num_experts_per_tok"]),
+                   expert_intermediate_size=int(hf["moe_intermediate_size"]),
+                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                   decoder_sparse_step=int(hf.get("decoder_sparse_step", 1) or 1),
+                   mlp_only_layers=tuple(int(i) for i in hf.get("mlp_only_layers") or ()),
+                   shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0))
 
 
 @dataclass(frozen=True)
@@ -29,6 +60,7 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoEConfig | None = None
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "DecoderConfig":
@@ -62,11 +94,13 @@ class DecoderConfig:
                 rope_scaling=rope,
                 max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                # Qwen2 always has q/k/v biases; Llama and Qwen3 declare it.
-                attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                # Qwen2 always has q/k/v biases (Qwen2-MoE says so in qkv_bias); Llama and Qwen3 declare it.
+                attention_bias=(bool(hf.get("qkv_bias", True)) if model_type == "qwen2_moe" else model_type == "qwen2"
+                                or bool(hf.get("attention_bias", False))),
                 mlp_bias=bool(hf.get("mlp_bias", False)),
-                qk_norm=model_type == "qwen3",
+                qk_norm=model_type in QK_NORM,
                 eos_token_ids=eos_ids,
+                moe=MoEConfig.from_hf(hf) if model_type.endswith("_moe") else None,
             )
         except KeyError as err:
             raise OrbitError(f"{source}: missing field {err.args[0]!r}", "the checkpoint's config.json is incomplete") from err

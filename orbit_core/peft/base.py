@@ -61,7 +61,8 @@ def target_linears(model: nn.Module, patterns: list[str]) -> list[str]:
     def matches(name: str) -> bool:
         leaf = name.rsplit(".", 1)[-1]
         for pattern in patterns:
-            if pattern == "all-linear" and leaf in LINEAR_NAMES:
+            # all-linear leaves an MoE's experts alone: adapting every expert is opted into by glob
+            if pattern == "all-linear" and leaf in LINEAR_NAMES and ".experts." not in name:
                 return True
             if pattern != "all-linear" and (fnmatch.fnmatch(name, pattern) or leaf == pattern):
                 return True
