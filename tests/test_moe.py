@@ -94,3 +94,52 @@ def test_engine_generates_from_an_moe_model_with_the_trainers_logprobs(tmp_path)
         with torch.no_grad():
             fresh = token_logprobs(model(ids[:, :-1]), ids[:, 1:])[0, len(c.prompt_ids) - 1:]
         torch.testing.assert_close(torch.tensor(c.logprobs), fresh, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
+def test_quantize_moe_keeps_per_expert_names_routers_in_bf16_and_reads_back(tmp_path, kind, fmt):
+    import json
+
+    from compressed_tensors.compressors import BaseCompressor
+    from safetensors.torch import load_file
+
+    from orbit_core.policy import load_base
+    from orbit_core.preflight import check_checkpoint
+    from orbit_core.quant import QuantLinear, quantize_checkpoint
+    from orbit_core.quant.dequant import dequant_fp8_block, dequant_int4, dequant_nvfp4
+    from orbit_core.quant.formats import format_from_config
+
+    extra = {"shared_expert_intermediate_size": 48} if kind == "qwen2_moe" else {}
+    save_moe(kind, tmp_path / "src", **extra)
+    out = quantize_checkpoint(str(tmp_path / "src"), str(tmp_path / fmt), fmt, group_size=16)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    weight_format, ignored = format_from_config(config, "config.json")
+    layers = range(SHAPE["num_hidden_layers"])
+    routers = [f"model.layers.{i}.mlp.gate" for i in layers]
+    gates = [f"model.layers.{i}.mlp.shared_expert_gate" for i in layers] if extra else []
+    assert sorted(ignored) == sorted(["lm_head", *routers, *gates])
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
+    module = "model.layers.2.mlp.experts.5.down_proj"  # llm-compressor's per-expert name
+    local = {k[len(module) + 1:]: v for k, v in tensors.items() if k.startswith(module + ".")}
+    assert "weight" not in local or fmt == "fp8"
+    theirs = BaseCompressor.get_value_from_registry(weight_format.storage).decompress(local, weight_format.scheme)["weight"]
+    if fmt == "int4":
+        ours = dequant_int4(local["weight_packed"], local["weight_scale"], tuple(local["weight_shape"].tolist()), torch.float32)
+    elif fmt == "fp8":
+        ours = dequant_fp8_block(local["weight"], local["weight_scale"], torch.float32)
+    else:
+        ours = dequant_nvfp4(local["weight_packed"], local["weight_scale"], local["weight_global_scale"], torch.float32)
+    torch.testing.assert_close(ours.to(theirs.dtype).float(), theirs.float(), atol=1e-6, rtol=2**-7)
+    report = check_checkpoint(str(out), str(tmp_path / "src"))
+    assert report.passed, [c.detail for c in report.checks]
+    model = load_base(str(out))
+    packed = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    experts = {n for n in packed if ".experts." in n}
+    assert len(experts) == SHAPE["num_hidden_layers"] * SHAPE["num_experts"] * 3
+    assert not any(n in packed for n in routers + gates)
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(ids)
+    assert torch.isfinite(logits).all()

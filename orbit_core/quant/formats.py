@@ -12,7 +12,7 @@ FORMATS = ("int4", "fp8", "nvfp4")
 # compressed-tensors preset (weights only) and on-disk format per Orbit format name
 _PRESETS = {"int4": ("W4A16", "pack-quantized"), "fp8": ("FP8_BLOCK", "float-quantized"),
             "nvfp4": ("NVFP4A16", "nvfp4-pack-quantized")}
-DEFAULT_IGNORE = ("embed_tokens", "lm_head", "norm", "mlp.gate", "router")
+DEFAULT_IGNORE = ("embed_tokens", "lm_head", "norm", "mlp.gate", "router", "shared_expert_gate")
 
 
 def require_compressed_tensors() -> None:
