@@ -51,3 +51,21 @@ def test_async_recipe_raises_accuracy_with_bounded_staleness(tmp_path, shared_ca
     assert len(steps) == 60
     assert all(r["staleness/max"] <= 1 for r in steps) and any(r["staleness/max"] == 1 for r in steps)
     assert all(0 < r["sync/bytes"] < r["sync/full_weight_bytes"] / 2 for r in steps)  # rank 16 is large for a tiny model
+
+
+@pytest.mark.slow
+def test_moe_recipe_builds_its_model_and_learns(tmp_path, shared_cache):
+    start = time.monotonic()
+    out = run("train", "--recipe", "tiny-arith-moe-lora", f"train.output_dir={tmp_path / 'run'}",
+              env_extra={"ORBIT_CACHE": str(shared_cache)}, timeout=900)
+    wall_s = time.monotonic() - start
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "eval_report.json").read_text())
+    before, after = report["before"]["greedy_accuracy"], report["after"]["greedy_accuracy"]
+    print(f"tiny-arith-moe-lora: greedy accuracy {before:.3f} -> {after:.3f} in {wall_s:.0f}s (model built)")
+    assert after - before >= 0.15
+    assert wall_s < 600
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(shared_cache / "tiny-arith" / "model-moe-w1500"))
+    assert config.model_type == "qwen3_moe"

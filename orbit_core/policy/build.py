@@ -16,7 +16,7 @@ from orbit_core.models.transformer import DecoderLM
 from orbit_core.peft.lora import apply_lora
 from orbit_core.peft.oft import apply_oft
 from orbit_core.peft.value_head import attach_value_head
-from orbit_core.policy.embedded import embedded_hf_config, resolve_model_path
+from orbit_core.policy.embedded import embedded_spec_config, resolve_model_path
 from orbit_core.policy.load import load_base
 
 
@@ -46,7 +46,7 @@ def apply_adapter(model: DecoderLM, peft_cfg: PeftSection) -> list[str]:
 
 def check_adapter_fits(model_cfg: ModelSection, peft_cfg: PeftSection) -> None:
     """Apply the adapter to a weightless (meta) copy: shape errors surface before anything loads."""
-    hf = embedded_hf_config() if is_embedded(model_cfg.path) else read_hf_config(model_cfg.path)
+    hf = embedded_spec_config(model_cfg.path) if is_embedded(model_cfg.path) else read_hf_config(model_cfg.path)
     hf = {k: v for k, v in hf.items() if k != "quantization_config"}
     with torch.device("meta"):
         apply_adapter(DecoderLM(DecoderConfig.from_hf(hf)), peft_cfg)

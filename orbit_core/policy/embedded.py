@@ -19,6 +19,9 @@ TINY_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
                   num_key_value_heads=2, head_dim=32, max_position_embeddings=64, tie_word_embeddings=True)
 TEACHER = f"{TASK}-teacher"
 TEACHER_STEPS = 3000
+MOE = f"{TASK}-moe"
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=192, norm_topk_prob=True)
+"""The MoE variant: every MLP is 4 experts (top 2) of half the dense width, so a token computes as much."""
 
 
 def resolve_model_path(spec: str, warmstart_steps: int, log: Callable[[str], None] = print) -> str:
@@ -29,14 +32,15 @@ def resolve_model_path(spec: str, warmstart_steps: int, log: Callable[[str], Non
     name = spec[len(PREFIX):]
     if name == f"{TASK}-int4":
         return quantized_embedded(warmstart_steps, "int4", log)
-    if name not in (TASK, TEACHER):
-        raise OrbitError(f"unknown embedded model {spec!r}", f"use embedded:{TASK}, embedded:{TASK}-int4 or embedded:{TEACHER}")
-    clean = name == TEACHER
+    if name not in (TASK, TEACHER, MOE):
+        raise OrbitError(f"unknown embedded model {spec!r}",
+                         f"use embedded:{TASK}, embedded:{TASK}-int4, embedded:{MOE} or embedded:{TEACHER}")
+    clean, moe = name == TEACHER, name == MOE
     steps = TEACHER_STEPS if clean else warmstart_steps
-    target = cache_root() / TASK / (f"teacher-w{steps}" if clean else f"model-w{steps}")
+    target = cache_root() / TASK / (f"teacher-w{steps}" if clean else f"model-moe-w{steps}" if moe else f"model-w{steps}")
     if not target.exists():
         log(f"building {spec} (first use, cached at {target})")
-    return str(atomic_build(target, lambda tmp: build_tiny_model(tmp, steps, log, clean=clean)))
+    return str(atomic_build(target, lambda tmp: build_tiny_model(tmp, steps, log, clean=clean, moe=moe)))
 
 
 INT4_GROUP = 32
@@ -54,21 +58,29 @@ def quantized_embedded(warmstart_steps: int, fmt: str, log: Callable[[str], None
     return str(target)
 
 
-def embedded_hf_config(vocab_size: int | None = None) -> dict:
+def embedded_hf_config(vocab_size: int | None = None, moe: bool = False) -> dict:
     """The embedded model's config.json contents, known without building it."""
-    from transformers import Qwen3Config
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
     from orbit_core.models.char_tokenizer import PIECES, SPECIAL_TOKENS
 
     vocab = vocab_size or len(SPECIAL_TOKENS) + len(PIECES) + len(dict.fromkeys(ALPHABET))
-    return Qwen3Config(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                       architectures=["Qwen3ForCausalLM"], **TINY_SHAPE).to_dict()
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, **TINY_SHAPE)
+    if moe:
+        return Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], **common, **TINY_MOE).to_dict()
+    return Qwen3Config(architectures=["Qwen3ForCausalLM"], **common).to_dict()
 
 
-def build_tiny_model(path: Path, warmstart_steps: int, log: Callable[[str], None] = print, clean: bool = False) -> None:
+def embedded_spec_config(spec: str) -> dict:
+    """config.json of an ``embedded:`` model spec (the int4 one shares the dense shape)."""
+    return embedded_hf_config(moe=spec[len(PREFIX):] == MOE)
+
+
+def build_tiny_model(path: Path, warmstart_steps: int, log: Callable[[str], None] = print, clean: bool = False,
+                     moe: bool = False) -> None:
     """Random Qwen3-shaped model + char tokenizer, warm-started on the task's SFT split, saved as HF.
 
-    ``clean`` trains on the true labels instead of the noisy targets.
+    ``clean`` trains on the true labels instead of the noisy targets; ``moe`` builds Qwen3-MoE.
     """
     import json
 
@@ -79,7 +91,7 @@ def build_tiny_model(path: Path, warmstart_steps: int, log: Callable[[str], None
     from orbit_core.policy.warmstart import supervised_warmstart
 
     tokenizer = build_char_tokenizer(ALPHABET, str(path))
-    hf = embedded_hf_config(len(tokenizer))
+    hf = embedded_hf_config(len(tokenizer), moe=moe)
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     torch.manual_seed(TASK_SEED)
     model = DecoderLM(DecoderConfig.from_hf(hf))
