@@ -143,3 +143,69 @@ def test_quantize_moe_keeps_per_expert_names_routers_in_bf16_and_reads_back(tmp_
     with torch.no_grad():
         logits = model(ids)
     assert torch.isfinite(logits).all()
+
+
+def _moe_trainer(path, replay: bool):
+    from orbit_core.config.loader import build_config
+    from orbit_core.peft.lora import apply_lora
+    from orbit_core.train.torch_backend import TorchTrainer
+
+    config = build_config({"model": {"path": str(path), "device": "cpu"}, "rl": {"routing_replay": replay},
+                           "train": {"global_batch_size": 4, "micro_batch_size": 2},
+                           "rollout": {"batch_size": 2, "n_samples_per_prompt": 2}})
+    model = load_model(str(path))
+    apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    return TorchTrainer(model, config)
+
+
+def test_engine_records_routing_the_trainer_reproduces_and_replay_overrides_it(tmp_path):
+    from orbit_core.models.moe import moe_routing
+    from orbit_core.rl.logprobs import token_logprobs
+    from orbit_core.rollout.engine import BuiltinEngine
+    from orbit_core.rollout.types import SamplingParams
+    from orbit_core.train.batch import build_batch
+
+    save_moe("qwen3_moe", tmp_path, norm_topk_prob=True)
+    trainer = _moe_trainer(tmp_path, replay=False)
+    completions = BuiltinEngine(trainer.model, _Tokenizer(), max_running=8, seed=0).generate(
+        [[5, 6, 7, 8, 9], [10, 11, 12]], SamplingParams(max_new_tokens=7, temperature=1.0, n=2))
+    for c in completions:
+        assert c.routing.shape == (len(c.prompt_ids) + len(c.token_ids) - 1, SHAPE["num_hidden_layers"], 2)
+    batch = build_batch(completions, torch.zeros(4), 0)
+    natural, _ = trainer.score(batch)
+    assert trainer.routing_mismatch() <= 0.02  # the trainer's own routing reproduces the engine's
+
+    shifted = build_batch(completions, torch.zeros(4), 0)
+    shifted.routing = (shifted.routing + 1) % SHAPE["num_experts"]  # a constructed engine-side disagreement
+    trainer.score(shifted)
+    assert trainer.routing_mismatch() > 0.9
+    replaying = _moe_trainer(tmp_path, replay=True)
+    replayed, _ = replaying.score(shifted)
+    assert replaying.routing_mismatch() > 0.9  # the metric reports the trainer's own choice either way
+    with torch.no_grad(), moe_routing(replaying.model, replay=shifted.routing):
+        ids = shifted.input_ids
+        manual = token_logprobs(replaying.model(ids[:, :-1]), ids[:, 1:]) * shifted.response_mask
+    torch.testing.assert_close(replayed * shifted.response_mask, manual, atol=1e-5, rtol=0)
+    assert ((replayed - natural).abs() * shifted.response_mask).max() > 1e-3
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_moe_training_logs_routing_mismatch(tmp_path, tiny_checkpoint, replay):
+    import shutil
+    from pathlib import Path
+
+    from orbit_core.config import load_recipe
+    from orbit_core.train import Callbacks, run_training
+    from tests.helpers import small_recipe
+
+    save_moe("qwen2_moe", tmp_path / "moe", shared_expert_intermediate_size=48)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(tiny_checkpoint) / name).is_file():
+            shutil.copy(Path(tiny_checkpoint) / name, tmp_path / "moe" / name)
+    recipe = small_recipe(tmp_path, str(tmp_path / "moe"), rl={"routing_replay": replay}, train={"steps": 2},
+                          eval={"enabled": False})
+    result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+    assert result.steps_done == 2
+    for row in result.metrics:
+        assert 0.0 <= row["moe/routing_mismatch_fraction"] <= 0.05  # engine and trainer route alike on the CPU
+        assert row["rollout/behaviour_proximal_logprob_abs_diff_max"] < 1e-3

@@ -97,6 +97,9 @@ class RLSection:
     """Truncated importance sampling: each token's loss is weighted by min(pi_proximal / pi_behaviour,
     tis_cap), the trainer's recomputed logprob over the engine's recorded one; it corrects async
     staleness and engine/trainer mismatch (decoupled PPO). 0 = off."""
+    routing_replay: bool = False
+    """MoE models: the trainer routes each token to the experts the engine chose for it (recorded at
+    sampling), so both sides compute the same experts; ``moe/routing_mismatch_fraction`` is logged either way."""
     filter_zero_signal_groups: bool = False
     """Drop groups whose rewards are all equal and sample more prompts to refill (DAPO dynamic sampling)."""
     dynamic_sampling_max_rounds: int = 4

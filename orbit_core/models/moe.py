@@ -5,9 +5,16 @@ Routing: ``softmax(x W_gate)`` in fp32, the top ``k`` experts per token, renorma
 plus ``sigmoid(x w_shared) * shared_expert(x)`` for Qwen2-MoE. Only the experts that some token
 routes to run. Weights load by the per-expert names HF checkpoints use
 (``mlp.experts.{e}.gate_proj.weight``, ``mlp.gate.weight``, ``mlp.shared_expert...``).
+
+Routing can be traced and replayed (``moe_routing``): the engine records each token's experts per
+MoE layer, and the trainer can log how often its own choice differs (a source of engine/trainer
+mismatch in RL) or replay the engine's choice so both compute the same experts.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -30,10 +37,21 @@ class SparseMoE(nn.Module):
         else:
             self.shared_expert = None
 
+    trace: list[torch.Tensor] | None = None
+    """When a list, each forward appends its own top-k choice [tokens, k] (set by ``moe_routing``)."""
+    replay: torch.Tensor | None = None
+    """Expert ids [tokens, k] to use instead of this layer's own top-k (set by ``moe_routing``)."""
+
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [n, hidden] -> (routing weights [n, k] in the activation dtype, expert ids [n, k])."""
         logits = self.gate(tokens)
-        weights, experts = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.trace is not None:
+            self.trace.append(experts)
+        if self.replay is not None:
+            experts = self.replay.to(experts.device, torch.long)
+            weights = probs.gather(-1, experts)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(logits.dtype), experts
@@ -49,3 +67,28 @@ class SparseMoE(nn.Module):
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
         return out.view_as(x)
+
+
+def moe_layers(model: nn.Module) -> list[SparseMoE]:
+    return [m for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+@contextlib.contextmanager
+def moe_routing(model: nn.Module, replay: torch.Tensor | None = None) -> Iterator[list[list[torch.Tensor]]]:
+    """Trace every MoE layer's own choice during the forwards inside; with ``replay`` ([..., layers, k],
+    leading dims flattened to the forward's tokens), route by it instead. Yields the per-layer traces."""
+    layers = moe_layers(model)
+    traces: list[list[torch.Tensor]] = [[] for _ in layers]
+    for i, layer in enumerate(layers):
+        layer.trace = traces[i]
+        layer.replay = None if replay is None else replay[..., i, :].reshape(-1, replay.shape[-1])
+    try:
+        yield traces
+    finally:
+        for layer in layers:
+            layer.trace = layer.replay = None
+
+
+def stack_trace(traces: list[list[torch.Tensor]], index: int = 0) -> torch.Tensor:
+    """The ``index``-th forward's choices of every layer -> [tokens, layers, k]."""
+    return torch.stack([t[index] for t in traces], dim=1)

@@ -12,12 +12,14 @@ admitted under and keeps it to the end: a sequence never mixes adapter versions.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
+from orbit_core.models.moe import moe_layers, moe_routing, stack_trace
 from orbit_core.models.transformer import DecoderLM, KVCache
 from orbit_core.peft.slots import SlotBank
 from orbit_core.rollout.cuda_graphs import GraphedDecode
@@ -61,7 +63,10 @@ class DecodeLoop:
         self.eos_list = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         self.cache: KVCache | None = None
-        self.use_graphs = cuda_graph and self.device.type == "cuda" and bank is None
+        self.moe = moe_layers(model)
+        """MoE layers: their experts per token are recorded on every completion (``Completion.routing``)."""
+        # routing reads its choices back to the host, which a captured graph cannot
+        self.use_graphs = cuda_graph and self.device.type == "cuda" and bank is None and not self.moe
         self.graphed: GraphedDecode | None = None
         self.busy_rows: dict[int, Request] = {}
         self.params: SamplingParams | None = None
@@ -142,6 +147,9 @@ class DecodeLoop:
         self.row_adapter = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self.key_index = torch.arange(self.cache.capacity, device=device)
+        if self.moe:
+            self.routing = torch.zeros(slots, self.cache.capacity, len(self.moe), self.moe[0].top_k, dtype=torch.int16,
+                                       device=device)
         self.triggers = self._stop_triggers(p.stop)
         self.free = list(range(slots))
         self.busy_rows = {}
@@ -183,7 +191,10 @@ class DecodeLoop:
         rows = torch.tensor(admitted, device=self.device)
         if self.bank is not None:
             self.bank.set_rows(None, (self.active_slot,))
-        logits = self.model(tokens.to(self.device), cache=self.cache, slots=rows, last_index=prompt_lengths - 1)
+        with self._trace() as traces:
+            logits = self.model(tokens.to(self.device), cache=self.cache, slots=rows, last_index=prompt_lengths - 1)
+        if traces is not None:
+            self.routing[rows, :width] = stack_trace(traces).view(len(ids), width, len(self.moe), -1).to(torch.int16)
         self.lengths[rows] = prompt_lengths
         self.n_generated[rows] = 0
         self.row_adapter[rows] = self.active_slot
@@ -223,7 +234,10 @@ class DecodeLoop:
             if self.bank is not None:
                 used = tuple(s for s, n in enumerate(self.slot_refs) if n > 0)
                 self.bank.set_rows(self.row_adapter[:hi] if len(used) > 1 else None, used)
-            logits = self.model(self.last_token[:hi, None], lengths[:, None], cache=view, decode_mask=mask)[:, -1]
+            with self._trace() as traces:
+                logits = self.model(self.last_token[:hi, None], lengths[:, None], cache=view, decode_mask=mask)[:, -1]
+            if traces is not None:  # the fed token sits at position `lengths`
+                self.routing[torch.arange(hi, device=self.device), lengths] = stack_trace(traces).to(torch.int16)
         p = self.params
         tokens, logprobs = sample_tokens(logits, p.temperature, p.top_k, p.top_p, self.generator)
         which = self.active[:hi].clone()
@@ -231,6 +245,9 @@ class DecodeLoop:
         self.max_len += 1
         self._record(hi, tokens, logprobs, which, logits if p.topk_ids else None)
         return self._finish(hi, tokens, which)
+
+    def _trace(self):
+        return moe_routing(self.model) if self.moe else contextlib.nullcontext(None)
 
     def _record(self, hi: int, tokens, logprobs, which, logits) -> None:
         rows = torch.arange(hi, device=self.device)
@@ -283,6 +300,8 @@ class DecodeLoop:
             completion.extra["topk_ids"] = self.out_topk[row, :count].tolist()
         if self.audit:
             completion.extra["token_versions"] = self.out_versions[row, :count].tolist()
+        if self.moe:  # every position the trainer will feed: the prompt and all but the last sampled token
+            completion.routing = self.routing[row, : len(request.prompt) + count - 1].cpu()
         self.slot_refs[self.row_slot_host.pop(row)] -= 1
         self.active[row] = False
         heapq.heappush(self.free, row)

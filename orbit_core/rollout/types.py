@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class Completion:
     """``eos``, ``stop`` (a stop string) or ``length``."""
     adapter_version: int = 0
     extra: dict = field(default_factory=dict)
+    routing: Any = None
+    """MoE models: int16 tensor [len(prompt_ids) + len(token_ids) - 1, moe_layers, k], the experts the
+    engine routed each fed position to (what ``rl.routing_replay`` makes the trainer use)."""
 
 
 class RolloutBackend(Protocol):

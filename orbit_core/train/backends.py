@@ -33,6 +33,10 @@ class TrainerBackend(Protocol):
 
     def teacher_logprobs(self, batch: RolloutBatch) -> torch.Tensor: ...
 
+    def routing_mismatch(self) -> float | None:
+        """MoE: the fraction of positions the last ``score`` routed differently from the engine."""
+        ...
+
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """One optimizer step on one global batch; ``update_skipped`` is 1 when it was not applied."""
         ...

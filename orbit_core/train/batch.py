@@ -25,6 +25,7 @@ class RolloutBatch:
     old_values: torch.Tensor | None = None  # [batch, seq-1], value head before the update (ppo)
     returns: torch.Tensor | None = None  # [batch, seq-1], value targets (ppo)
     tis_weights: torch.Tensor | None = None  # [batch, seq-1], truncated importance weights
+    routing: torch.Tensor | None = None  # [batch, seq-1, moe_layers, k], the engine's experts (MoE models)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -44,13 +45,13 @@ class RolloutBatch:
         def cut(name: str, t: torch.Tensor) -> torch.Tensor:
             if name == "input_ids":
                 return t[:, : width + 1]
-            return t[:, :width] if t.dim() == 2 else t
+            return t[:, :width] if t.dim() >= 2 else t
 
         return self._map(cut)
 
     def lengths(self) -> list[int]:
         """Tokens of each row up to its last response token (what a forward pass over it needs)."""
-        columns = torch.arange(1, self.response_mask.shape[1] + 1)
+        columns = torch.arange(1, self.response_mask.shape[1] + 1, device=self.response_mask.device)
         return ((self.response_mask > 0) * columns).amax(dim=1).add(1).tolist()
 
     def to(self, device: torch.device) -> "RolloutBatch":
@@ -69,7 +70,13 @@ def build_batch(completions: list[Completion], scores: torch.Tensor, pad_id: int
         start, end = len(c.prompt_ids) - 1, len(s) - 1
         mask[i, start:end] = 1.0
         logprobs[i, start:end] = torch.tensor(c.logprobs, dtype=torch.float32)
-    return RolloutBatch(ids, mask, logprobs, scores.float())
+    batch = RolloutBatch(ids, mask, logprobs, scores.float())
+    if completions and completions[0].routing is not None:
+        first = completions[0].routing
+        batch.routing = torch.zeros((len(seqs), width - 1, *first.shape[1:]), dtype=first.dtype)
+        for i, c in enumerate(completions):
+            batch.routing[i, : len(c.routing)] = c.routing
+    return batch
 
 
 def micro_batch_rows(batch: RolloutBatch, max_rows: int, max_tokens: int = 0) -> list[torch.Tensor]:

@@ -24,9 +24,12 @@ from orbit_core.train.batch import RolloutBatch
 def prepare_batch(batch: RolloutBatch, trainer: TrainerBackend, rl: RLSection, group_size: int,
                   with_teacher: bool) -> dict[str, float]:
     batch.old_logprobs, batch.old_values = trainer.score(batch)
+    mismatch = trainer.routing_mismatch()
     gap = (batch.old_logprobs - batch.rollout_logprobs).abs() * batch.response_mask
     stats = {"rollout/behaviour_proximal_logprob_abs_diff_max": float(gap.max()),
              "rollout/behaviour_proximal_logprob_abs_diff_mean": float(gap.sum() / batch.response_mask.sum().clamp(min=1))}
+    if mismatch is not None:
+        stats["moe/routing_mismatch_fraction"] = mismatch
     if needs_reference(rl):
         batch.ref_logprobs = trainer.reference_logprobs(batch)
     if with_teacher:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 
 from orbit_core.config.schema import RecipeConfig
 from orbit_core.errors import OrbitError
+from orbit_core.models.moe import moe_layers, moe_routing, stack_trace
 from orbit_core.models.transformer import DecoderLM
 from orbit_core.peft.base import adapter_disabled, adapter_parameters, adapter_state_dict, load_adapter_state_dict
 from orbit_core.peft.oft import project_oft_
@@ -19,6 +21,17 @@ from orbit_core.rl.logprobs import chunked_token_entropy, chunked_token_logprobs
 from orbit_core.rl.losses import aggregate, clipped_policy_loss, clipped_value_loss, gspo_policy_loss
 from orbit_core.train.batch import RolloutBatch, micro_batch_rows
 from orbit_core.train.schedule import lr_at
+
+
+def routing_disagreement(trainer_choice: torch.Tensor, micro: RolloutBatch) -> tuple[int, int]:
+    """(positions whose expert set differs in any MoE layer, positions compared), over each row's
+    fed tokens. trainer_choice: [rows * seq, layers, k] from the trainer's own routing."""
+    engine = micro.routing.long()
+    rows, seq = engine.shape[:2]
+    ours = trainer_choice.view(rows, seq, *engine.shape[2:]).sort(-1).values
+    differs = (ours != engine.sort(-1).values).flatten(2).any(-1)
+    fed = torch.arange(seq, device=engine.device)[None, :] < (torch.tensor(micro.lengths(), device=engine.device)[:, None] - 1)
+    return int((differs & fed).sum()), int(fed.sum())
 
 
 def adamw(params: list[torch.nn.Parameter], config: RecipeConfig) -> torch.optim.AdamW:
@@ -45,6 +58,8 @@ class TorchTrainer:
         self.updates_done = 0
         self.has_value_head = hasattr(model, "value_head")
         model.activation_checkpointing = config.train.activation_checkpointing
+        self.is_moe = bool(moe_layers(model))
+        self._routing_counts: tuple[int, int] | None = None
 
     # -- scoring (no grad) ----------------------------------------------------------------
     @torch.no_grad()
@@ -54,22 +69,46 @@ class TorchTrainer:
         net.eval()
         logprobs = torch.zeros_like(batch.response_mask)
         values = torch.zeros_like(batch.response_mask) if with_values else None
+        measure = net is self.model and not reference and self.is_moe and batch.routing is not None
+        differ = total = 0
         try:
             for index in self._micro_batches(batch):
                 micro = batch.select(index).trimmed().to(self.device)
                 inputs = micro.input_ids[:, :-1]
-                if reference:
-                    with adapter_disabled(net):
+                with self._routing(micro, net) as traces:
+                    if reference:
+                        with adapter_disabled(net):
+                            hidden = net(inputs, hidden_only=True)
+                    else:
                         hidden = net(inputs, hidden_only=True)
-                else:
-                    hidden = net(inputs, hidden_only=True)
+                if measure:
+                    d, n = routing_disagreement(stack_trace(traces), micro)
+                    differ, total = differ + d, total + n
                 if with_values:
                     values[index, : hidden.shape[1]] = values_from_hidden(net, hidden).cpu()
                 part = chunked_token_logprobs(hidden, net.lm_head.weight, micro.input_ids[:, 1:], self.temperature)
                 logprobs[index, : part.shape[1]] = part.cpu()
         finally:
             net.train(was_training)
+        if measure:
+            self._routing_counts = (differ, total)
         return logprobs, values
+
+    def _routing(self, micro: RolloutBatch, net: DecoderLM | None = None):
+        """Trace (and with ``rl.routing_replay``, replay the engine's) expert choices of an MoE forward."""
+        if not self.is_moe or (net is not None and net is not self.model):
+            return contextlib.nullcontext(None)
+        replay = micro.routing if self.rl_cfg.routing_replay and micro.routing is not None else None
+        return moe_routing(self.model, replay)
+
+    def routing_mismatch(self) -> float | None:
+        """Fraction of positions in the last ``score`` whose top-k expert set in some MoE layer differed
+        from the engine's; None for a dense model or without recorded routing."""
+        if self._routing_counts is None:
+            return None
+        differ, total = self._routing_counts
+        self._routing_counts = None
+        return differ / max(total, 1)
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._forward_logprobs(batch, self.model, with_values=self.has_value_head)
@@ -95,7 +134,8 @@ class TorchTrainer:
 
     def _micro_loss(self, micro: RolloutBatch) -> dict[str, torch.Tensor]:
         rl = self.rl_cfg
-        hidden = self.model(micro.input_ids[:, :-1], hidden_only=True)
+        with self._routing(micro):
+            hidden = self.model(micro.input_ids[:, :-1], hidden_only=True)
         mask, targets, head = micro.response_mask, micro.input_ids[:, 1:], self.model.lm_head.weight
         if rl.entropy_coef:  # the entropy's gradient needs the full logits
             logits = self.model.lm_head(hidden)
