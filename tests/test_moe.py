@@ -189,8 +189,9 @@ def test_engine_records_routing_the_trainer_reproduces_and_replay_overrides_it(t
     assert ((replayed - natural).abs() * shifted.response_mask).max() > 1e-3
 
 
+@pytest.mark.parametrize("method", ["lora", "oft"])
 @pytest.mark.parametrize("replay", [False, True])
-def test_moe_training_logs_routing_mismatch(tmp_path, tiny_checkpoint, replay):
+def test_moe_training_logs_routing_mismatch(tmp_path, tiny_checkpoint, replay, method):
     import shutil
     from pathlib import Path
 
@@ -203,9 +204,14 @@ def test_moe_training_logs_routing_mismatch(tmp_path, tiny_checkpoint, replay):
         if (Path(tiny_checkpoint) / name).is_file():
             shutil.copy(Path(tiny_checkpoint) / name, tmp_path / "moe" / name)
     recipe = small_recipe(tmp_path, str(tmp_path / "moe"), rl={"routing_replay": replay}, train={"steps": 2},
-                          eval={"enabled": False})
+                          eval={"enabled": False}, peft={"method": method, "oft_block_size": 16})
     result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
     assert result.steps_done == 2
+    from orbit_core.train import list_checkpoints, load_adapter
+
+    adapter, _ = load_adapter(list_checkpoints(str(tmp_path / "run"))[-1][1])
+    assert adapter and not any(".experts." in n or n.endswith("mlp.gate.weight") for n in adapter)
+    assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n or "oft_skew" in n)  # it trained
     for row in result.metrics:
         assert 0.0 <= row["moe/routing_mismatch_fraction"] <= 0.05  # engine and trainer route alike on the CPU
         assert row["rollout/behaviour_proximal_logprob_abs_diff_max"] < 1e-3
