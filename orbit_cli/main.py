@@ -10,6 +10,7 @@ from rich.markup import escape
 from orbit_cli import convert, recipes
 from orbit_cli.preflight import preflight
 from orbit_cli.quantize import quantize
+from orbit_cli.serve import serve
 from orbit_cli.console import err_console
 from orbit_cli.eval import eval_cmd
 from orbit_cli.train import train
@@ -27,6 +28,7 @@ app.command("quantize")(quantize)
 app.command("preflight")(preflight)
 app.command("train")(train)
 app.command("eval")(eval_cmd)
+app.command("serve")(serve)
 app.add_typer(recipes.app, name="recipes")
 
 _debug = {"on": False}

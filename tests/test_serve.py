@@ -1,0 +1,133 @@
+"""`orbit serve` over real HTTP: generation with logprobs, named adapters, errors, the CLI process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from orbit_core.config import load_recipe
+from orbit_core.rl.logprobs import token_logprobs
+from orbit_core.rollout.serve import AdapterServer, make_http_server
+from orbit_core.train import Callbacks, list_checkpoints, run_training
+from tests.helpers import small_recipe
+
+
+def call(url: str, path: str, body=None) -> tuple[int, dict]:
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("serve-run")
+    recipe = small_recipe(root, tiny_checkpoint, train={"steps": 2, "lr": 5e-2}, eval={"enabled": False})
+    run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    server = AdapterServer(tiny_checkpoint, device="cpu", log=lambda m: None)
+    http = make_http_server(server)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    yield server, f"http://127.0.0.1:{http.server_address[1]}"
+    http.shutdown()
+    http.server_close()
+
+
+def _fresh_logprobs(model, prompt, tokens):
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        return token_logprobs(model(ids[:, :-1]), ids[:, 1:])[0, len(prompt) - 1:]
+
+
+def test_generate_returns_the_models_logprobs_with_and_without_an_adapter(served, trained_run, tiny_checkpoint):
+    from orbit_core.config.schema import ModelSection, PeftSection
+    from orbit_core.peft.base import load_adapter_state_dict
+    from orbit_core.policy import build_policy, load_adapter
+
+    server, url = served
+    assert call(url, "/health") == (200, {"status": "ok"})
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    request = {"input_ids": prompts, "sampling_params": {"max_new_tokens": 6, "temperature": 1.0}, "return_logprob": True}
+    status, base_out = call(url, "/generate", request)
+    assert status == 200 and len(base_out) == 2
+    base = build_policy(ModelSection(path=tiny_checkpoint, device="cpu"), None, log=lambda m: None).model
+    for prompt, out in zip(prompts, base_out):
+        assert out["meta_info"]["completion_tokens"] == len(out["output_ids"]) > 0
+        got = torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]])
+        torch.testing.assert_close(got, _fresh_logprobs(base, prompt, out["output_ids"]), atol=2e-5, rtol=0)
+
+    checkpoint = list_checkpoints(str(trained_run))[-1][1]
+    assert call(url, "/load_lora_adapter", {"lora_name": "arith", "lora_path": str(trained_run)})[0] == 200
+    status, tuned_out = call(url, "/generate", {**request, "lora_path": "arith"})
+    assert status == 200
+    state, meta = load_adapter(checkpoint)
+    tuned = build_policy(ModelSection(path=tiny_checkpoint, device="cpu"), PeftSection(**meta["peft"]), log=lambda m: None).model
+    load_adapter_state_dict(tuned, state)
+    tuned.eval()  # the recipe trained with LoRA dropout; generation runs without it
+    gaps = []
+    for prompt, out in zip(prompts, tuned_out):
+        got = torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]])
+        torch.testing.assert_close(got, _fresh_logprobs(tuned, prompt, out["output_ids"]), atol=2e-5, rtol=0)
+        gaps.append((got - _fresh_logprobs(base, prompt, out["output_ids"])).abs().max())
+    assert max(gaps) > 1e-3  # the adapter really is in use
+    status, again = call(url, "/generate", {**request, "sampling_params": {"max_new_tokens": 6, "temperature": 0}})
+    assert status == 200  # without lora_path: the base model, adapter disabled
+    for prompt, out in zip(prompts, again):
+        got = torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]] or [0.0])
+        if out["output_ids"]:
+            want = torch.log_softmax(base(torch.tensor([prompt + out["output_ids"]]))[0, len(prompt) - 1:-1], -1)
+            torch.testing.assert_close(got, want.gather(-1, torch.tensor(out["output_ids"])[:, None])[:, 0].detach(),
+                                       atol=2e-5, rtol=0)
+
+
+def test_bad_requests_get_a_status_and_a_reason(served, trained_run):
+    _, url = served
+    assert call(url, "/generate", {"input_ids": [[1, 2]], "lora_path": "nope"})[0] == 404
+    status, body = call(url, "/generate", {"input_ids": [[1, 10**6]]})
+    assert status == 400 and "outside" in body["error"]
+    assert call(url, "/generate", {"sampling_params": {}})[0] == 400
+    assert call(url, "/generate", b"{not json")[0] == 400
+    assert call(url, "/generate", {"input_ids": [[1]], "sampling_params": {"top_p": 0}})[0] == 400
+    status, body = call(url, "/load_lora_adapter", {"lora_name": "x", "lora_path": "/nowhere"})
+    assert status == 400 and "no adapter in" in body["error"]
+    assert call(url, "/load_lora_adapter", {"lora_name": "tmp", "lora_path": str(trained_run)})[0] == 200
+    assert call(url, "/unload_lora_adapter", {"lora_name": "tmp"})[0] == 200
+    assert call(url, "/unload_lora_adapter", {"lora_name": "tmp"})[0] == 404
+    assert call(url, "/generate", {"input_ids": [[1, 2]], "lora_path": "tmp"})[0] == 404
+    assert call(url, "/flush_cache", {}) == (200, {"success": True})
+
+
+def test_orbit_serve_cli_process(tiny_checkpoint, trained_run):
+    process = subprocess.Popen([sys.executable, "-m", "orbit_cli.main", "serve", tiny_checkpoint, "--port", "0",
+                                "--device", "cpu", "--adapter", str(trained_run)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        line = process.stdout.readline()
+        assert "serving" in line and "with adapter 'default'" in line, process.stderr.read() if not line else line
+        url = line.split(" on ")[1].split()[0]
+        assert call(url, "/health")[0] == 200
+        status, out = call(url, "/generate", {"input_ids": [5, 6, 7], "lora_path": "default",
+                                              "sampling_params": {"max_new_tokens": 3}})
+        assert status == 200 and isinstance(out, dict) and out["meta_info"]["prompt_tokens"] == 3
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "orbit_cli.main", "serve", tiny_checkpoint, "--adapter", "/nowhere",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no adapter in" in bad.stderr and "Traceback" not in bad.stderr
