@@ -16,16 +16,22 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("orbit-cache")
 
 
-@pytest.mark.slow
-def test_tiny_arith_lora_raises_accuracy_by_15_points(tmp_path, shared_cache):
+def train_recipe(recipe: str, tmp_path, cache) -> tuple[float, float, float]:
+    """Run ``orbit train --recipe`` as a user does -> (greedy accuracy before, after, wall seconds)."""
     start = time.monotonic()
-    out = run("train", "--recipe", "tiny-arith-lora", f"train.output_dir={tmp_path / 'run'}",
-              env_extra={"ORBIT_CACHE": str(shared_cache)}, timeout=900)
+    out = run("train", "--recipe", recipe, f"train.output_dir={tmp_path / 'run'}",
+              env_extra={"ORBIT_CACHE": str(cache)}, timeout=900)
     wall_s = time.monotonic() - start
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "eval_report.json").read_text())
     before, after = report["before"]["greedy_accuracy"], report["after"]["greedy_accuracy"]
-    print(f"tiny-arith-lora: greedy accuracy {before:.3f} -> {after:.3f} in {wall_s:.0f}s")
+    print(f"{recipe}: greedy accuracy {before:.3f} -> {after:.3f} in {wall_s:.0f}s")
+    return before, after, wall_s
+
+
+@pytest.mark.slow
+def test_tiny_arith_lora_raises_accuracy_by_15_points(tmp_path, shared_cache):
+    before, after, wall_s = train_recipe("tiny-arith-lora", tmp_path, shared_cache)
     assert after - before >= 0.15
     assert wall_s < 600
     assert (tmp_path / "run" / "reward_curve.png").is_file()
@@ -39,12 +45,7 @@ def test_tiny_arith_lora_raises_accuracy_by_15_points(tmp_path, shared_cache):
 
 @pytest.mark.slow
 def test_async_recipe_raises_accuracy_with_bounded_staleness(tmp_path, shared_cache):
-    out = run("train", "--recipe", "tiny-arith-lora-async", f"train.output_dir={tmp_path / 'run'}",
-              env_extra={"ORBIT_CACHE": str(shared_cache)}, timeout=900)
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads((tmp_path / "run" / "eval_report.json").read_text())
-    before, after = report["before"]["greedy_accuracy"], report["after"]["greedy_accuracy"]
-    print(f"tiny-arith-lora-async: greedy accuracy {before:.3f} -> {after:.3f}")
+    before, after, _ = train_recipe("tiny-arith-lora-async", tmp_path, shared_cache)
     assert after - before >= 0.15
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "time/step_s" in r]
@@ -55,14 +56,7 @@ def test_async_recipe_raises_accuracy_with_bounded_staleness(tmp_path, shared_ca
 
 @pytest.mark.slow
 def test_moe_recipe_builds_its_model_and_learns(tmp_path, shared_cache):
-    start = time.monotonic()
-    out = run("train", "--recipe", "tiny-arith-moe-lora", f"train.output_dir={tmp_path / 'run'}",
-              env_extra={"ORBIT_CACHE": str(shared_cache)}, timeout=900)
-    wall_s = time.monotonic() - start
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads((tmp_path / "run" / "eval_report.json").read_text())
-    before, after = report["before"]["greedy_accuracy"], report["after"]["greedy_accuracy"]
-    print(f"tiny-arith-moe-lora: greedy accuracy {before:.3f} -> {after:.3f} in {wall_s:.0f}s (model built)")
+    before, after, wall_s = train_recipe("tiny-arith-moe-lora", tmp_path, shared_cache)  # the MoE model is built here
     assert after - before >= 0.15
     assert wall_s < 600
     from transformers import AutoConfig
