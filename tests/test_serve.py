@@ -131,3 +131,51 @@ def test_orbit_serve_cli_process(tiny_checkpoint, trained_run):
     bad = subprocess.run([sys.executable, "-m", "orbit_cli.main", "serve", tiny_checkpoint, "--adapter", "/nowhere",
                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no adapter in" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _start_servers(checkpoint: str, count: int) -> tuple[list[subprocess.Popen], list[str]]:
+    processes, urls = [], []
+    for _ in range(count):
+        process = subprocess.Popen([sys.executable, "-m", "orbit_cli.main", "serve", checkpoint, "--port", "0",
+                                    "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+        processes.append(process)
+    for process in processes:
+        line = process.stdout.readline()
+        assert "serving" in line, process.stderr.read()
+        urls.append(line.split(" on ")[1].split()[0])
+    return processes, urls
+
+
+def test_sglang_backend_trains_against_orbit_serve_processes(tmp_path, tiny_checkpoint):
+    processes, urls = _start_servers(tiny_checkpoint, 2)
+    try:
+        recipe = small_recipe(tmp_path, tiny_checkpoint, rollout={"backend": "sglang", "sglang_urls": urls},
+                              train={"steps": 3, "save_rollouts": True}, eval={"enabled": False})
+        result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+    assert result.steps_done == 3
+    for step, row in enumerate(result.metrics, start=1):
+        # the servers sampled with the adapter the trainer had just published: its recompute matches
+        assert row["rollout/behaviour_proximal_logprob_abs_diff_max"] < 1e-4
+        assert row["staleness/max"] == 0 and row["sync/bytes"] > 0
+        assert row["engine0/adapter_version"] == row["engine1/adapter_version"] == step
+        assert row["engine0/tokens"] > 0 and row["engine1/tokens"] > 0  # both servers took prompts
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rollouts" / "step_000003.jsonl").read_text().splitlines()]
+    assert {r["adapter_version"] for r in rows} == {2}
+
+
+def test_sglang_backend_refusals(tmp_path, tiny_checkpoint):
+    from orbit_core.errors import OrbitError
+
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rollout={"backend": "sglang"})
+    with pytest.raises(OrbitError, match="needs running servers"):
+        load_recipe(str(recipe))
+    with pytest.raises(OrbitError, match="LoRA adapters only"):
+        load_recipe(str(recipe), ["rollout.sglang_urls=[http://127.0.0.1:9]", "peft.method=oft"])
+    recipe_ok = load_recipe(str(recipe), ["rollout.sglang_urls=[http://127.0.0.1:9]", "rollout.engine_timeout_s=5"])
+    with pytest.raises(OrbitError, match="unreachable"):
+        run_training(recipe_ok, Callbacks(on_message=lambda m: None))

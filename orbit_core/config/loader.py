@@ -266,6 +266,20 @@ def validate(config: RecipeConfig) -> None:
                          "use rollout.placement=colocated for fake-QAT runs")
     if r.engine_threads < 0 or r.engine_timeout_s <= 0:
         raise OrbitError("rollout.engine_threads must be >= 0 and rollout.engine_timeout_s > 0", "fix those rollout fields")
+    if r.backend == "sglang":
+        if not r.sglang_urls:
+            raise OrbitError("rollout.backend=sglang needs running servers: launching SGLang is not built yet",
+                             "start `python -m sglang.launch_server ... --enable-lora` or `orbit serve`, then set "
+                             "rollout.sglang_urls=[http://host:port]")
+        if config.peft.method != "lora":
+            raise OrbitError("rollout.backend=sglang serves LoRA adapters only (SGLang has no OFT)",
+                             "use peft.method=lora, or rollout.backend=builtin for OFT")
+        if config.preflight.runtime and not config.preflight.skip_runtime:
+            raise OrbitError("the runtime preflight needs the engine's top-k ids, which SGLang's /generate does not return "
+                             "here", "set preflight.runtime=false with rollout.backend=sglang")
+        if t.mode != "sync" or r.placement != "colocated":
+            raise OrbitError("rollout.backend=sglang runs in sync mode for now", "use train.mode=sync (the servers "
+                             "are already separate processes: leave rollout.placement=colocated)")
     if config.rl.reward_workers < -1:
         raise OrbitError(f"rl.reward_workers must be -1 (one per core), 0 (threads) or a count, got {config.rl.reward_workers}",
                          "use rl.reward_workers=-1")

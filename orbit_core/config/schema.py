@@ -35,7 +35,11 @@ class DataSection:
 
 @dataclass(frozen=True)
 class RolloutSection:
-    backend: Literal["builtin"] = "builtin"
+    backend: Literal["builtin", "sglang"] = "builtin"
+    """``builtin``: Orbit's engine. ``sglang``: SGLang-API servers at ``sglang_urls`` (SGLang with LoRA
+    on the same base, or ``orbit serve``); LoRA only, sync mode only."""
+    sglang_urls: list[str] = field(default_factory=list)
+    """Base URLs of running servers for ``backend=sglang``, e.g. ``[http://127.0.0.1:30000]``."""
     batch_size: int = 16
     """Prompts sampled per rollout step."""
     n_samples_per_prompt: int = 8

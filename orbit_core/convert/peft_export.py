@@ -44,7 +44,13 @@ def _oft_vector(skew_param: torch.Tensor) -> torch.Tensor:
 def export_peft_adapter(source: str, out: str) -> Path:
     """Write the PEFT adapter of a run or checkpoint directory to ``out`` (atomically)."""
     state, meta = load_adapter(resolve_adapter_dir(source))
-    peft, targets = meta["peft"], meta.get("target_layers") or []
+    with atomic_output_dir(out) as tmp:
+        write_peft_adapter(tmp, state, meta["peft"], meta.get("target_layers") or [], meta.get("base_model", ""))
+    return Path(out)
+
+
+def write_peft_adapter(directory: Path, state: dict[str, torch.Tensor], peft: dict, targets: list[str], base_model: str) -> int:
+    """PEFT's two files for an Orbit adapter state in ``directory``; returns the weight file's bytes."""
     tensors: dict[str, torch.Tensor] = {}
     for name in targets:
         prefix = f"base_model.model.{name}"
@@ -53,8 +59,26 @@ def export_peft_adapter(source: str, out: str) -> Path:
             tensors[f"{prefix}.lora_B.weight"] = state[f"{name}.lora_B"].float().contiguous()
         else:
             tensors[f"{prefix}.oft_R.weight"] = _oft_vector(state[f"{name}.oft_skew"].float())
-    config = _peft_config(peft, targets, meta.get("base_model", ""))
-    with atomic_output_dir(out) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return Path(out)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(_peft_config(peft, targets, base_model), indent=2))
+    return (directory / "adapter_model.safetensors").stat().st_size
+
+
+def read_peft_lora(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A PEFT LoRA directory -> (Orbit adapter state, Orbit peft section), the inverse of the export."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+    except Exception as err:
+        raise OrbitError(f"{directory} is not a readable PEFT adapter ({type(err).__name__})", "point at a PEFT adapter dir") from err
+    if config.get("peft_type") != "LORA":
+        raise OrbitError(f"{directory}: PEFT type {config.get('peft_type')!r} is not served", "serve LoRA adapters")
+    # base_model.model.<module>.lora_A.weight -> <module>.lora_A
+    state = {name.removeprefix("base_model.model.").removesuffix(".weight"): tensor for name, tensor in tensors.items()}
+    targets = sorted({k.rsplit(".", 1)[0] for k in state})
+    peft = {"method": "lora", "rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
+            "dropout": float(config.get("lora_dropout", 0.0)), "target_modules": targets}
+    return state, peft

@@ -6,8 +6,8 @@ Endpoints (JSON in and out):
     ``lora_path`` (the name of a loaded adapter; none = the base). Each output has ``text``,
     ``output_ids`` and ``meta_info`` with ``finish_reason``, ``prompt_tokens``,
     ``completion_tokens`` and, when asked, ``output_token_logprobs`` as ``[logprob, token_id, None]``.
-  * ``POST /load_lora_adapter`` ``{lora_name, lora_path}``: an ``orbit train`` checkpoint or run
-    directory; ``POST /unload_lora_adapter`` ``{lora_name}``.
+  * ``POST /load_lora_adapter`` ``{lora_name, lora_path}``: a PEFT LoRA directory (what SGLang
+    loads) or an ``orbit train`` checkpoint or run directory; ``POST /unload_lora_adapter`` ``{lora_name}``.
   * ``GET /health``; ``POST /flush_cache`` frees the KV cache.
 Requests are served one at a time (the engine batches within a request). Loaded adapters are kept
 as tensors and written into the model before a request that names one, so any number can be
@@ -18,18 +18,32 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import torch
 
 from orbit_core.config.schema import ModelSection, PeftSection
+from orbit_core.convert.peft_export import read_peft_lora
 from orbit_core.errors import OrbitError
 from orbit_core.peft.base import adapter_disabled, adapter_modules, load_adapter_state_dict
 from orbit_core.policy.adapter_files import load_adapter, resolve_adapter_dir
 from orbit_core.policy.build import apply_adapter, build_policy
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
+
+
+SAME_KIND = ("method", "rank", "alpha", "oft_block_size")
+"""Adapters served together share these (names and shapes are checked tensor by tensor)."""
+
+
+def is_peft_dir(path: str) -> bool:
+    config = Path(path) / "adapter_config.json"
+    try:
+        return config.is_file() and "peft_type" in json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 class RequestError(Exception):
@@ -56,19 +70,23 @@ class AdapterServer:
         if not name or not path:
             raise RequestError(400, "give lora_name and lora_path")
         try:
-            state, meta = load_adapter(resolve_adapter_dir(path))
+            if is_peft_dir(path):
+                state, peft = read_peft_lora(path)
+            else:
+                state, meta = load_adapter(resolve_adapter_dir(path))
+                peft = meta.get("peft")
         except OrbitError as err:
             raise RequestError(400, str(err)) from None
-        peft = meta.get("peft")
         if not isinstance(peft, dict):
             raise RequestError(400, f"{path}: adapter_config.json has no peft section (not written by `orbit train`)")
+        kind = {k: peft.get(k) for k in SAME_KIND}
         with self.lock:
             if self.peft is None:
                 apply_adapter(self.model, PeftSection(**peft))
                 self.model.to(self.engine.device)
-                self.peft = peft
-            elif {k: peft.get(k) for k in self.peft} != self.peft:
-                raise RequestError(400, f"{path}: adapter settings differ from the loaded ones ({self.peft})")
+                self.peft = kind
+            elif kind != self.peft:
+                raise RequestError(400, f"{path}: adapter {kind} differs from the loaded ones ({self.peft})")
             try:
                 load_adapter_state_dict(self.model, state, path)  # validates names and shapes now
             except OrbitError as err:

@@ -93,8 +93,20 @@ def _builtin_rollouts(config: RecipeConfig, policy: PolicyModel, engine: Builtin
     return ColocatedRollouts(engine, spec)
 
 
+def _sglang_rollouts(config: RecipeConfig, policy: PolicyModel, engine: BuiltinEngine, spec, start_step: int,
+                     log: Callable[[str], None]) -> RolloutSource:
+    from orbit_core.config.loader import to_dict
+    from orbit_core.peft.slots import engine_adapter_state
+    from orbit_core.train.sglang_rollouts import SGLangRollouts
+
+    r = config.rollout
+    log(f"rollout: {len(r.sglang_urls)} SGLang-API server(s): {', '.join(r.sglang_urls)}")
+    return SGLangRollouts(list(r.sglang_urls), spec, to_dict(config)["peft"], policy.adapter_targets, policy.base_path,
+                          r.engine_timeout_s, engine_adapter_state(policy.model), start_step)
+
+
 TRAINER_BACKENDS: dict[str, Callable[..., TrainerBackend]] = {"torch": _torch_trainer}
-ROLLOUT_BACKENDS: dict[str, Callable[..., RolloutSource]] = {"builtin": _builtin_rollouts}
+ROLLOUT_BACKENDS: dict[str, Callable[..., RolloutSource]] = {"builtin": _builtin_rollouts, "sglang": _sglang_rollouts}
 
 
 def _pick(registry: dict[str, Callable], field: str, name: str) -> Callable:

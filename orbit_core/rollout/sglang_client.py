@@ -1,0 +1,112 @@
+"""The ``sglang`` rollout backend's side of the wire: SGLang's native HTTP API, several servers.
+
+Generation goes through ``POST /generate`` with token ids in and token ids plus per-token logprobs
+out; adapters are loaded and unloaded by name through ``/load_lora_adapter`` and
+``/unload_lora_adapter``. Each request's prompts go to the servers with the fewest samples in
+flight. ``orbit serve`` speaks the same subset, which is what the tests run against.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from orbit_core.errors import OrbitError
+from orbit_core.rollout.types import Completion, SamplingParams
+
+
+class SGLangServer:
+    def __init__(self, url: str, timeout_s: float):
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        self.in_flight = 0
+        self.tokens = 0
+        self.busy_s = 0.0
+        self.sync_ms = 0.0
+        self.version: int | None = None
+
+    def post(self, path: str, body: dict) -> dict | list:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:300]
+            raise OrbitError(f"rollout server {self.url}{path} answered {err.code}: {detail}",
+                             "check the server's log; the run stops after saving its last step") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            raise OrbitError(f"rollout server {self.url} is unreachable ({err})",
+                             "start it, or fix rollout.sglang_urls; the run stops after saving its last step") from None
+
+
+class SGLangEngines:
+    """A ``RolloutBackend`` over one or more SGLang-API servers, all serving adapter ``lora_name``."""
+
+    def __init__(self, urls: list[str], timeout_s: float):
+        self.servers = [SGLangServer(url, timeout_s) for url in urls]
+        self.lora_name: str | None = None
+        self.version = 0
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.servers)), thread_name_prefix="orbit-sglang")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        jobs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
+        shares: dict[int, list[tuple[int, int]]] = {}
+        with self.lock:  # least-loaded first, sample by sample
+            for job in jobs:
+                server = min(range(len(self.servers)), key=lambda i: self.servers[i].in_flight)
+                self.servers[server].in_flight += 1
+                shares.setdefault(server, []).append(job)
+        futures = [self.pool.submit(self._run, i, share, prompts, params) for i, share in shares.items()]
+        completions = [c for future in futures for c in future.result()]
+        return sorted(completions, key=lambda c: (c.prompt_index, c.sample_index))
+
+    def _run(self, index: int, share: list[tuple[int, int]], prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        server = self.servers[index]
+        body = {"input_ids": [prompts[p] for p, _ in share], "return_logprob": True,
+                "sampling_params": {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                                    "top_p": params.top_p, "top_k": params.top_k if params.top_k > 0 else -1,
+                                    "stop": list(params.stop)}}
+        if self.lora_name is not None:
+            body["lora_path"] = self.lora_name
+        start = time.perf_counter()
+        try:
+            outputs = server.post("/generate", body)
+        finally:
+            with self.lock:
+                server.in_flight -= len(share)
+        server.busy_s += time.perf_counter() - start
+        if isinstance(outputs, dict):
+            outputs = [outputs]
+        if len(outputs) != len(share):
+            raise OrbitError(f"rollout server {server.url} returned {len(outputs)} outputs for {len(share)} prompts",
+                             "the server does not speak SGLang's /generate")
+        completions = []
+        for (p, s), out in zip(share, outputs):
+            logprobs = [float(entry[0]) for entry in out["meta_info"]["output_token_logprobs"]]
+            reason = out["meta_info"]["finish_reason"]
+            reason = reason.get("type") if isinstance(reason, dict) else reason
+            server.tokens += len(out["output_ids"])
+            completions.append(Completion(p, s, list(prompts[p]), list(out["output_ids"]), logprobs, out.get("text", ""),
+                                          "length" if reason == "length" else "eos", self.version))
+        return completions
+
+    def load(self, name: str, path: str, version: int) -> None:
+        """Load adapter ``name`` on every server, then drop the previous one."""
+        previous = self.lora_name
+        for server in self.servers:
+            start = time.perf_counter()
+            server.post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
+            server.sync_ms = (time.perf_counter() - start) * 1e3
+            server.version = version
+        self.lora_name, self.version = name, version
+        if previous is not None and previous != name:
+            for server in self.servers:
+                server.post("/unload_lora_adapter", {"lora_name": previous})
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
