@@ -20,13 +20,12 @@ import torch
 from torch import nn
 
 from orbit_core.models.config import DecoderConfig
+from orbit_core.models.mlp import MLP
 
 
 class SparseMoE(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
-        from orbit_core.models.transformer import MLP
-
         moe = config.moe
         self.top_k, self.norm_topk_prob = moe.experts_per_token, moe.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)

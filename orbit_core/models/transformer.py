@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from orbit_core.models.config import QWEN2_FAMILY, DecoderConfig
+from orbit_core.models.mlp import MLP
+from orbit_core.models.moe import SparseMoE
 from orbit_core.models.rope import apply_rope, rope_tables
 
 
@@ -112,25 +114,11 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
 
-class MLP(nn.Module):
-    def __init__(self, config: DecoderConfig, intermediate_size: int | None = None):
-        super().__init__()
-        bias, width = config.mlp_bias, intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, width, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, width, bias=bias)
-        self.down_proj = nn.Linear(width, config.hidden_size, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         if config.moe is not None and config.moe.is_sparse(layer_idx):
-            from orbit_core.models.moe import SparseMoE
-
             self.mlp = SparseMoE(config)
         else:
             self.mlp = MLP(config)

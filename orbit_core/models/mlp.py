@@ -1,0 +1,21 @@
+"""The dense SwiGLU MLP: one per dense layer, one per MoE expert, and Qwen2-MoE's shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orbit_core.models.config import DecoderConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig, intermediate_size: int | None = None):
+        super().__init__()
+        bias, width = config.mlp_bias, intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=bias)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
