@@ -16,10 +16,10 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("orbit-cache")
 
 
-def train_recipe(recipe: str, tmp_path, cache) -> tuple[float, float, float]:
+def train_recipe(recipe: str, tmp_path, cache, *overrides: str) -> tuple[float, float, float]:
     """Run ``orbit train --recipe`` as a user does -> (greedy accuracy before, after, wall seconds)."""
     start = time.monotonic()
-    out = run("train", "--recipe", recipe, f"train.output_dir={tmp_path / 'run'}",
+    out = run("train", "--recipe", recipe, f"train.output_dir={tmp_path / 'run'}", *overrides,
               env_extra={"ORBIT_CACHE": str(cache)}, timeout=900)
     wall_s = time.monotonic() - start
     assert out.returncode == 0, out.stderr[-2000:]
@@ -52,6 +52,17 @@ def test_async_recipe_raises_accuracy_with_bounded_staleness(tmp_path, shared_ca
     assert len(steps) == 60
     assert all(r["staleness/max"] <= 1 for r in steps) and any(r["staleness/max"] == 1 for r in steps)
     assert all(0 < r["sync/bytes"] < r["sync/full_weight_bytes"] / 2 for r in steps)  # rank 16 is large for a tiny model
+
+
+@pytest.mark.slow
+def test_async_recipe_on_ray_with_two_engine_actors_learns(tmp_path, shared_cache):
+    before, after, _ = train_recipe("tiny-arith-lora-async", tmp_path, shared_cache, "train.orchestrator=ray",
+                                    "rollout.num_engines=2")
+    assert after - before >= 0.15
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "time/step_s" in r]
+    assert len(steps) == 60 and all(r["staleness/max"] <= 1 for r in steps)
+    assert all(r["engine0/tokens_per_s"] > 0 and r["engine1/tokens_per_s"] > 0 for r in steps)
 
 
 @pytest.mark.slow

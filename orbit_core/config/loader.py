@@ -255,7 +255,13 @@ def validate(config: RecipeConfig) -> None:
             f"rollout.adapter_double_buffer=true needs an async, non-colocated run (got train.mode={t.mode}, "
             f"rollout.placement={r.placement})",
             "set train.mode=async rollout.placement=non-colocated, or adapter_double_buffer=false")
-    if t.mode == "async" and r.placement != "non-colocated":
+    ray = t.orchestrator == "ray"
+    if ray:
+        _check_ray(config)
+    elif r.num_engines != 1:
+        raise OrbitError(f"rollout.num_engines={r.num_engines} needs train.orchestrator=ray",
+                         "add train.orchestrator=ray, or use rollout.num_engines=1")
+    if t.mode == "async" and r.placement != "non-colocated" and not ray:
         raise OrbitError("train.mode=async needs rollout.placement=non-colocated (a colocated engine is time-sliced "
                          "with the trainer, nothing overlaps)", "add rollout.placement=non-colocated")
     if t.mode == "async" and t.max_staleness < 1:
@@ -277,11 +283,30 @@ def validate(config: RecipeConfig) -> None:
         if config.preflight.runtime and not config.preflight.skip_runtime:
             raise OrbitError("the runtime preflight needs the engine's top-k ids, which SGLang's /generate does not return "
                              "here", "set preflight.runtime=false with rollout.backend=sglang")
-        if t.mode != "sync" or r.placement != "colocated":
-            raise OrbitError("rollout.backend=sglang runs in sync mode for now", "use train.mode=sync (the servers "
-                             "are already separate processes: leave rollout.placement=colocated)")
+        if not ray and (t.mode != "sync" or r.placement != "colocated"):
+            raise OrbitError("rollout.backend=sglang runs async only under Ray", "use train.mode=sync, or add "
+                             "train.orchestrator=ray (the servers are already separate processes: leave "
+                             "rollout.placement=colocated)")
     if config.rl.reward_workers < -1:
         raise OrbitError(f"rl.reward_workers must be -1 (one per core), 0 (threads) or a count, got {config.rl.reward_workers}",
                          "use rl.reward_workers=-1")
     if config.rl.use_kl_loss and config.rl.kl_coef <= 0:
         raise OrbitError("rl.use_kl_loss is on but rl.kl_coef is 0", "set rl.kl_coef > 0 or rl.use_kl_loss=false")
+
+
+def _check_ray(config: RecipeConfig) -> None:
+    r, ray = config.rollout, config.ray
+    if r.num_engines < 1:
+        raise OrbitError(f"rollout.num_engines must be >= 1, got {r.num_engines}", "use e.g. rollout.num_engines=2")
+    if r.backend == "sglang" and r.num_engines not in (1, len(r.sglang_urls)):
+        raise OrbitError(f"rollout.num_engines={r.num_engines} but {len(r.sglang_urls)} rollout.sglang_urls: with SGLang "
+                         "there is one engine actor per server", "leave rollout.num_engines=1, or list one URL per engine")
+    if r.adapter_double_buffer:
+        raise OrbitError("rollout.adapter_double_buffer applies to the local engine process; a Ray engine actor loads "
+                         "each adapter between two generate calls", "drop rollout.adapter_double_buffer with train.orchestrator=ray")
+    if config.quant.fake_qat:
+        raise OrbitError("quant.fake_qat=true is not supported with train.orchestrator=ray",
+                         "use train.orchestrator=local rollout.placement=colocated for fake-QAT runs")
+    if ray.trainer_cpus <= 0 or ray.engine_cpus <= 0 or ray.max_engine_restarts < 0 or ray.start_timeout_s <= 0:
+        raise OrbitError("ray.trainer_cpus and ray.engine_cpus must be > 0, ray.max_engine_restarts >= 0 and "
+                         "ray.start_timeout_s > 0", "fix those ray fields")

@@ -69,6 +69,9 @@ class RolloutSection:
     for debugging. Engines with two adapter slots (double buffering) decode eagerly for now."""
     engine_timeout_s: float = 600.0
     """A non-colocated engine that sends nothing for this long is treated as crashed."""
+    num_engines: int = 1
+    """Rollout engines (``train.orchestrator=ray``): each is a Ray actor holding the frozen base, and
+    prompts go to the least-loaded one. With ``backend=sglang`` there is one actor per URL."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,9 @@ class PeftSection:
 @dataclass(frozen=True)
 class TrainSection:
     backend: Literal["torch"] = "torch"
+    orchestrator: Literal["local", "ray"] = "local"
+    """``local``: everything in this process (and its engine process). ``ray``: the trainer and
+    ``rollout.num_engines`` engines run as Ray actors in one placement group (see the ``ray`` section)."""
     mode: Literal["sync", "async"] = "sync"
     """``async``: the engine generates step t+1's batch while the trainer updates on step t."""
     max_staleness: int = 1
@@ -208,6 +214,24 @@ class PreflightSection:
 
 
 @dataclass(frozen=True)
+class RaySection:
+    address: str = ""
+    """Empty: start a Ray instance on this machine for the run. ``auto``: join the cluster this machine
+    is part of (``ray start --head`` / ``ray start --address=...``); or ``ray://head:10001``."""
+    trainer_cpus: float = 1.0
+    engine_cpus: float = 1.0
+    """CPUs each actor reserves in the placement group (and the torch threads it uses)."""
+    gpus_per_engine: float = -1.0
+    """-1: one GPU each with ``rollout.placement=non-colocated``, a share of the trainer's GPU with
+    ``colocated``; 0 on a CPU model. The trainer reserves one GPU when the model runs on CUDA."""
+    max_engine_restarts: int = 3
+    """An engine actor that dies is replaced and its prompts resubmitted, at most this many times
+    per engine; then the run saves and stops with the actor's last error."""
+    start_timeout_s: float = 300.0
+    """How long to wait for the placement group and the actors to come up."""
+
+
+@dataclass(frozen=True)
 class RecipeConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -218,6 +242,7 @@ class RecipeConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     quant: QuantSection = field(default_factory=QuantSection)
     preflight: PreflightSection = field(default_factory=PreflightSection)
+    ray: RaySection = field(default_factory=RaySection)
 
 
-SECTIONS = ("model", "data", "rollout", "rl", "peft", "train", "eval", "quant", "preflight")
+SECTIONS = ("model", "data", "rollout", "rl", "peft", "train", "eval", "quant", "preflight", "ray")

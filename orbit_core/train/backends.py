@@ -121,4 +121,9 @@ def build_trainer(config: RecipeConfig, policy: PolicyModel, teacher: DecoderLM 
 
 def build_rollouts(config: RecipeConfig, policy: PolicyModel, engine: BuiltinEngine, spec, start_step: int,
                    log: Callable[[str], None]) -> RolloutSource:
+    if config.train.orchestrator == "ray":  # engines of either backend, as Ray actors
+        from orbit_core.train.ray_rollouts import start_ray_rollouts
+
+        _pick(ROLLOUT_BACKENDS, "rollout.backend", config.rollout.backend)
+        return start_ray_rollouts(config, policy, spec, start_step, log)
     return _pick(ROLLOUT_BACKENDS, "rollout.backend", config.rollout.backend)(config, policy, engine, spec, start_step, log)

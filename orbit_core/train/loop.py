@@ -308,6 +308,15 @@ class TrainingRun:
 
 
 def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> RunResult:
+    """Train to ``config``: here, or as Ray actors with ``train.orchestrator=ray``."""
+    if config.train.orchestrator == "ray":
+        from orbit_core.train.ray_run import run_on_ray
+
+        return run_on_ray(config, callbacks or Callbacks())
+    return run_here(config, callbacks)
+
+
+def run_here(config: RecipeConfig, callbacks: Callbacks | None = None) -> RunResult:
     run = TrainingRun(config, callbacks)
     try:
         if not run.setup():

@@ -1,0 +1,138 @@
+"""``train.orchestrator=ray`` on a local Ray: engine actors, object-store syncs, restarts, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import ray
+import torch
+
+from orbit_core.config import load_recipe
+from orbit_core.config.schema import ModelSection, PeftSection
+from orbit_core.errors import OrbitError
+from orbit_core.peft.base import load_adapter_state_dict
+from orbit_core.peft.slots import engine_adapter_state
+from orbit_core.policy.build import build_policy
+from orbit_core.rl.logprobs import token_logprobs
+from orbit_core.rollout.ray_engine import BuiltinEngineActor
+from orbit_core.rollout.types import SamplingParams
+from orbit_core.train import Callbacks, run_training
+from orbit_core.train.ray_engines import RayEnginePool
+from tests.helpers import small_recipe
+from tests.test_cli import run
+from tests.test_serve import _start_servers
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+def _steps(result) -> list[dict]:
+    return [row for row in result.metrics if "time/step_s" in row]
+
+
+def test_async_run_with_two_engine_actors(tmp_path, tiny_checkpoint, local_ray):
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rollout={"num_engines": 2},
+                          train={"orchestrator": "ray", "mode": "async", "max_staleness": 1, "steps": 4,
+                                 "save_rollouts": True}, eval={"enabled": False})
+    messages: list[str] = []
+    result = run_training(load_recipe(str(recipe)), Callbacks(on_message=messages.append))
+    assert result.steps_done == 4 and (tmp_path / "run" / "checkpoints" / "step_000004").is_dir()
+    assert sum("Ray actor pid" in m for m in messages) == 2
+    rows = _steps(result)
+    assert all(row["staleness/max"] <= 1 for row in rows) and any(row["staleness/max"] == 1 for row in rows)
+    for row in rows:
+        assert 0 < row["sync/bytes"] < row["sync/full_weight_bytes"]
+        for i in (0, 1):  # both engines took prompts and report their numbers
+            assert row[f"engine{i}/tokens_per_s"] > 0 and f"engine{i}/queue_depth" in row
+            assert row[f"engine{i}/restarts"] == 0
+    # every sample records the adapter version that produced it, within the staleness bound
+    for step in range(1, 5):
+        lines = (tmp_path / "run" / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        assert {json.loads(line)["adapter_version"] for line in lines} <= {step - 2, step - 1} - {-1}
+
+
+def _policy(checkpoint: str):
+    return build_policy(ModelSection(path=checkpoint, device="cpu", warmstart_steps=0), PeftSection(rank=4, alpha=8),
+                        log=lambda m: None)
+
+
+def test_dead_engine_is_replaced_on_the_newest_adapter_and_its_prompts_resubmitted(tiny_checkpoint, local_ray):
+    trainer = _policy(tiny_checkpoint)
+    model_section = ModelSection(path=tiny_checkpoint, device="cpu", warmstart_steps=0)
+
+    def factory(index, restart, adapter_ref, version):
+        return ray.remote(BuiltinEngineActor).options(num_cpus=1, max_restarts=0).remote(
+            model_section, PeftSection(rank=4, alpha=8), 16, 100 * index + restart, 1, adapter_ref, version, False)
+
+    messages: list[str] = []
+    pool = RayEnginePool(factory, 2, engine_adapter_state(trainer.model), 0, max_restarts=1, timeout_s=120,
+                         start_timeout_s=120, log=messages.append)
+    try:
+        torch.manual_seed(3)
+        state = {name: torch.randn_like(t) * 0.3 for name, t in engine_adapter_state(trainer.model).items()}
+        pool.push(1, state)
+        pool.settle_loads(wait=True)
+        prompts = [[5 + i, 6, 7, 8] for i in range(6)]
+        params = SamplingParams(max_new_tokens=5, n=2)
+        submission = pool.submit(prompts, params)
+        ray.kill(pool.engines[0].actor, no_restart=True)
+        completions = pool.gather(submission)
+        assert [(c.prompt_index, c.sample_index) for c in completions] == [(p, s) for p in range(6) for s in range(2)]
+        assert pool.engines[0].restarts == 1 and any("starting a replacement on adapter v1" in m for m in messages)
+        assert {c.adapter_version for c in completions} == {1}
+        # the samples came from adapter v1 (the replacement loaded it): the trainer's recompute agrees
+        load_adapter_state_dict(trainer.model, state)
+        for c in completions:
+            ids = torch.tensor([c.prompt_ids + c.token_ids])
+            with torch.no_grad():
+                mine = token_logprobs(trainer.model(ids[:, :-1]), ids[:, 1:])[0, len(c.prompt_ids) - 1:]
+            assert torch.allclose(mine, torch.tensor(c.logprobs), atol=1e-4)
+        # an engine that keeps dying stops the run with its last error
+        submission = pool.submit(prompts[:2], params)
+        for engine in pool.engines:
+            ray.kill(engine.actor, no_restart=True)
+        with pytest.raises(OrbitError, match=r"rollout engine 0 died 2 times \(ray.max_engine_restarts=1\); last error: .*kill"):
+            pool.gather(submission)
+    finally:
+        pool.close()
+
+
+def test_sglang_servers_as_ray_engines_in_async_mode(tmp_path, tiny_checkpoint, local_ray):
+    processes, urls = _start_servers(tiny_checkpoint, 2)
+    try:
+        recipe = small_recipe(tmp_path, tiny_checkpoint, rollout={"backend": "sglang", "sglang_urls": urls},
+                              train={"orchestrator": "ray", "mode": "async", "steps": 3}, eval={"enabled": False})
+        result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+    assert result.steps_done == 3
+    rows = _steps(result)
+    assert all(row["staleness/max"] <= 1 for row in rows)
+    assert all(row["engine0/tokens_per_s"] > 0 and row["engine1/tokens_per_s"] > 0 for row in rows)
+    assert rows[-1]["engine0/adapter_version"] >= 1
+
+
+def test_ray_refusals(tmp_path, tiny_checkpoint):
+    recipe = small_recipe(tmp_path, tiny_checkpoint)
+    with pytest.raises(OrbitError, match="needs train.orchestrator=ray"):
+        load_recipe(str(recipe), ["rollout.num_engines=2"])
+    with pytest.raises(OrbitError, match="one engine actor per server"):
+        load_recipe(str(recipe), ["train.orchestrator=ray", "rollout.backend=sglang", "rollout.num_engines=3",
+                                  "rollout.sglang_urls=[http://127.0.0.1:9,http://127.0.0.1:10]"])
+    # Ray missing: one line naming the extra, exit 2, nothing written
+    fake = tmp_path / "no_ray"
+    (fake / "ray").mkdir(parents=True)
+    (fake / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    out = run("train", "--recipe", str(recipe), "train.orchestrator=ray",
+              env_extra={"PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert out.returncode == 2 and "orbit-rl[ray]" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
