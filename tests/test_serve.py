@@ -179,3 +179,37 @@ def test_sglang_backend_refusals(tmp_path, tiny_checkpoint):
     recipe_ok = load_recipe(str(recipe), ["rollout.sglang_urls=[http://127.0.0.1:9]", "rollout.engine_timeout_s=5"])
     with pytest.raises(OrbitError, match="unreachable"):
         run_training(recipe_ok, Callbacks(on_message=lambda m: None))
+
+
+def test_server_without_lora_is_named_with_the_missing_flag(tmp_path, tiny_checkpoint):
+    """SGLang launched without --enable-lora answers a load with success=false and this message."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from orbit_core.errors import OrbitError
+
+    class NoLora(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"success": False, "error_message": "LoRA is not enabled. Please set `--enable-lora` "
+                                                                 "to enable LoRA."}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), NoLora)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{http.server_address[1]}"
+        recipe = load_recipe(str(small_recipe(tmp_path, tiny_checkpoint)), ["rollout.backend=sglang",
+                                                                             f"rollout.sglang_urls=[{url}]"])
+        with pytest.raises(OrbitError, match="has LoRA disabled") as err:
+            run_training(recipe, Callbacks(on_message=lambda m: None))
+        assert "--enable-lora" in err.value.fix
+    finally:
+        http.shutdown()
+        http.server_close()

@@ -36,6 +36,8 @@ class SGLangServer:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:300]
+            if path.endswith("lora_adapter"):
+                _check_lora_answer(self.url, _json_or_text(detail))
             raise OrbitError(f"rollout server {self.url}{path} answered {err.code}: {detail}",
                              "check the server's log; the run stops after saving its last step") from None
         except (urllib.error.URLError, TimeoutError, OSError) as err:
@@ -100,13 +102,33 @@ class SGLangEngines:
         previous = self.lora_name
         for server in self.servers:
             start = time.perf_counter()
-            server.post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
+            _check_lora_answer(server.url, server.post("/load_lora_adapter", {"lora_name": name, "lora_path": path}))
             server.sync_ms = (time.perf_counter() - start) * 1e3
             server.version = version
         self.lora_name, self.version = name, version
         if previous is not None and previous != name:
             for server in self.servers:
-                server.post("/unload_lora_adapter", {"lora_name": previous})
+                _check_lora_answer(server.url, server.post("/unload_lora_adapter", {"lora_name": previous}))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"success": False, "error_message": text}
+
+
+def _check_lora_answer(url: str, answer) -> None:
+    """SGLang answers a failed LoRA load or unload with ``success: false`` and a message."""
+    if not isinstance(answer, dict) or answer.get("success", True):
+        return
+    message = str(answer.get("error_message") or answer.get("error") or answer)[:300]
+    if "not enabled" in message.lower() or "enable-lora" in message or "enable_lora" in message:
+        raise OrbitError(f"rollout server {url} has LoRA disabled ({message})",
+                         "restart it with --enable-lora (and --max-lora-rank at least peft.rank, --lora-target-modules "
+                         "covering peft.target_modules)")
+    raise OrbitError(f"rollout server {url} refused the adapter: {message}",
+                     "check the server's log; the run stops after saving its last step")
