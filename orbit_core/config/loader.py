@@ -255,6 +255,9 @@ def validate(config: RecipeConfig) -> None:
             f"rollout.adapter_double_buffer=true needs an async, non-colocated run (got train.mode={t.mode}, "
             f"rollout.placement={r.placement})",
             "set train.mode=async rollout.placement=non-colocated, or adapter_double_buffer=false")
+    if t.backend == "megatron" and (t.activation_checkpointing != "none" or config.quant.fake_qat):
+        raise OrbitError("train.backend=megatron does not build activation checkpointing or fake QAT yet",
+                         "use train.activation_checkpointing=none quant.fake_qat=false, or train.backend=torch")
     ray = t.orchestrator == "ray"
     if ray:
         _check_ray(config)

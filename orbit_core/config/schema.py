@@ -136,7 +136,9 @@ class PeftSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "megatron"] = "torch"
+    """``torch``: Orbit's own model. ``megatron``: the base in a megatron-core GPTModel loaded through
+    dist_checkpointing (the ``megatron`` extra; TP=1, dense bf16/fp32 bases for now)."""
     orchestrator: Literal["local", "ray"] = "local"
     """``local``: everything in this process (and its engine process). ``ray``: the trainer and
     ``rollout.num_engines`` engines run as Ray actors in one placement group (see the ``ray`` section)."""

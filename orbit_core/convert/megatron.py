@@ -1,8 +1,11 @@
 """HF <-> Megatron torch_dist checkpoints, written and read by megatron-core's dist_checkpointing.
 
 Parameter names are those of megatron-core's GPTModel with the Transformer-Engine layer spec
-(what Megatron-Bridge builds): input norms fused into ``linear_qkv`` / ``linear_fc1`` as
-``layer_norm_weight``, Q/K/V fused per query group, gate and up stacked in ``linear_fc1``.
+(what Megatron-Bridge builds, and what ``sharded_state_dict()`` asks for even with the local spec):
+input norms fused into ``linear_qkv`` / ``linear_fc1`` as ``layer_norm_weight``, Q/K/V fused per
+query group, gate and up stacked in ``linear_fc1``. Per-layer tensors are stored layer-stacked
+(``decoder.layers.self_attention.linear_qkv.weight`` is ``[num_layers, ...]``), so
+``dist_checkpointing.load(model.sharded_state_dict(), dir)`` reads the checkpoint directly.
 Layout: ``OUT/iter_0000000/`` plus ``OUT/latest_checkpointed_iteration.txt``. Tensors keep their
 dtype, so HF -> Megatron -> HF is bit-exact.
 """
@@ -27,6 +30,11 @@ from orbit_core.models.config import DecoderConfig
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
+LAYER_PREFIX = "decoder.layers."
+EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+"""Modules whose ``_extra_state`` a megatron-core GPTModel asks for (empty for the local spec)."""
+
+
 def _megatron():
     try:
         from megatron.core import dist_checkpointing
@@ -34,6 +42,45 @@ def _megatron():
     except ImportError as err:
         raise OrbitError("megatron-core is not installed", "pip install 'orbit-rl[megatron]'") from err
     return dist_checkpointing, ShardedTensor
+
+
+def sharded_layout(state: dict[str, torch.Tensor], num_layers: int) -> dict:
+    """The sharded state dict a megatron-core GPTModel (TP=PP=1) saves and asks for: per-layer tensors
+    under one layer-stacked key (``decoder.layers.<param>``, layer axis prepended), and an empty
+    ``_extra_state`` object per linear and layer."""
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    out: dict = {}
+    for name, tensor in state.items():
+        if name.startswith(LAYER_PREFIX):
+            index, rest = name[len(LAYER_PREFIX):].split(".", 1)
+            out[name] = ShardedTensor.from_rank_offsets(LAYER_PREFIX + rest, tensor.contiguous(), (0, int(index), num_layers),
+                                                        replica_id=0, prepend_axis_num=1)
+        else:
+            out[name] = ShardedTensor.from_rank_offsets(name, tensor.contiguous(), replica_id=0)
+    for index in range(num_layers):
+        for module in EXTRA_STATE:
+            out[f"{LAYER_PREFIX}{index}.{module}._extra_state"] = ShardedObject(
+                f"{LAYER_PREFIX}{module}._extra_state", None, (num_layers,), (index,), replica_id=0)
+    return out
+
+
+def unstack_layers(plain: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Layer-stacked tensors back to per-layer names (``decoder.layers.N.<param>``)."""
+    out = {}
+    for name, value in plain.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = name.removeprefix("model.")
+        rest = name[len(LAYER_PREFIX):] if name.startswith(LAYER_PREFIX) else ""
+        if rest and not rest.split(".", 1)[0].isdigit():  # stacked: [num_layers, ...]
+            if value.shape[0] != num_layers:
+                raise OrbitError(f"Megatron tensor {name} stacks {value.shape[0]} layers, the config has {num_layers}",
+                                 "pass the HF config of the model this checkpoint was converted from")
+            out.update({f"{LAYER_PREFIX}{i}.{rest}": value[i] for i in range(num_layers)})
+        else:
+            out[name] = value
+    return out
 
 
 @contextlib.contextmanager
@@ -150,8 +197,8 @@ def hf_to_megatron(src: str, out: str) -> Path:
     with atomic_output_dir(out) as tmp:
         iteration_dir = tmp / "iter_0000000"
         iteration_dir.mkdir()
-        sharded = {"model": {name: ShardedTensor.from_rank_offsets(name, tensor, replica_id=0) for name, tensor in megatron.items()},
-                   "checkpoint_version": 3.0, "iteration": 0, "hf_config": json.dumps(hf_config)}
+        sharded = {"model": sharded_layout(megatron, config.num_layers), "checkpoint_version": 3.0, "iteration": 0,
+                   "hf_config": json.dumps(hf_config)}
         with _process_group(), _cpu_shims():
             dist_checkpointing.save(sharded, str(iteration_dir))
         (tmp / TRACKER).write_text("0")
@@ -187,7 +234,7 @@ def megatron_to_hf(src: str, out: str, hf_config_dir: str | None = None) -> Path
     else:
         raise OrbitError(f"{iteration} carries no HF config", "pass --hf-config with the HF checkpoint the model came from")
     config = DecoderConfig.from_hf(hf_config)
-    tensors = {k.removeprefix("model."): v for k, v in plain.items() if isinstance(v, torch.Tensor)}
+    tensors = unstack_layers(plain, config.num_layers)
     try:
         hf = megatron_to_hf_state(config, tensors)
     except KeyError as err:

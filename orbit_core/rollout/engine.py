@@ -11,6 +11,7 @@ from orbit_core.rollout.types import Completion, SamplingParams
 
 class BuiltinEngine:
     """Generates with the live model object, so it always uses the current adapter weights."""
+    name = "Orbit builtin engine (in process)"
 
     def __init__(self, model: DecoderLM, tokenizer, max_running: int = 256, seed: int = 0, cuda_graph: bool = True):
         self.model = model

@@ -35,6 +35,8 @@ def _exit_text(code: int | None) -> str:
 
 
 class EngineProcess:
+    name = "Orbit builtin engine (engine process)"
+
     def __init__(self, spec: EngineSpec, timeout_s: float = 600.0):
         self.timeout_s = timeout_s
         ctx = mp.get_context("spawn")

@@ -47,6 +47,7 @@ class SGLangServer:
 
 class SGLangEngines:
     """A ``RolloutBackend`` over one or more SGLang-API servers, all serving adapter ``lora_name``."""
+    name = "SGLang-API servers"
 
     def __init__(self, urls: list[str], timeout_s: float):
         self.servers = [SGLangServer(url, timeout_s) for url in urls]

@@ -22,6 +22,10 @@ from orbit_core.train.sampling_round import StepRollouts
 
 class TrainerBackend(Protocol):
     has_value_head: bool
+    name: str
+    """The implementation, as the parity report names it."""
+    model: torch.nn.Module
+    """Called as ``model(ids)`` -> logits by the runtime preflight (the trainer's side of parity)."""
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """No-grad logprobs ``[batch, seq-1]`` of the current policy (and values with a value head)."""
@@ -105,7 +109,16 @@ def _sglang_rollouts(config: RecipeConfig, policy: PolicyModel, engine: BuiltinE
                           r.engine_timeout_s, engine_adapter_state(policy.model), start_step)
 
 
-TRAINER_BACKENDS: dict[str, Callable[..., TrainerBackend]] = {"torch": _torch_trainer}
+def _megatron_trainer(config: RecipeConfig, policy: PolicyModel, teacher: DecoderLM | None) -> TrainerBackend:
+    from orbit_core.models.megatron_gpt import require_megatron
+
+    require_megatron()
+    from orbit_core.train.megatron_backend import MegatronTrainer
+
+    return MegatronTrainer(policy, config, teacher)
+
+
+TRAINER_BACKENDS: dict[str, Callable[..., TrainerBackend]] = {"torch": _torch_trainer, "megatron": _megatron_trainer}
 ROLLOUT_BACKENDS: dict[str, Callable[..., RolloutSource]] = {"builtin": _builtin_rollouts, "sglang": _sglang_rollouts}
 
 

@@ -189,17 +189,23 @@ class TrainingRun:
         if not pf.runtime or pf.skip_runtime:
             return {}
         prompts = [self.prompts.ids[rec.line] for rec in self.records[: pf.num_prompts]]
-        report = runtime_parity(self.rollouts.parity_engine, self.policy.model, self.tokenizer, prompts, pf.max_new_tokens,
-                                pf.topk, pf.max_logprob_abs_diff, pf.min_topk_agreement,
-                                self.config.rollout.temperature or 1.0)
-        self.cb.on_message(f"runtime preflight: max |logprob diff| {report.max_abs_diff:.2e}, top-{pf.topk} agreement "
-                           f"{report.topk_agreement:.3f} over {report.tokens} tokens")
+        engine, trainer = self.rollouts.parity_engine, self.trainer
+        names = f"{getattr(engine, 'name', type(engine).__name__)} vs {trainer.name}"
+        report = runtime_parity(engine, trainer.model, self.tokenizer, prompts, pf.max_new_tokens, pf.topk,
+                                pf.max_logprob_abs_diff, pf.min_topk_agreement, self.config.rollout.temperature or 1.0)
+        self.cb.on_message(f"runtime preflight ({names}): max |logprob diff| {report.max_abs_diff:.2e}, mean "
+                           f"{report.mean_abs_diff:.2e}, top-{pf.topk} agreement {report.topk_agreement:.3f} over "
+                           f"{report.tokens} tokens")
         if not report.passed:
+            worst = "; ".join(f"prompt {r.prompt_index} token {r.position} {r.token!r}: engine {r.engine_logprob:.3f} "
+                              f"trainer {r.trainer_logprob:.3f}" for r in report.worst[:3])
             raise OrbitError(
-                f"runtime preflight failed: max |logprob diff| {report.max_abs_diff:.3g} (gate {pf.max_logprob_abs_diff}), "
-                f"top-{pf.topk} agreement {report.topk_agreement:.3f} (gate {pf.min_topk_agreement})",
+                f"runtime preflight ({names}) failed: max |logprob diff| {report.max_abs_diff:.3g} (gate "
+                f"{pf.max_logprob_abs_diff}), top-{pf.topk} agreement {report.topk_agreement:.3f} (gate "
+                f"{pf.min_topk_agreement}); worst: {worst}",
                 "run `orbit preflight` for the worst tokens, or set preflight.skip_runtime=true for a smoke run")
-        return {"preflight/max_logprob_abs_diff": report.max_abs_diff, "preflight/mean_logprob_abs_diff": report.mean_abs_diff,
+        return {"preflight/implementations": names, "preflight/max_logprob_abs_diff": report.max_abs_diff,
+                "preflight/mean_logprob_abs_diff": report.mean_abs_diff,
                 "preflight/topk_agreement": report.topk_agreement}
 
     # -- the steps ------------------------------------------------------------------------

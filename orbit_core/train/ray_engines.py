@@ -67,6 +67,8 @@ ActorFactory = Callable[[int, int, Any, int], Any]
 class RayEnginePool:
     """A ``RolloutBackend`` over ``count`` engine actors."""
 
+    name = "Ray engine actors"
+
     def __init__(self, factory: ActorFactory, count: int, initial: dict[str, torch.Tensor], version: int,
                  max_restarts: int, timeout_s: float, start_timeout_s: float, log: Callable[[str], None]):
         self.ray = require_ray()

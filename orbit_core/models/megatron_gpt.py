@@ -1,0 +1,238 @@
+"""A megatron-core ``GPTModel`` holding the frozen base, for ``train.backend=megatron``.
+
+Built from the HF config with the local layer spec, loaded through megatron-core's own path
+(``dist_checkpointing.load(model.sharded_state_dict(), dir)``) from an ``orbit convert``
+checkpoint, then seen by the trainer like Orbit's ``DecoderLM``: ``model(ids, hidden_only=True)``
+gives the final hidden states ``[batch, seq, hidden]`` and ``model.lm_head.weight`` the output weight.
+
+Megatron's fused linears are split into their HF parts so adapters have HF names:
+``linear_qkv`` -> ``q_proj``, ``k_proj``, ``v_proj`` (outputs re-interleaved per query group),
+``linear_fc1`` -> ``gate_proj``, ``up_proj``; ``linear_proj`` is ``o_proj``, ``linear_fc2``
+``down_proj``. At TP=1 that is exact. The TP>1 sharding each adapter would need is written
+in the README; only TP=1 is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from unittest import mock
+
+import torch
+from torch import nn
+
+from orbit_core.errors import OrbitError
+from orbit_core.models.config import DecoderConfig
+
+
+def require_megatron() -> None:
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:
+        raise OrbitError("train.backend=megatron needs megatron-core, which is not installed",
+                         "pip install 'orbit-rl[megatron]', or use train.backend=torch") from None
+
+
+@contextlib.contextmanager
+def cpu_shims():
+    """megatron-core asks CUDA for the current device (rope, checkpoint writer), syncs it, and forks
+    the CUDA RNG tracker around attention dropout; on a CPU-only torch these go to the CPU (dropout is 0,
+    so no random stream is used). On a GPU machine nothing is patched."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = type(get_cuda_rng_tracker())
+    with mock.patch.object(torch.cuda, "current_device", lambda: "cpu"), \
+            mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None), \
+            mock.patch.object(tracker, "fork", lambda self, name=None: contextlib.nullcontext()):
+        yield
+
+
+def ensure_model_parallel(device: torch.device) -> None:
+    """A one-rank process group (gloo on CPU, nccl on CUDA) and TP = PP = 1, unless already set up."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        init = tempfile.mktemp(prefix="orbit-megatron-pg-")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init}", rank=0,
+                                world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise OrbitError("train.backend=megatron runs at tensor-parallel size 1 for now",
+                         "launch one rank, or use train.backend=torch")
+
+
+def transformer_config(c: DecoderConfig, dtype: torch.dtype):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if c.moe is not None:
+        raise OrbitError(f"train.backend=megatron does not build MoE models yet ({c.model_type})",
+                         "use train.backend=torch for MoE models")
+    if c.rope_scaling and c.rope_scaling.get("rope_type", c.rope_scaling.get("type", "default")) != "default":
+        raise OrbitError(f"train.backend=megatron does not build rope scaling {c.rope_scaling}",
+                         "use train.backend=torch for this model")
+    if c.mlp_bias or (c.attention_bias and c.model_type != "qwen2"):
+        raise OrbitError(f"train.backend=megatron builds q/k/v biases only (Qwen2); {c.model_type} has biases on "
+                         "o_proj or the MLP", "use train.backend=torch for this model")
+    return TransformerConfig(
+        num_layers=c.num_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_heads,
+        num_query_groups=c.num_kv_heads, ffn_hidden_size=c.intermediate_size, kv_channels=c.head_dim,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, normalization="RMSNorm",
+        layernorm_epsilon=c.rms_norm_eps, add_bias_linear=False, add_qkv_bias=c.attention_bias, qk_layernorm=c.qk_norm,
+        bias_activation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, apply_rope_fusion=False,
+        masked_softmax_fusion=False, params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=True, perform_initialization=False)
+
+
+def build_gpt(c: DecoderConfig, dtype: torch.dtype):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    with cpu_shims():
+        return GPTModel(transformer_config(c, dtype), get_gpt_layer_local_spec(qk_layernorm=c.qk_norm, normalization="RMSNorm"),
+                        vocab_size=c.vocab_size, max_sequence_length=c.max_position_embeddings,
+                        share_embeddings_and_output_weights=c.tie_word_embeddings, position_embedding_type="rope",
+                        rotary_base=int(c.rope_theta))
+
+
+def load_gpt(gpt, iteration_dir: str) -> None:
+    """megatron-core's own loading path; every tensor the model asks for must be in the checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    wanted = gpt.sharded_state_dict()
+    available = dist_checkpointing.load_tensors_metadata(iteration_dir)
+    for name, sharded in wanted.items():
+        key = getattr(sharded, "key", name)
+        if hasattr(sharded, "local_shape") and key in available:
+            have = tuple(available[key].global_shape)
+            if have != tuple(sharded.global_shape):
+                raise OrbitError(f"Megatron checkpoint {iteration_dir}: {key} is {have}, this model's config asks for "
+                                 f"{tuple(sharded.global_shape)}", "convert the checkpoint of this architecture")
+        elif hasattr(sharded, "local_shape"):
+            raise OrbitError(f"Megatron checkpoint {iteration_dir} has no tensor {key}",
+                             "it holds another architecture; convert the model with `orbit convert hf-to-megatron`")
+    with cpu_shims():
+        state = dist_checkpointing.load(wanted, iteration_dir)
+    result = gpt.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing:
+        raise OrbitError(f"Megatron checkpoint {iteration_dir} did not fill {missing[0]}", "convert the model again")
+
+
+class FusedParts(nn.Module):
+    """A megatron fused linear replaced by its HF parts; ``forward`` returns megatron's ``(out, bias)``."""
+
+    def __init__(self, parts: dict[str, nn.Linear], groups: int = 0):
+        super().__init__()
+        for name, part in parts.items():
+            self.add_module(name, part)
+        self.names = list(parts)
+        self.groups = groups  # >0: q/k/v re-interleaved per query group
+
+    def forward(self, x: torch.Tensor):
+        outs = [getattr(self, name)(x) for name in self.names]
+        if self.groups:
+            q, k, v = (o.reshape(*o.shape[:-1], self.groups, -1) for o in outs)
+            return torch.cat([q, k, v], dim=-1).flatten(-2), None
+        return (torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]), None
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def split_fused_linears(gpt, c: DecoderConfig) -> None:
+    from orbit_core.convert.megatron import _qkv_split
+
+    for layer in gpt.decoder.layers:
+        attn, mlp = layer.self_attention, layer.mlp
+        qkv = attn.linear_qkv
+        q, k, v = _qkv_split(c, qkv.weight)
+        biases = _qkv_split(c, qkv.bias) if getattr(qkv, "bias", None) is not None else (None, None, None)
+        attn.linear_qkv = FusedParts({"q_proj": _linear(q, biases[0]), "k_proj": _linear(k, biases[1]),
+                                      "v_proj": _linear(v, biases[2])}, groups=c.num_kv_heads)
+        attn.linear_proj = FusedParts({"o_proj": _linear(attn.linear_proj.weight)})
+        gate, up = mlp.linear_fc1.weight.chunk(2, dim=0)
+        mlp.linear_fc1 = FusedParts({"gate_proj": _linear(gate), "up_proj": _linear(up)})
+        mlp.linear_fc2 = FusedParts({"down_proj": _linear(mlp.linear_fc2.weight)})
+
+
+class _Head(nn.Module):
+    def __init__(self, gpt):
+        super().__init__()
+        self._gpt = [gpt]  # not a submodule: the weight belongs to the GPTModel
+
+    @property
+    def weight(self) -> torch.Tensor:
+        gpt = self._gpt[0]
+        return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.weight.t().to(hidden.dtype)
+
+
+class MegatronLM(nn.Module):
+    """The GPTModel as the trainer and the runtime preflight call it."""
+
+    def __init__(self, gpt, config: DecoderConfig):
+        super().__init__()
+        self.gpt, self.config = gpt, config
+        self.lm_head = _Head(gpt)
+        self.activation_checkpointing = "none"
+
+    def forward(self, input_ids: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq, device=input_ids.device)[None].expand(batch, -1)
+        causal = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=input_ids.device), diagonal=1)
+        with cpu_shims():
+            pre = self.gpt._preprocess(input_ids=input_ids, position_ids=positions)
+            hidden = self.gpt.decoder(hidden_states=pre[0], attention_mask=causal, rotary_pos_emb=pre[1])
+        hidden = hidden.transpose(0, 1)  # megatron is sequence-first
+        return hidden if hidden_only else self.lm_head(hidden).float()
+
+
+def hf_names(model: MegatronLM) -> dict[str, str]:
+    """Megatron-side module name of every adapted part -> the HF name Orbit's files and engine use."""
+    out = {}
+    for i in range(len(model.gpt.decoder.layers)):
+        m, h = f"gpt.decoder.layers.{i}.", f"model.layers.{i}."
+        for part in ("q_proj", "k_proj", "v_proj"):
+            out[f"{m}self_attention.linear_qkv.{part}"] = f"{h}self_attn.{part}"
+        out[f"{m}self_attention.linear_proj.o_proj"] = f"{h}self_attn.o_proj"
+        for part in ("gate_proj", "up_proj"):
+            out[f"{m}mlp.linear_fc1.{part}"] = f"{h}mlp.{part}"
+        out[f"{m}mlp.linear_fc2.down_proj"] = f"{h}mlp.down_proj"
+    return out
+
+
+def load_megatron_policy(base_path: str, dtype: str, device: torch.device) -> MegatronLM:
+    """The HF base converted to a Megatron checkpoint (a temporary one), loaded into a GPTModel
+    through dist_checkpointing, its fused linears split into HF parts."""
+    from orbit_core.convert.megatron import hf_to_megatron, resolve_iteration_dir
+    from orbit_core.models.checkpoint import read_hf_config
+
+    require_megatron()
+    hf = read_hf_config(base_path)
+    if hf.get("quantization_config"):
+        raise OrbitError("train.backend=megatron on a packed (int4/fp8/nvfp4) base is not built yet",
+                         "use a bf16/fp32 base with train.backend=megatron, or train.backend=torch")
+    config = DecoderConfig.from_hf(hf, source=os.path.join(base_path, "config.json"))
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ensure_model_parallel(device)
+    gpt = build_gpt(config, torch_dtype)
+    with tempfile.TemporaryDirectory(prefix="orbit-megatron-base-") as root:
+        hf_to_megatron(base_path, os.path.join(root, "mg"))
+        load_gpt(gpt, str(resolve_iteration_dir(os.path.join(root, "mg"))))
+    split_fused_linears(gpt, config)
+    model = MegatronLM(gpt.to(device=device, dtype=torch_dtype), config)
+    model.requires_grad_(False)
+    return model.eval()
