@@ -26,7 +26,7 @@ def preflight(
     r = result.runtime
     if r is not None:
         p = config.preflight
-        table = Table("metric", "value", "gate", title="runtime parity (engine vs trainer)", title_justify="left")
+        table = Table("metric", "value", "gate", title=f"runtime parity ({r.engine} vs {r.trainer})", title_justify="left")
         table.add_row("tokens compared", str(r.tokens), "")
         table.add_row("max |logprob diff|", f"{r.max_abs_diff:.2e}", f"<= {p.max_logprob_abs_diff}")
         table.add_row("mean |logprob diff|", f"{r.mean_abs_diff:.2e}", "")

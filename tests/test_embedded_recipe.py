@@ -66,6 +66,16 @@ def test_async_recipe_on_ray_with_two_engine_actors_learns(tmp_path, shared_cach
 
 
 @pytest.mark.slow
+def test_default_recipe_on_the_megatron_backend_learns(tmp_path, shared_cache):
+    before, after, _ = train_recipe("tiny-arith-lora", tmp_path, shared_cache, "train.backend=megatron",
+                                    "preflight.runtime=true")
+    assert after - before >= 0.15
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["preflight/implementations"] == "Orbit builtin engine (in process) vs megatron-core GPTModel"
+    assert rows[0]["preflight/max_logprob_abs_diff"] < 1e-3
+
+
+@pytest.mark.slow
 def test_moe_recipe_builds_its_model_and_learns(tmp_path, shared_cache):
     before, after, wall_s = train_recipe("tiny-arith-moe-lora", tmp_path, shared_cache)  # the MoE model is built here
     assert after - before >= 0.15

@@ -183,6 +183,8 @@ class _Head(nn.Module):
 class MegatronLM(nn.Module):
     """The GPTModel as the trainer and the runtime preflight call it."""
 
+    implementation = "megatron-core GPTModel"
+
     def __init__(self, gpt, config: DecoderConfig):
         super().__init__()
         self.gpt, self.config = gpt, config

@@ -146,6 +146,8 @@ class DecoderBody(nn.Module):
 class DecoderLM(nn.Module):
     """Causal LM. ``forward`` returns logits ``[batch, seq, vocab]`` (or ``[batch, vocab]`` with ``last_index``)."""
 
+    implementation = "Orbit DecoderLM"
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config

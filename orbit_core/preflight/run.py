@@ -54,7 +54,12 @@ def run_preflight(config: RecipeConfig, precision: str, log=print, engine_overri
     if not p.skip_runtime:
         device = pick_device(config.model.device)
         tokenizer = load_tokenizer(path)
-        trainer_model = load_base(path, config.model.dtype, device)
+        if config.train.backend == "megatron":
+            from orbit_core.models.megatron_gpt import load_megatron_policy
+
+            trainer_model = load_megatron_policy(path, config.model.dtype, device)
+        else:
+            trainer_model = load_base(path, config.model.dtype, device)
         engine_model = load_base(path, config.model.dtype, device)
         if engine_overrides:
             engine_model.config = dataclasses.replace(engine_model.config, **engine_overrides)

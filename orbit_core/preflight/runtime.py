@@ -32,6 +32,9 @@ class RuntimeReport:
     topk_agreement: float
     passed: bool
     worst: list[TokenRow] = field(default_factory=list)
+    engine: str = ""
+    trainer: str = ""
+    """The two implementations compared."""
 
 
 @torch.no_grad()
@@ -65,4 +68,5 @@ def runtime_parity(engine: RolloutBackend, trainer_model: DecoderLM, tokenizer, 
     agreement = sum(agreements) / max(len(agreements), 1)
     worst = sorted(rows, key=lambda r: r.diff, reverse=True)[:10]
     passed = max_diff <= max_abs_diff and agreement >= min_agreement
-    return RuntimeReport(len(rows), max_diff, mean_diff, agreement, passed, worst)
+    return RuntimeReport(len(rows), max_diff, mean_diff, agreement, passed, worst,
+                         getattr(engine, "name", type(engine).__name__), getattr(trainer_model, "implementation", ""))
