@@ -24,6 +24,13 @@ from tests.helpers import small_recipe  # noqa: E402
 from tests.test_cli import run  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def int4_checkpoint(tiny_checkpoint, tmp_path_factory):
+    from orbit_core.quant import quantize_checkpoint
+
+    return str(quantize_checkpoint(tiny_checkpoint, str(tmp_path_factory.mktemp("q") / "int4"), "int4", group_size=32))
+
+
 def _pair(tmp_path, checkpoint, method):
     config = load_recipe(str(small_recipe(tmp_path, checkpoint)), [f"peft.method={method}", "peft.oft_block_size=16",
                                                                    "peft.dropout=0.0", "rl.kl_coef=0.0",
@@ -35,9 +42,16 @@ def _pair(tmp_path, checkpoint, method):
     return config, TorchTrainer(reference.model, config), MegatronTrainer(policy, config), reference
 
 
-@pytest.mark.parametrize("method", ["lora", "oft"])
-def test_megatron_trainer_matches_the_torch_trainer(tmp_path, tiny_checkpoint, method):
-    config, torch_side, megatron_side, reference = _pair(tmp_path, tiny_checkpoint, method)
+@pytest.mark.parametrize("method,base", [("lora", "fp32"), ("oft", "fp32"), ("lora", "int4"), ("oft", "int4")])
+def test_megatron_trainer_matches_the_torch_trainer(tmp_path, tiny_checkpoint, int4_checkpoint, method, base):
+    config, torch_side, megatron_side, reference = _pair(tmp_path, int4_checkpoint if base == "int4" else tiny_checkpoint,
+                                                         method)
+    if base == "int4":  # the GPTModel holds Orbit's packed linears, not dense copies
+        from orbit_core.quant import QuantLinear
+
+        packed = [m for m in megatron_side.model.modules() if isinstance(m, QuantLinear)]
+        assert len(packed) == 7 * 2 and not any(p.numel() > 4096 for p in megatron_side.model.gpt.decoder.parameters()
+                                                if not p.requires_grad)
     # a non-trivial adapter on both sides (LoRA's B and OFT's skew start at zero)
     torch.manual_seed(1)
     state = {name: torch.randn_like(t) * 0.2 for name, t in torch_side.adapter_state().items()}

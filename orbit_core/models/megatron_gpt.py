@@ -217,24 +217,53 @@ def hf_names(model: MegatronLM) -> dict[str, str]:
 
 
 def load_megatron_policy(base_path: str, dtype: str, device: torch.device) -> MegatronLM:
-    """The HF base converted to a Megatron checkpoint (a temporary one), loaded into a GPTModel
-    through dist_checkpointing, its fused linears split into HF parts."""
+    """The base in a GPTModel. A dense HF base is converted to a temporary Megatron checkpoint and
+    loaded through dist_checkpointing, its fused linears then split into HF parts. A packed
+    (compressed-tensors) base keeps Orbit's quantized linears as those parts."""
     from orbit_core.convert.megatron import hf_to_megatron, resolve_iteration_dir
     from orbit_core.models.checkpoint import read_hf_config
 
     require_megatron()
     hf = read_hf_config(base_path)
-    if hf.get("quantization_config"):
-        raise OrbitError("train.backend=megatron on a packed (int4/fp8/nvfp4) base is not built yet",
-                         "use a bf16/fp32 base with train.backend=megatron, or train.backend=torch")
-    config = DecoderConfig.from_hf(hf, source=os.path.join(base_path, "config.json"))
+    config = DecoderConfig.from_hf({k: v for k, v in hf.items() if k != "quantization_config"},
+                                   source=os.path.join(base_path, "config.json"))
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     ensure_model_parallel(device)
     gpt = build_gpt(config, torch_dtype)
-    with tempfile.TemporaryDirectory(prefix="orbit-megatron-base-") as root:
-        hf_to_megatron(base_path, os.path.join(root, "mg"))
-        load_gpt(gpt, str(resolve_iteration_dir(os.path.join(root, "mg"))))
-    split_fused_linears(gpt, config)
-    model = MegatronLM(gpt.to(device=device, dtype=torch_dtype), config)
+    if hf.get("quantization_config"):
+        from orbit_core.policy.load import load_base
+
+        adopt_packed_base(gpt, config, load_base(base_path, dtype, "cpu"))
+    else:
+        with tempfile.TemporaryDirectory(prefix="orbit-megatron-base-") as root:
+            hf_to_megatron(base_path, os.path.join(root, "mg"))
+            load_gpt(gpt, str(resolve_iteration_dir(os.path.join(root, "mg"))))
+        split_fused_linears(gpt, config)
+    model = MegatronLM(gpt.to(device=device), config)
     model.requires_grad_(False)
     return model.eval()
+
+
+def adopt_packed_base(gpt, c: DecoderConfig, base: nn.Module) -> None:
+    """Give the GPTModel the packed base's linears as its parts, and its embeddings and norms."""
+    dense = {"embedding.word_embeddings.weight": base.model.embed_tokens.weight,
+             "decoder.final_layernorm.weight": base.model.norm.weight}
+    if not c.tie_word_embeddings:
+        dense["output_layer.weight"] = base.lm_head.weight
+    for i, (layer, ours) in enumerate(zip(gpt.decoder.layers, base.model.layers)):
+        m = f"decoder.layers.{i}."
+        dense[m + "input_layernorm.weight"] = ours.input_layernorm.weight
+        dense[m + "pre_mlp_layernorm.weight"] = ours.post_attention_layernorm.weight
+        if c.qk_norm:
+            dense[m + "self_attention.q_layernorm.weight"] = ours.self_attn.q_norm.weight
+            dense[m + "self_attention.k_layernorm.weight"] = ours.self_attn.k_norm.weight
+        attn, mlp = ours.self_attn, ours.mlp
+        layer.self_attention.linear_qkv = FusedParts({"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj},
+                                                     groups=c.num_kv_heads)
+        layer.self_attention.linear_proj = FusedParts({"o_proj": attn.o_proj})
+        layer.mlp.linear_fc1 = FusedParts({"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj})
+        layer.mlp.linear_fc2 = FusedParts({"down_proj": mlp.down_proj})
+    with torch.no_grad():
+        params = dict(gpt.named_parameters())
+        for name, tensor in dense.items():
+            params[name].copy_(tensor)
