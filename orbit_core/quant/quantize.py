@@ -94,7 +94,17 @@ def quantize_checkpoint(
         if group and linears[name][1] % group:
             raise OrbitError(f"group size {group} does not divide {name} (in_features={linears[name][1]})",
                              "choose a group size that divides every quantized layer, or --ignore that layer")
-    specs = tensor_specs(files)
+    return write_quantized(out, hf, tensor_specs(files), iter_tensors(files), fmt, quantized, skipped, max_shard_bytes,
+                           on_tensor, device, source)
+
+
+def write_quantized(out: str, hf: dict, specs: dict[str, tuple[tuple[int, ...], str]], tensors, fmt: WeightFormat,
+                    quantized: list[str], skipped: list[str], max_shard_bytes: int = 2 << 30,
+                    on_tensor: Callable[[int, int, str], None] | None = None, device: str | None = None,
+                    source: str | None = None) -> Path:
+    """Write ``tensors`` (name, tensor) as a compressed-tensors checkpoint, one tensor in memory at a
+    time: the linears in ``quantized`` packed, everything else bf16. ``specs`` promises each name's
+    shape and dtype up front (the shard plan)."""
     sizes: dict[str, int] = {}
     for name, (shape, dtype) in specs.items():
         module = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -105,7 +115,7 @@ def quantize_checkpoint(
             sizes[name] = per_element * math.prod(shape)
 
     def converted():
-        for i, (name, tensor) in enumerate(iter_tensors(files)):
+        for i, (name, tensor) in enumerate(tensors):
             module = name[: -len(".weight")] if name.endswith(".weight") else None
             if module in quantized:
                 work = tensor.to(device) if device is not None else tensor
@@ -124,7 +134,7 @@ def quantize_checkpoint(
                                      quantization_status="compressed")
         hf_out = {**hf, "torch_dtype": "bfloat16", "quantization_config": qconfig.model_dump(mode="json", exclude_none=True)}
         (tmp / "config.json").write_text(json.dumps(hf_out, indent=2))
-        for extra in COPY_FILES:
+        for extra in COPY_FILES if source else ():
             if os.path.isfile(os.path.join(source, extra)):
                 shutil.copy2(os.path.join(source, extra), tmp / extra)
     return Path(out)
