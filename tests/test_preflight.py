@@ -64,7 +64,7 @@ def test_cli_exit_codes(tmp_path, int4_checkpoint):
 
 def test_train_refuses_to_start_when_runtime_parity_fails(tmp_path, int4_checkpoint):
     recipe = _recipe(tmp_path, int4_checkpoint, runtime=True, max_logprob_abs_diff=-1.0)
-    with pytest.raises(OrbitError, match="runtime preflight failed"):
+    with pytest.raises(OrbitError, match=r"runtime preflight \(Orbit builtin engine \(in process\) vs Orbit torch DecoderLM\) failed"):
         run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
     recipe = _recipe(tmp_path, int4_checkpoint, runtime=True)
     result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
