@@ -25,10 +25,11 @@ from tests.test_cli import run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def int4_checkpoint(tiny_checkpoint, tmp_path_factory):
+def packed_checkpoints(tiny_checkpoint, tmp_path_factory):
     from orbit_core.quant import quantize_checkpoint
 
-    return str(quantize_checkpoint(tiny_checkpoint, str(tmp_path_factory.mktemp("q") / "int4"), "int4", group_size=32))
+    root = tmp_path_factory.mktemp("q")
+    return {fmt: str(quantize_checkpoint(tiny_checkpoint, str(root / fmt), fmt, group_size=32)) for fmt in ("int4", "nvfp4")}
 
 
 def _pair(tmp_path, checkpoint, method):
@@ -42,11 +43,11 @@ def _pair(tmp_path, checkpoint, method):
     return config, TorchTrainer(reference.model, config), MegatronTrainer(policy, config), reference
 
 
-@pytest.mark.parametrize("method,base", [("lora", "fp32"), ("oft", "fp32"), ("lora", "int4"), ("oft", "int4")])
-def test_megatron_trainer_matches_the_torch_trainer(tmp_path, tiny_checkpoint, int4_checkpoint, method, base):
-    config, torch_side, megatron_side, reference = _pair(tmp_path, int4_checkpoint if base == "int4" else tiny_checkpoint,
-                                                         method)
-    if base == "int4":  # the GPTModel holds Orbit's packed linears, not dense copies
+@pytest.mark.parametrize("method,base", [("lora", "fp32"), ("oft", "fp32"), ("lora", "int4"), ("oft", "int4"),
+                                         ("lora", "nvfp4")])
+def test_megatron_trainer_matches_the_torch_trainer(tmp_path, tiny_checkpoint, packed_checkpoints, method, base):
+    config, torch_side, megatron_side, reference = _pair(tmp_path, packed_checkpoints.get(base, tiny_checkpoint), method)
+    if base != "fp32":  # the GPTModel holds Orbit's packed linears, not dense copies
         from orbit_core.quant import QuantLinear
 
         packed = [m for m in megatron_side.model.modules() if isinstance(m, QuantLinear)]

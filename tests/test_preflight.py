@@ -36,6 +36,16 @@ def test_healthy_pair_passes(tmp_path, int4_checkpoint):
     assert result.runtime.tokens > 0 and result.runtime.max_abs_diff < 1e-4 and result.runtime.topk_agreement == 1.0
 
 
+def test_preflight_takes_the_trainer_backend_from_the_recipe(tmp_path, int4_checkpoint):
+    pytest.importorskip("megatron.core")
+    recipe = load_recipe(str(_recipe(tmp_path, int4_checkpoint)), ["train.backend=megatron"])
+    result = run_preflight(recipe, "int4", log=lambda m: None)
+    assert (result.runtime.engine, result.runtime.trainer) == ("Orbit builtin engine (in process)", "megatron-core GPTModel")
+    assert result.passed and result.runtime.max_abs_diff < 1e-4
+    broken = run_preflight(recipe, "int4", log=lambda m: None, engine_overrides={"rope_theta": 31.0})
+    assert not broken.runtime.passed and broken.runtime.max_abs_diff > 0.05
+
+
 def test_wrong_rope_theta_engine_fails(tmp_path, int4_checkpoint):
     result = run_preflight(load_recipe(str(_recipe(tmp_path, int4_checkpoint))), "int4", log=lambda m: None,
                            engine_overrides={"rope_theta": 31.0})
