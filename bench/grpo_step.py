@@ -64,7 +64,9 @@ def orbit_run(name: str, model_path: str, data: Path, out: Path, steps: int, war
     result = run_training(build_config(raw), Callbacks(on_message=lambda m: None))
     wall = time.perf_counter() - start
     rows = [r for r in result.metrics if "time/step_s" in r][warmup:]
-    return {"step_s": mean(r["time/step_s"] for r in rows), "rollout_s": mean(r["time/rollout_s"] for r in rows),
+    moe = {"experts_dequantized_per_step": mean(r["moe/experts_dequantized"] for r in rows)} \
+        if "moe/experts_dequantized" in rows[0] else {}
+    return {**moe, "step_s": mean(r["time/step_s"] for r in rows), "rollout_s": mean(r["time/rollout_s"] for r in rows),
             "train_s": mean(r["time/train_s"] for r in rows), "reward_s": mean(r["time/reward_s"] for r in rows),
             "response_len_mean": mean(r["response_len/mean"] for r in rows),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_s": wall}

@@ -215,3 +215,111 @@ def test_moe_training_logs_routing_mismatch(tmp_path, tiny_checkpoint, replay, m
     for row in result.metrics:
         assert 0.0 <= row["moe/routing_mismatch_fraction"] <= 0.05  # engine and trainer route alike on the CPU
         assert row["rollout/behaviour_proximal_logprob_abs_diff_max"] < 1e-3
+
+
+# -- active-expert-chunked dequantization on a packed base -----------------------------------------
+
+@pytest.fixture(scope="module")
+def int4_moe(tmp_path_factory):
+    from orbit_core.quant import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("moe-int4")
+    save_moe("qwen2_moe", root / "src", shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2)
+    return str(quantize_checkpoint(str(root / "src"), str(root / "int4"), "int4", group_size=16))
+
+
+def _forward_backward(model, ids):
+    from orbit_core.peft.base import adapter_parameters
+
+    model.zero_grad(set_to_none=True)
+    logits = model(ids)
+    (logits.float().logsumexp(-1).mean()).backward()
+    return logits.detach(), [p.grad.clone() for p in adapter_parameters(model)]
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 8])
+def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk):
+    """Forward logits and the adapter's gradients (through every MoE layer's experts) in fp32."""
+    from orbit_core.models.moe import moe_layers, set_dequant_chunk, take_dequant_count
+    from orbit_core.models.moe_experts import _BUFFERS, release_buffers
+    from orbit_core.peft.lora import apply_lora
+    from orbit_core.policy import load_base
+
+    model = load_base(int4_moe)
+    apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    ids = torch.randint(0, SHAPE["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(4))
+    set_dequant_chunk(model, 0)
+    reference_logits, reference_grads = _forward_backward(model, ids)
+    assert take_dequant_count(model) == 0
+    release_buffers()
+    set_dequant_chunk(model, chunk)
+    traces = []
+    from orbit_core.models.moe import moe_routing
+
+    with moe_routing(model) as traces:
+        logits, grads = _forward_backward(model, ids)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(grads, reference_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    active = sum(len(trace[0].unique()) for trace in traces)
+    assert take_dequant_count(model) == 2 * active  # once in forward, once more in backward
+    # three tokens route to at most six of each layer's eight experts: only those are dequantized
+    with moe_routing(model) as traces:
+        _forward_backward(model, ids[:1, :3])
+    active = sum(len(trace[0].unique()) for trace in traces)
+    assert take_dequant_count(model) == 2 * active and active <= len(moe_layers(model)) * 6
+    # the extra memory is one reused buffer of `chunk` experts per weight kind, whatever the expert count
+    assert {tuple(t.shape)[0] for t in _BUFFERS.values()} == {chunk} and len(_BUFFERS) == 3
+
+
+def test_chunk_smaller_than_top_k_is_refused(int4_moe, tmp_path):
+    from orbit_core.errors import OrbitError
+    from orbit_core.models.moe import set_dequant_chunk
+    from orbit_core.policy import load_base
+
+    with pytest.raises(OrbitError, match=r"moe.dequant_chunk_experts=1 is smaller than the model's top-k \(2\)"):
+        set_dequant_chunk(load_base(int4_moe), 1)
+
+
+def test_training_on_a_packed_moe_logs_the_experts_it_dequantized(tmp_path, int4_moe, tiny_checkpoint):
+    import shutil
+    from pathlib import Path
+
+    from orbit_core.config import load_recipe
+    from orbit_core.train import Callbacks, run_training
+    from tests.helpers import small_recipe
+
+    base = tmp_path / "base"
+    shutil.copytree(int4_moe, base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(tiny_checkpoint) / name).is_file():
+            shutil.copy(Path(tiny_checkpoint) / name, base / name)
+    recipe = small_recipe(tmp_path, str(base), train={"steps": 2}, eval={"enabled": False}, moe={"dequant_chunk_experts": 4})
+    result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+    rows = [row for row in result.metrics if "time/step_s" in row]
+    # rollout, scoring and the update each dequantize only routed experts: never more than all of them, per pass
+    assert all(0 < row["moe/experts_dequantized"] for row in rows)
+    from orbit_core.errors import OrbitError
+
+    with pytest.raises(OrbitError, match="smaller than the model's top-k"):
+        run_training(load_recipe(str(recipe), ["moe.dequant_chunk_experts=1", f"train.output_dir={tmp_path / 'r2'}"]),
+                     Callbacks(on_message=lambda m: None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunked_experts_on_the_gpu_match_each_experts_modules_in_bf16(int4_moe):
+    from orbit_core.models.moe import set_dequant_chunk
+    from orbit_core.policy import load_base
+
+    model = load_base(int4_moe, "bfloat16", "cuda")
+    ids = torch.randint(0, SHAPE["vocab_size"], (4, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        set_dequant_chunk(model, 0)
+        reference = model(ids).float()
+        set_dequant_chunk(model, 4)
+        chunked = model(ids).float()
+    assert (chunked - reference).abs().max() < 0.05 * reference.abs().max()

@@ -195,6 +195,14 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class MoESection:
+    dequant_chunk_experts: int = 16
+    """Packed MoE experts: the active experts (those some token routes to) are dequantized this many
+    at a time into one reused buffer, in forward and again in backward; must be at least top-k.
+    0 runs each active expert's own modules instead."""
+
+
+@dataclass(frozen=True)
 class QuantSection:
     fake_qat: bool = False
     """Train against fake-quantized merged weights with a straight-through estimator (needs a quantized base)."""
@@ -245,6 +253,7 @@ class RecipeConfig:
     quant: QuantSection = field(default_factory=QuantSection)
     preflight: PreflightSection = field(default_factory=PreflightSection)
     ray: RaySection = field(default_factory=RaySection)
+    moe: MoESection = field(default_factory=MoESection)
 
 
-SECTIONS = ("model", "data", "rollout", "rl", "peft", "train", "eval", "quant", "preflight", "ray")
+SECTIONS = ("model", "data", "rollout", "rl", "peft", "train", "eval", "quant", "preflight", "ray", "moe")

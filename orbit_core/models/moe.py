@@ -21,6 +21,7 @@ from torch import nn
 
 from orbit_core.models.config import DecoderConfig
 from orbit_core.models.mlp import MLP
+from orbit_core.models.moe_experts import routed_experts
 
 
 class SparseMoE(nn.Module):
@@ -55,21 +56,58 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(logits.dtype), experts
 
+    dequant_chunk: int = 16
+    """Packed experts: dequantize the active ones this many at a time into a reused buffer and run
+    them as a grouped GEMM (``moe_experts``); 0 runs each active expert's own modules."""
+    experts_dequantized: int = 0
+    """Experts dequantized by the chunked path since the last reset (forward and backward)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
         weights, experts = self.route(tokens)
-        out = torch.zeros_like(tokens)
-        for expert in experts.unique().tolist():  # experts in increasing order, each on its own tokens
-            token, slot = (experts == expert).nonzero(as_tuple=True)
-            part = self.experts[expert](tokens[token]) * weights[token, slot, None]
-            out.index_add_(0, token, part.to(out.dtype))
+        if self.dequant_chunk and _packed(self.experts[0]):
+            out = routed_experts(self, tokens, weights, experts)
+        else:
+            out = torch.zeros_like(tokens)
+            for expert in experts.unique().tolist():  # experts in increasing order, each on its own tokens
+                token, slot = (experts == expert).nonzero(as_tuple=True)
+                part = self.experts[expert](tokens[token]) * weights[token, slot, None]
+                out.index_add_(0, token, part.to(out.dtype))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
         return out.view_as(x)
 
 
+def _packed(expert: MLP) -> bool:
+    from orbit_core.quant.linear import QuantLinear
+
+    return all(isinstance(getattr(expert, name), QuantLinear) for name in ("gate_proj", "up_proj", "down_proj"))
+
+
 def moe_layers(model: nn.Module) -> list[SparseMoE]:
     return [m for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+def set_dequant_chunk(model: nn.Module, chunk: int) -> None:
+    """``moe.dequant_chunk_experts`` on every MoE layer; a chunk smaller than top-k is refused."""
+    from orbit_core.errors import OrbitError
+
+    for layer in moe_layers(model):
+        if chunk < 0 or 0 < chunk < layer.top_k:
+            raise OrbitError(f"moe.dequant_chunk_experts={chunk} is smaller than the model's top-k ({layer.top_k})",
+                             f"use at least {layer.top_k} (or 0 to run each expert's own modules)")
+        layer.dequant_chunk = chunk
+
+
+def take_dequant_count(model: nn.Module) -> int | None:
+    """Experts dequantized by the chunked path since the last call (None: no MoE layer)."""
+    layers = moe_layers(model)
+    if not layers:
+        return None
+    count = sum(layer.experts_dequantized for layer in layers)
+    for layer in layers:
+        layer.experts_dequantized = 0
+    return count
 
 
 @contextlib.contextmanager

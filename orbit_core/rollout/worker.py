@@ -23,6 +23,7 @@ import torch
 
 from orbit_core.config.schema import ModelSection, PeftSection
 from orbit_core.errors import OrbitError
+from orbit_core.models.moe import set_dequant_chunk
 from orbit_core.peft.slots import attach_slots, prepare, write_slot
 from orbit_core.rollout.adapter_payload import decode
 from orbit_core.rollout.decode_loop import DecodeLoop, Request
@@ -47,6 +48,8 @@ class EngineSpec:
     """``rl.reward``: when set, the engine scores each finished sample off the trainer's critical path."""
     reward_timeout_s: float = 10.0
     reward_workers: int = -1
+    moe_chunk: int = 16
+    """``moe.dequant_chunk_experts``."""
 
 
 class _Push:
@@ -230,6 +233,7 @@ def serve(spec: EngineSpec, commands, events) -> None:
         policy = build_policy(ModelSection(path=spec.model_path, dtype=spec.dtype, device=spec.device, warmstart_steps=0),
                               spec.peft, log=lambda message: None)
         model = policy.model.eval().requires_grad_(False)
+        set_dequant_chunk(model, spec.moe_chunk)
         server = EngineServer(spec, model, policy.tokenizer, outbox.put)
 
         def receive() -> None:

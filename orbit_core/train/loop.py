@@ -24,6 +24,7 @@ from orbit_core.data.prompts import check_labels, encode_records, use_chat_templ
 from orbit_core.data.sampler import PromptSampler
 from orbit_core.errors import OrbitError
 from orbit_core.eval.evaluate import EvalReport, evaluate
+from orbit_core.models.moe import set_dequant_chunk, take_dequant_count
 from orbit_core.policy.build import build_policy, check_adapter_fits, load_teacher
 from orbit_core.preflight.runtime import runtime_parity
 from orbit_core.rl.reward_pool import build_rewards
@@ -101,6 +102,7 @@ class TrainingRun:
     def _build_policy_and_trainer(self) -> None:
         c, rl = self.config, self.config.rl
         self.policy = build_policy(c.model, c.peft, self.cb.on_message, value_head=rl.value_head, fake_qat=c.quant.fake_qat)
+        set_dequant_chunk(self.policy.model, c.moe.dequant_chunk_experts)
         self.tokenizer = self.policy.tokenizer
         self.chat = use_chat_template(self.tokenizer, c.data.apply_chat_template)
         self.prompts = encode_records(self.tokenizer, self.records, self.chat, c.data, "train data")
@@ -243,6 +245,9 @@ class TrainingRun:
         times = StepTimes(start, train_start, sync_start, time.perf_counter())
         counters = self.rollouts.engine_counters()
         row = step_row(step, rollouts, train_stats, sync_stats, times, self.counters, counters, self.full_bytes)
+        dequantized = take_dequant_count(self.policy.model)
+        if dequantized is not None:  # this process's engine and trainer (not a separate engine's)
+            row["moe/experts_dequantized"] = dequantized
         self.counters = counters
         return row
 

@@ -1,0 +1,123 @@
+"""Active-expert-chunked dequantization for MoE layers whose experts stay packed.
+
+A layer's routed slots are sorted by expert. Only the experts that some slot routes to are
+dequantized, ``chunk`` of them at a time, into one buffer that is reused by every chunk, layer and
+step. Each chunk's slots then run through a grouped GEMM (the SwiGLU expert MLP, expert by expert
+over contiguous row ranges). Backward dequantizes the same chunks again and recomputes the
+SwiGLU, so nothing dequantized and no expert activation outlives its chunk: the extra memory is the
+buffer, ``chunk x 3 x intermediate x hidden`` values, whatever the number of experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _buffer(kind: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One reused buffer per (kind, shape, dtype, device): every layer and step writes into it."""
+    key = (kind, shape, dtype, device)
+    if key not in _BUFFERS:
+        _BUFFERS[key] = torch.empty(shape, dtype=dtype, device=device)
+    return _BUFFERS[key]
+
+
+def release_buffers() -> None:
+    _BUFFERS.clear()
+
+
+def dequantize_chunk(experts: nn.ModuleList, ids: list[int], chunk: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gate, up and down weights of experts ``ids`` (at most ``chunk``) in the reused buffers."""
+    first = experts[ids[0]]
+    inter, hidden = first.gate_proj.out_features, first.gate_proj.in_features
+    gate = _buffer("gate", (chunk, inter, hidden), dtype, device)
+    up = _buffer("up", (chunk, inter, hidden), dtype, device)
+    down = _buffer("down", (chunk, hidden, inter), dtype, device)
+    for slot, expert in enumerate(ids):
+        mlp = experts[expert]
+        gate[slot].copy_(mlp.gate_proj.dequantized(dtype))
+        up[slot].copy_(mlp.up_proj.dequantized(dtype))
+        down[slot].copy_(mlp.down_proj.dequantized(dtype))
+    return gate, up, down
+
+
+def grouped_swiglu(x: torch.Tensor, offsets: list[int], gate: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """Rows ``offsets[i]:offsets[i+1]`` of ``x`` through expert ``i``'s SwiGLU MLP (torch reference)."""
+    out = torch.empty_like(x)
+    for i in range(len(offsets) - 1):
+        rows = x[offsets[i]: offsets[i + 1]]
+        out[offsets[i]: offsets[i + 1]] = (F.silu(rows @ gate[i].t()) * (rows @ up[i].t())) @ down[i].t()
+    return out
+
+
+def grouped_swiglu_backward(x: torch.Tensor, grad: torch.Tensor, offsets: list[int], gate: torch.Tensor,
+                            up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """d(rows) of ``grouped_swiglu`` for a frozen expert (no weight gradients)."""
+    out = torch.empty_like(x)
+    for i in range(len(offsets) - 1):
+        rows, dy = x[offsets[i]: offsets[i + 1]], grad[offsets[i]: offsets[i + 1]]
+        g, u = rows @ gate[i].t(), rows @ up[i].t()
+        sig = torch.sigmoid(g)
+        dh = dy @ down[i]
+        dg = dh * u * sig * (1 + g * (1 - sig))
+        out[offsets[i]: offsets[i + 1]] = dg @ gate[i] + (dh * g * sig) @ up[i]
+    return out
+
+
+def _chunks(active: list[int], counts: list[int], chunk: int):
+    """(expert ids, row offsets relative to the chunk, first row, last row) for each chunk."""
+    start_row = 0
+    for start in range(0, len(active), chunk):
+        ids, sizes = active[start: start + chunk], counts[start: start + chunk]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        yield ids, offsets, start_row, start_row + offsets[-1]
+        start_row += offsets[-1]
+
+
+class ChunkedExperts(torch.autograd.Function):
+    """Sorted slot rows ``x`` -> each row through its expert; ``counts[i]`` rows go to ``active[i]``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer, active: list[int], counts: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.active, ctx.counts = layer, active, counts
+        out = torch.empty_like(x)
+        for ids, offsets, lo, hi in _chunks(active, counts, layer.dequant_chunk):
+            weights = dequantize_chunk(layer.experts, ids, layer.dequant_chunk, x.dtype, x.device)
+            out[lo:hi] = grouped_swiglu(x[lo:hi], offsets, *weights)
+        layer.experts_dequantized += len(active)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        layer = ctx.layer
+        dx = torch.empty_like(x)
+        for ids, offsets, lo, hi in _chunks(ctx.active, ctx.counts, layer.dequant_chunk):
+            weights = dequantize_chunk(layer.experts, ids, layer.dequant_chunk, x.dtype, x.device)
+            dx[lo:hi] = grouped_swiglu_backward(x[lo:hi], grad[lo:hi].to(x.dtype), offsets, *weights)
+        layer.experts_dequantized += len(ctx.active)
+        return dx, None, None, None
+
+
+def routed_experts(layer, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[:, k] * expert_{experts[:, k]}(tokens), through chunked dequantization."""
+    n, k = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts_all = torch.bincount(flat, minlength=len(layer.experts))
+    active = counts_all.nonzero().flatten()
+    counts = counts_all[active].tolist()  # one host sync per layer: the chunk plan needs the sizes
+    rows = tokens[order // k]
+    out_sorted = ChunkedExperts.apply(rows, layer, active.tolist(), counts)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    per_slot = out_sorted[inverse]
+    return (per_slot.view(n, k, -1) * weights[..., None].to(per_slot.dtype)).sum(1)
