@@ -237,15 +237,24 @@ def _forward_backward(model, ids):
     return logits.detach(), [p.grad.clone() for p in adapter_parameters(model)]
 
 
-@pytest.mark.parametrize("chunk", [2, 3, 8])
-def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk):
+@pytest.mark.parametrize("chunk, bank", [(2, True), (3, True), (8, True), (3, False)])
+def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk, bank, monkeypatch):
     """Forward logits and the adapter's gradients (through every MoE layer's experts) in fp32."""
     from orbit_core.models.moe import moe_layers, set_dequant_chunk, take_dequant_count
     from orbit_core.models.moe_experts import _BUFFERS, release_buffers
     from orbit_core.peft.lora import apply_lora
     from orbit_core.policy import load_base
 
+    from orbit_core.quant.experts import ExpertBank
+
     model = load_base(int4_moe)
+    assert all(layer.expert_bank is not None for layer in moe_layers(model))  # int4 experts are stacked at load
+    if not bank:
+        for layer in moe_layers(model):
+            layer.expert_bank = None
+    sizes: list[int] = []
+    stacked = ExpertBank.dequantize
+    monkeypatch.setattr(ExpertBank, "dequantize", lambda self, ids, dtype: sizes.append(len(ids)) or stacked(self, ids, dtype))
     apply_lora(model, 4, 8, 0.0, ["all-linear"])
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -272,8 +281,12 @@ def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk):
         _forward_backward(model, ids[:1, :3])
     active = sum(len(trace[0].unique()) for trace in traces)
     assert take_dequant_count(model) == 2 * active and active <= len(moe_layers(model)) * 6
-    # the extra memory is one reused buffer of `chunk` experts per weight kind, whatever the expert count
-    assert {tuple(t.shape)[0] for t in _BUFFERS.values()} == {chunk} and len(_BUFFERS) == 3
+    # the extra memory is `chunk` experts' weights at a time, whatever the expert count: one stacked
+    # dequantization of at most `chunk` experts, or one reused buffer of `chunk` experts per weight kind
+    if bank:
+        assert sizes and max(sizes) <= chunk and not _BUFFERS
+    else:
+        assert not sizes and {tuple(t.shape)[0] for t in _BUFFERS.values()} == {chunk} and len(_BUFFERS) == 3
 
 
 def test_chunk_smaller_than_top_k_is_refused(int4_moe, tmp_path):
@@ -311,15 +324,27 @@ def test_training_on_a_packed_moe_logs_the_experts_it_dequantized(tmp_path, int4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_chunked_experts_on_the_gpu_match_each_experts_modules_in_bf16(int4_moe):
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_chunked_experts_on_the_gpu_match_each_experts_modules_in_bf16(int4_moe, grouped_mm, monkeypatch):
+    """Stacked int4 dequantization + grouped GEMM (forward and backward) against the per-expert path."""
+    from orbit_core.models import moe_experts
     from orbit_core.models.moe import set_dequant_chunk
+    from orbit_core.peft.lora import apply_lora
     from orbit_core.policy import load_base
 
+    monkeypatch.setitem(moe_experts.GROUPED_MM, "enabled", grouped_mm)
     model = load_base(int4_moe, "bfloat16", "cuda")
-    ids = torch.randint(0, SHAPE["vocab_size"], (4, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    model.to("cuda")
     with torch.no_grad():
-        set_dequant_chunk(model, 0)
-        reference = model(ids).float()
-        set_dequant_chunk(model, 4)
-        chunked = model(ids).float()
-    assert (chunked - reference).abs().max() < 0.05 * reference.abs().max()
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    ids = torch.randint(0, SHAPE["vocab_size"], (4, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    set_dequant_chunk(model, 0)
+    reference, reference_grads = _forward_backward(model, ids)
+    set_dequant_chunk(model, 4)
+    chunked, grads = _forward_backward(model, ids)
+    assert (chunked.float() - reference.float()).abs().max() < 0.05 * reference.float().abs().max()
+    for ours, theirs in zip(grads, reference_grads):
+        assert (ours.float() - theirs.float()).norm() < 0.05 * theirs.float().norm() + 1e-6

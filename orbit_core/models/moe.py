@@ -79,9 +79,8 @@ class SparseMoE(nn.Module):
 
 
 def _packed(expert: MLP) -> bool:
-    from orbit_core.quant.linear import QuantLinear
-
-    return all(isinstance(getattr(expert, name), QuantLinear) for name in ("gate_proj", "up_proj", "down_proj"))
+    """Bare packed linears (quant's ``QuantLinear``: they dequantize), not adapted or dense ones."""
+    return all(hasattr(getattr(expert, name), "dequantized") for name in ("gate_proj", "up_proj", "down_proj"))
 
 
 def moe_layers(model: nn.Module) -> list[SparseMoE]:

@@ -29,9 +29,14 @@ def release_buffers() -> None:
     _BUFFERS.clear()
 
 
-def dequantize_chunk(experts: nn.ModuleList, ids: list[int], chunk: int, dtype: torch.dtype,
+def dequantize_chunk(layer, ids: list[int], chunk: int, dtype: torch.dtype,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gate, up and down weights of experts ``ids`` (at most ``chunk``) in the reused buffers."""
+    """Gate, up and down weights of experts ``ids`` (at most ``chunk``): from the layer's stacked bank
+    (int4: one kernel call per kind), else expert by expert into the reused buffers."""
+    bank = getattr(layer, "expert_bank", None)
+    if bank is not None:
+        return bank.dequantize(torch.tensor(ids, device=device), dtype)
+    experts = layer.experts
     first = experts[ids[0]]
     inter, hidden = first.gate_proj.out_features, first.gate_proj.in_features
     gate = _buffer("gate", (chunk, inter, hidden), dtype, device)
@@ -45,9 +50,27 @@ def dequantize_chunk(experts: nn.ModuleList, ids: list[int], chunk: int, dtype: 
     return gate, up, down
 
 
+def _grouped_mm_ready(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM (CUTLASS, sm90, bf16) for the GPU; the loops below are the reference."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and GROUPED_MM["enabled"]
+
+
+GROUPED_MM = {"enabled": True}
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """Rows ``offsets[i]:offsets[i+1]`` of ``a`` times ``b[i]`` ([rows, K] @ [K, N] per group)."""
+    offs = torch.tensor(offsets[1:], dtype=torch.int32, device=a.device)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
 def grouped_swiglu(x: torch.Tensor, offsets: list[int], gate: torch.Tensor, up: torch.Tensor,
                    down: torch.Tensor) -> torch.Tensor:
-    """Rows ``offsets[i]:offsets[i+1]`` of ``x`` through expert ``i``'s SwiGLU MLP (torch reference)."""
+    """Rows ``offsets[i]:offsets[i+1]`` of ``x`` through expert ``i``'s SwiGLU MLP."""
+    if _grouped_mm_ready(x):
+        n = len(offsets) - 1
+        h = F.silu(_gmm(x, gate[:n].transpose(1, 2), offsets)) * _gmm(x, up[:n].transpose(1, 2), offsets)
+        return _gmm(h, down[:n].transpose(1, 2), offsets)
     out = torch.empty_like(x)
     for i in range(len(offsets) - 1):
         rows = x[offsets[i]: offsets[i + 1]]
@@ -58,6 +81,13 @@ def grouped_swiglu(x: torch.Tensor, offsets: list[int], gate: torch.Tensor, up: 
 def grouped_swiglu_backward(x: torch.Tensor, grad: torch.Tensor, offsets: list[int], gate: torch.Tensor,
                             up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """d(rows) of ``grouped_swiglu`` for a frozen expert (no weight gradients)."""
+    if _grouped_mm_ready(x):
+        n = len(offsets) - 1
+        g, u = _gmm(x, gate[:n].transpose(1, 2), offsets), _gmm(x, up[:n].transpose(1, 2), offsets)
+        sig = torch.sigmoid(g)
+        dh = _gmm(grad, down[:n], offsets)
+        dg = dh * u * sig * (1 + g * (1 - sig))
+        return _gmm(dg, gate[:n], offsets) + _gmm(dh * g * sig, up[:n], offsets)
     out = torch.empty_like(x)
     for i in range(len(offsets) - 1):
         rows, dy = x[offsets[i]: offsets[i + 1]], grad[offsets[i]: offsets[i + 1]]
@@ -90,7 +120,7 @@ class ChunkedExperts(torch.autograd.Function):
         ctx.layer, ctx.active, ctx.counts = layer, active, counts
         out = torch.empty_like(x)
         for ids, offsets, lo, hi in _chunks(active, counts, layer.dequant_chunk):
-            weights = dequantize_chunk(layer.experts, ids, layer.dequant_chunk, x.dtype, x.device)
+            weights = dequantize_chunk(layer, ids, layer.dequant_chunk, x.dtype, x.device)
             out[lo:hi] = grouped_swiglu(x[lo:hi], offsets, *weights)
         layer.experts_dequantized += len(active)
         return out
@@ -101,7 +131,7 @@ class ChunkedExperts(torch.autograd.Function):
         layer = ctx.layer
         dx = torch.empty_like(x)
         for ids, offsets, lo, hi in _chunks(ctx.active, ctx.counts, layer.dequant_chunk):
-            weights = dequantize_chunk(layer.experts, ids, layer.dequant_chunk, x.dtype, x.device)
+            weights = dequantize_chunk(layer, ids, layer.dequant_chunk, x.dtype, x.device)
             dx[lo:hi] = grouped_swiglu_backward(x[lo:hi], grad[lo:hi].to(x.dtype), offsets, *weights)
         layer.experts_dequantized += len(ctx.active)
         return dx, None, None, None

@@ -12,6 +12,7 @@ from orbit_core.models.checkpoint import DTYPES, iter_tensors, weight_files
 from orbit_core.models.config import DecoderConfig
 from orbit_core.models.transformer import DecoderLM
 from orbit_core.quant.formats import format_from_config
+from orbit_core.quant.experts import attach_expert_banks
 from orbit_core.quant.linear import QuantLinear
 
 LOCAL_NAMES = ("weight", "weight_packed", "weight_scale", "weight_global_scale", "weight_shape", "weight_zero_point")
@@ -90,4 +91,5 @@ def load_quantized_model(path: str, hf: dict, config: DecoderConfig, dtype: str,
     model.rope_cos, model.rope_sin = torch.empty(0, device=device), torch.empty(0, device=device)
     model.requires_grad_(False)
     model.quant_format = fmt
+    attach_expert_banks(model)  # MoE: chunks of int4 experts dequantize in one call (on this device)
     return model.eval()
