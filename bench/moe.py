@@ -56,31 +56,30 @@ def main() -> None:
         start = time.perf_counter()
         path = str(write_packed_random(Path(path) if path else root / "int4", shape))
         print(json.dumps({**common, "packed_checkpoint_write_s": round(time.perf_counter() - start, 1)}), flush=True)
-    if not args.batches:
-        args.chunks = []
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    model = load_base(path, "bfloat16", "cuda").eval()
-    print(json.dumps({**common, "load_s": round(time.perf_counter() - start, 1)}), flush=True)
-    resident = torch.cuda.memory_allocated() - before
-    print(json.dumps({**common, "resident_bytes": resident, "bf16_bytes_same_model": bf16_bytes(model),
-                      "resident_vs_bf16": round(resident / bf16_bytes(model), 3)}), flush=True)
-    gen = torch.Generator().manual_seed(1)
-    prompts = torch.randint(10, shape["vocab_size"], (max(args.batches), args.prompt_len), generator=gen).tolist()
-    for chunk in args.chunks:
-        set_dequant_chunk(model, chunk)
-        for batch in args.batches:
-            torch.cuda.reset_peak_memory_stats()
-            seconds = decode_seconds(model, prompts, args.new, batch, cuda_graph=False)
-            print(json.dumps({**common, "measure": "decode", "dequant_chunk_experts": chunk, "batch": batch,
-                              "prompt_len": args.prompt_len, "new_tokens": args.new,
-                              "tokens_per_s": round(batch * args.new / seconds, 1),
-                              "ms_per_step": round(1e3 * seconds / args.new, 1),
-                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    if args.batches:
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        model = load_base(path, "bfloat16", "cuda").eval()
+        print(json.dumps({**common, "load_s": round(time.perf_counter() - start, 1)}), flush=True)
+        resident = torch.cuda.memory_allocated() - before
+        print(json.dumps({**common, "resident_bytes": resident, "bf16_bytes_same_model": bf16_bytes(model),
+                          "resident_vs_bf16": round(resident / bf16_bytes(model), 3)}), flush=True)
+        gen = torch.Generator().manual_seed(1)
+        prompts = torch.randint(10, shape["vocab_size"], (max(args.batches), args.prompt_len), generator=gen).tolist()
+        for chunk in args.chunks:
+            set_dequant_chunk(model, chunk)
+            for batch in args.batches:
+                torch.cuda.reset_peak_memory_stats()
+                seconds = decode_seconds(model, prompts, args.new, batch, cuda_graph=False)
+                print(json.dumps({**common, "measure": "decode", "dequant_chunk_experts": chunk, "batch": batch,
+                                  "prompt_len": args.prompt_len, "new_tokens": args.new,
+                                  "tokens_per_s": round(batch * args.new / seconds, 1),
+                                  "ms_per_step": round(1e3 * seconds / args.new, 1),
+                                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     if args.grpo_steps:
         data = write_prompts(root / "prompts.jsonl", PROMPTS * (args.grpo_steps + 2))
         numbers = orbit_run("moe", path, data, root, args.grpo_steps, 1, {})
