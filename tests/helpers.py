@@ -39,3 +39,13 @@ def small_recipe(tmp_path: Path, checkpoint: str, **sections) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def without_package(tmp_path: Path, name: str) -> dict[str, str]:
+    """Environment in which ``import name`` fails as if the package were not installed."""
+    import os
+
+    fake = tmp_path / f"no_{name}"
+    (fake / name).mkdir(parents=True)
+    (fake / name / "__init__.py").write_text(f"raise ImportError('No module named {name}')\n")
+    return {"PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

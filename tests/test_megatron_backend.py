@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -16,11 +15,10 @@ from orbit_core.policy.build import build_policy  # noqa: E402
 from orbit_core.rollout.engine import BuiltinEngine  # noqa: E402
 from orbit_core.rollout.types import SamplingParams  # noqa: E402
 from orbit_core.train import Callbacks, list_checkpoints, run_training  # noqa: E402
-from orbit_core.train.backends import build_trainer  # noqa: E402
 from orbit_core.train.batch import build_batch  # noqa: E402
 from orbit_core.train.megatron_backend import MegatronTrainer  # noqa: E402
 from orbit_core.train.torch_backend import TorchTrainer  # noqa: E402
-from tests.helpers import small_recipe  # noqa: E402
+from tests.helpers import small_recipe, without_package  # noqa: E402
 from tests.test_cli import run  # noqa: E402
 
 
@@ -104,10 +102,6 @@ def test_megatron_bad_input(tmp_path, tiny_checkpoint):
     recipe = small_recipe(tmp_path, tiny_checkpoint)
     with pytest.raises(OrbitError, match="does not build activation checkpointing"):
         load_recipe(str(recipe), ["train.backend=megatron", "train.activation_checkpointing=full"])
-    fake = tmp_path / "no_megatron"
-    (fake / "megatron").mkdir(parents=True)
-    (fake / "megatron" / "__init__.py").write_text("raise ImportError('No module named megatron')\n")
-    out = run("train", "--recipe", str(recipe), "train.backend=megatron",
-              env_extra={"PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    out = run("train", "--recipe", str(recipe), "train.backend=megatron", env_extra=without_package(tmp_path, "megatron"))
     assert out.returncode == 2 and "orbit-rl[megatron]" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import ray
@@ -20,7 +19,7 @@ from orbit_core.rollout.ray_engine import BuiltinEngineActor
 from orbit_core.rollout.types import SamplingParams
 from orbit_core.train import Callbacks, run_training
 from orbit_core.train.ray_engines import RayEnginePool
-from tests.helpers import small_recipe
+from tests.helpers import small_recipe, without_package
 from tests.test_cli import run
 from tests.test_serve import _start_servers
 
@@ -129,10 +128,6 @@ def test_ray_refusals(tmp_path, tiny_checkpoint):
         load_recipe(str(recipe), ["train.orchestrator=ray", "rollout.backend=sglang", "rollout.num_engines=3",
                                   "rollout.sglang_urls=[http://127.0.0.1:9,http://127.0.0.1:10]"])
     # Ray missing: one line naming the extra, exit 2, nothing written
-    fake = tmp_path / "no_ray"
-    (fake / "ray").mkdir(parents=True)
-    (fake / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
-    out = run("train", "--recipe", str(recipe), "train.orchestrator=ray",
-              env_extra={"PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    out = run("train", "--recipe", str(recipe), "train.orchestrator=ray", env_extra=without_package(tmp_path, "ray"))
     assert out.returncode == 2 and "orbit-rl[ray]" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()

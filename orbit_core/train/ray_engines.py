@@ -10,7 +10,6 @@ least as new as the ones they replace, so the staleness bound still holds.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

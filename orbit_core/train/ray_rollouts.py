@@ -18,22 +18,16 @@ import torch
 from orbit_core.data.jsonl import PromptRecord
 from orbit_core.errors import OrbitError
 from orbit_core.train.ray_engines import RayEnginePool, Submission
-from orbit_core.train.rollout_driver import EngineCounters, RoundSpec, staleness_counts
+from orbit_core.train.rollout_driver import AheadRollouts, EngineCounters, RoundSpec, staleness_counts
 from orbit_core.train.sampling_round import StepRollouts, collect_groups
 
 
-class RayRollouts:
+class RayRollouts(AheadRollouts):
     def __init__(self, pool: RayEnginePool, spec: RoundSpec, mode: str, max_staleness: int, total_steps: int):
-        self.pool, self.spec = pool, spec
+        super().__init__(spec, mode, max_staleness, total_steps)
+        self.pool = pool
         self.parity_engine = pool
-        self.ahead = max_staleness if mode == "async" else 0
-        self.total_steps = total_steps
         self.inflight: dict[int, tuple[list[PromptRecord], Submission]] = {}
-        self.data_before: dict[int, dict] = {}
-
-    def begin(self, start_step: int) -> None:
-        for batch in range(start_step + 1, min(self.total_steps, start_step + 1 + self.ahead) + 1):
-            self._submit(batch)
 
     def _submit(self, batch: int) -> None:
         s = self.spec
@@ -67,10 +61,6 @@ class RayRollouts:
         elif version + 1 + self.ahead <= self.total_steps:
             self._submit(version + 1 + self.ahead)
         return {"sync/bytes": size, "sync/ms": (time.perf_counter() - start) * 1e3, **self.pool.metrics()}
-
-    def data_state(self, step: int) -> dict:
-        """Where the prompt stream stood before batch ``step + 1`` was drawn (in-flight batches are redrawn on resume)."""
-        return self.data_before.get(step + 1) or self.spec.data_state()
 
     def engine_counters(self) -> EngineCounters:
         """Engines work in parallel: their mean busy time stands for the step's generation time."""

@@ -89,20 +89,36 @@ def _versions(out: StepRollouts) -> list[int]:
     return [c.adapter_version for g in out.groups for c in g.completions]
 
 
-class RemoteRollouts:
-    def __init__(self, engine: EngineProcess, spec: RoundSpec, mode: str, max_staleness: int, total_steps: int,
-                 engine_scores: bool):
-        self.engine, self.spec = engine, spec
-        self.parity_engine = engine
-        self.engine_scores = engine_scores
+class AheadRollouts:
+    """Batches submitted ``max_staleness`` steps ahead in async mode (none ahead in sync mode);
+    subclasses say how a batch is submitted (``_submit``)."""
+
+    def __init__(self, spec: RoundSpec, mode: str, max_staleness: int, total_steps: int):
+        self.spec = spec
         self.ahead = max_staleness if mode == "async" else 0
         self.total_steps = total_steps
-        self.inflight: dict[int, list[PromptRecord]] = {}
+        self.inflight: dict = {}
         self.data_before: dict[int, dict] = {}
+
+    def _submit(self, batch: int) -> None:
+        raise NotImplementedError
 
     def begin(self, start_step: int) -> None:
         for batch in range(start_step + 1, min(self.total_steps, start_step + 1 + self.ahead) + 1):
             self._submit(batch)
+
+    def data_state(self, step: int) -> dict:
+        """Where the prompt stream stood before batch ``step + 1`` was drawn (in-flight batches are redrawn on resume)."""
+        return self.data_before.get(step + 1) or self.spec.data_state()
+
+
+class RemoteRollouts(AheadRollouts):
+    def __init__(self, engine: EngineProcess, spec: RoundSpec, mode: str, max_staleness: int, total_steps: int,
+                 engine_scores: bool):
+        super().__init__(spec, mode, max_staleness, total_steps)
+        self.engine = engine
+        self.parity_engine = engine
+        self.engine_scores = engine_scores
 
     def _submit(self, batch: int) -> None:
         s = self.spec
@@ -153,10 +169,6 @@ class RemoteRollouts:
             metrics["sync/engine_apply_ms"] = applied["apply_ms"]
             metrics["sync/push_to_active_ms"] = applied["sent_to_active_ms"]
         return metrics
-
-    def data_state(self, step: int) -> dict:
-        """Where the prompt stream stood before batch ``step + 1`` was drawn (in-flight batches are redrawn on resume)."""
-        return self.data_before.get(step + 1) or self.spec.data_state()
 
     def engine_counters(self) -> EngineCounters | None:
         self.engine.pump()
