@@ -234,11 +234,14 @@ def _forward_backward(model, ids):
     model.zero_grad(set_to_none=True)
     logits = model(ids)
     (logits.float().logsumexp(-1).mean()).backward()
-    return logits.detach(), [p.grad.clone() for p in adapter_parameters(model)]
+    # an expert no token routes to gets no gradient on either path
+    return logits.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in adapter_parameters(model)]
 
 
-@pytest.mark.parametrize("chunk, bank", [(2, True), (3, True), (8, True), (3, False)])
-def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk, bank, monkeypatch):
+@pytest.mark.parametrize("chunk, bank, targets", [(2, True, "all-linear"), (3, True, "all-linear"), (8, True, "all-linear"),
+                                                  (3, False, "all-linear"), (3, True, "*.experts.*"),
+                                                  (2, False, "*.experts.*.down_proj")])
+def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk, bank, targets, monkeypatch):
     """Forward logits and the adapter's gradients (through every MoE layer's experts) in fp32."""
     from orbit_core.models.moe import moe_layers, set_dequant_chunk, take_dequant_count
     from orbit_core.models.moe_experts import _BUFFERS, release_buffers
@@ -253,9 +256,11 @@ def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk, bank, m
         for layer in moe_layers(model):
             layer.expert_bank = None
     sizes: list[int] = []
-    stacked = ExpertBank.dequantize
-    monkeypatch.setattr(ExpertBank, "dequantize", lambda self, ids, dtype: sizes.append(len(ids)) or stacked(self, ids, dtype))
-    apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    stacked = ExpertBank.dequantize_kind
+    monkeypatch.setattr(ExpertBank, "dequantize_kind",
+                        lambda self, ids, dtype, kind: sizes.append(len(ids)) or stacked(self, ids, dtype, kind))
+    targets_adapted = apply_lora(model, 4, 8, 0.0, ["all-linear", targets])
+    assert any(".experts." in t for t in targets_adapted) == (targets != "all-linear")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -324,8 +329,8 @@ def test_training_on_a_packed_moe_logs_the_experts_it_dequantized(tmp_path, int4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("grouped_mm", [True, False])
-def test_chunked_experts_on_the_gpu_match_each_experts_modules_in_bf16(int4_moe, grouped_mm, monkeypatch):
+@pytest.mark.parametrize("grouped_mm, targets", [(True, "all-linear"), (False, "all-linear"), (True, "*.experts.*")])
+def test_chunked_experts_on_the_gpu_match_each_experts_modules_in_bf16(int4_moe, grouped_mm, targets, monkeypatch):
     """Stacked int4 dequantization + grouped GEMM (forward and backward) against the per-expert path."""
     from orbit_core.models import moe_experts
     from orbit_core.models.moe import set_dequant_chunk
@@ -334,7 +339,7 @@ def test_chunked_experts_on_the_gpu_match_each_experts_modules_in_bf16(int4_moe,
 
     monkeypatch.setitem(moe_experts.GROUPED_MM, "enabled", grouped_mm)
     model = load_base(int4_moe, "bfloat16", "cuda")
-    apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    apply_lora(model, 16, 32, 0.0, ["all-linear", targets])
     model.to("cuda")
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -79,8 +79,17 @@ class SparseMoE(nn.Module):
 
 
 def _packed(expert: MLP) -> bool:
-    """Bare packed linears (quant's ``QuantLinear``: they dequantize), not adapted or dense ones."""
-    return all(hasattr(getattr(expert, name), "dequantized") for name in ("gate_proj", "up_proj", "down_proj"))
+    """Packed linears (quant's ``QuantLinear``: they dequantize), bare or under a plain LoRA (no engine
+    slots, no fake QAT); dense experts and other adapters run each expert's own modules."""
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        module = getattr(expert, name)
+        if hasattr(module, "lora_A"):
+            if module.slot_bank is not None or module.fake_quant is not None:
+                return False
+            module = module.base
+        if not hasattr(module, "dequantized"):
+            return False
+    return True
 
 
 def moe_layers(model: nn.Module) -> list[SparseMoE]:

@@ -28,25 +28,24 @@ def release_buffers() -> None:
     _BUFFERS.clear()
 
 
-def dequantize_chunk(layer, ids: list[int], chunk: int, dtype: torch.dtype,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gate, up and down weights of experts ``ids`` (at most ``chunk``): from the layer's stacked bank
-    (int4: one kernel call per kind), else expert by expert into the reused buffers."""
+def dequantize_kind(layer, ids: list[int], kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``kind`` weights ``[C, out, in]`` of experts ``ids`` (C = at most ``layer.dequant_chunk``): from
+    the layer's stacked bank (int4: one kernel call), else expert by expert into the reused buffer."""
     bank = getattr(layer, "expert_bank", None)
     if bank is not None:
-        return bank.dequantize(torch.tensor(ids, device=device), dtype)
-    experts = layer.experts
-    first = experts[ids[0]]
-    inter, hidden = first.gate_proj.out_features, first.gate_proj.in_features
-    gate = _buffer("gate", (chunk, inter, hidden), dtype, device)
-    up = _buffer("up", (chunk, inter, hidden), dtype, device)
-    down = _buffer("down", (chunk, hidden, inter), dtype, device)
-    for slot, expert in enumerate(ids):
-        mlp = experts[expert]
-        gate[slot].copy_(mlp.gate_proj.dequantized(dtype))
-        up[slot].copy_(mlp.up_proj.dequantized(dtype))
-        down[slot].copy_(mlp.down_proj.dequantized(dtype))
-    return gate, up, down
+        return bank.dequantize_kind(torch.tensor(ids, device=device), dtype, kind)
+    modules = [getattr(layer.experts[e], kind) for e in ids]
+    modules = [getattr(m, "base", m) for m in modules]  # an adapter's packed base
+    buffer = _buffer(kind, (layer.dequant_chunk, modules[0].out_features, modules[0].in_features), dtype, device)
+    for slot, module in enumerate(modules):
+        buffer[slot].copy_(module.dequantized(dtype))
+    return buffer
+
+
+def dequantize_chunk(layer, ids: list[int], chunk: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gate, up and down weights of experts ``ids`` (at most ``chunk``)."""
+    return tuple(dequantize_kind(layer, ids, kind, dtype, device) for kind in ("gate_proj", "up_proj", "down_proj"))
 
 
 def _grouped_mm_ready(x: torch.Tensor) -> bool:
@@ -145,7 +144,12 @@ def routed_experts(layer, tokens: torch.Tensor, weights: torch.Tensor, experts: 
     active = counts_all.nonzero().flatten()
     counts = counts_all[active].tolist()  # one host sync per layer: the chunk plan needs the sizes
     rows = tokens[order // k]
-    out_sorted = ChunkedExperts.apply(rows, layer, active.tolist(), counts)
+    if any(hasattr(getattr(layer.experts[0], kind), "lora_A") for kind in ("gate_proj", "up_proj", "down_proj")):
+        from orbit_core.models.moe_expert_adapters import adapted_experts
+
+        out_sorted = adapted_experts(rows, layer, active.tolist(), counts)
+    else:
+        out_sorted = ChunkedExperts.apply(rows, layer, active.tolist(), counts)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=order.device)
     per_slot = out_sorted[inverse]

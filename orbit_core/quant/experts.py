@@ -21,7 +21,7 @@ class ExpertBank:
     def __init__(self, experts: nn.ModuleList):
         self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         for kind in KINDS:
-            modules: list[QuantLinear] = [getattr(e, kind) for e in experts]
+            modules: list[QuantLinear] = [_packed_base(getattr(e, kind)) for e in experts]
             packed = torch.stack([m.weight_packed for m in modules])
             scale = torch.stack([m.weight_scale for m in modules])
             for i, module in enumerate(modules):  # views into the stack: the originals are freed
@@ -30,13 +30,13 @@ class ExpertBank:
 
     def dequantize(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Gate, up and down weights ``[len(ids), out, in]`` of experts ``ids``, one kernel call each."""
-        out = []
-        for kind in KINDS:
-            packed, scale, in_features = self.stacks[kind]
-            rows = packed.index_select(0, ids)
-            weight = int4_dequant(rows.flatten(0, 1), scale.index_select(0, ids).flatten(0, 1), in_features, dtype)
-            out.append(weight.view(len(ids), packed.shape[1], in_features))
-        return tuple(out)
+        return tuple(self.dequantize_kind(ids, dtype, kind) for kind in KINDS)
+
+    def dequantize_kind(self, ids: torch.Tensor, dtype: torch.dtype, kind: str) -> torch.Tensor:
+        packed, scale, in_features = self.stacks[kind]
+        rows = packed.index_select(0, ids).flatten(0, 1)
+        weight = int4_dequant(rows, scale.index_select(0, ids).flatten(0, 1), in_features, dtype)
+        return weight.view(len(ids), packed.shape[1], in_features)
 
 
 def attach_expert_banks(model: nn.Module) -> int:
@@ -46,8 +46,13 @@ def attach_expert_banks(model: nn.Module) -> int:
         experts = getattr(module, "experts", None)
         if not isinstance(experts, nn.ModuleList) or not len(experts):
             continue
-        linears = [getattr(e, kind, None) for e in experts for kind in KINDS]
+        linears = [_packed_base(getattr(e, kind, None)) for e in experts for kind in KINDS]
         if all(isinstance(m, QuantLinear) and m.fmt_name == "int4" for m in linears):
             module.expert_bank = ExpertBank(experts)
             stacked += 1
     return stacked
+
+
+def _packed_base(module):
+    """The packed linear itself, or the one an adapter wraps."""
+    return getattr(module, "base", module)
