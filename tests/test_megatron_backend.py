@@ -27,7 +27,7 @@ def packed_checkpoints(tiny_checkpoint, tmp_path_factory):
     from orbit_core.quant import quantize_checkpoint
 
     root = tmp_path_factory.mktemp("q")
-    return {fmt: str(quantize_checkpoint(tiny_checkpoint, str(root / fmt), fmt, group_size=32)) for fmt in ("int4", "nvfp4")}
+    return {fmt: str(quantize_checkpoint(tiny_checkpoint, str(root / fmt), fmt, group_size=32)) for fmt in ("int4", "fp8", "nvfp4")}
 
 
 def _pair(tmp_path, checkpoint, method):
@@ -42,7 +42,7 @@ def _pair(tmp_path, checkpoint, method):
 
 
 @pytest.mark.parametrize("method,base", [("lora", "fp32"), ("oft", "fp32"), ("lora", "int4"), ("oft", "int4"),
-                                         ("lora", "nvfp4")])
+                                         ("lora", "fp8"), ("lora", "nvfp4")])
 def test_megatron_trainer_matches_the_torch_trainer(tmp_path, tiny_checkpoint, packed_checkpoints, method, base):
     config, torch_side, megatron_side, reference = _pair(tmp_path, packed_checkpoints.get(base, tiny_checkpoint), method)
     if base != "fp32":  # the GPTModel holds Orbit's packed linears, not dense copies
