@@ -96,6 +96,16 @@ def test_megatron_run_saves_hf_named_adapters_and_gates_on_parity(tmp_path, tiny
     # `orbit eval` reads it with the torch model
     out = run("eval", "--adapter", str(tmp_path / "run"), "eval.n_samples=2", "eval.k=[1]")
     assert out.returncode == 0, out.stderr[-1500:]
+    # peft reads the export back; merge-adapter folds it into the base
+    out = run("convert", "export-adapter", str(tmp_path / "run"), str(tmp_path / "peft"))
+    assert out.returncode == 0, out.stderr[-1500:]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), str(tmp_path / "peft"))
+    assert peft_model.peft_config["default"].r == 4
+    out = run("convert", "merge-adapter", tiny_checkpoint, str(tmp_path / "run"), str(tmp_path / "merged"))
+    assert out.returncode == 0 and (tmp_path / "merged" / "config.json").is_file(), out.stderr[-1500:]
 
 
 def test_megatron_bad_input(tmp_path, tiny_checkpoint):
