@@ -238,10 +238,12 @@ def _forward_backward(model, ids):
     return logits.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in adapter_parameters(model)]
 
 
-@pytest.mark.parametrize("chunk, bank, targets", [(2, True, "all-linear"), (3, True, "all-linear"), (8, True, "all-linear"),
-                                                  (3, False, "all-linear"), (3, True, "*.experts.*"),
-                                                  (2, False, "*.experts.*.down_proj")])
-def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk, bank, targets, monkeypatch):
+@pytest.mark.parametrize("chunk, bank, targets, method", [
+    (2, True, "all-linear", "lora"), (3, True, "all-linear", "lora"), (8, True, "all-linear", "lora"),
+    (3, False, "all-linear", "lora"), (3, True, "*.experts.*", "lora"), (2, False, "*.experts.*.down_proj", "lora"),
+    (3, True, "*.experts.*", "oft"),
+])
+def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk, bank, targets, method, monkeypatch):
     """Forward logits and the adapter's gradients (through every MoE layer's experts) in fp32."""
     from orbit_core.models.moe import moe_layers, set_dequant_chunk, take_dequant_count
     from orbit_core.models.moe_experts import _BUFFERS, release_buffers
@@ -259,11 +261,16 @@ def test_chunked_experts_equal_each_experts_own_modules(int4_moe, chunk, bank, t
     stacked = ExpertBank.dequantize_kind
     monkeypatch.setattr(ExpertBank, "dequantize_kind",
                         lambda self, ids, dtype, kind: sizes.append(len(ids)) or stacked(self, ids, dtype, kind))
-    targets_adapted = apply_lora(model, 4, 8, 0.0, ["all-linear", targets])
+    if method == "oft":
+        from orbit_core.peft.oft import apply_oft
+
+        targets_adapted = apply_oft(model, 16, False, 6e-5, False, ["all-linear", targets])
+    else:
+        targets_adapted = apply_lora(model, 4, 8, 0.0, ["all-linear", targets])
     assert any(".experts." in t for t in targets_adapted) == (targets != "all-linear")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "oft_skew" in name:
                 p.normal_(0.0, 0.1)
     ids = torch.randint(0, SHAPE["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(4))
     set_dequant_chunk(model, 0)

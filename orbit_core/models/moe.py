@@ -79,11 +79,11 @@ class SparseMoE(nn.Module):
 
 
 def _packed(expert: MLP) -> bool:
-    """Packed linears (quant's ``QuantLinear``: they dequantize), bare or under a plain LoRA (no engine
-    slots, no fake QAT); dense experts and other adapters run each expert's own modules."""
+    """Packed linears (quant's ``QuantLinear``: they dequantize), bare or under LoRA or OFT (without
+    engine slots or fake QAT); dense experts run each expert's own modules."""
     for name in ("gate_proj", "up_proj", "down_proj"):
         module = getattr(expert, name)
-        if hasattr(module, "lora_A"):
+        if hasattr(module, "lora_A") or hasattr(module, "oft_skew"):
             if module.slot_bank is not None or module.fake_quant is not None:
                 return False
             module = module.base

@@ -1,11 +1,12 @@
-"""LoRA on packed MoE experts, batched over the experts of each chunk.
+"""LoRA and OFT on packed MoE experts, batched over the experts of each chunk.
 
 When ``peft.target_modules`` globs put LoRA on expert linears, the chunked path runs each weight
 kind (gate, up, down) as a grouped GEMM over the chunk's frozen packed weights. Those weights are
 dequantized in forward and again in backward, and never saved. The chunk's LoRA factors are
 stacked, ``[C, r, in]`` and ``[C, out, r]``, and applied as two grouped GEMMs beside it. The
 SwiGLU between them is ordinary autograd, so gradients reach every expert's ``lora_A`` and
-``lora_B`` through the stacks.
+``lora_B`` through the stacks. OFT rotates each expert's rows by that expert's rotation before its
+packed weight.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ KINDS = ("gate_proj", "up_proj", "down_proj")
 
 
 def adapted(module) -> bool:
-    return hasattr(module, "lora_A")
+    return hasattr(module, "lora_A") or hasattr(module, "oft_skew")
 
 
 def grouped_matmul(x: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -50,11 +51,13 @@ class GroupedPackedLinear(torch.autograd.Function):
 
 
 def _projection(x: torch.Tensor, layer, kind: str, ids: list[int], offsets: list[int]) -> torch.Tensor:
-    out = GroupedPackedLinear.apply(x, layer, kind, ids, offsets)
     first = getattr(layer.experts[ids[0]], kind)
-    if not adapted(first) or not first.enabled:
-        return out
     modules = [getattr(layer.experts[e], kind) for e in ids]
+    if hasattr(first, "oft_skew") and first.enabled:  # OFT rotates each expert's rows, then its base
+        x = torch.cat([m.rotate(x[offsets[i]: offsets[i + 1]], m.rotation()) for i, m in enumerate(modules)])
+    out = GroupedPackedLinear.apply(x, layer, kind, ids, offsets)
+    if not hasattr(first, "lora_A") or not first.enabled:
+        return out
     a = torch.stack([m.lora_A for m in modules]).transpose(1, 2)  # [C, in, r]
     b = torch.stack([m.lora_B for m in modules]).transpose(1, 2)  # [C, r, out]
     low = grouped_matmul(first.dropout(x), a, offsets)

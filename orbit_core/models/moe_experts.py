@@ -144,7 +144,7 @@ def routed_experts(layer, tokens: torch.Tensor, weights: torch.Tensor, experts: 
     active = counts_all.nonzero().flatten()
     counts = counts_all[active].tolist()  # one host sync per layer: the chunk plan needs the sizes
     rows = tokens[order // k]
-    if any(hasattr(getattr(layer.experts[0], kind), "lora_A") for kind in ("gate_proj", "up_proj", "down_proj")):
+    if any(hasattr(getattr(layer.experts[0], kind), "base") for kind in ("gate_proj", "up_proj", "down_proj")):
         from orbit_core.models.moe_expert_adapters import adapted_experts
 
         out_sorted = adapted_experts(rows, layer, active.tolist(), counts)
