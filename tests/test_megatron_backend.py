@@ -115,3 +115,41 @@ def test_megatron_bad_input(tmp_path, tiny_checkpoint):
     out = run("train", "--recipe", str(recipe), "train.backend=megatron", env_extra=without_package(tmp_path, "megatron"))
     assert out.returncode == 2 and "orbit-rl[megatron]" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "oft"])
+def test_two_tensor_parallel_ranks_give_orbits_logits(tmp_path, method):
+    """The README's TP sharding of each adapter, on two CPU ranks (gloo): the GPTModel at TP=2 with
+    the adapter sharded by ``shard_adapter`` gives the logits of Orbit's own model with the whole adapter."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from orbit_core.config.schema import PeftSection
+    from orbit_core.convert.megatron import hf_to_megatron
+    from orbit_core.peft.base import adapter_state_dict, load_adapter_state_dict
+    from orbit_core.policy import load_base
+    from orbit_core.policy.build import apply_adapter
+    from tests.conftest import save_hf_model
+
+    save_hf_model("qwen3", tmp_path / "src", head_dim=16, vocab_size=96)  # vocab splits evenly over 2 ranks
+    hf_to_megatron(str(tmp_path / "src"), str(tmp_path / "mg"))
+    reference = load_base(str(tmp_path / "src"))
+    apply_adapter(reference, PeftSection(method=method, rank=4, alpha=8, oft_block_size=8))
+    torch.manual_seed(5)
+    adapter = {name: torch.randn_like(t) * 0.2 for name, t in adapter_state_dict(reference).items()}
+    load_adapter_state_dict(reference, adapter)
+    save_file(adapter, str(tmp_path / "adapter.safetensors"))
+    init = f"file://{tmp_path / 'pg'}"
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.megatron_tp_worker", str(rank), "2", init,
+                                 str(tmp_path / "src"), str(tmp_path / "mg"), str(tmp_path / "adapter.safetensors"),
+                                 method, str(tmp_path / "logits.pt")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for rank in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+    ids = torch.arange(2 * 12).reshape(2, 12) % 96
+    with torch.no_grad():
+        expected = reference(ids)
+    assert (torch.load(tmp_path / "logits.pt") - expected).abs().max() < 1e-4

@@ -8,8 +8,9 @@ gives the final hidden states ``[batch, seq, hidden]`` and ``model.lm_head.weigh
 Megatron's fused linears are split into their HF parts so adapters have HF names:
 ``linear_qkv`` -> ``q_proj``, ``k_proj``, ``v_proj`` (outputs re-interleaved per query group),
 ``linear_fc1`` -> ``gate_proj``, ``up_proj``; ``linear_proj`` is ``o_proj``, ``linear_fc2``
-``down_proj``. At TP=1 that is exact. The TP>1 sharding each adapter would need is written
-in the README; only TP=1 is built.
+``down_proj``. Under TP each rank holds its shard of the parts (``split_fused_linears``) and of
+the adapter (``shard_adapter``), as the README's design says; the model runs at TP > 1 (tested on
+two CPU ranks), the trainer only at TP = 1.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def cpu_shims():
         yield
 
 
-def ensure_model_parallel(device: torch.device) -> None:
-    """A one-rank process group (gloo on CPU, nccl on CUDA) and TP = PP = 1, unless already set up."""
+def ensure_model_parallel(device: torch.device, training: bool = True) -> None:
+    """A one-rank process group (gloo on CPU, nccl on CUDA) and TP = PP = 1, unless already set up.
+    A caller that set up TP > 1 itself can build and run the model (``training=False``); the
+    trainer refuses it (the adapter's gradient all-reduce and vocab-parallel logprobs are not built)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -62,8 +65,8 @@ def ensure_model_parallel(device: torch.device) -> None:
                                 world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
-    if parallel_state.get_tensor_model_parallel_world_size() != 1:
-        raise OrbitError("train.backend=megatron runs at tensor-parallel size 1 for now",
+    if training and parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise OrbitError("train.backend=megatron trains at tensor-parallel size 1 for now",
                          "launch one rank, or use train.backend=torch")
 
 
@@ -125,21 +128,36 @@ def load_gpt(gpt, iteration_dir: str) -> None:
 
 
 class FusedParts(nn.Module):
-    """A megatron fused linear replaced by its HF parts; ``forward`` returns megatron's ``(out, bias)``."""
+    """A megatron fused linear replaced by its HF parts (this rank's shard of them under TP);
+    ``forward`` returns megatron's ``(out, bias)``.
 
-    def __init__(self, parts: dict[str, nn.Linear], groups: int = 0):
+    ``parallel="column"``: the input is replicated and each part's output rows are this rank's
+    (the input's gradient is all-reduced in backward). ``"row"``: the input columns are this rank's
+    and the output is all-reduced, adapter included. A LoRA B applied to the partial
+    ``A_i x_i`` before the sum gives ``B sum_i A_i x_i``, because B is linear and replicated."""
+
+    def __init__(self, parts: dict[str, nn.Module], groups: int = 0, parallel: str = "column"):
         super().__init__()
         for name, part in parts.items():
             self.add_module(name, part)
         self.names = list(parts)
         self.groups = groups  # >0: q/k/v re-interleaved per query group
+        self.parallel = parallel
 
     def forward(self, x: torch.Tensor):
+        from megatron.core import parallel_state, tensor_parallel
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tp > 1 and self.parallel == "column":
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
         outs = [getattr(self, name)(x) for name in self.names]
         if self.groups:
             q, k, v = (o.reshape(*o.shape[:-1], self.groups, -1) for o in outs)
             return torch.cat([q, k, v], dim=-1).flatten(-2), None
-        return (torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]), None
+        out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        if tp > 1 and self.parallel == "row":
+            out = tensor_parallel.reduce_from_tensor_model_parallel_region(out)
+        return out, None
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
@@ -151,19 +169,49 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear
 
 
 def split_fused_linears(gpt, c: DecoderConfig) -> None:
+    """This rank's shard of each fused linear -> its HF parts (under TP, the rank's query groups of
+    ``linear_qkv``, its rows of ``linear_fc1``, its input columns of ``linear_proj`` / ``linear_fc2``)."""
+    import dataclasses
+
+    from megatron.core import parallel_state
+
     from orbit_core.convert.megatron import _qkv_split
 
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    local = dataclasses.replace(c, num_heads=c.num_heads // tp, num_kv_heads=c.num_kv_heads // tp)
     for layer in gpt.decoder.layers:
         attn, mlp = layer.self_attention, layer.mlp
         qkv = attn.linear_qkv
-        q, k, v = _qkv_split(c, qkv.weight)
-        biases = _qkv_split(c, qkv.bias) if getattr(qkv, "bias", None) is not None else (None, None, None)
+        q, k, v = _qkv_split(local, qkv.weight)
+        biases = _qkv_split(local, qkv.bias) if getattr(qkv, "bias", None) is not None else (None, None, None)
         attn.linear_qkv = FusedParts({"q_proj": _linear(q, biases[0]), "k_proj": _linear(k, biases[1]),
-                                      "v_proj": _linear(v, biases[2])}, groups=c.num_kv_heads)
-        attn.linear_proj = FusedParts({"o_proj": _linear(attn.linear_proj.weight)})
+                                      "v_proj": _linear(v, biases[2])}, groups=local.num_kv_heads)
+        attn.linear_proj = FusedParts({"o_proj": _linear(attn.linear_proj.weight)}, parallel="row")
         gate, up = mlp.linear_fc1.weight.chunk(2, dim=0)
         mlp.linear_fc1 = FusedParts({"gate_proj": _linear(gate), "up_proj": _linear(up)})
-        mlp.linear_fc2 = FusedParts({"down_proj": _linear(mlp.linear_fc2.weight)})
+        mlp.linear_fc2 = FusedParts({"down_proj": _linear(mlp.linear_fc2.weight)}, parallel="row")
+
+
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def shard_adapter(state: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
+    """A full (HF-named) adapter -> this TP rank's share, as the README's sharding design says:
+    column-parallel parts (q/k/v, gate/up) keep A (and OFT's rotation) whole and take their rows of
+    B; row-parallel parts (o_proj, down_proj) take their input columns of A (OFT: their rotation
+    blocks) and keep B whole. q/k/v rows follow query groups, which HF lays out contiguously."""
+    out = {}
+    for name, tensor in state.items():
+        module, leaf = name.rsplit(".", 1)
+        row = module.rsplit(".", 1)[-1] in ROW_PARALLEL
+        if leaf == "lora_B" and not row:
+            tensor = tensor.chunk(size, dim=0)[rank]
+        elif leaf == "lora_A" and row:
+            tensor = tensor.chunk(size, dim=1)[rank]
+        elif leaf == "oft_skew" and row and tensor.shape[0] > 1:
+            tensor = tensor.chunk(size, dim=0)[rank]
+        out[name] = tensor.contiguous()
+    return out
 
 
 class _Head(nn.Module):
@@ -216,7 +264,8 @@ def hf_names(model: MegatronLM) -> dict[str, str]:
     return out
 
 
-def load_megatron_policy(base_path: str, dtype: str, device: torch.device) -> MegatronLM:
+def load_megatron_policy(base_path: str, dtype: str, device: torch.device, training: bool = True,
+                         megatron_dir: str | None = None) -> MegatronLM:
     """The base in a GPTModel. A dense HF base is converted to a temporary Megatron checkpoint and
     loaded through dist_checkpointing, its fused linears then split into HF parts. A packed
     (compressed-tensors) base keeps Orbit's quantized linears as those parts."""
@@ -228,12 +277,23 @@ def load_megatron_policy(base_path: str, dtype: str, device: torch.device) -> Me
     config = DecoderConfig.from_hf({k: v for k, v in hf.items() if k != "quantization_config"},
                                    source=os.path.join(base_path, "config.json"))
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ensure_model_parallel(device)
+    ensure_model_parallel(device, training)
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
     gpt = build_gpt(config, torch_dtype)
     if hf.get("quantization_config"):
+        if tp > 1:
+            raise OrbitError("a packed base runs at tensor-parallel size 1 only", "use a bf16 base for TP > 1")
         from orbit_core.policy.load import load_base
 
         adopt_packed_base(gpt, config, load_base(base_path, dtype, "cpu"))
+    elif megatron_dir is not None:  # converted once, before the ranks started; each loads its shard
+        load_gpt(gpt, str(resolve_iteration_dir(megatron_dir)))
+        split_fused_linears(gpt, config)
+    elif tp > 1:
+        raise OrbitError("at tensor-parallel size > 1 the base must already be a Megatron checkpoint",
+                         "run `orbit convert hf-to-megatron` once and pass its directory")
     else:
         with tempfile.TemporaryDirectory(prefix="orbit-megatron-base-") as root:
             hf_to_megatron(base_path, os.path.join(root, "mg"))
