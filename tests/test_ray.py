@@ -131,3 +131,37 @@ def test_ray_refusals(tmp_path, tiny_checkpoint):
     out = run("train", "--recipe", str(recipe), "train.orchestrator=ray", env_extra=without_package(tmp_path, "ray"))
     assert out.returncode == 2 and "orbit-rl[ray]" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+KILLER = """
+import os
+calls = 0
+
+def score(prompt, response, label):
+    # runs in the trainer actor (rl.reward_workers=0): kills engine 0 once, while batches run ahead
+    global calls
+    calls += 1
+    if calls == 40:
+        import ray
+        ray.kill(ray.get_actor(f"orbit-engine-{os.getpid()}-0-r0"), no_restart=True)
+    return float("1" in response)
+"""
+
+
+def test_async_run_survives_an_engine_killed_mid_run(tmp_path, tiny_checkpoint, local_ray):
+    """An engine actor killed while batches run ahead: replaced, its prompts resubmitted, bound kept."""
+    (tmp_path / "killer.py").write_text(KILLER)
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rollout={"num_engines": 2},
+                          rl={"reward": f"{tmp_path / 'killer.py'}:score", "reward_workers": 0},
+                          train={"orchestrator": "ray", "mode": "async", "max_staleness": 1, "steps": 5,
+                                 "save_rollouts": True}, eval={"enabled": False})
+    messages: list[str] = []
+    result = run_training(load_recipe(str(recipe)), Callbacks(on_message=messages.append))
+    assert result.steps_done == 5
+    assert any("rollout engine 0 died" in m and "starting a replacement" in m for m in messages)
+    rows = _steps(result)
+    assert rows[-1]["rollout/engine_restarts"] == 1 and rows[-1]["engine0/restarts"] == 1
+    assert all(row["staleness/max"] <= 1 for row in rows)
+    for step in range(1, 6):
+        lines = (tmp_path / "run" / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
+        assert len(lines) == 16 and {json.loads(line)["adapter_version"] for line in lines} <= {step - 2, step - 1}

@@ -125,7 +125,8 @@ def start_ray_rollouts(config, policy, spec: RoundSpec, start_step: int, log) ->
     def factory(index: int, restart: int, adapter_ref, version: int):
         resources = plan[1 + index]
         options: dict[str, Any] = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0.0),
-                                   "max_restarts": 0, "max_concurrency": 1}
+                                   "max_restarts": 0, "max_concurrency": 1,
+                                   "name": f"orbit-engine-{os.getpid()}-{index}-r{restart}"}
         if group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=1 + index)
         if sglang:
