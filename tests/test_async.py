@@ -170,7 +170,10 @@ def _quiet(**kw):
 @pytest.mark.parametrize("method,double_buffer,staleness", [("lora", False, 1), ("oft", True, 2)])
 def test_async_run_bounds_staleness_and_records_versions(tmp_path, tiny_checkpoint, method, double_buffer, staleness):
     peft = {"method": method, "oft_block_size": 16} if method == "oft" else {}
-    recipe = small_recipe(tmp_path, tiny_checkpoint, peft=peft,
+    # rewards that vary within every group, so every update moves the adapter (an update on groups
+    # without signal leaves it unchanged, and then stale samples would match the proximal recompute)
+    (tmp_path / "noisy.py").write_text("import random\n\ndef score(prompt, response, label):\n    return random.random()\n")
+    recipe = small_recipe(tmp_path, tiny_checkpoint, peft=peft, rl={"reward": f"{tmp_path / 'noisy.py'}:score"},
                           train={"steps": 5, "mode": "async", "max_staleness": staleness, "save_interval": 1,
                                  "keep_last": 10, "save_rollouts": True},
                           rollout={"placement": "non-colocated", "adapter_double_buffer": double_buffer},
