@@ -25,7 +25,15 @@ TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_att
             head_dim=32, vocab_size=18, tie_word_embeddings=True)
 
 
-def write_random_checkpoint(path: Path, shape: dict) -> None:
+def save_char_tokenizer(path: Path) -> None:
+    """Orbit's character tokenizer beside a random checkpoint, so the training loop can run on it."""
+    from orbit_core.data.arith import ALPHABET
+    from orbit_core.models.char_tokenizer import build_char_tokenizer
+
+    build_char_tokenizer(ALPHABET, str(path))
+
+
+def write_random_checkpoint(path: Path, shape: dict, tokenizer: bool = False) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(max_position_embeddings=4096, **shape)
@@ -34,6 +42,8 @@ def write_random_checkpoint(path: Path, shape: dict) -> None:
     model.save_pretrained(str(path))
     del model
     torch.cuda.empty_cache()
+    if tokenizer:
+        save_char_tokenizer(path)
 
 
 def measure(path: str) -> tuple[int, int]:

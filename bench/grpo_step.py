@@ -23,7 +23,7 @@ from statistics import mean
 
 import torch
 
-from bench.base_memory import write_random_checkpoint
+from bench.base_memory import save_char_tokenizer, write_random_checkpoint
 from bench.packed_random import BIG_SHAPES, write_packed_random
 from bench.rollout_throughput import SHAPES
 
@@ -141,8 +141,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", nargs="+", default=["orbit-bf16", "orbit-int4", "orbit-int4-ac", "trl"])
     args = parser.parse_args()
-    from orbit_core.data.arith import ALPHABET
-    from orbit_core.models.char_tokenizer import build_char_tokenizer
     from orbit_core.quant import quantize_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="orbit-grpo-bench-"))
@@ -155,12 +153,11 @@ def main() -> None:
         print(json.dumps({"bench": "grpo_step", "shape": args.shape, "packed_checkpoint_write_s":
                           round(time.perf_counter() - start, 1)}), flush=True)
     else:
-        write_random_checkpoint(root / "bf16", SHAPES[args.shape])
-        build_char_tokenizer(ALPHABET, str(root / "bf16"))
+        write_random_checkpoint(root / "bf16", SHAPES[args.shape], tokenizer=True)
         paths["bf16"] = str(root / "bf16")
     if "int4" not in paths and any("int4" in r for r in args.runs):
         quantize_checkpoint(paths["bf16"], str(root / "int4"), "int4", group_size=128, device="cuda")
-        build_char_tokenizer(ALPHABET, str(root / "int4"))
+        save_char_tokenizer(root / "int4")
         paths["int4"] = str(root / "int4")
     data = write_prompts(root / "prompts.jsonl", PROMPTS * (args.steps + 2))
     for run in args.runs:

@@ -32,8 +32,7 @@ def write_packed_random(out: Path, shape: dict, fmt_name: str = "int4", group_si
                         device: str = "cuda") -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from orbit_core.data.arith import ALPHABET
-    from orbit_core.models.char_tokenizer import build_char_tokenizer
+    from bench.base_memory import save_char_tokenizer
 
     moe = "num_experts" in shape
     config_cls, model_cls = (Qwen3MoeConfig, Qwen3MoeForCausalLM) if moe else (Qwen3Config, Qwen3ForCausalLM)
@@ -59,7 +58,7 @@ def write_packed_random(out: Path, shape: dict, fmt_name: str = "int4", group_si
 
     write_quantized(str(out), hf, specs, tensors(), weight_format(fmt_name, group_size if fmt_name == "int4" else None),
                     quantized, skipped, device=device)
-    build_char_tokenizer(ALPHABET, str(out))
+    save_char_tokenizer(out)
     return out
 
 

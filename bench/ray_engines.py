@@ -28,12 +28,9 @@ def model_path(shape: str) -> str:
         return resolve_model_path("embedded:tiny-arith", 1500, lambda m: None)
     from bench.base_memory import write_random_checkpoint
     from bench.rollout_throughput import SHAPES
-    from orbit_core.data.arith import ALPHABET
-    from orbit_core.models.char_tokenizer import build_char_tokenizer
 
     path = Path(tempfile.mkdtemp(prefix="orbit-ray-bench-")) / "bf16"
-    write_random_checkpoint(path, SHAPES[shape])
-    build_char_tokenizer(ALPHABET, str(path))
+    write_random_checkpoint(path, SHAPES[shape], tokenizer=True)
     return str(path)
 
 

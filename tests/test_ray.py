@@ -21,7 +21,7 @@ from orbit_core.train import Callbacks, run_training
 from orbit_core.train.ray_engines import RayEnginePool
 from tests.helpers import small_recipe, without_package
 from tests.test_cli import run
-from tests.test_serve import _start_servers
+from tests.test_serve import serve_processes
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +104,10 @@ def test_dead_engine_is_replaced_on_the_newest_adapter_and_its_prompts_resubmitt
 
 
 def test_sglang_servers_as_ray_engines_in_async_mode(tmp_path, tiny_checkpoint, local_ray):
-    processes, urls = _start_servers(tiny_checkpoint, 2)
-    try:
+    with serve_processes(tiny_checkpoint, 2) as urls:
         recipe = small_recipe(tmp_path, tiny_checkpoint, rollout={"backend": "sglang", "sglang_urls": urls},
                               train={"orchestrator": "ray", "mode": "async", "steps": 3}, eval={"enabled": False})
         result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=30)
     assert result.steps_done == 3
     rows = _steps(result)
     assert all(row["staleness/max"] <= 1 for row in rows)

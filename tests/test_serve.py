@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -133,30 +134,31 @@ def test_orbit_serve_cli_process(tiny_checkpoint, trained_run):
     assert bad.returncode == 2 and "no adapter in" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def _start_servers(checkpoint: str, count: int) -> tuple[list[subprocess.Popen], list[str]]:
+@contextlib.contextmanager
+def serve_processes(checkpoint: str, count: int):
+    """``count`` ``orbit serve`` processes on free ports; yields their URLs, stops them on exit."""
     processes, urls = [], []
-    for _ in range(count):
-        process = subprocess.Popen([sys.executable, "-m", "orbit_cli.main", "serve", checkpoint, "--port", "0",
-                                    "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
-        processes.append(process)
-    for process in processes:
-        line = process.stdout.readline()
-        assert "serving" in line, process.stderr.read()
-        urls.append(line.split(" on ")[1].split()[0])
-    return processes, urls
-
-
-def test_sglang_backend_trains_against_orbit_serve_processes(tmp_path, tiny_checkpoint):
-    processes, urls = _start_servers(tiny_checkpoint, 2)
     try:
-        recipe = small_recipe(tmp_path, tiny_checkpoint, rollout={"backend": "sglang", "sglang_urls": urls},
-                              train={"steps": 3, "save_rollouts": True}, eval={"enabled": False})
-        result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+        for _ in range(count):
+            processes.append(subprocess.Popen([sys.executable, "-m", "orbit_cli.main", "serve", checkpoint, "--port", "0",
+                                               "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                              text=True, env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}))
+        for process in processes:
+            line = process.stdout.readline()
+            assert "serving" in line, process.stderr.read()
+            urls.append(line.split(" on ")[1].split()[0])
+        yield urls
     finally:
         for process in processes:
             process.terminate()
             process.wait(timeout=30)
+
+
+def test_sglang_backend_trains_against_orbit_serve_processes(tmp_path, tiny_checkpoint):
+    with serve_processes(tiny_checkpoint, 2) as urls:
+        recipe = small_recipe(tmp_path, tiny_checkpoint, rollout={"backend": "sglang", "sglang_urls": urls},
+                              train={"steps": 3, "save_rollouts": True}, eval={"enabled": False})
+        result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
     assert result.steps_done == 3
     for step, row in enumerate(result.metrics, start=1):
         # the servers sampled with the adapter the trainer had just published: its recompute matches

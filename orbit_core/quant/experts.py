@@ -28,11 +28,8 @@ class ExpertBank:
                 module.weight_packed, module.weight_scale = packed[i], scale[i]
             self.stacks[kind] = (packed, scale, modules[0].in_features)
 
-    def dequantize(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Gate, up and down weights ``[len(ids), out, in]`` of experts ``ids``, one kernel call each."""
-        return tuple(self.dequantize_kind(ids, dtype, kind) for kind in KINDS)
-
     def dequantize_kind(self, ids: torch.Tensor, dtype: torch.dtype, kind: str) -> torch.Tensor:
+        """``kind`` weights ``[len(ids), out, in]`` of experts ``ids``, one kernel call."""
         packed, scale, in_features = self.stacks[kind]
         rows = packed.index_select(0, ids).flatten(0, 1)
         weight = int4_dequant(rows, scale.index_select(0, ids).flatten(0, 1), in_features, dtype)

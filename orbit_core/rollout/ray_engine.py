@@ -102,16 +102,8 @@ class SGLangEngineActor:
         return {**self.counters.stats(), "device": self.url, "threads": 0}
 
     def load_adapter(self, version: int, adapter: dict[str, torch.Tensor]) -> dict:
-        from orbit_core.convert.peft_export import write_peft_adapter
-
         start = time.perf_counter()
-        directory = self.root / f"v{version}"
-        directory.mkdir(parents=True, exist_ok=True)
-        write_peft_adapter(directory, adapter, self.peft, self.targets, self.base_model)
-        previous = self.engines.lora_name
-        self.engines.load(f"v{version}", str(directory), version)
-        if previous is not None and previous != f"v{version}":
-            shutil.rmtree(self.root / previous, ignore_errors=True)
+        self.engines.publish_peft(self.root, version, adapter, self.peft, self.targets, self.base_model)
         self.counters.version = version
         self.counters.sync_ms = (time.perf_counter() - start) * 1e3
         return self.counters.stats()

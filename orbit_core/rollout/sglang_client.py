@@ -9,11 +9,13 @@ flight. ``orbit serve`` speaks the same subset, which is what the tests run agai
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from orbit_core.errors import OrbitError
 from orbit_core.rollout.types import Completion, SamplingParams
@@ -110,6 +112,21 @@ class SGLangEngines:
         if previous is not None and previous != name:
             for server in self.servers:
                 _check_lora_answer(server.url, server.post("/unload_lora_adapter", {"lora_name": previous}))
+
+    def publish_peft(self, root: Path, version: int, adapter: dict, peft: dict, targets: list[str],
+                     base_model: str) -> int:
+        """Write ``adapter`` as PEFT directory ``root/v<version>``, load it on every server under that
+        name, and delete the previous version's directory. Returns the bytes written."""
+        from orbit_core.convert.peft_export import write_peft_adapter
+
+        directory = root / f"v{version}"
+        directory.mkdir(parents=True, exist_ok=True)
+        size = write_peft_adapter(directory, adapter, peft, targets, base_model)
+        previous = self.lora_name
+        self.load(f"v{version}", str(directory), version)
+        if previous is not None and previous != f"v{version}":
+            shutil.rmtree(root / previous, ignore_errors=True)
+        return size
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from orbit_core.convert.peft_export import write_peft_adapter
 from orbit_core.rollout.sglang_client import SGLangEngines
 from orbit_core.train.rollout_driver import RoundSpec, staleness_counts
 from orbit_core.train.sampling_round import StepRollouts, collect_groups
@@ -44,13 +43,7 @@ class SGLangRollouts:
 
     def publish(self, version: int, adapter_state: dict[str, torch.Tensor]) -> dict:
         start = time.perf_counter()
-        directory = self.root / f"v{version}"
-        directory.mkdir(parents=True, exist_ok=True)
-        size = write_peft_adapter(directory, adapter_state, self.peft, self.targets, self.base_model)
-        previous = self.engines.lora_name
-        self.engines.load(f"v{version}", str(directory), version)
-        if previous is not None and previous != f"v{version}":
-            shutil.rmtree(self.root / previous, ignore_errors=True)
+        size = self.engines.publish_peft(self.root, version, adapter_state, self.peft, self.targets, self.base_model)
         metrics = {"sync/bytes": size, "sync/ms": (time.perf_counter() - start) * 1e3}
         for i, server in enumerate(self.engines.servers):
             metrics.update({f"engine{i}/tokens": server.tokens, f"engine{i}/busy_s": server.busy_s,
