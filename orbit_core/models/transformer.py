@@ -146,7 +146,7 @@ class DecoderBody(nn.Module):
 class DecoderLM(nn.Module):
     """Causal LM. ``forward`` returns logits ``[batch, seq, vocab]`` (or ``[batch, vocab]`` with ``last_index``)."""
 
-    implementation = "Orbit DecoderLM"
+    implementation = "Orbit torch DecoderLM"
 
     def __init__(self, config: DecoderConfig):
         super().__init__()

@@ -22,10 +22,9 @@ from orbit_core.train.sampling_round import StepRollouts
 
 class TrainerBackend(Protocol):
     has_value_head: bool
-    name: str
-    """The implementation, as the parity report names it."""
     model: torch.nn.Module
-    """Called as ``model(ids)`` -> logits by the runtime preflight (the trainer's side of parity)."""
+    """Called as ``model(ids)`` -> logits by the runtime preflight (the trainer's side of parity); its
+    ``implementation`` names it in the report."""
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """No-grad logprobs ``[batch, seq-1]`` of the current policy (and values with a value head)."""

@@ -191,10 +191,10 @@ class TrainingRun:
         if not pf.runtime or pf.skip_runtime:
             return {}
         prompts = [self.prompts.ids[rec.line] for rec in self.records[: pf.num_prompts]]
-        engine, trainer = self.rollouts.parity_engine, self.trainer
-        names = f"{getattr(engine, 'name', type(engine).__name__)} vs {trainer.name}"
-        report = runtime_parity(engine, trainer.model, self.tokenizer, prompts, pf.max_new_tokens, pf.topk,
-                                pf.max_logprob_abs_diff, pf.min_topk_agreement, self.config.rollout.temperature or 1.0)
+        report = runtime_parity(self.rollouts.parity_engine, self.trainer.model, self.tokenizer, prompts,
+                                pf.max_new_tokens, pf.topk, pf.max_logprob_abs_diff, pf.min_topk_agreement,
+                                self.config.rollout.temperature or 1.0)
+        names = f"{report.engine} vs {report.trainer}"
         self.cb.on_message(f"runtime preflight ({names}): max |logprob diff| {report.max_abs_diff:.2e}, mean "
                            f"{report.mean_abs_diff:.2e}, top-{pf.topk} agreement {report.topk_agreement:.3f} over "
                            f"{report.tokens} tokens")

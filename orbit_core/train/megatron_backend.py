@@ -22,8 +22,6 @@ from orbit_core.train.torch_backend import TorchTrainer
 
 
 class MegatronTrainer(TorchTrainer):
-    name = "megatron-core GPTModel"
-
     def __init__(self, policy: PolicyModel, config: RecipeConfig, teacher: DecoderLM | None = None):
         model: MegatronLM = load_megatron_policy(policy.base_path, config.model.dtype, policy.device)
         apply_adapter(model, config.peft)

@@ -43,8 +43,6 @@ def adamw(params: list[torch.nn.Parameter], config: RecipeConfig) -> torch.optim
 
 
 class TorchTrainer:
-    name = "Orbit torch DecoderLM"
-
     def __init__(self, model: DecoderLM, config: RecipeConfig, teacher: DecoderLM | None = None):
         r = config.rollout
         self.model, self.teacher = model, teacher
