@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import tempfile
 import time
@@ -23,6 +24,7 @@ from bench.decode_throughput import decode_seconds
 from bench.grpo_step import PROMPTS, SAMPLES, orbit_run, write_prompts
 from bench.packed_random import BIG_SHAPES, write_packed_random
 from orbit_core.models.moe import set_dequant_chunk
+from orbit_core.models.moe_experts import GROUPED_MM
 from orbit_core.policy import load_base
 from orbit_core.quant import QuantLinear
 
@@ -45,6 +47,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--grpo-steps", type=int, default=2, help="0 skips the GRPO step")
+    parser.add_argument("--impls", nargs="+", default=["triton", "cutlass"],
+                        help="grouped GEMMs to decode with (moe_experts.GROUPED_MM); the GRPO step uses the first")
     parser.add_argument("--path", default="", help="write the packed checkpoint here, or reuse the one already there")
     args = parser.parse_args()
     shape = BIG_SHAPES[args.shape]
@@ -67,23 +71,25 @@ def main() -> None:
                           "resident_vs_bf16": round(resident / bf16_bytes(model), 3)}), flush=True)
         gen = torch.Generator().manual_seed(1)
         prompts = torch.randint(10, shape["vocab_size"], (max(args.batches), args.prompt_len), generator=gen).tolist()
-        for chunk in args.chunks:
+        for chunk, impl, batch in itertools.product(args.chunks, args.impls, args.batches):
             set_dequant_chunk(model, chunk)
-            for batch in args.batches:
-                torch.cuda.reset_peak_memory_stats()
-                seconds = decode_seconds(model, prompts, args.new, batch, cuda_graph=False)
-                print(json.dumps({**common, "measure": "decode", "dequant_chunk_experts": chunk, "batch": batch,
-                                  "prompt_len": args.prompt_len, "new_tokens": args.new,
-                                  "tokens_per_s": round(batch * args.new / seconds, 1),
-                                  "ms_per_step": round(1e3 * seconds / args.new, 1),
-                                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
+            GROUPED_MM["impl"] = impl
+            torch.cuda.reset_peak_memory_stats()
+            seconds = decode_seconds(model, prompts, args.new, batch, cuda_graph=False)
+            print(json.dumps({**common, "measure": "decode", "grouped_mm": impl, "dequant_chunk_experts": chunk,
+                              "batch": batch,
+                              "prompt_len": args.prompt_len, "new_tokens": args.new,
+                              "tokens_per_s": round(batch * args.new / seconds, 1),
+                              "ms_per_step": round(1e3 * seconds / args.new, 1),
+                              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}), flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
     if args.grpo_steps:
+        GROUPED_MM["impl"] = args.impls[0]
         data = write_prompts(root / "prompts.jsonl", PROMPTS * (args.grpo_steps + 2))
         numbers = orbit_run("moe", path, data, root, args.grpo_steps, 1, {})
-        print(json.dumps({**common, "measure": "grpo_step", "prompts": PROMPTS, "samples": SAMPLES,
+        print(json.dumps({**common, "measure": "grpo_step", "grouped_mm": args.impls[0], "prompts": PROMPTS, "samples": SAMPLES,
                           "dequant_chunk_experts": 16, "steps_measured": args.grpo_steps - 1,
                           **{k: round(v, 3) for k, v in numbers.items()}}), flush=True)
 

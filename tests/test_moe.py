@@ -203,7 +203,10 @@ def test_moe_training_logs_routing_mismatch(tmp_path, tiny_checkpoint, replay, m
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (Path(tiny_checkpoint) / name).is_file():
             shutil.copy(Path(tiny_checkpoint) / name, tmp_path / "moe" / name)
-    recipe = small_recipe(tmp_path, str(tmp_path / "moe"), rl={"routing_replay": replay}, train={"steps": 2},
+    # rewards that vary within every group, so the update has signal whatever the random model answers
+    (tmp_path / "noisy.py").write_text("import random\n\ndef score(prompt, response, label):\n    return random.random()\n")
+    rl = {"routing_replay": replay, "reward": f"{tmp_path / 'noisy.py'}:score"}
+    recipe = small_recipe(tmp_path, str(tmp_path / "moe"), rl=rl, train={"steps": 2},
                           eval={"enabled": False}, peft={"method": method, "oft_block_size": 16})
     result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
     assert result.steps_done == 2
@@ -336,7 +339,8 @@ def test_training_on_a_packed_moe_logs_the_experts_it_dequantized(tmp_path, int4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("grouped_mm, targets", [(True, "all-linear"), (False, "all-linear"), (True, "*.experts.*")])
+@pytest.mark.parametrize("grouped_mm, targets", [("triton", "all-linear"), ("cutlass", "all-linear"), ("loop", "all-linear"),
+                                                 ("triton", "*.experts.*"), ("cutlass", "*.experts.*")])
 def test_chunked_experts_on_the_gpu_match_each_experts_modules_in_bf16(int4_moe, grouped_mm, targets, monkeypatch):
     """Stacked int4 dequantization + grouped GEMM (forward and backward) against the per-expert path."""
     from orbit_core.models import moe_experts
@@ -344,7 +348,7 @@ def test_chunked_experts_on_the_gpu_match_each_experts_modules_in_bf16(int4_moe,
     from orbit_core.peft.lora import apply_lora
     from orbit_core.policy import load_base
 
-    monkeypatch.setitem(moe_experts.GROUPED_MM, "enabled", grouped_mm)
+    monkeypatch.setitem(moe_experts.GROUPED_MM, "impl", grouped_mm)
     model = load_base(int4_moe, "bfloat16", "cuda")
     apply_lora(model, 16, 32, 0.0, ["all-linear", targets])
     model.to("cuda")

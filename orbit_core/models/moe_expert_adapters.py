@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from orbit_core.models.moe_experts import _chunks, _gmm, _grouped_mm_ready, dequantize_kind
+from orbit_kernels.grouped_gemm import device_offsets
 
 KINDS = ("gate_proj", "up_proj", "down_proj")
 
@@ -25,9 +26,15 @@ def adapted(module) -> bool:
 
 def grouped_matmul(x: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     """Rows ``offsets[i]:offsets[i+1]`` of ``x`` times ``b[i]`` ([K, N]); autograd flows through."""
-    if _grouped_mm_ready(x) and b.shape[-1] % 16 == 0 and b.shape[-2] % 16 == 0:  # the kernel's alignment
-        return _gmm(x, b.to(x.dtype), offsets)
+    # the LoRA factors need autograd: torch's grouped GEMM has it (the frozen weights use ``_gmm``)
+    if (_grouped_mm_ready(x) and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and b.shape[-1] % 16 == 0 and b.shape[-2] % 16 == 0):  # its alignment
+        return torch._grouped_mm(x, b.to(x.dtype), offs=device_offsets(offsets[1:], x.device))
     return torch.cat([x[offsets[i]: offsets[i + 1]] @ b[i].to(x.dtype) for i in range(len(offsets) - 1)])
+
+
+def _frozen_matmul(x: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    return _gmm(x, b, offsets) if _grouped_mm_ready(x) else grouped_matmul(x, b, offsets)
 
 
 class GroupedPackedLinear(torch.autograd.Function):
@@ -39,7 +46,7 @@ class GroupedPackedLinear(torch.autograd.Function):
         weight = dequantize_kind(layer, ids, kind, x.dtype, x.device)
         if kind == KINDS[0]:
             layer.experts_dequantized += len(ids)
-        return grouped_matmul(x, weight[: len(ids)].transpose(1, 2), offsets)
+        return _frozen_matmul(x, weight[: len(ids)].transpose(1, 2), offsets)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -47,7 +54,7 @@ class GroupedPackedLinear(torch.autograd.Function):
         weight = dequantize_kind(layer, ctx.ids, ctx.kind, grad.dtype, grad.device)
         if ctx.kind == KINDS[0]:
             layer.experts_dequantized += len(ctx.ids)
-        return grouped_matmul(grad, weight[: len(ctx.ids)], ctx.offsets), None, None, None, None
+        return _frozen_matmul(grad, weight[: len(ctx.ids)], ctx.offsets), None, None, None, None
 
 
 def _projection(x: torch.Tensor, layer, kind: str, ids: list[int], offsets: list[int]) -> torch.Tensor:

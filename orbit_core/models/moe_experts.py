@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from orbit_kernels.grouped_gemm import (device_offsets, grouped_mm, grouped_mm_sum, grouped_swiglu_grads,
+                                        grouped_swiglu_in)
+
 _BUFFERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -48,23 +51,41 @@ def dequantize_chunk(layer, ids: list[int], chunk: int, dtype: torch.dtype,
     return tuple(dequantize_kind(layer, ids, kind, dtype, device) for kind in ("gate_proj", "up_proj", "down_proj"))
 
 
+GROUPED_MM = {"impl": "auto"}
+"""The GPU's grouped GEMM: ``triton`` (``orbit_kernels.grouped_gemm``), ``cutlass`` (torch's
+``_grouped_mm``, bf16 on sm90+), ``loop`` (the reference, one matmul per expert), or ``auto``:
+``cutlass`` where it runs, else ``triton``. On an H100 at the Qwen3-30B-A3B expert shape torch's
+CUTLASS kernel was 1.3-2x faster than ours (bench/results/moe_grouped_gemm_h100.jsonl), so ours
+serves fp16 and the GPUs torch's does not. The CPU runs the loop."""
+
+
+def _impl(x: torch.Tensor) -> str:
+    impl = GROUPED_MM["impl"]
+    if impl == "auto":
+        cutlass = (x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                   and torch.cuda.get_device_capability(x.device) >= (9, 0))
+        return "cutlass" if cutlass else "triton"
+    return impl
+
+
 def _grouped_mm_ready(x: torch.Tensor) -> bool:
-    """torch's grouped GEMM (CUTLASS, sm90, bf16) for the GPU; the loops below are the reference."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and GROUPED_MM["enabled"]
-
-
-GROUPED_MM = {"enabled": True}
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and GROUPED_MM["impl"] != "loop"
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     """Rows ``offsets[i]:offsets[i+1]`` of ``a`` times ``b[i]`` ([rows, K] @ [K, N] per group)."""
-    offs = torch.tensor(offsets[1:], dtype=torch.int32, device=a.device)
-    return torch._grouped_mm(a, b, offs=offs)
+    if _impl(a) == "cutlass" and a.dtype == torch.bfloat16:
+        return torch._grouped_mm(a, b, offs=device_offsets(offsets[1:], a.device))
+    return grouped_mm(a, b, offsets)
 
 
 def grouped_swiglu(x: torch.Tensor, offsets: list[int], gate: torch.Tensor, up: torch.Tensor,
                    down: torch.Tensor) -> torch.Tensor:
     """Rows ``offsets[i]:offsets[i+1]`` of ``x`` through expert ``i``'s SwiGLU MLP."""
+    if _grouped_mm_ready(x) and _impl(x) == "triton":  # gate, up and the SwiGLU in one kernel
+        n = len(offsets) - 1
+        h = grouped_swiglu_in(x, gate[:n].transpose(1, 2), up[:n].transpose(1, 2), offsets)
+        return grouped_mm(h, down[:n].transpose(1, 2), offsets)
     if _grouped_mm_ready(x):
         n = len(offsets) - 1
         h = F.silu(_gmm(x, gate[:n].transpose(1, 2), offsets)) * _gmm(x, up[:n].transpose(1, 2), offsets)
@@ -79,6 +100,11 @@ def grouped_swiglu(x: torch.Tensor, offsets: list[int], gate: torch.Tensor, up: 
 def grouped_swiglu_backward(x: torch.Tensor, grad: torch.Tensor, offsets: list[int], gate: torch.Tensor,
                             up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """d(rows) of ``grouped_swiglu`` for a frozen expert (no weight gradients)."""
+    if _grouped_mm_ready(x) and _impl(x) == "triton":
+        n = len(offsets) - 1
+        dh = grouped_mm(grad, down[:n], offsets)
+        dg, du = grouped_swiglu_grads(x, gate[:n].transpose(1, 2), up[:n].transpose(1, 2), dh, offsets)
+        return grouped_mm_sum(dg, gate[:n], du, up[:n], offsets)
     if _grouped_mm_ready(x):
         n = len(offsets) - 1
         g, u = _gmm(x, gate[:n].transpose(1, 2), offsets), _gmm(x, up[:n].transpose(1, 2), offsets)
