@@ -7,6 +7,11 @@ attention mask is built inside the graph from the positions, and the keys and va
 cache's own storage, read over its whole capacity. Graphs belong to one cache allocation and are
 dropped with it (``DecodeLoop.release``), so addresses never change under a captured graph.
 
+With adapter slots (an engine in its own process, double buffering), a graph is captured per
+bucket and per set of slots in use: one slot reads that slot's buffers, whose addresses are fixed
+and whose contents ``write_slot`` replaces in place, so a new adapter version needs no recapture.
+Rows of mixed slots read their slot from a static per-row buffer, copied in before each replay.
+
 Warm-up and capture write their keys and values at the cache's last position, which no sequence
 ever reaches (``DecodeLoop._fits`` keeps one position spare), so capturing mid-generation is safe.
 """
@@ -18,16 +23,17 @@ import logging
 import torch
 
 from orbit_core.models.transformer import DecoderLM, KVCache
+from orbit_core.peft.slots import SlotBank
 
 log = logging.getLogger("orbit.rollout")
 MIN_BUCKET = 8
 
 
 class GraphedDecode:
-    def __init__(self, model: DecoderLM, cache: KVCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model: DecoderLM, cache: KVCache, bank: SlotBank | None = None):
+        self.model, self.cache, self.bank = model, cache, bank
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.key_index = torch.arange(cache.capacity, device=cache.k.device)
         self.rope = (model.rope_cos, model.rope_sin)
         self.failed = False
@@ -35,28 +41,34 @@ class GraphedDecode:
     def bucket(self, rows: int) -> int:
         return min(max(MIN_BUCKET, 1 << (rows - 1).bit_length()), self.cache.k.shape[1])
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: int) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: int, used: tuple[int, ...],
+                 row_slot: torch.Tensor) -> torch.Tensor:
+        if self.bank is not None:
+            self.bank.set_rows(row_slot if len(used) > 1 else None, used)
         mask = (self.key_index[None, :] <= positions)[:, None, None, :]
         view = KVCache(self.cache.k[:, :rows], self.cache.v[:, :rows])
         return self.model(tokens, positions, cache=view, decode_mask=mask)[:, -1]
 
-    def _capture(self, rows: int) -> None:
+    def _capture(self, rows: int, used: tuple[int, ...]) -> None:
         device = self.cache.k.device
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         positions = torch.full((rows, 1), self.cache.capacity - 1, dtype=torch.long, device=device)
+        row_slot = torch.full((rows,), used[0], dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: allocator, autotuned kernels, lazily built tables
             for _ in range(2):
-                self._forward(tokens, positions, rows)
+                self._forward(tokens, positions, rows, used, row_slot)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(tokens, positions, rows)
-        self.graphs[rows] = (graph, tokens, positions, logits)
+            logits = self._forward(tokens, positions, rows, used, row_slot)
+        self.graphs[rows, used] = (graph, tokens, positions, row_slot, logits)
 
-    def logits(self, last_token: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
-        """Logits ``[hi, vocab]`` for the rows' next positions, or None when capture is unavailable."""
+    def logits(self, last_token: torch.Tensor, lengths: torch.Tensor, used: tuple[int, ...] = (0,),
+               row_slot: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits ``[hi, vocab]`` for the rows' next positions, or None when capture is unavailable.
+        ``used``: the adapter slots the rows read; ``row_slot`` [hi]: each row's, when more than one."""
         if self.failed:
             return None
         if self.rope[0] is not self.model.rope_cos or self.rope[1] is not self.model.rope_sin:
@@ -64,14 +76,17 @@ class GraphedDecode:
             self.rope = (self.model.rope_cos, self.model.rope_sin)
         hi = last_token.shape[0]
         rows = self.bucket(hi)
-        if rows not in self.graphs:
+        used = tuple(used) or (0,)
+        if (rows, used) not in self.graphs:
             try:
-                self._capture(rows)
+                self._capture(rows, used)
             except Exception as err:  # a model op that cannot be captured: decode eagerly from now on
                 self.failed = True
                 log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(err).__name__, err)
                 return None
-        graph, tokens, positions, logits = self.graphs[rows]
+        graph, tokens, positions, slots, logits = self.graphs[rows, used]
+        if len(used) > 1:
+            slots[:hi].copy_(row_slot)
         tokens[:hi, 0].copy_(last_token)
         positions[:hi, 0].copy_(lengths)
         positions[hi:].fill_(self.cache.capacity - 1)  # padding rows write only the spare position

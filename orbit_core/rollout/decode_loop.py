@@ -49,7 +49,7 @@ class DecodeLoop:
                  bank: SlotBank | None = None, audit: bool = False, streaming: bool = False, cuda_graph: bool = True):
         """``streaming``: requests keep arriving, so size the cache for ``max_running`` rows up front
         (otherwise for the requests waiting when it is allocated). ``cuda_graph``: replay the decode
-        forward as CUDA graphs (on a CUDA device, for an engine without adapter slots)."""
+        forward as CUDA graphs (on a CUDA device; with adapter slots too)."""
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
         self.max_running = max_running
         self.streaming = streaming
@@ -66,7 +66,7 @@ class DecodeLoop:
         self.moe = moe_layers(model)
         """MoE layers: their experts per token are recorded on every completion (``Completion.routing``)."""
         # routing reads its choices back to the host, which a captured graph cannot
-        self.use_graphs = cuda_graph and self.device.type == "cuda" and bank is None and not self.moe
+        self.use_graphs = cuda_graph and self.device.type == "cuda" and not self.moe
         self.graphed: GraphedDecode | None = None
         self.busy_rows: dict[int, Request] = {}
         self.params: SamplingParams | None = None
@@ -223,17 +223,18 @@ class DecodeLoop:
         hi = min(round_up(max(self.busy_rows) + 1, ROW_BUCKET), self.cache.k.shape[1])
         lengths = self.lengths[:hi]
         logits = None
+        used = tuple(s for s, n in enumerate(self.slot_refs) if n > 0) if self.bank is not None else (0,)
+        row_slot = self.row_adapter[:hi] if len(used) > 1 else None
         if self.use_graphs:
             if self.graphed is None:
-                self.graphed = GraphedDecode(self.model, self.cache)
-            logits = self.graphed.logits(self.last_token[:hi], lengths)
+                self.graphed = GraphedDecode(self.model, self.cache, self.bank)
+            logits = self.graphed.logits(self.last_token[:hi], lengths, used, row_slot)
         if logits is None:
             kv_len = min(round_up(self.max_len + 1, KV_BUCKET), self.cache.capacity)
             mask = (self.key_index[None, :kv_len] <= lengths[:, None])[:, None, None, :]
             view = KVCache(self.cache.k[:, :hi], self.cache.v[:, :hi])
             if self.bank is not None:
-                used = tuple(s for s, n in enumerate(self.slot_refs) if n > 0)
-                self.bank.set_rows(self.row_adapter[:hi] if len(used) > 1 else None, used)
+                self.bank.set_rows(row_slot, used)
             with self._trace() as traces:
                 logits = self.model(self.last_token[:hi, None], lengths[:, None], cache=view, decode_mask=mask)[:, -1]
             if traces is not None:  # the fed token sits at position `lengths`

@@ -50,6 +50,8 @@ class EngineSpec:
     reward_workers: int = -1
     moe_chunk: int = 16
     """``moe.dequant_chunk_experts``."""
+    cuda_graph: bool = True
+    """``rollout.cuda_graph``."""
 
 
 class _Push:
@@ -65,7 +67,8 @@ class EngineServer:
         self.spec, self.model, self.send = spec, model, send
         self.bank = attach_slots(model, spec.num_slots)
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(spec.seed)
-        self.loop = DecodeLoop(model, tokenizer, generator, spec.max_running, self.bank, spec.audit, streaming=True)
+        self.loop = DecodeLoop(model, tokenizer, generator, spec.max_running, self.bank, spec.audit, streaming=True,
+                               cuda_graph=spec.cuda_graph)
         self.inbox: deque = deque()
         self.wakeup = threading.Condition()
         self.push: _Push | None = None

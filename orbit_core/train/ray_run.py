@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 from typing import Any
 
 from orbit_core.config.schema import RecipeConfig

@@ -41,7 +41,8 @@ def start_remote_rollouts(config: RecipeConfig, policy: PolicyModel, spec: Round
         peft=config.peft, num_slots=2 if r.adapter_double_buffer else 1, max_running=r.max_running,
         seed=t.seed + 7919 * start_step, threads=threads, adapter=encode(engine_adapter_state(policy.model)),
         version=start_step, reward=config.rl.reward, reward_timeout_s=config.rl.reward_timeout_s,
-        reward_workers=config.rl.reward_workers, moe_chunk=config.moe.dequant_chunk_experts)
+        reward_workers=config.rl.reward_workers, moe_chunk=config.moe.dequant_chunk_experts,
+        cuda_graph=config.rollout.cuda_graph)
     engine = EngineProcess(engine_spec, timeout_s=r.engine_timeout_s)
     log(f"rollout engine: pid {engine.info['pid']} on {engine.info['device']} ({engine.info['threads']} threads), "
         f"{t.mode}, {'two adapter slots' if r.adapter_double_buffer else 'one adapter slot'}")
