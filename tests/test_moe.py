@@ -313,7 +313,7 @@ def test_chunk_smaller_than_top_k_is_refused(int4_moe, tmp_path):
         set_dequant_chunk(load_base(int4_moe), 1)
 
 
-def test_training_on_a_packed_moe_logs_the_experts_it_dequantized(tmp_path, int4_moe, tiny_checkpoint):
+def test_training_on_a_packed_moe_logs_the_experts_it_dequantized(tmp_path, int4_moe, tiny_checkpoint, monkeypatch):
     import shutil
     from pathlib import Path
 
@@ -326,8 +326,13 @@ def test_training_on_a_packed_moe_logs_the_experts_it_dequantized(tmp_path, int4
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (Path(tiny_checkpoint) / name).is_file():
             shutil.copy(Path(tiny_checkpoint) / name, base / name)
-    recipe = small_recipe(tmp_path, str(base), train={"steps": 2}, eval={"enabled": False}, moe={"dequant_chunk_experts": 4})
+    recipe = small_recipe(tmp_path, str(base), train={"steps": 2}, eval={"enabled": False},
+                          moe={"dequant_chunk_experts": 4, "grouped_gemm": "loop"})
+    from orbit_core.models import moe_experts
+
+    monkeypatch.setitem(moe_experts.GROUPED_MM, "impl", "auto")
     result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+    assert moe_experts.GROUPED_MM["impl"] == "loop"  # moe.grouped_gemm reached the process's MoE layers
     rows = [row for row in result.metrics if "time/step_s" in row]
     # rollout, scoring and the update each dequantize only routed experts: never more than all of them, per pass
     assert all(0 < row["moe/experts_dequantized"] for row in rows)

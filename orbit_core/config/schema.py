@@ -200,6 +200,10 @@ class MoESection:
     """Packed MoE experts: the active experts (those some token routes to) are dequantized this many
     at a time into one reused buffer, in forward and again in backward; must be at least top-k.
     0 runs each active expert's own modules instead."""
+    grouped_gemm: Literal["auto", "triton", "cutlass", "loop"] = "auto"
+    """The GPU's grouped GEMM over a chunk's experts: ``triton`` (Orbit's kernels, with the SwiGLU
+    fused), ``cutlass`` (torch's ``_grouped_mm``, bf16 on sm90+), ``loop`` (one matmul per expert),
+    or ``auto``: cutlass where it runs (faster on an H100), else triton. The CPU always loops."""
 
 
 @dataclass(frozen=True)

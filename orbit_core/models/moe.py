@@ -96,9 +96,14 @@ def moe_layers(model: nn.Module) -> list[SparseMoE]:
     return [m for m in model.modules() if isinstance(m, SparseMoE)]
 
 
-def set_dequant_chunk(model: nn.Module, chunk: int) -> None:
-    """``moe.dequant_chunk_experts`` on every MoE layer; a chunk smaller than top-k is refused."""
+def set_dequant_chunk(model: nn.Module, chunk: int, grouped_gemm: str | None = None) -> None:
+    """``moe.dequant_chunk_experts`` on every MoE layer (a chunk smaller than top-k is refused), and
+    ``moe.grouped_gemm`` for this process when given."""
     from orbit_core.errors import OrbitError
+    from orbit_core.models.moe_experts import GROUPED_MM
+
+    if grouped_gemm is not None and moe_layers(model):
+        GROUPED_MM["impl"] = grouped_gemm
 
     for layer in moe_layers(model):
         if chunk < 0 or 0 < chunk < layer.top_k:

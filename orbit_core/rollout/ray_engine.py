@@ -49,7 +49,8 @@ class _Counters:
 
 class BuiltinEngineActor:
     def __init__(self, model: ModelSection, peft: PeftSection, max_running: int, seed: int, threads: int,
-                 adapter: dict[str, torch.Tensor], version: int, cuda_graph: bool = True, moe_chunk: int = 16):
+                 adapter: dict[str, torch.Tensor], version: int, cuda_graph: bool = True, moe_chunk: int = 16,
+                 moe_grouped_gemm: str = "auto"):
         from orbit_core.models.moe import set_dequant_chunk
         from orbit_core.policy.build import build_policy
         from orbit_core.rollout.engine import BuiltinEngine
@@ -58,7 +59,7 @@ class BuiltinEngineActor:
         torch.set_num_threads(max(1, threads))
         policy = build_policy(model, peft, log=lambda message: None)
         self.model = policy.model.eval()  # its trainable tensors are the adapter's, which loads replace
-        set_dequant_chunk(self.model, moe_chunk)
+        set_dequant_chunk(self.model, moe_chunk, moe_grouped_gemm)
         self.engine = BuiltinEngine(self.model, policy.tokenizer, max_running=max_running, seed=seed, cuda_graph=cuda_graph)
         self.device = str(policy.device)
         self.counters = _Counters()

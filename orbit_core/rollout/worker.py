@@ -50,6 +50,8 @@ class EngineSpec:
     reward_workers: int = -1
     moe_chunk: int = 16
     """``moe.dequant_chunk_experts``."""
+    moe_grouped_gemm: str = "auto"
+    """``moe.grouped_gemm``."""
     cuda_graph: bool = True
     """``rollout.cuda_graph``."""
 
@@ -236,7 +238,7 @@ def serve(spec: EngineSpec, commands, events) -> None:
         policy = build_policy(ModelSection(path=spec.model_path, dtype=spec.dtype, device=spec.device, warmstart_steps=0),
                               spec.peft, log=lambda message: None)
         model = policy.model.eval().requires_grad_(False)
-        set_dequant_chunk(model, spec.moe_chunk)
+        set_dequant_chunk(model, spec.moe_chunk, spec.moe_grouped_gemm)
         server = EngineServer(spec, model, policy.tokenizer, outbox.put)
 
         def receive() -> None:

@@ -102,7 +102,7 @@ class TrainingRun:
     def _build_policy_and_trainer(self) -> None:
         c, rl = self.config, self.config.rl
         self.policy = build_policy(c.model, c.peft, self.cb.on_message, value_head=rl.value_head, fake_qat=c.quant.fake_qat)
-        set_dequant_chunk(self.policy.model, c.moe.dequant_chunk_experts)
+        set_dequant_chunk(self.policy.model, c.moe.dequant_chunk_experts, c.moe.grouped_gemm)
         self.tokenizer = self.policy.tokenizer
         self.chat = use_chat_template(self.tokenizer, c.data.apply_chat_template)
         self.prompts = encode_records(self.tokenizer, self.records, self.chat, c.data, "train data")

@@ -138,7 +138,7 @@ def start_ray_rollouts(config, policy, spec: RoundSpec, start_step: int, log) ->
         seed = t.seed + 7919 * start_step + 104729 * index + 15485863 * restart  # engines and replacements differ
         return ray.remote(BuiltinEngineActor).options(**options).remote(
             model, config.peft, r.max_running, seed, max(1, int(resources["CPU"])), adapter_ref, version, r.cuda_graph,
-            config.moe.dequant_chunk_experts)
+            config.moe.dequant_chunk_experts, config.moe.grouped_gemm)
 
     pool = RayEnginePool(factory, count, engine_adapter_state(policy.model), start_step, rc.max_engine_restarts,
                          r.engine_timeout_s, rc.start_timeout_s, log)

@@ -42,7 +42,7 @@ def start_remote_rollouts(config: RecipeConfig, policy: PolicyModel, spec: Round
         seed=t.seed + 7919 * start_step, threads=threads, adapter=encode(engine_adapter_state(policy.model)),
         version=start_step, reward=config.rl.reward, reward_timeout_s=config.rl.reward_timeout_s,
         reward_workers=config.rl.reward_workers, moe_chunk=config.moe.dequant_chunk_experts,
-        cuda_graph=config.rollout.cuda_graph)
+        moe_grouped_gemm=config.moe.grouped_gemm, cuda_graph=config.rollout.cuda_graph)
     engine = EngineProcess(engine_spec, timeout_s=r.engine_timeout_s)
     log(f"rollout engine: pid {engine.info['pid']} on {engine.info['device']} ({engine.info['threads']} threads), "
         f"{t.mode}, {'two adapter slots' if r.adapter_double_buffer else 'one adapter slot'}")
