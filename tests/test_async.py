@@ -261,10 +261,12 @@ def test_colocated_engine_frees_its_cache_for_training(tiny_checkpoint):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["lora", "oft"])
-def test_graphed_slot_decode_equals_eager_slot_decode_on_the_gpu(tiny_checkpoint, method):
+@pytest.mark.parametrize("method, device", [("lora", "cuda:0"), ("oft", "cuda:0"), ("lora", "cuda:1")])
+def test_graphed_slot_decode_equals_eager_slot_decode_on_the_gpu(tiny_checkpoint, method, device):
     """The engine process's decode (two adapter slots, rows of mixed slots) replayed as CUDA graphs
-    against the same decode run eagerly."""
+    against the same decode run eagerly; also on a GPU that is not the current device."""
+    if torch.device(device).index >= torch.cuda.device_count():
+        pytest.skip(f"needs {device}")
     from orbit_core.models import load_tokenizer
     from orbit_core.rollout.decode_loop import DecodeLoop, Request
 
@@ -275,11 +277,11 @@ def test_graphed_slot_decode_equals_eager_slot_decode_on_the_gpu(tiny_checkpoint
     for graphs in (True, False):
         engine = _policy(tiny_checkpoint, PEFTS[method])
         states = [_randomize(engine, seed, scale=0.05) for seed in (1, 2)]
-        engine.to("cuda")
+        engine.to(device)
         bank = attach_slots(engine, 2)
         for slot, state in enumerate(states):
             write_slot(engine, bank, slot, prepare(engine, state), version=10 + slot)
-        loop = DecodeLoop(engine, tok, torch.Generator("cuda").manual_seed(0), 16, bank, streaming=True,
+        loop = DecodeLoop(engine, tok, torch.Generator(device).manual_seed(0), 16, bank, streaming=True,
                           cuda_graph=graphs)
         loop.refresh_versions()
         loop.submit([Request(i, 0, p) for i, p in enumerate(prompts[:3])], params)

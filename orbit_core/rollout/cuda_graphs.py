@@ -50,6 +50,12 @@ class GraphedDecode:
         return self.model(tokens, positions, cache=view, decode_mask=mask)[:, -1]
 
     def _capture(self, rows: int, used: tuple[int, ...]) -> None:
+        # torch.cuda.graph captures on a stream of the *current* device; a model on another GPU
+        # would launch its kernels outside the capture
+        with torch.cuda.device(self.cache.k.device):
+            self._capture_here(rows, used)
+
+    def _capture_here(self, rows: int, used: tuple[int, ...]) -> None:
         device = self.cache.k.device
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         positions = torch.full((rows, 1), self.cache.capacity - 1, dtype=torch.long, device=device)

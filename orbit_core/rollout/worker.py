@@ -235,6 +235,8 @@ def serve(spec: EngineSpec, commands, events) -> None:
             torch.set_num_threads(spec.threads)
         from orbit_core.policy.build import build_policy
 
+        if torch.device(spec.device).type == "cuda" and torch.device(spec.device).index is not None:
+            torch.cuda.set_device(torch.device(spec.device))  # ops without an explicit device follow it
         policy = build_policy(ModelSection(path=spec.model_path, dtype=spec.dtype, device=spec.device, warmstart_steps=0),
                               spec.peft, log=lambda message: None)
         model = policy.model.eval().requires_grad_(False)
