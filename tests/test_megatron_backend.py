@@ -30,15 +30,15 @@ def packed_checkpoints(tiny_checkpoint, tmp_path_factory):
     return {fmt: str(quantize_checkpoint(tiny_checkpoint, str(root / fmt), fmt, group_size=32)) for fmt in ("int4", "fp8", "nvfp4")}
 
 
-def _pair(tmp_path, checkpoint, method):
-    config = load_recipe(str(small_recipe(tmp_path, checkpoint)), [f"peft.method={method}", "peft.oft_block_size=16",
-                                                                   "peft.dropout=0.0", "rl.kl_coef=0.0",
-                                                                   "rl.use_kl_loss=false"])
+def _pair(tmp_path, checkpoint, method, overrides=None, megatron=True):
+    overrides = overrides or [f"peft.method={method}", "peft.oft_block_size=16", "peft.dropout=0.0", "rl.kl_coef=0.0",
+                              "rl.use_kl_loss=false"]
+    config = load_recipe(str(small_recipe(tmp_path, checkpoint)), overrides)
     torch.manual_seed(0)
     reference = build_policy(config.model, config.peft, log=lambda m: None)
     torch.manual_seed(0)
     policy = build_policy(config.model, config.peft, log=lambda m: None)
-    return config, TorchTrainer(reference.model, config), MegatronTrainer(policy, config), reference
+    return config, TorchTrainer(reference.model, config), MegatronTrainer(policy, config) if megatron else None, reference
 
 
 @pytest.mark.parametrize("method,base", [("lora", "fp32"), ("oft", "fp32"), ("lora", "int4"), ("oft", "int4"),
@@ -153,3 +153,84 @@ def test_two_tensor_parallel_ranks_give_orbits_logits(tmp_path, method):
     with torch.no_grad():
         expected = reference(ids)
     assert (torch.load(tmp_path / "logits.pt") - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["lora", "oft"])
+def test_two_tensor_parallel_ranks_train_like_the_torch_trainer(tmp_path, tiny_checkpoint, method):
+    """``train.tensor_parallel=2`` on two CPU ranks (gloo): the same logprobs, loss, gradient norm and
+    updated adapter as Orbit's torch trainer on the whole model."""
+    import subprocess
+    import sys
+
+    overrides = [f"peft.method={method}", "peft.oft_block_size=16", "peft.dropout=0.0", "rl.kl_coef=0.0",
+                 "rl.use_kl_loss=false", "train.grad_clip=0.05"]  # a clip that bites, so the TP norm matters
+    recipe = small_recipe(tmp_path, tiny_checkpoint)
+    config, torch_side, _, reference = _pair(tmp_path, tiny_checkpoint, method, overrides, megatron=False)
+    torch.manual_seed(1)
+    state = {name: torch.randn_like(t) * 0.2 for name, t in torch_side.adapter_state().items()}
+    torch_side.load_adapter(state, "test")
+    engine = BuiltinEngine(reference.model, reference.tokenizer, seed=0)
+    completions = engine.generate([[5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_new_tokens=6, n=4))
+    batch = build_batch(completions, torch.randn(8), reference.tokenizer.pad_token_id or 0)
+    score = torch_side.score(batch)[0]
+    reference_logprobs = torch_side.reference_logprobs(batch)
+    old, advantages = score.clone(), torch.randn(len(batch))[:, None].expand_as(score).contiguous() * batch.response_mask
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    torch.save({"overrides": overrides + ["train.backend=megatron", "train.tensor_parallel=2"], "adapter": state,
+                "batch": batch, "old_logprobs": old, "advantages": advantages, "ids": ids}, tmp_path / "inputs.pt")
+    batch.old_logprobs, batch.advantages = old, advantages
+    stats = torch_side.update(batch)
+    with torch.no_grad():  # the worker asks for these after its update
+        logits = torch_side.model(ids)
+    rank0 = subprocess.run([sys.executable, "-m", "tests.megatron_tp_train_worker", str(recipe), str(tmp_path / "inputs.pt"),
+                            str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=600)
+    assert rank0.returncode == 0, rank0.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert (got["score"] - score).abs().max() < 1e-5
+    assert (got["reference"] - reference_logprobs).abs().max() < 1e-5
+    # after the update, so Adam's small-gradient sensitivity (below) shows here too
+    assert (got["logits"] - logits).abs().max() < 1e-3 and got["implementation"] == "megatron-core GPTModel, TP=2"
+    assert abs(got["stats"]["loss"] - stats["loss"]) < 1e-5
+    assert abs(got["stats"]["grad_norm"] - stats["grad_norm"]) < 1e-4 * max(1.0, stats["grad_norm"])
+    assert stats["grad_norm"] > 0.05  # the clip applied on both sides
+    after = torch_side.adapter_state()
+    assert sorted(got["adapter"]) == sorted(after)
+    moved = max((after[k] - state[k]).abs().max() for k in after)
+    # every tensor, gathered from its two shards, took the same AdamW step. Adam divides by |g|, so where
+    # a gradient is ~0 a summation-order difference moves the step a little; a missing or double
+    # all-reduce would be off by a whole step
+    for name, tensor in after.items():
+        assert (got["adapter"][name] - tensor).abs().max() < 2e-2 * moved, name
+    assert got["engine"] and all(torch.equal(got["engine"][k], got["adapter"][k]) for k in got["engine"])
+    assert got["state_ranks"] == 2
+
+
+def test_tensor_parallel_bad_input(tmp_path, tiny_checkpoint):
+    recipe = str(small_recipe(tmp_path, tiny_checkpoint))
+    with pytest.raises(OrbitError, match="needs train.backend=megatron"):
+        load_recipe(recipe, ["train.tensor_parallel=2"])
+    with pytest.raises(OrbitError, match="peft.dropout=0"):
+        load_recipe(recipe, ["train.backend=megatron", "train.tensor_parallel=2", "peft.dropout=0.1"])
+    config = load_recipe(recipe, ["train.backend=megatron", "train.tensor_parallel=4", "peft.dropout=0.0"])
+    policy = build_policy(config.model, config.peft, log=lambda m: None)
+    with pytest.raises(OrbitError, match=r"tensor_parallel=4 does not divide the model's vocab_size \(18\)"):
+        MegatronTrainer(policy, config)
+
+
+def test_tensor_parallel_run_saves_whole_adapters_and_resumes(tmp_path, tiny_checkpoint):
+    """``orbit train`` at TP=2 (rank 1 started by the run): the runtime preflight runs every rank, the
+    checkpoint holds the whole HF-named adapter, and a resume restores both ranks' optimizer state."""
+    from orbit_core.peft.base import adapter_state_dict
+
+    recipe = small_recipe(tmp_path, tiny_checkpoint, train={"backend": "megatron", "tensor_parallel": 2, "steps": 2},
+                          peft={"dropout": 0.0}, preflight={"runtime": True}, eval={"enabled": False})
+    out = run("train", "--recipe", str(recipe))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "megatron-core GPTModel, TP=2" in out.stdout
+    adapter, _ = load_adapter(list_checkpoints(tmp_path / "run")[-1][1])
+    config = load_recipe(str(recipe))
+    whole = adapter_state_dict(build_policy(config.model, config.peft, log=lambda m: None).model)
+    assert {n: t.shape for n, t in adapter.items()} == {n: t.shape for n, t in whole.items()}
+    out = run("train", "--recipe", str(recipe), "train.steps=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")][-1] == 3

@@ -255,6 +255,14 @@ def validate(config: RecipeConfig) -> None:
             f"rollout.adapter_double_buffer=true needs an async, non-colocated run (got train.mode={t.mode}, "
             f"rollout.placement={r.placement})",
             "set train.mode=async rollout.placement=non-colocated, or adapter_double_buffer=false")
+    if t.tensor_parallel < 1:
+        raise OrbitError(f"train.tensor_parallel must be >= 1, got {t.tensor_parallel}", "use e.g. train.tensor_parallel=2")
+    if t.tensor_parallel > 1 and t.backend != "megatron":
+        raise OrbitError(f"train.tensor_parallel={t.tensor_parallel} needs train.backend=megatron",
+                         "add train.backend=megatron, or use train.tensor_parallel=1")
+    if t.tensor_parallel > 1 and (config.peft.dropout > 0 or t.orchestrator != "local"):
+        raise OrbitError("train.tensor_parallel > 1 runs with peft.dropout=0 and train.orchestrator=local",
+                         "set peft.dropout=0 train.orchestrator=local, or use train.tensor_parallel=1")
     if t.backend == "megatron" and (t.activation_checkpointing != "none" or config.quant.fake_qat):
         raise OrbitError("train.backend=megatron does not build activation checkpointing or fake QAT yet",
                          "use train.activation_checkpointing=none quant.fake_qat=false, or train.backend=torch")

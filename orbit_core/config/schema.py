@@ -138,7 +138,10 @@ class PeftSection:
 class TrainSection:
     backend: Literal["torch", "megatron"] = "torch"
     """``torch``: Orbit's own model. ``megatron``: the base in a megatron-core GPTModel loaded through
-    dist_checkpointing (the ``megatron`` extra; TP=1, dense bf16/fp32 bases for now)."""
+    dist_checkpointing (the ``megatron`` extra; dense bf16/fp32 bases, or packed ones at TP=1)."""
+    tensor_parallel: int = 1
+    """``backend=megatron``: tensor-parallel ranks for the trainer. This process is rank 0; it starts
+    the others on this node (``cuda:0..N-1``, or CPU processes) and sends each its share of every step."""
     orchestrator: Literal["local", "ray"] = "local"
     """``local``: everything in this process (and its engine process). ``ray``: the trainer and
     ``rollout.num_engines`` engines run as Ray actors in one placement group (see the ``ray`` section)."""

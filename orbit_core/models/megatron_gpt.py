@@ -53,9 +53,9 @@ def cpu_shims():
 
 
 def ensure_model_parallel(device: torch.device, training: bool = True) -> None:
-    """A one-rank process group (gloo on CPU, nccl on CUDA) and TP = PP = 1, unless already set up.
-    A caller that set up TP > 1 itself can build and run the model (``training=False``); the
-    trainer refuses it (the adapter's gradient all-reduce and vocab-parallel logprobs are not built)."""
+    """A one-rank process group (gloo on CPU, nccl on CUDA) and TP = PP = 1, unless already set up
+    (``train.tensor_parallel > 1`` sets up its ranks first, ``orbit_core.train.megatron_tp``).
+    ``training`` is kept for callers that only run the model."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -65,9 +65,6 @@ def ensure_model_parallel(device: torch.device, training: bool = True) -> None:
                                 world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
-    if training and parallel_state.get_tensor_model_parallel_world_size() != 1:
-        raise OrbitError("train.backend=megatron trains at tensor-parallel size 1 for now",
-                         "launch one rank, or use train.backend=torch")
 
 
 def transformer_config(c: DecoderConfig, dtype: torch.dtype):
@@ -218,11 +215,26 @@ class _Head(nn.Module):
     def __init__(self, gpt):
         super().__init__()
         self._gpt = [gpt]  # not a submodule: the weight belongs to the GPTModel
+        self._whole: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:
+        """The whole ``[vocab, hidden]`` head. Under TP each rank holds a vocab shard; the head is
+        frozen, so the shards are gathered once, and every rank then computes the same logprobs from
+        the replicated final hidden state, with no collective in the loss."""
         gpt = self._gpt[0]
-        return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+        local = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        size = parallel_state.get_tensor_model_parallel_world_size()
+        if size == 1:
+            return local
+        if self._whole is None or self._whole.device != local.device:
+            shards = [torch.empty_like(local) for _ in range(size)]  # list form: gloo has no all_gather_into_tensor
+            dist.all_gather(shards, local.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            self._whole = torch.cat(shards)[: gpt.vocab_size].contiguous()
+        return self._whole
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.weight.t().to(hidden.dtype)

@@ -22,9 +22,9 @@ from orbit_core.train.sampling_round import StepRollouts
 
 class TrainerBackend(Protocol):
     has_value_head: bool
-    model: torch.nn.Module
-    """Called as ``model(ids)`` -> logits by the runtime preflight (the trainer's side of parity); its
-    ``implementation`` names it in the report."""
+    parity_model: torch.nn.Module
+    """Called as ``parity_model(ids)`` -> logits by the runtime preflight (the trainer's side of
+    parity); its ``implementation`` names it in the report."""
 
     def score(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """No-grad logprobs ``[batch, seq-1]`` of the current policy (and values with a value head)."""
@@ -55,6 +55,10 @@ class TrainerBackend(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:
+        """Release what the trainer started (tensor-parallel ranks)."""
+        ...
 
 
 class RolloutSource(Protocol):

@@ -71,7 +71,7 @@ class TrainingRun:
         self.cb = callbacks or Callbacks()
         self.out = Path(config.train.output_dir)
         self.result = RunResult(output_dir=str(self.out), steps_done=0)
-        self.rewards = self.rollouts = self.logger = None
+        self.rewards = self.rollouts = self.logger = self.trainer = None
         self.threads = torch.get_num_threads()
         self.saved_step = 0
 
@@ -191,7 +191,7 @@ class TrainingRun:
         if not pf.runtime or pf.skip_runtime:
             return {}
         prompts = [self.prompts.ids[rec.line] for rec in self.records[: pf.num_prompts]]
-        report = runtime_parity(self.rollouts.parity_engine, self.trainer.model, self.tokenizer, prompts,
+        report = runtime_parity(self.rollouts.parity_engine, self.trainer.parity_model, self.tokenizer, prompts,
                                 pf.max_new_tokens, pf.topk, pf.max_logprob_abs_diff, pf.min_topk_agreement,
                                 self.config.rollout.temperature or 1.0)
         names = f"{report.engine} vs {report.trainer}"
@@ -312,7 +312,7 @@ class TrainingRun:
         tmp.replace(self.out / EVAL_REPORT)
 
     def close(self) -> None:
-        for part in (self.rollouts, self.rewards, self.logger):
+        for part in (self.rollouts, self.rewards, self.logger, self.trainer):
             if part is not None:
                 part.close()
         torch.set_num_threads(self.threads)

@@ -57,6 +57,7 @@ class TorchTrainer:
         self.optimizer = adamw(self.params, config)
         self.updates_done = 0
         self.has_value_head = hasattr(model, "value_head")
+        self.parity_model = model
         model.activation_checkpointing = config.train.activation_checkpointing
         self.is_moe = bool(moe_layers(model))
         self._routing_counts: tuple[int, int] | None = None
@@ -188,7 +189,7 @@ class TorchTrainer:
             (parts["loss"] * weight).backward()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) * weight
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf")))
+        grad_norm = self._clip_grads(t.grad_clip if t.grad_clip > 0 else float("inf"))
         if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return {**sums, "grad_norm": grad_norm, "lr": lr, "update_skipped": 1.0}
@@ -196,6 +197,13 @@ class TorchTrainer:
         project_oft_(self.model)
         self.updates_done += 1
         return {**sums, "grad_norm": grad_norm, "lr": lr, "update_skipped": 0.0}
+
+    def close(self) -> None:
+        """Nothing to release: the model lives in this process."""
+
+    def _clip_grads(self, max_norm: float) -> float:
+        """Clip the adapter's gradients to ``max_norm`` in total; returns their norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
 
     # -- state ----------------------------------------------------------------------------
     def adapter_state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,253 @@
+"""Tensor-parallel adapter training on the megatron backend, on one node.
+
+Rank 0 is the ``orbit train`` process. It starts ranks 1..N-1 (``cuda:r``, or CPU processes), and
+each holds its shard of the frozen base and of the adapter (``shard_adapter``). Every trainer call
+that runs the model (``score``, ``update``...) is first sent, with its batch, to the other ranks
+over a gloo group. Then all ranks run it together, and megatron's TP collectives meet inside the
+forward and backward.
+
+Gradients, by how a tensor meets the sharded activations:
+
+* **sharded**: column-parallel B, row-parallel A, and row-parallel OFT blocks. Each rank's
+  gradient for its shard is already whole.
+* **partial**: column-parallel A and OFT rotation, and row-parallel B. The tensor is whole on
+  every rank but sees only that rank's share of the activations, so the gradient is summed over
+  the ranks before the step.
+* **whole**: the value head, which reads the replicated final hidden state.
+
+The clip norm adds every rank's sharded squares, and each whole tensor's once. So every rank scales
+alike, and the whole tensors stay equal across ranks without being broadcast.
+
+Every wait on another rank is bounded by the process group's timeout (``TIMEOUT_S``). A rank that
+dies is named at the next call.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from orbit_core.config.schema import RecipeConfig
+from orbit_core.errors import OrbitError
+from orbit_core.models.megatron_gpt import ROW_PARALLEL, hf_names, load_megatron_policy, shard_adapter
+from orbit_core.peft.base import adapter_state_dict, load_adapter_state_dict
+from orbit_core.peft.value_head import attach_value_head
+from orbit_core.policy.build import apply_adapter
+from orbit_core.rollout.ray_engine import NO_MULTICAST
+from orbit_core.train.torch_backend import TorchTrainer
+
+TIMEOUT_S = 1800
+"""Longest wait on another rank: ranks 1..N-1 idle while rank 0 generates a step's rollouts."""
+GATHERED = ("adapter", "state")
+
+
+def tp_role(name: str) -> str:
+    """``sharded``, ``partial`` or ``whole``: how a trainable tensor's gradient relates to the ranks'."""
+    module, leaf = name.rsplit(".", 1)
+    row = module.rsplit(".", 1)[-1] in ROW_PARALLEL
+    if leaf == "lora_A":
+        return "sharded" if row else "partial"
+    if leaf == "lora_B":
+        return "partial" if row else "sharded"
+    if leaf == "oft_skew":
+        return "sharded" if row else "partial"
+    return "whole"
+
+
+def unshard_adapter(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The ranks' HF-named shares (``shard_adapter``'s outputs, in rank order) -> the whole adapter."""
+    out = {}
+    for name, first in shards[0].items():
+        module, leaf = name.rsplit(".", 1)
+        row = module.rsplit(".", 1)[-1] in ROW_PARALLEL
+        parts = [shard[name] for shard in shards]
+        if leaf == "lora_B" and not row:
+            out[name] = torch.cat(parts, dim=0)
+        elif leaf == "lora_A" and row:
+            out[name] = torch.cat(parts, dim=1)
+        elif leaf == "oft_skew" and row and len(shards) > 1:
+            out[name] = torch.cat(parts, dim=0)
+        else:
+            out[name] = first
+    return out
+
+
+class ShardTrainer(TorchTrainer):
+    """One rank's trainer: its shard of the base and adapter, and TorchTrainer's losses and optimizer."""
+
+    def __init__(self, config: RecipeConfig, base_path: str, megatron_dir: str | None, device: torch.device,
+                 rank: int, size: int, teacher=None):
+        model = load_megatron_policy(base_path, config.model.dtype, device, megatron_dir=megatron_dir)
+        apply_adapter(model, config.peft)
+        if config.rl.value_head:
+            attach_value_head(model, model.config.hidden_size)
+        model.to(device)
+        self.rank, self.size = rank, size
+        modules = hf_names(model)
+        self.to_hf = {f"{m}.{leaf}": f"{h}.{leaf}" for m, h in modules.items() for leaf in ("lora_A", "lora_B", "oft_skew")}
+        self.from_hf = {h: m for m, h in self.to_hf.items()}
+        super().__init__(model, config, teacher)
+        self.roles = {name: tp_role(name) for name, p in model.named_parameters() if p.requires_grad}
+
+    def _rename(self, state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+        return {names.get(name, name): tensor for name, tensor in state.items()}
+
+    def shard_state(self) -> dict[str, torch.Tensor]:
+        """This rank's share of the adapter, HF-named, on the CPU."""
+        return {n: t.detach().cpu() for n, t in self._rename(adapter_state_dict(self.model), self.to_hf).items()}
+
+    def load_whole_adapter(self, adapter: dict[str, torch.Tensor], source: str) -> None:
+        share = shard_adapter(adapter, self.rank, self.size) if self.size > 1 else adapter
+        load_adapter_state_dict(self.model, self._rename(share, self.from_hf), source)
+
+    def _clip_grads(self, max_norm: float) -> float:
+        if self.size == 1:
+            return super()._clip_grads(max_norm)
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None]
+        partial = [p.grad for n, p in named if self.roles[n] == "partial"]
+        if partial:  # one all-reduce for all of them
+            flat = torch.cat([g.reshape(-1) for g in partial])
+            dist.all_reduce(flat, group=group)
+            for grad, part in zip(partial, flat.split([g.numel() for g in partial])):
+                grad.copy_(part.view_as(grad))
+        sharded = sum((p.grad.float().pow(2).sum() for n, p in named if self.roles[n] == "sharded"),
+                      torch.zeros((), device=self.device))
+        dist.all_reduce(sharded, group=group)
+        whole = sum((p.grad.float().pow(2).sum() for n, p in named if self.roles[n] != "sharded"),
+                    torch.zeros((), device=self.device))
+        norm = float((sharded + whole).sqrt())
+        scale = min(max_norm / (norm + 1e-6), 1.0)
+        if scale < 1.0:
+            for _, p in named:
+                p.grad.mul_(scale)
+        return norm
+
+    def run(self, command: str, payload: Any) -> Any:
+        """A call rank 0 sent; the result matters only for the gathered ones."""
+        if command == "score":
+            self.score(payload)
+        elif command == "reference":
+            self.reference_logprobs(payload)
+        elif command == "update":
+            self.update(payload)
+        elif command == "logits":
+            with torch.no_grad():
+                self.model(payload.to(self.device))
+        elif command == "load_adapter":
+            self.load_whole_adapter(payload, "rank 0's adapter")
+        elif command == "load_state":
+            TorchTrainer.load_state_dict(self, payload["ranks"][self.rank])
+        elif command == "adapter":
+            return self.shard_state()
+        elif command == "state":
+            return self.optimizer_state()
+        else:
+            raise ValueError(f"unknown tensor-parallel command {command!r}")
+        return None
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return TorchTrainer.state_dict(self)
+
+
+def _device(rank: int, device: torch.device) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def init_rank(rank: int, size: int, init: str, device: torch.device):
+    """This rank's process groups: the default one (NCCL on GPUs) for megatron, gloo for calls."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    os.environ.update(NO_MULTICAST)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank, world_size=size,
+                            timeout=timeout)
+    parallel_state.initialize_model_parallel(size, 1)
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def follow(rank: int, size: int, init: str, config: RecipeConfig, base_path: str, megatron_dir: str,
+           device: str) -> None:
+    """Entry point of ranks 1..N-1: run what rank 0 sends until it says stop."""
+    import torch.distributed as dist
+
+    where = _device(rank, torch.device(device))
+    control = init_rank(rank, size, init, where)
+    torch.manual_seed(config.train.seed)
+    shard = ShardTrainer(config, base_path, megatron_dir, where, rank, size)
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0, group=control)
+        command, payload = message[0]
+        if command == "stop":
+            break
+        result = shard.run(command, payload)
+        if command in GATHERED:
+            dist.gather_object(result, None, dst=0, group=control)
+    dist.destroy_process_group()
+
+
+class RankGroup:
+    """Rank 0's handle on ranks 1..N-1."""
+
+    def __init__(self, size: int, config: RecipeConfig, base_path: str, megatron_dir: str, device: torch.device):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise OrbitError("train.tensor_parallel > 1 needs a process without a torch.distributed group",
+                             "run `orbit train` in a fresh process")
+        if device.type == "cuda" and torch.cuda.device_count() < size:
+            raise OrbitError(f"train.tensor_parallel={size} needs {size} GPUs, {torch.cuda.device_count()} visible",
+                             f"use train.tensor_parallel={torch.cuda.device_count()}")
+        self.size = size
+        self.init = f"file://{tempfile.mktemp(prefix='orbit-tp-pg-')}"
+        ctx = mp.get_context("spawn")
+        self.ranks = [ctx.Process(target=follow, args=(r, size, self.init, config, base_path, megatron_dir, str(device)),
+                                  daemon=True, name=f"orbit-tp-rank{r}") for r in range(1, size)]
+        for process in self.ranks:
+            process.start()
+        self.control = init_rank(0, size, self.init, _device(0, device))
+
+    def _check(self) -> None:
+        for process in self.ranks:
+            if not process.is_alive():
+                raise OrbitError(f"tensor-parallel {process.name} exited (code {process.exitcode})",
+                                 "see its error above; the run stops here")
+
+    def send(self, command: str, payload: Any = None) -> None:
+        import torch.distributed as dist
+
+        self._check()
+        dist.broadcast_object_list([(command, payload)], src=0, group=self.control)
+
+    def gather(self, command: str, mine: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        self.send(command)
+        out = [None] * self.size
+        dist.gather_object(mine, out, dst=0, group=self.control)
+        return out
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if any(p.is_alive() for p in self.ranks):
+            dist.broadcast_object_list([("stop", None)], src=0, group=self.control)
+        for process in self.ranks:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.terminate()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        path = self.init.removeprefix("file://")
+        if os.path.exists(path):
+            os.remove(path)

@@ -1,0 +1,41 @@
+"""Rank 0 of the TP=2 training check in ``test_megatron_backend.py``: a fresh process, because
+rank 0 creates the process group (and starts rank 1 itself)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def main(recipe: str, inputs: str, out: str) -> None:
+    from orbit_core.config import load_recipe
+    from orbit_core.policy.build import build_policy
+    from orbit_core.train.megatron_backend import MegatronTrainer
+
+    given = torch.load(inputs, weights_only=False)
+    config = load_recipe(recipe, given["overrides"])
+    torch.manual_seed(0)
+    policy = build_policy(config.model, config.peft, log=lambda m: None)
+    trainer = MegatronTrainer(policy, config)
+    try:
+        trainer.load_adapter(given["adapter"], "test")
+        batch = given["batch"]
+        score = trainer.score(batch)[0]
+        reference = trainer.reference_logprobs(batch)
+        batch.old_logprobs, batch.advantages = given["old_logprobs"], given["advantages"]
+        stats = trainer.update(batch)
+        adapter = trainer.adapter_state()
+        engine_copy = {k: v.clone() for k, v in trainer.engine_model.state_dict().items() if k in adapter}
+        with torch.no_grad():
+            logits = trainer.parity_model(given["ids"])
+        state = trainer.state_dict()
+        torch.save({"score": score, "reference": reference, "stats": stats, "adapter": adapter, "engine": engine_copy,
+                    "logits": logits, "state_ranks": len(state["ranks"]),
+                    "implementation": trainer.parity_model.implementation}, out)
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
