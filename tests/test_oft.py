@@ -72,3 +72,33 @@ def test_block_size_must_divide_the_layer(tiny_checkpoint):
     with pytest.raises(OrbitError, match=r"peft.oft_block_size=24 does not divide model.layers.0.self_attn.q_proj \(in_features=64"):
         apply_oft(model, block_size=24, coft=False, eps=1e-4, block_share=False, target_modules=["all-linear"])
     assert not any(isinstance(m, OFTLinear) for m in model.modules())  # nothing half-wrapped
+
+
+def test_rotation_is_solved_once_per_adapter_version_without_autograd(tiny_checkpoint, monkeypatch):
+    """An engine decoding step after step solves each rotation once; an optimizer step (an in-place
+    change of the skew) makes it solve again, and the result equals the autograd path's fresh solve."""
+    from orbit_core.peft import oft
+
+    model = load_model(tiny_checkpoint)
+    apply_oft(model, block_size=16, coft=False, eps=1e-4, block_share=False, target_modules=["all-linear"])
+    _train(model, steps=2)
+    model.eval()
+    layers = len(list(adapter_modules(model)))
+    solves = []
+    real = oft.cayley_blocks
+    monkeypatch.setattr(oft, "cayley_blocks", lambda *a: solves.append(1) or real(*a))
+    ids = torch.randint(0, 17, (2, 9))
+    with torch.no_grad():
+        first = model(ids)
+        again = model(ids)
+    assert len(solves) == layers and torch.equal(first, again)
+    _train(model, steps=1)  # the optimizer changes every skew in place
+    model.eval()
+    before = len(solves)
+    with torch.no_grad():
+        cached = model(ids)
+        model(ids)
+    assert len(solves) == before + layers
+    fresh = model(ids).detach()  # autograd on: solved on every call, never cached
+    torch.testing.assert_close(cached, fresh, atol=0, rtol=0)
+    assert (cached - first).abs().max() > 1e-4

@@ -42,8 +42,20 @@ class OFTLinear(AdapterLayer):
         return 0.5 * (self.oft_skew - self.oft_skew.transpose(1, 2))
 
     def rotation(self) -> torch.Tensor:
-        """Orthogonal blocks ``[num_blocks, b, b]`` (one block expanded when shared)."""
-        return cayley_blocks(self.oft_skew, self.num_blocks)
+        """Orthogonal blocks ``[num_blocks, b, b]`` (one block expanded when shared).
+
+        Without autograd (an engine decoding, scoring) the solve runs once per adapter version: the
+        result is kept until the skew changes in place (an optimizer step, a loaded adapter), which
+        bumps its version counter. Not inside a CUDA graph capture, whose replays would keep reading
+        a tensor this cache may later replace."""
+        if torch.is_grad_enabled() or (self.oft_skew.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return cayley_blocks(self.oft_skew, self.num_blocks)
+        key = (self.oft_skew._version, self.oft_skew.data_ptr())
+        cached = self.__dict__.get("_rotation_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, cayley_blocks(self.oft_skew, self.num_blocks))
+            self.__dict__["_rotation_cache"] = cached
+        return cached[1]
 
     def rotate(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         shaped = x.to(blocks.dtype).reshape(*x.shape[:-1], self.num_blocks, self.block_size)
