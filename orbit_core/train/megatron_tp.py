@@ -155,7 +155,22 @@ class ShardTrainer(TorchTrainer):
         return None
 
     def optimizer_state(self) -> dict[str, Any]:
-        return TorchTrainer.state_dict(self)
+        """This rank's optimizer state; on the CPU when it travels to rank 0 (a pickled CUDA tensor
+        would come back on this rank's GPU)."""
+        state = TorchTrainer.state_dict(self)
+        if self.size == 1:
+            return state
+
+        def to_cpu(value):
+            if isinstance(value, torch.Tensor):
+                return value.cpu()
+            if isinstance(value, dict):
+                return {k: to_cpu(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(to_cpu(v) for v in value)
+            return value
+
+        return to_cpu(state)
 
 
 def _device(rank: int, device: torch.device) -> torch.device:
