@@ -1,0 +1,119 @@
+"""Megatron trainer step time by tensor-parallel size, one JSON line per size.
+
+Each size runs in its own process (rank 0 creates the process group and starts the other ranks),
+on the same random checkpoint and the same synthetic batch: ``--samples`` sequences of
+``--prompt-len`` + ``--new`` tokens with random advantages, LoRA r16 on every linear. A step is
+``score`` (the old-logprob recompute) plus one ``update``. TP=1 is the baseline, in the same run.
+    python -m bench.megatron_tp_step --shape tiny --tp 1 2
+    python -m bench.megatron_tp_step --shape qwen3-1.7b --tp 1 2 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+
+def _batch(vocab: int, samples: int, prompt_len: int, new: int):
+    from orbit_core.rollout.types import Completion
+    from orbit_core.train.batch import build_batch
+
+    gen = torch.Generator().manual_seed(0)
+    completions = [Completion(i, 0, torch.randint(3, vocab, (prompt_len,), generator=gen).tolist(),
+                              torch.randint(3, vocab, (new,), generator=gen).tolist(), [-1.0] * new, "", "length")
+                   for i in range(samples)]
+    batch = build_batch(completions, torch.randn(samples, generator=gen), 0)
+    batch.advantages = torch.randn(samples, generator=gen)[:, None].expand_as(batch.response_mask).contiguous()
+    batch.advantages = batch.advantages * batch.response_mask
+    return batch
+
+
+def worker(args) -> None:
+    from orbit_core.config.loader import build_config
+    from orbit_core.policy.build import build_policy
+    from orbit_core.train.megatron_backend import MegatronTrainer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    raw = {"model": {"path": args.path, "dtype": args.dtype, "device": device, "warmstart_steps": 0},
+           "rollout": {"batch_size": args.samples, "n_samples_per_prompt": 1, "max_new_tokens": args.new},
+           "peft": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
+           "train": {"backend": "megatron", "tensor_parallel": args.tp, "global_batch_size": args.samples,
+                     "micro_batch_size": args.micro, "output_dir": args.out_dir, "wandb": "false"},
+           "eval": {"enabled": False}}
+    config = build_config(raw)
+    torch.manual_seed(0)  # the same adapter init at every size, so loss and gradient norm can be compared
+    policy = build_policy(config.model, config.peft, log=lambda m: None)
+    trainer = MegatronTrainer(policy, config)
+    batch = _batch(policy.model.config.vocab_size, args.samples, args.prompt_len, args.new)
+    try:
+        times = []
+        for step in range(args.warmup + args.steps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            batch.old_logprobs = trainer.score(batch)[0]
+            stats = trainer.update(batch)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        print(json.dumps({"step_s": mean(times), "loss": stats["loss"], "grad_norm": stats["grad_norm"],
+                          "rank0_peak_gib": peak}), flush=True)
+    finally:
+        trainer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b", "qwen3-1.7b"])
+    parser.add_argument("--tp", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--micro", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--path", default="")
+    parser.add_argument("--out-dir", default="")
+    args = parser.parse_args()
+    if args.worker:
+        args.tp = args.tp[0]
+        return worker(args)
+    from bench.ray_engines import model_path
+
+    path = model_path(args.shape)
+    root = Path(tempfile.mkdtemp(prefix="orbit-tp-bench-"))
+    baseline = None
+    for tp in args.tp:
+        command = [sys.executable, "-m", "bench.megatron_tp_step", "--worker", "--tp", str(tp), "--path", path,
+                   "--out-dir", str(root / f"tp{tp}"), "--dtype", args.dtype, "--samples", str(args.samples),
+                   "--micro", str(args.micro), "--prompt-len", str(args.prompt_len), "--new", str(args.new),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise SystemExit(f"TP={tp} failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        baseline = baseline or result["step_s"]
+        print(json.dumps({"bench": "megatron_tp_step", "shape": args.shape, "dtype": args.dtype, "tensor_parallel": tp,
+                          "samples": args.samples, "tokens_per_sample": args.prompt_len + args.new,
+                          "micro_batch": args.micro, **{k: round(v, 4) if isinstance(v, float) else v
+                                                        for k, v in result.items()},
+                          "baseline": "tensor_parallel=1, same run", "baseline_step_s": round(baseline, 4),
+                          "speedup_vs_baseline": round(baseline / result["step_s"], 3),
+                          "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+                          "torch": torch.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
