@@ -18,6 +18,17 @@ def main(recipe: str, inputs: str, out: str) -> None:
     torch.manual_seed(0)
     policy = build_policy(config.model, config.peft, log=lambda m: None)
     trainer = MegatronTrainer(policy, config)
+    if given.get("fail_mid_call"):  # rank 0 fails while rank 1 is inside the call's collectives
+        import time
+
+        processes, start = trainer.ranks.ranks, time.monotonic()
+        try:
+            with trainer._together("score", given["batch"]):
+                raise RuntimeError("rank 0 fails mid-call")
+        except RuntimeError:
+            trainer.close()
+        torch.save({"close_s": time.monotonic() - start, "alive": [p.is_alive() for p in processes]}, out)
+        return
     try:
         trainer.load_adapter(given["adapter"], "test")
         batch = given["batch"]

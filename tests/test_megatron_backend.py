@@ -234,3 +234,23 @@ def test_tensor_parallel_run_saves_whole_adapters_and_resumes(tmp_path, tiny_che
     out = run("train", "--recipe", str(recipe), "train.steps=3")
     assert out.returncode == 0, out.stderr[-3000:]
     assert [step for step, _ in list_checkpoints(tmp_path / "run")][-1] == 3
+
+
+def test_a_call_failing_on_rank_0_stops_the_other_ranks_at_once(tmp_path, tiny_checkpoint):
+    """Rank 1 waits inside a collective for rank 0, which failed: closing kills it rather than
+    leaving it (and rank 0's goodbye) to wait out the process-group timeout."""
+    import subprocess
+    import sys
+
+    recipe = small_recipe(tmp_path, tiny_checkpoint)
+    config = load_recipe(str(recipe), ["peft.dropout=0.0"])
+    policy = build_policy(config.model, config.peft, log=lambda m: None)
+    engine = BuiltinEngine(policy.model, policy.tokenizer, seed=0)
+    batch = build_batch(engine.generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=6, n=2)), torch.randn(2), 0)
+    torch.save({"overrides": ["peft.dropout=0.0", "train.backend=megatron", "train.tensor_parallel=2"], "batch": batch,
+                "fail_mid_call": True}, tmp_path / "inputs.pt")
+    rank0 = subprocess.run([sys.executable, "-m", "tests.megatron_tp_train_worker", str(recipe), str(tmp_path / "inputs.pt"),
+                            str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
+    assert rank0.returncode == 0, rank0.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["alive"] == [False] and got["close_s"] < 30

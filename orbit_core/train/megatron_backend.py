@@ -13,6 +13,7 @@ optimizer state are gathered from the ranks whenever they leave the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -51,8 +52,8 @@ class _AllRanks(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         trainer = self._trainer[0]
-        trainer.ranks.send("logits", input_ids.cpu())
-        return trainer.model(input_ids)
+        with trainer._together("logits", input_ids.cpu()):
+            return trainer.model(input_ids)
 
 
 class MegatronTrainer(ShardTrainer):
@@ -78,21 +79,29 @@ class MegatronTrainer(ShardTrainer):
             self.close()
             raise
 
-    def _all(self, command: str, payload: Any = None) -> None:
-        if self.ranks is not None:
-            self.ranks.send(command, payload)
+    @contextlib.contextmanager
+    def _together(self, command: str, payload: Any = None):
+        """The other ranks run ``command`` while this one runs the body. An exception out of the body
+        leaves them inside a collective, so ``close`` then stops them instead of waiting."""
+        if self.ranks is None:
+            yield
+            return
+        self.ranks.send(command, payload)
+        self.ranks.in_call = True
+        yield
+        self.ranks.in_call = False
 
     def score(self, batch):
-        self._all("score", batch)
-        return super().score(batch)
+        with self._together("score", batch):
+            return super().score(batch)
 
     def reference_logprobs(self, batch):
-        self._all("reference", batch)
-        return super().reference_logprobs(batch)
+        with self._together("reference", batch):
+            return super().reference_logprobs(batch)
 
     def update(self, batch) -> dict[str, float]:
-        self._all("update", batch)
-        stats = super().update(batch)
+        with self._together("update", batch):
+            stats = super().update(batch)
         if not stats["update_skipped"]:
             load_adapter_state_dict(self.engine_model, self.adapter_state(), "the trainer's adapter")
         return stats
@@ -106,8 +115,8 @@ class MegatronTrainer(ShardTrainer):
         return {n: t for n, t in self.adapter_state().items() if n.rsplit(".", 1)[-1] in ADAPTER_TENSORS}
 
     def load_adapter(self, adapter: dict[str, torch.Tensor], source: str) -> None:
-        self._all("load_adapter", adapter)
-        self.load_whole_adapter(adapter, source)
+        with self._together("load_adapter", adapter):
+            self.load_whole_adapter(adapter, source)
         load_adapter_state_dict(self.engine_model, adapter, source)
 
     def state_dict(self) -> dict[str, Any]:
@@ -122,8 +131,8 @@ class MegatronTrainer(ShardTrainer):
         if len(state.get("ranks", [])) != self.size:
             raise OrbitError(f"the checkpoint's optimizer state is not from {self.size} tensor-parallel ranks",
                              "resume with the train.tensor_parallel it was written with")
-        self._all("load_state", state)
-        super().load_state_dict(state["ranks"][0])
+        with self._together("load_state", state):
+            super().load_state_dict(state["ranks"][0])
 
     def close(self) -> None:
         if self.ranks is not None:

@@ -224,6 +224,8 @@ class RankGroup:
             raise OrbitError(f"train.tensor_parallel={size} needs {size} GPUs, {torch.cuda.device_count()} visible",
                              f"use train.tensor_parallel={torch.cuda.device_count()}")
         self.size = size
+        self.in_call = False
+        """True while the ranks are inside a call rank 0 has not finished (an exception escaped it)."""
         self.init = f"file://{tempfile.mktemp(prefix='orbit-tp-pg-')}"
         ctx = mp.get_context("spawn")
         self.ranks = [ctx.Process(target=follow, args=(r, size, self.init, config, base_path, megatron_dir, str(device)),
@@ -248,20 +250,26 @@ class RankGroup:
         import torch.distributed as dist
 
         self.send(command)
+        self.in_call = True
         out = [None] * self.size
         dist.gather_object(mine, out, dst=0, group=self.control)
+        self.in_call = False
         return out
 
     def close(self) -> None:
+        """Stop the other ranks: asked to, when they wait for the next call; killed, when a call
+        failed on this rank while they were inside it (they would wait out the timeout)."""
         import torch.distributed as dist
 
-        if any(p.is_alive() for p in self.ranks):
+        clean = not self.in_call and all(p.is_alive() for p in self.ranks)
+        if clean:
             dist.broadcast_object_list([("stop", None)], src=0, group=self.control)
         for process in self.ranks:
-            process.join(timeout=60)
+            process.join(timeout=60 if clean else 0)
             if process.is_alive():
-                process.terminate()
-        if dist.is_initialized():
+                process.kill()
+                process.join(timeout=10)
+        if dist.is_initialized() and clean:
             dist.destroy_process_group()
         path = self.init.removeprefix("file://")
         if os.path.exists(path):
