@@ -37,6 +37,7 @@ class OFTLinear(AdapterLayer):
         stored = 1 if block_share else self.num_blocks
         # Unconstrained square parameters; their skew part is Q. fp32 so small updates survive.
         self.oft_skew = nn.Parameter(torch.zeros(stored, block_size, block_size, device=base_device(base), dtype=torch.float32))
+        self._rotation_cache: tuple | None = None  # ((skew version, address), blocks), see rotation()
 
     def skew(self) -> torch.Tensor:
         return 0.5 * (self.oft_skew - self.oft_skew.transpose(1, 2))
@@ -51,11 +52,9 @@ class OFTLinear(AdapterLayer):
         if torch.is_grad_enabled() or (self.oft_skew.is_cuda and torch.cuda.is_current_stream_capturing()):
             return cayley_blocks(self.oft_skew, self.num_blocks)
         key = (self.oft_skew._version, self.oft_skew.data_ptr())
-        cached = self.__dict__.get("_rotation_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, cayley_blocks(self.oft_skew, self.num_blocks))
-            self.__dict__["_rotation_cache"] = cached
-        return cached[1]
+        if self._rotation_cache is None or self._rotation_cache[0] != key:
+            self._rotation_cache = (key, cayley_blocks(self.oft_skew, self.num_blocks))
+        return self._rotation_cache[1]
 
     def rotate(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         shaped = x.to(blocks.dtype).reshape(*x.shape[:-1], self.num_blocks, self.block_size)
