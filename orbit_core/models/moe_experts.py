@@ -10,6 +10,8 @@ buffer, ``chunk x 3 x intermediate x hidden`` values, whatever the number of exp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -59,12 +61,15 @@ CUTLASS kernel was 1.3-2x faster than ours (bench/results/moe_grouped_gemm_h100.
 serves fp16 and the GPUs torch's does not. The CPU runs the loop."""
 
 
+@functools.lru_cache(maxsize=None)
+def _cutlass_runs(device: torch.device) -> bool:
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def _impl(x: torch.Tensor) -> str:
     impl = GROUPED_MM["impl"]
-    if impl == "auto":
-        cutlass = (x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-                   and torch.cuda.get_device_capability(x.device) >= (9, 0))
-        return "cutlass" if cutlass else "triton"
+    if impl == "auto":  # asked per chunk of every MoE layer, so the device check is cached
+        return "cutlass" if x.dtype == torch.bfloat16 and _cutlass_runs(x.device) else "triton"
     return impl
 
 
