@@ -29,6 +29,10 @@ def train_recipe(recipe: str, tmp_path, cache, *overrides: str) -> tuple[float, 
     return before, after, wall_s
 
 
+def metric_rows(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_tiny_arith_lora_raises_accuracy_by_15_points(tmp_path, shared_cache):
     before, after, wall_s = train_recipe("tiny-arith-lora", tmp_path, shared_cache)
@@ -47,7 +51,7 @@ def test_tiny_arith_lora_raises_accuracy_by_15_points(tmp_path, shared_cache):
 def test_async_recipe_raises_accuracy_with_bounded_staleness(tmp_path, shared_cache):
     before, after, _ = train_recipe("tiny-arith-lora-async", tmp_path, shared_cache)
     assert after - before >= 0.15
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path)
     steps = [r for r in rows if "time/step_s" in r]
     assert len(steps) == 60
     assert all(r["staleness/max"] <= 1 for r in steps) and any(r["staleness/max"] == 1 for r in steps)
@@ -59,7 +63,7 @@ def test_async_recipe_on_ray_with_two_engine_actors_learns(tmp_path, shared_cach
     before, after, _ = train_recipe("tiny-arith-lora-async", tmp_path, shared_cache, "train.orchestrator=ray",
                                     "rollout.num_engines=2")
     assert after - before >= 0.15
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path)
     steps = [r for r in rows if "time/step_s" in r]
     assert len(steps) == 60 and all(r["staleness/max"] <= 1 for r in steps)
     assert all(r["engine0/tokens_per_s"] > 0 and r["engine1/tokens_per_s"] > 0 for r in steps)
@@ -70,7 +74,7 @@ def test_default_recipe_on_the_megatron_backend_learns(tmp_path, shared_cache):
     before, after, _ = train_recipe("tiny-arith-lora", tmp_path, shared_cache, "train.backend=megatron",
                                     "preflight.runtime=true")
     assert after - before >= 0.15
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path)
     assert rows[0]["preflight/implementations"] == "Orbit builtin engine (in process) vs megatron-core GPTModel"
     assert rows[0]["preflight/max_logprob_abs_diff"] < 1e-3
 
