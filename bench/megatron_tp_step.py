@@ -3,7 +3,8 @@
 Each size runs in its own process (rank 0 creates the process group and starts the other ranks),
 on the same random checkpoint and the same synthetic batch: ``--samples`` sequences of
 ``--prompt-len`` + ``--new`` tokens with random advantages, LoRA r16 on every linear. A step is
-``score`` (the old-logprob recompute) plus one ``update``. TP=1 is the baseline, in the same run.
+``score`` (the old-logprob recompute) plus one ``update``. TP=1 is the baseline, in the same run;
+the first step's logprobs (untrained adapter) of every size are compared with the first size's.
     python -m bench.megatron_tp_step --shape tiny --tp 1 2
     python -m bench.megatron_tp_step --shape qwen3-1.7b --tp 1 2 --dtype bfloat16
 """
@@ -60,6 +61,10 @@ def worker(args) -> None:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             batch.old_logprobs = trainer.score(batch)[0]
+            if step == 0:  # the untrained adapter's logprobs, compared across sizes by the parent
+                Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+                torch.save({"logprobs": batch.old_logprobs.float().cpu(), "mask": batch.response_mask.cpu() > 0},
+                           Path(args.out_dir) / "score_logprobs.pt")
             stats = trainer.update(batch)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -94,7 +99,7 @@ def main() -> None:
 
     path = model_path(args.shape)
     root = Path(tempfile.mkdtemp(prefix="orbit-tp-bench-"))
-    baseline = None
+    baseline = reference = None
     for tp in args.tp:
         command = [sys.executable, "-m", "bench.megatron_tp_step", "--worker", "--tp", str(tp), "--path", path,
                    "--out-dir", str(root / f"tp{tp}"), "--dtype", args.dtype, "--samples", str(args.samples),
@@ -105,9 +110,14 @@ def main() -> None:
             raise SystemExit(f"TP={tp} failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         baseline = baseline or result["step_s"]
+        scored = torch.load(root / f"tp{tp}" / "score_logprobs.pt")
+        reference = reference if reference is not None else scored["logprobs"]
+        diff = (scored["logprobs"] - reference).abs()[scored["mask"]]
+        result["max_abs_logprob_diff_vs_first"] = float(diff.max()) if diff.numel() else 0.0
+        result["mean_abs_logprob_diff_vs_first"] = float(diff.mean()) if diff.numel() else 0.0
         print(json.dumps({"bench": "megatron_tp_step", "shape": args.shape, "dtype": args.dtype, "tensor_parallel": tp,
                           "samples": args.samples, "tokens_per_sample": args.prompt_len + args.new,
-                          "micro_batch": args.micro, **{k: round(v, 4) if isinstance(v, float) else v
+                          "micro_batch": args.micro, **{k: float(f"{v:.4g}") if isinstance(v, float) else v
                                                         for k, v in result.items()},
                           "baseline": "tensor_parallel=1, same run", "baseline_step_s": round(baseline, 4),
                           "speedup_vs_baseline": round(baseline / result["step_s"], 3),
