@@ -65,6 +65,15 @@ def ensure_model_parallel(device: torch.device, training: bool = True) -> None:
                                 world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import random as mp_random
+
+        # attention forks megatron's model-parallel CUDA RNG in training even at dropout 0, and the
+        # fork fails unless the tracker holds that state (TP ranks reach here after their own setup)
+        if "model-parallel-rng" not in mp_random.get_cuda_rng_tracker().get_states():
+            state = torch.cuda.get_rng_state()  # it reseeds torch's CUDA generator, which is not its to set
+            mp_random.model_parallel_cuda_manual_seed(1234)
+            torch.cuda.set_rng_state(state)
 
 
 def transformer_config(c: DecoderConfig, dtype: torch.dtype):
