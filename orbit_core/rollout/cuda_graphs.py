@@ -96,5 +96,8 @@ class GraphedDecode:
         tokens[:hi, 0].copy_(last_token)
         positions[:hi, 0].copy_(lengths)
         positions[hi:].fill_(self.cache.capacity - 1)  # padding rows write only the spare position
-        graph.replay()
+        # replay launches on the current device's stream: from another device it would not be
+        # ordered after the copies above, and could read the previous step's tokens
+        with torch.cuda.device(self.cache.k.device):
+            graph.replay()
         return logits[:hi]
