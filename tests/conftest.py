@@ -31,9 +31,10 @@ def save_hf_model(kind: str, path, **overrides):
     return model
 
 
-def make_tiny_checkpoint(path, seed: int = 0) -> str:
-    """A tiny Qwen3 checkpoint with Orbit's char tokenizer: the embedded model's family, untrained."""
-    from transformers import Qwen3Config
+def make_tiny_checkpoint(path, seed: int = 0, moe: bool = False) -> str:
+    """A tiny Qwen3 checkpoint with Orbit's char tokenizer: the embedded model's family, untrained.
+    ``moe``: Qwen3-MoE instead (4 experts, top 2)."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
     from orbit_core.data.arith import ALPHABET
     from orbit_core.models.char_tokenizer import build_char_tokenizer
@@ -42,9 +43,14 @@ def make_tiny_checkpoint(path, seed: int = 0) -> str:
     from orbit_core.models.transformer import DecoderLM
 
     tok = build_char_tokenizer(ALPHABET, str(path))
-    hf = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                     tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).to_dict()
+    shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                 tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if moe:
+        hf = Qwen3MoeConfig(**shape, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                            norm_topk_prob=True).to_dict()
+    else:
+        hf = Qwen3Config(**shape).to_dict()
     torch.manual_seed(seed)
     model = DecoderLM(DecoderConfig.from_hf(hf))
     with torch.no_grad():
@@ -58,6 +64,11 @@ def make_tiny_checkpoint(path, seed: int = 0) -> str:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-moe"), moe=True)
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,11 @@ def main(recipe: str, inputs: str, out: str) -> None:
         with torch.no_grad():
             logits = trainer.parity_model(given["ids"])
         state = trainer.state_dict()
-        torch.save({"score": score, "reference": reference, "stats": stats, "adapter": adapter, "engine": engine_copy,
+        from orbit_core.models.megatron_moe import is_moe_layer, local_experts
+
+        gpt = trainer.model.gpt
+        experts = local_experts(gpt) if is_moe_layer(gpt.decoder.layers[0].mlp) else None
+        torch.save({"experts": experts, "score": score, "reference": reference, "stats": stats, "adapter": adapter, "engine": engine_copy,
                     "logits": logits, "state_ranks": len(state["ranks"]),
                     "implementation": trainer.parity_model.implementation}, out)
     finally:

@@ -263,6 +263,14 @@ def validate(config: RecipeConfig) -> None:
     if t.tensor_parallel > 1 and (config.peft.dropout > 0 or t.orchestrator != "local"):
         raise OrbitError("train.tensor_parallel > 1 runs with peft.dropout=0 and train.orchestrator=local",
                          "set peft.dropout=0 train.orchestrator=local, or use train.tensor_parallel=1")
+    if t.expert_parallel < 1:
+        raise OrbitError(f"train.expert_parallel must be >= 1, got {t.expert_parallel}", "use e.g. train.expert_parallel=2")
+    if t.expert_parallel > 1 and (t.backend != "megatron" or t.tensor_parallel > 1):
+        raise OrbitError(f"train.expert_parallel={t.expert_parallel} needs train.backend=megatron at train.tensor_parallel=1",
+                         "add train.backend=megatron train.tensor_parallel=1, or use train.expert_parallel=1")
+    if t.expert_parallel > 1 and (config.peft.dropout > 0 or t.orchestrator != "local"):
+        raise OrbitError("train.expert_parallel > 1 runs with peft.dropout=0 and train.orchestrator=local",
+                         "set peft.dropout=0 train.orchestrator=local, or use train.expert_parallel=1")
     if t.backend == "megatron" and (t.activation_checkpointing != "none" or config.quant.fake_qat):
         raise OrbitError("train.backend=megatron does not build activation checkpointing or fake QAT yet",
                          "use train.activation_checkpointing=none quant.fake_qat=false, or train.backend=torch")

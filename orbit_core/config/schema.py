@@ -142,6 +142,10 @@ class TrainSection:
     tensor_parallel: int = 1
     """``backend=megatron``: tensor-parallel ranks for the trainer. This process is rank 0; it starts
     the others on this node (``cuda:0..N-1``, or CPU processes) and sends each its share of every step."""
+    expert_parallel: int = 1
+    """``backend=megatron``, MoE bases: ranks the routed experts are split over (megatron-core's EP, at
+    ``tensor_parallel=1``). Each rank holds ``num_experts / N`` experts; attention and the adapter are
+    whole on every rank, and the ranks see the same batch."""
     orchestrator: Literal["local", "ray"] = "local"
     """``local``: everything in this process (and its engine process). ``ray``: the trainer and
     ``rollout.num_engines`` engines run as Ray actors in one placement group (see the ``ray`` section)."""

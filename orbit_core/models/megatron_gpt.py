@@ -9,8 +9,8 @@ Megatron's fused linears are split into their HF parts so adapters have HF names
 ``linear_qkv`` -> ``q_proj``, ``k_proj``, ``v_proj`` (outputs re-interleaved per query group),
 ``linear_fc1`` -> ``gate_proj``, ``up_proj``; ``linear_proj`` is ``o_proj``, ``linear_fc2``
 ``down_proj``. Under TP each rank holds its shard of the parts (``split_fused_linears``) and of
-the adapter (``shard_adapter``), as the README's design says; the model runs at TP > 1 (tested on
-two CPU ranks), the trainer only at TP = 1.
+the adapter (``shard_adapter``), as the README's design says (``orbit_core.train.megatron_tp`` runs
+the ranks). MoE bases keep megatron-core's router and experts (``megatron_moe.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from orbit_core.errors import OrbitError
 from orbit_core.models.config import DecoderConfig
+from orbit_core.models.megatron_moe import is_moe_layer, load_moe_from_hf, moe_config_fields
 
 
 def require_megatron() -> None:
@@ -79,9 +80,6 @@ def ensure_model_parallel(device: torch.device, training: bool = True) -> None:
 def transformer_config(c: DecoderConfig, dtype: torch.dtype):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if c.moe is not None:
-        raise OrbitError(f"train.backend=megatron does not build MoE models yet ({c.model_type})",
-                         "use train.backend=torch for MoE models")
     if c.rope_scaling and c.rope_scaling.get("rope_type", c.rope_scaling.get("type", "default")) != "default":
         raise OrbitError(f"train.backend=megatron does not build rope scaling {c.rope_scaling}",
                          "use train.backend=torch for this model")
@@ -95,7 +93,7 @@ def transformer_config(c: DecoderConfig, dtype: torch.dtype):
         layernorm_epsilon=c.rms_norm_eps, add_bias_linear=False, add_qkv_bias=c.attention_bias, qk_layernorm=c.qk_norm,
         bias_activation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, apply_rope_fusion=False,
         masked_softmax_fusion=False, params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        use_cpu_initialization=True, perform_initialization=False)
+        use_cpu_initialization=True, perform_initialization=False, **moe_config_fields(c))
 
 
 def build_gpt(c: DecoderConfig, dtype: torch.dtype):
@@ -103,7 +101,9 @@ def build_gpt(c: DecoderConfig, dtype: torch.dtype):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     with cpu_shims():
-        return GPTModel(transformer_config(c, dtype), get_gpt_layer_local_spec(qk_layernorm=c.qk_norm, normalization="RMSNorm"),
+        spec = get_gpt_layer_local_spec(num_experts=c.moe.num_experts if c.moe else None, qk_layernorm=c.qk_norm,
+                                        normalization="RMSNorm")
+        return GPTModel(transformer_config(c, dtype), spec,
                         vocab_size=c.vocab_size, max_sequence_length=c.max_position_embeddings,
                         share_embeddings_and_output_weights=c.tie_word_embeddings, position_embedding_type="rope",
                         rotary_base=int(c.rope_theta))
@@ -193,6 +193,8 @@ def split_fused_linears(gpt, c: DecoderConfig) -> None:
         attn.linear_qkv = FusedParts({"q_proj": _linear(q, biases[0]), "k_proj": _linear(k, biases[1]),
                                       "v_proj": _linear(v, biases[2])}, groups=local.num_kv_heads)
         attn.linear_proj = FusedParts({"o_proj": _linear(attn.linear_proj.weight)}, parallel="row")
+        if is_moe_layer(mlp):  # megatron's router and experts run as they are (frozen, not adapted)
+            continue
         gate, up = mlp.linear_fc1.weight.chunk(2, dim=0)
         mlp.linear_fc1 = FusedParts({"gate_proj": _linear(gate), "up_proj": _linear(up)})
         mlp.linear_fc2 = FusedParts({"down_proj": _linear(mlp.linear_fc2.weight)}, parallel="row")
@@ -279,6 +281,8 @@ def hf_names(model: MegatronLM) -> dict[str, str]:
         for part in ("q_proj", "k_proj", "v_proj"):
             out[f"{m}self_attention.linear_qkv.{part}"] = f"{h}self_attn.{part}"
         out[f"{m}self_attention.linear_proj.o_proj"] = f"{h}self_attn.o_proj"
+        if is_moe_layer(model.gpt.decoder.layers[i].mlp):
+            continue
         for part in ("gate_proj", "up_proj"):
             out[f"{m}mlp.linear_fc1.{part}"] = f"{h}mlp.{part}"
         out[f"{m}mlp.linear_fc2.down_proj"] = f"{h}mlp.down_proj"
@@ -303,7 +307,13 @@ def load_megatron_policy(base_path: str, dtype: str, device: torch.device, train
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     gpt = build_gpt(config, torch_dtype)
-    if hf.get("quantization_config"):
+    if config.moe is not None:
+        if hf.get("quantization_config"):
+            raise OrbitError("train.backend=megatron builds MoE models from bf16/fp32 bases; this one is packed",
+                             "use train.backend=torch for a packed MoE base")
+        load_moe_from_hf(gpt, config, base_path)
+        split_fused_linears(gpt, config)
+    elif hf.get("quantization_config"):
         if tp > 1:
             raise OrbitError("a packed base runs at tensor-parallel size 1 only", "use a bf16 base for TP > 1")
         from orbit_core.policy.load import load_base

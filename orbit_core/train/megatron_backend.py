@@ -26,7 +26,7 @@ from orbit_core.models.transformer import DecoderLM
 from orbit_core.peft.base import adapter_state_dict, load_adapter_state_dict
 from orbit_core.peft.slots import ADAPTER_TENSORS
 from orbit_core.policy.build import PolicyModel
-from orbit_core.train.megatron_tp import RankGroup, ShardTrainer, unshard_adapter
+from orbit_core.train.megatron_tp import RankGroup, ShardTrainer, parallel_sizes, unshard_adapter
 
 
 def megatron_base_dir(base_path: str, config: RecipeConfig) -> str:
@@ -45,7 +45,8 @@ class _AllRanks(nn.Module):
     def __init__(self, trainer: "MegatronTrainer"):
         super().__init__()
         self._trainer = [trainer]  # not a submodule: the parameters stay the trainer's
-        self.implementation = f"megatron-core GPTModel, TP={trainer.size}"
+        ep = trainer.size // trainer.tp
+        self.implementation = f"megatron-core GPTModel, TP={trainer.tp}" + (f", EP={ep}" if ep > 1 else "")
 
     def parameters(self, recurse: bool = True):
         return self._trainer[0].model.parameters(recurse)
@@ -58,10 +59,20 @@ class _AllRanks(nn.Module):
 
 class MegatronTrainer(ShardTrainer):
     def __init__(self, policy: PolicyModel, config: RecipeConfig, teacher: DecoderLM | None = None):
-        size = config.train.tensor_parallel
+        tp, ep = parallel_sizes(config)
+        size = tp * ep
         megatron_dir, self.ranks = None, None
-        if size > 1:
-            c = policy.model.config
+        c = policy.model.config
+        if ep > 1:
+            if c.moe is None or c.moe.num_experts % ep:
+                raise OrbitError(f"train.expert_parallel={ep} needs an MoE base whose experts it divides "
+                                 f"({c.model_type}, {c.moe.num_experts if c.moe else 0} experts)",
+                                 "use train.expert_parallel=1, or a number of ranks that divides the experts")
+            self.ranks = RankGroup(size, config, policy.base_path, None, policy.device)
+        elif size > 1:
+            if c.moe is not None:
+                raise OrbitError("train.tensor_parallel > 1 does not split MoE models (megatron needs sequence "
+                                 "parallelism there)", "use train.expert_parallel instead")
             for what, n in (("vocab_size", c.vocab_size), ("num_attention_heads", c.num_heads),
                             ("num_key_value_heads", c.num_kv_heads), ("intermediate_size", c.intermediate_size)):
                 if n % size:
@@ -107,7 +118,7 @@ class MegatronTrainer(ShardTrainer):
         return stats
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        if self.ranks is None:
+        if self.ranks is None or self.tp == 1:  # expert parallel: every rank holds the whole adapter
             return self._rename(adapter_state_dict(self.model), self.to_hf)
         return unshard_adapter(self.ranks.gather("adapter", self.shard_state()))
 

@@ -18,6 +18,11 @@ Gradients, by how a tensor meets the sharded activations:
 The clip norm adds every rank's sharded squares, and each whole tensor's once. So every rank scales
 alike, and the whole tensors stay equal across ranks without being broadcast.
 
+Expert parallelism (``train.expert_parallel``, MoE bases, TP = 1) uses the same ranks and calls:
+the experts are split, attention and the adapter are whole on every rank, and every rank sees the
+same batch. The adapter's gradients are averaged over the ranks before the step. They agree up to
+summation order, and averaging keeps the ranks' adapters bit-identical over a run.
+
 Every wait on another rank is bounded by the process group's timeout (``TIMEOUT_S``). A rank that
 dies is named at the next call.
 """
@@ -34,7 +39,7 @@ import torch
 
 from orbit_core.config.schema import RecipeConfig
 from orbit_core.errors import OrbitError
-from orbit_core.models.megatron_gpt import ROW_PARALLEL, hf_names, load_megatron_policy, shard_adapter
+from orbit_core.models.megatron_gpt import ROW_PARALLEL, cpu_shims, hf_names, load_megatron_policy, shard_adapter
 from orbit_core.peft.base import adapter_state_dict, load_adapter_state_dict
 from orbit_core.peft.value_head import attach_value_head
 from orbit_core.policy.build import apply_adapter
@@ -88,11 +93,18 @@ class ShardTrainer(TorchTrainer):
             attach_value_head(model, model.config.hidden_size)
         model.to(device)
         self.rank, self.size = rank, size
+        self.tp = parallel_sizes(config)[0]
         modules = hf_names(model)
         self.to_hf = {f"{m}.{leaf}": f"{h}.{leaf}" for m, h in modules.items() for leaf in ("lora_A", "lora_B", "oft_skew")}
         self.from_hf = {h: m for m, h in self.to_hf.items()}
         super().__init__(model, config, teacher)
         self.roles = {name: tp_role(name) for name, p in model.named_parameters() if p.requires_grad}
+
+    def update(self, batch) -> dict[str, float]:
+        # megatron's collectives allocate on torch.cuda.current_device() in backward too (the MoE
+        # dispatcher's gather), outside the forward's shims; on a GPU machine this patches nothing
+        with cpu_shims():
+            return super().update(batch)
 
     def _rename(self, state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
         return {names.get(name, name): tensor for name, tensor in state.items()}
@@ -102,7 +114,7 @@ class ShardTrainer(TorchTrainer):
         return {n: t.detach().cpu() for n, t in self._rename(adapter_state_dict(self.model), self.to_hf).items()}
 
     def load_whole_adapter(self, adapter: dict[str, torch.Tensor], source: str) -> None:
-        share = shard_adapter(adapter, self.rank, self.size) if self.size > 1 else adapter
+        share = shard_adapter(adapter, self.rank, self.size) if self.tp > 1 else adapter
         load_adapter_state_dict(self.model, self._rename(share, self.from_hf), source)
 
     def _clip_grads(self, max_norm: float) -> float:
@@ -110,6 +122,14 @@ class ShardTrainer(TorchTrainer):
             return super()._clip_grads(max_norm)
         import torch.distributed as dist
         from megatron.core import parallel_state
+
+        if self.tp == 1:  # expert parallel: whole adapters, the same batch on every rank
+            grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=parallel_state.get_expert_model_parallel_group())
+            for grad, part in zip(grads, flat.div_(self.size).split([g.numel() for g in grads])):
+                grad.copy_(part.view_as(grad))
+            return super()._clip_grads(max_norm)
 
         group = parallel_state.get_tensor_model_parallel_group()
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None]
@@ -177,7 +197,12 @@ def _device(rank: int, device: torch.device) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def init_rank(rank: int, size: int, init: str, device: torch.device):
+def parallel_sizes(config: RecipeConfig) -> tuple[int, int]:
+    """(tensor-parallel, expert-parallel) sizes; the ranks number their product (one of them is 1)."""
+    return config.train.tensor_parallel, config.train.expert_parallel
+
+
+def init_rank(rank: int, size: int, init: str, device: torch.device, expert_parallel: int = 1):
     """This rank's process groups: the default one (NCCL on GPUs) for megatron, gloo for calls."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -188,7 +213,7 @@ def init_rank(rank: int, size: int, init: str, device: torch.device):
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank, world_size=size,
                             timeout=timeout)
-    parallel_state.initialize_model_parallel(size, 1)
+    parallel_state.initialize_model_parallel(size // expert_parallel, 1, expert_model_parallel_size=expert_parallel)
     return dist.new_group(backend="gloo", timeout=timeout)
 
 
@@ -198,7 +223,7 @@ def follow(rank: int, size: int, init: str, config: RecipeConfig, base_path: str
     import torch.distributed as dist
 
     where = _device(rank, torch.device(device))
-    control = init_rank(rank, size, init, where)
+    control = init_rank(rank, size, init, where, parallel_sizes(config)[1])
     torch.manual_seed(config.train.seed)
     shard = ShardTrainer(config, base_path, megatron_dir, where, rank, size)
     while True:
@@ -218,11 +243,12 @@ class RankGroup:
 
     def __init__(self, size: int, config: RecipeConfig, base_path: str, megatron_dir: str, device: torch.device):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            raise OrbitError("train.tensor_parallel > 1 needs a process without a torch.distributed group",
-                             "run `orbit train` in a fresh process")
+            raise OrbitError("train.tensor_parallel or expert_parallel > 1 needs a process without a torch.distributed "
+                             "group", "run `orbit train` in a fresh process")
         if device.type == "cuda" and torch.cuda.device_count() < size:
-            raise OrbitError(f"train.tensor_parallel={size} needs {size} GPUs, {torch.cuda.device_count()} visible",
-                             f"use train.tensor_parallel={torch.cuda.device_count()}")
+            field = "tensor_parallel" if parallel_sizes(config)[0] > 1 else "expert_parallel"
+            raise OrbitError(f"train.{field}={size} needs {size} GPUs, {torch.cuda.device_count()} visible",
+                             f"use train.{field}={torch.cuda.device_count()}")
         self.size = size
         self.in_call = False
         """True while the ranks are inside a call rank 0 has not finished (an exception escaped it)."""
@@ -232,7 +258,7 @@ class RankGroup:
                                   daemon=True, name=f"orbit-tp-rank{r}") for r in range(1, size)]
         for process in self.ranks:
             process.start()
-        self.control = init_rank(0, size, self.init, _device(0, device))
+        self.control = init_rank(0, size, self.init, _device(0, device), parallel_sizes(config)[1])
 
     def _check(self) -> None:
         for process in self.ranks:
