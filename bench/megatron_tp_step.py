@@ -1,4 +1,4 @@
-"""Megatron trainer step time by tensor-parallel size, one JSON line per size.
+"""Megatron trainer step time by tensor- or expert-parallel size, one JSON line per size.
 
 Each size runs in its own process (rank 0 creates the process group and starts the other ranks),
 on the same random checkpoint and the same synthetic batch: ``--samples`` sequences of
@@ -7,6 +7,10 @@ on the same random checkpoint and the same synthetic batch: ``--samples`` sequen
 the first step's logprobs (untrained adapter) of every size are compared with the first size's.
     python -m bench.megatron_tp_step --shape tiny --tp 1 2
     python -m bench.megatron_tp_step --shape qwen3-1.7b --tp 1 2 --dtype bfloat16
+    python -m bench.megatron_tp_step --shape qwen3-30b-a3b --layers 8 --tp 1 --ep 2 --dtype bfloat16
+
+MoE shapes (``bench/packed_random.py``'s Qwen3-MoE ones) are written as random bf16 checkpoints,
+``--layers`` of them; their LoRA is all-linear, which on an MoE means attention only.
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ def _batch(vocab: int, samples: int, prompt_len: int, new: int):
     return batch
 
 
+def moe_path(shape: str, layers: int, root: Path) -> str:
+    """A random bf16 Qwen3-MoE checkpoint of ``shape`` with ``layers`` layers."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from bench.base_memory import save_char_tokenizer
+    from bench.packed_random import BIG_SHAPES
+
+    dims = {**BIG_SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    with torch.device("cuda"):
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(max_position_embeddings=4096, **dims)).to(torch.bfloat16)
+    path = root / "moe-bf16"
+    model.save_pretrained(str(path))
+    del model
+    torch.cuda.empty_cache()
+    save_char_tokenizer(path)
+    return str(path)
+
+
 def worker(args) -> None:
     from orbit_core.config.loader import build_config
     from orbit_core.policy.build import build_policy
@@ -46,7 +68,8 @@ def worker(args) -> None:
     raw = {"model": {"path": args.path, "dtype": args.dtype, "device": device, "warmstart_steps": 0},
            "rollout": {"batch_size": args.samples, "n_samples_per_prompt": 1, "max_new_tokens": args.new},
            "peft": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
-           "train": {"backend": "megatron", "tensor_parallel": args.tp, "global_batch_size": args.samples,
+           "train": {"backend": "megatron", "tensor_parallel": args.tp, "expert_parallel": args.ep,
+                     "global_batch_size": args.samples,
                      "micro_batch_size": args.micro, "output_dir": args.out_dir, "wandb": "false"},
            "eval": {"enabled": False}}
     config = build_config(raw)
@@ -79,8 +102,10 @@ def worker(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b", "qwen3-1.7b"])
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b", "qwen3-1.7b", "qwen3-30b-a3b"])
+    parser.add_argument("--layers", type=int, default=0, help="MoE shapes: this many layers (0: all)")
     parser.add_argument("--tp", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--ep", nargs="*", type=int, default=[], help="expert-parallel sizes, after the --tp ones")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--micro", type=int, default=16)
@@ -93,33 +118,35 @@ def main() -> None:
     parser.add_argument("--out-dir", default="")
     args = parser.parse_args()
     if args.worker:
-        args.tp = args.tp[0]
+        args.tp, args.ep = args.tp[0], args.ep[0]
         return worker(args)
     from bench.ray_engines import model_path
 
-    path = model_path(args.shape)
     root = Path(tempfile.mkdtemp(prefix="orbit-tp-bench-"))
+    path = moe_path(args.shape, args.layers, root) if args.shape == "qwen3-30b-a3b" else model_path(args.shape)
     baseline = reference = None
-    for tp in args.tp:
-        command = [sys.executable, "-m", "bench.megatron_tp_step", "--worker", "--tp", str(tp), "--path", path,
-                   "--out-dir", str(root / f"tp{tp}"), "--dtype", args.dtype, "--samples", str(args.samples),
+    for tp, ep in [(tp, 1) for tp in args.tp] + [(1, ep) for ep in args.ep]:
+        name = f"tp{tp}ep{ep}"
+        command = [sys.executable, "-m", "bench.megatron_tp_step", "--worker", "--tp", str(tp), "--ep", str(ep), "--path", path,
+                   "--out-dir", str(root / name), "--dtype", args.dtype, "--samples", str(args.samples),
                    "--micro", str(args.micro), "--prompt-len", str(args.prompt_len), "--new", str(args.new),
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
-            raise SystemExit(f"TP={tp} failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"TP={tp} EP={ep} failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         baseline = baseline or result["step_s"]
-        scored = torch.load(root / f"tp{tp}" / "score_logprobs.pt")
+        scored = torch.load(root / name / "score_logprobs.pt")
         reference = reference if reference is not None else scored["logprobs"]
         diff = (scored["logprobs"] - reference).abs()[scored["mask"]]
         result["max_abs_logprob_diff_vs_first"] = float(diff.max()) if diff.numel() else 0.0
         result["mean_abs_logprob_diff_vs_first"] = float(diff.mean()) if diff.numel() else 0.0
-        print(json.dumps({"bench": "megatron_tp_step", "shape": args.shape, "dtype": args.dtype, "tensor_parallel": tp,
+        print(json.dumps({"bench": "megatron_tp_step", "shape": args.shape, "layers": args.layers or None,
+                          "dtype": args.dtype, "tensor_parallel": tp, "expert_parallel": ep,
                           "samples": args.samples, "tokens_per_sample": args.prompt_len + args.new,
                           "micro_batch": args.micro, **{k: float(f"{v:.4g}") if isinstance(v, float) else v
                                                         for k, v in result.items()},
-                          "baseline": "tensor_parallel=1, same run", "baseline_step_s": round(baseline, 4),
+                          "baseline": f"the first size (TP={args.tp[0]}, EP=1), same run", "baseline_step_s": round(baseline, 4),
                           "speedup_vs_baseline": round(baseline / result["step_s"], 3),
                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
                           "torch": torch.__version__}), flush=True)
