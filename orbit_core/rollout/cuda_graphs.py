@@ -67,7 +67,9 @@ class GraphedDecode:
                 self._forward(tokens, positions, rows, used, row_slot)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # torch.cuda.graph's default capture stream is made once per process, on the device current at
+        # the first capture; a later capture for another GPU would launch its kernels outside the graph
+        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(device)):
             logits = self._forward(tokens, positions, rows, used, row_slot)
         self.graphs[rows, used] = (graph, tokens, positions, row_slot, logits)
 
