@@ -226,16 +226,21 @@ def test_tensor_parallel_bad_input(tmp_path, tiny_checkpoint):
         MegatronTrainer(policy, config)
 
 
-def test_tensor_parallel_run_saves_whole_adapters_and_resumes(tmp_path, tiny_checkpoint):
-    """``orbit train`` at TP=2 (rank 1 started by the run): the runtime preflight runs every rank, the
-    checkpoint holds the whole HF-named adapter, and a resume restores both ranks' optimizer state."""
+@pytest.mark.parametrize("checkpoint, parallel, implementation", [
+    ("tiny_checkpoint", {"tensor_parallel": 2}, "megatron-core GPTModel, TP=2"),
+    ("tiny_moe_checkpoint", {"expert_parallel": 2}, "megatron-core GPTModel, TP=1, EP=2"),
+])
+def test_parallel_run_saves_whole_adapters_and_resumes(tmp_path, request, checkpoint, parallel, implementation):
+    """``orbit train`` at TP=2, or EP=2 on an MoE (rank 1 started by the run): the runtime preflight runs
+    every rank, the checkpoint holds the whole HF-named adapter, and a resume restores both ranks'
+    optimizer state."""
     from orbit_core.peft.base import adapter_state_dict
 
-    recipe = small_recipe(tmp_path, tiny_checkpoint, train={"backend": "megatron", "tensor_parallel": 2, "steps": 2},
+    recipe = small_recipe(tmp_path, request.getfixturevalue(checkpoint), train={"backend": "megatron", "steps": 2, **parallel},
                           peft={"dropout": 0.0}, preflight={"runtime": True}, eval={"enabled": False})
     out = run("train", "--recipe", str(recipe))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "megatron-core GPTModel, TP=2" in out.stdout
+    assert implementation in out.stdout
     adapter, _ = load_adapter(list_checkpoints(tmp_path / "run")[-1][1])
     config = load_recipe(str(recipe))
     whole = adapter_state_dict(build_policy(config.model, config.peft, log=lambda m: None).model)
