@@ -93,17 +93,26 @@ def _engine(checkpoint, model, slots: int, max_running: int = 8, audit: bool = T
     return EngineProcess(spec, timeout_s=120)
 
 
-def test_double_buffer_swaps_under_load_never_mix_versions(tiny_checkpoint):
+@pytest.mark.parametrize("transport", ["pipe", "shared"])
+def test_double_buffer_swaps_under_load_never_mix_versions(tiny_checkpoint, transport):
+    """Also the shared-buffer transport with only two buffers for eight syncs, so the trainer rewrites
+    buffers the engine has queued syncs from: every sample must still see exactly its version."""
+    from orbit_core.rollout.shared_adapter import SharedAdapterSender
+
     trainer = _policy(tiny_checkpoint, PEFTS["lora"])
     versions = {0: {k: v.clone() for k, v in engine_adapter_state(trainer).items()}}
     engine = _engine(tiny_checkpoint, trainer, slots=2)
+    sender = SharedAdapterSender(torch.device("cpu"), buffers=2)
     params = SamplingParams(max_new_tokens=40, temperature=1.0, n=2)
     prompts = [[5 + i, 6, 7, 8 + i] for i in range(6)]
     try:
         for v in range(1, 9):
             engine.submit(v, prompts, params)
             versions[v] = _randomize(trainer, seed=v)
-            engine.push(v, encode(versions[v]))
+            if transport == "shared":
+                assert engine.push_shared(v, versions[v], sender) < 2 * len(encode(versions[v]))
+            else:
+                engine.push(v, encode(versions[v]))
         got = {v: engine.collect(v, len(prompts) * params.n) for v in range(1, 9)}
         assert not engine.failed
     finally:
@@ -130,6 +139,8 @@ def test_double_buffer_swaps_under_load_never_mix_versions(tiny_checkpoint):
 
 
 def test_failed_sync_keeps_the_previous_adapter(tiny_checkpoint):
+    from orbit_core.rollout.shared_adapter import SharedAdapterSender
+
     trainer = _policy(tiny_checkpoint, PEFTS["lora"])
     v1 = _randomize(trainer, seed=3)
     engine = _engine(tiny_checkpoint, trainer, slots=1)
@@ -140,10 +151,12 @@ def test_failed_sync_keeps_the_previous_adapter(tiny_checkpoint):
         nan = {k: torch.full_like(v, float("nan")) for k, v in v1.items()}
         engine.push(2, encode(nan))
         engine.push(3, b"not safetensors")
+        engine.push_shared(4, nan, SharedAdapterSender(torch.device("cpu"), buffers=2))
         completions = engine.generate([[5, 6, 7]], params)
-        engine.wait_version(3)
-        assert [v for v, _ in engine.failed] == [2, 3]
+        engine.wait_version(4)
+        assert [v for v, _ in engine.failed] == [2, 3, 4]
         assert "NaN" in engine.failed[0][1] and "not valid safetensors" in engine.failed[1][1]
+        assert "NaN" in engine.failed[2][1]
         assert engine.version == 1
     finally:
         engine.close()
@@ -167,8 +180,9 @@ def _quiet(**kw):
     return Callbacks(on_message=lambda m: None, **kw)
 
 
-@pytest.mark.parametrize("method,double_buffer,staleness", [("lora", False, 1), ("oft", True, 2)])
-def test_async_run_bounds_staleness_and_records_versions(tmp_path, tiny_checkpoint, method, double_buffer, staleness):
+@pytest.mark.parametrize("method,double_buffer,staleness,transport", [("lora", False, 1, "pipe"), ("oft", True, 2, "shared")])
+def test_async_run_bounds_staleness_and_records_versions(tmp_path, tiny_checkpoint, method, double_buffer, staleness,
+                                                         transport):
     peft = {"method": method, "oft_block_size": 16} if method == "oft" else {}
     # rewards that vary within every group, so every update moves the adapter (an update on groups
     # without signal leaves it unchanged, and then stale samples would match the proximal recompute)
@@ -176,7 +190,8 @@ def test_async_run_bounds_staleness_and_records_versions(tmp_path, tiny_checkpoi
     recipe = small_recipe(tmp_path, tiny_checkpoint, peft=peft, rl={"reward": f"{tmp_path / 'noisy.py'}:score"},
                           train={"steps": 5, "mode": "async", "max_staleness": staleness, "save_interval": 1,
                                  "keep_last": 10, "save_rollouts": True},
-                          rollout={"placement": "non-colocated", "adapter_double_buffer": double_buffer},
+                          rollout={"placement": "non-colocated", "adapter_double_buffer": double_buffer,
+                                   "adapter_transport": transport},
                           eval={"enabled": False})
     config = load_recipe(str(recipe))
     result = run_training(config, _quiet())
@@ -297,3 +312,33 @@ def test_graphed_slot_decode_equals_eager_slot_decode_on_the_gpu(tiny_checkpoint
         assert graphed.adapter_version == eager.adapter_version == (10 if request.prompt_index < 3 else 11)
         assert graphed.token_ids == eager.token_ids
         torch.testing.assert_close(torch.tensor(graphed.logprobs), torch.tensor(eager.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("engine_device", ["cuda:0", "cuda:1"])
+def test_cuda_ipc_syncs_give_the_engine_the_trainers_adapter(tiny_checkpoint, engine_device):
+    """Syncs through CUDA IPC buffers on the trainer's GPU, to an engine process on the same GPU or
+    another: the engine samples with exactly the adapter the trainer holds (logprobs recomputed by
+    the trainer's model), over more syncs than there are buffers."""
+    from orbit_core.rollout.shared_adapter import SharedAdapterSender
+
+    if torch.device(engine_device).index >= torch.cuda.device_count():
+        pytest.skip(f"needs {engine_device}")
+    trainer = _policy(tiny_checkpoint, PEFTS["lora"])
+    spec = EngineSpec(tiny_checkpoint, "float32", engine_device, PEFTS["lora"], 1, 16, 0, 1,
+                      encode(engine_adapter_state(trainer)), 0)
+    engine = EngineProcess(spec, timeout_s=120)
+    sender = SharedAdapterSender(torch.device("cuda:0"), buffers=2)
+    try:
+        for version in range(1, 6):
+            state = {k: v.to("cuda:0") for k, v in _randomize(trainer, seed=version).items()}
+            engine.push_shared(version, state, sender)
+            engine.wait_version(version)
+        assert not engine.failed and engine.synced[5]["bytes"] > 0
+        completions = engine.generate([[5, 6, 7], [9, 10]], SamplingParams(max_new_tokens=8, temperature=1.0, n=2))
+    finally:
+        engine.close()
+    for c in completions:
+        assert c.adapter_version == 5
+        torch.testing.assert_close(_sequence_logprobs(trainer, c.prompt_ids, c.token_ids), torch.tensor(c.logprobs),
+                                   atol=1e-4, rtol=0)

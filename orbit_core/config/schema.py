@@ -59,6 +59,11 @@ class RolloutSection:
     adapter_double_buffer: bool = False
     """Two adapter slots in the engine: a sync writes the idle slot while decoding continues, then
     flips between decode steps (async, non-colocated only)."""
+    adapter_transport: Literal["auto", "pipe", "shared"] = "auto"
+    """How a non-colocated engine process receives each sync. ``pipe``: safetensors bytes through
+    its pipe. ``shared``: a shared buffer, CUDA IPC between GPUs of this node or shared memory on
+    the CPU, with only a small message in the pipe. ``auto``: ``shared`` when the trainer is on
+    CUDA, else ``pipe``."""
     engine_device: str = "auto"
     """Device of a non-colocated engine; ``auto`` = cuda:1 when the trainer is on cuda and a
     second GPU is visible, else the trainer's device."""

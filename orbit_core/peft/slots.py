@@ -86,6 +86,7 @@ def prepare(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
         raise OrbitError(f"adapter payload does not fit the engine ({what})", "trainer and engine must use the same peft settings")
+    _check_finite(state)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, layer in layers.items():
         tensors = {}
@@ -97,8 +98,6 @@ def prepare(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[
             if value.shape != want:
                 raise OrbitError(f"adapter payload: {name}.{leaf} has shape {tuple(value.shape)}, engine expects {tuple(want)}",
                                  "trainer and engine must use the same peft settings")
-            if not torch.isfinite(value).all():
-                raise OrbitError(f"adapter payload: {name}.{leaf} holds NaN or inf", "the update diverged; lower train.lr")
             tensors[leaf] = value.to(getattr(layer, leaf).device, torch.float32)
         if isinstance(layer, OFTLinear):
             tensors = {"slot_rotation": cayley_blocks(tensors["oft_skew"], layer.num_blocks)}
@@ -106,6 +105,18 @@ def prepare(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[
             tensors = {"slot_A": tensors["lora_A"], "slot_B": tensors["lora_B"]}
         out[name] = tensors
     return out
+
+
+def _check_finite(state: dict[str, torch.Tensor]) -> None:
+    # one host sync for the whole payload (a GPU payload would otherwise sync once per tensor)
+    flags = {}
+    for name, value in state.items():
+        flags.setdefault(value.device, []).append((name, torch.isfinite(value).all()))
+    for pairs in flags.values():
+        ok = torch.stack([flag for _, flag in pairs]).cpu()
+        if not bool(ok.all()):
+            bad = next(name for (name, _), good in zip(pairs, ok.tolist()) if not good)
+            raise OrbitError(f"adapter payload: {bad} holds NaN or inf", "the update diverged; lower train.lr")
 
 
 @torch.no_grad()

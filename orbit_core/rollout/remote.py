@@ -51,6 +51,8 @@ class EngineProcess:
         self.results: dict[object, list[Completion]] = defaultdict(list)
         self.version = spec.version
         self.synced: dict[int, dict] = {}
+        self.received: set[int] = set()
+        """Versions the engine has copied out of their shared buffer."""
         self.failed: list[tuple[int, str]] = []
         self.stats: dict = {"busy_s": 0.0}
         self.info: dict = {}
@@ -86,6 +88,8 @@ class EngineProcess:
             self.version = event[1]
             self.synced[event[1]] = event[2]
             self.stats = event[3]
+        elif kind == "received":
+            self.received.add(event[1])
         elif kind == "sync_failed":
             self.failed.append((event[1], event[2]))
             self.stats = event[3]
@@ -138,6 +142,16 @@ class EngineProcess:
 
     def push(self, version: int, payload: bytes) -> None:
         self._send(("push", version, payload, time.time()))
+
+    def push_shared(self, version: int, state: dict, sender) -> int:
+        """Sync through ``sender``'s shared buffers (``orbit_core.rollout.shared_adapter``); returns the bytes."""
+        message, nbytes = sender.message(version, state, self.wait_received)
+        self._send(message)
+        return nbytes
+
+    def wait_received(self, version: int) -> None:
+        self._wait(lambda: version in self.received, f"copying adapter v{version} out of its shared buffer")
+        self.received.discard(version)
 
     def _write(self) -> None:
         while True:

@@ -27,6 +27,7 @@ from orbit_core.models.moe import set_dequant_chunk
 from orbit_core.peft.slots import attach_slots, prepare, write_slot
 from orbit_core.rollout.adapter_payload import decode
 from orbit_core.rollout.decode_loop import DecodeLoop, Request
+from orbit_core.rollout.shared_adapter import SharedAdapterReceiver
 
 
 @dataclass
@@ -57,8 +58,9 @@ class EngineSpec:
 
 
 class _Push:
-    def __init__(self, version: int, payload: bytes, sent_at: float):
-        self.version, self.payload, self.sent_at = version, payload, sent_at
+    def __init__(self, version: int, payload: bytes | dict[str, torch.Tensor] | None, sent_at: float, nbytes: int):
+        """``payload``: safetensors bytes (the pipe), or tensors already copied out of a shared buffer."""
+        self.version, self.payload, self.sent_at, self.nbytes = version, payload, sent_at, nbytes
         self.thread: threading.Thread | None = None
         self.error: str | None = None
         self.apply_s = 0.0
@@ -68,6 +70,7 @@ class EngineServer:
     def __init__(self, spec: EngineSpec, model, tokenizer, send):
         self.spec, self.model, self.send = spec, model, send
         self.bank = attach_slots(model, spec.num_slots)
+        self.shared = SharedAdapterReceiver(next(model.parameters()).device)
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(spec.seed)
         self.loop = DecodeLoop(model, tokenizer, generator, spec.max_running, self.bank, spec.audit, streaming=True,
                                cuda_graph=spec.cuda_graph)
@@ -113,7 +116,9 @@ class EngineServer:
                 self.loop.submit(requests, params)
             elif kind == "push":
                 _, version, payload, sent_at = message
-                self.push = _Push(version, payload, sent_at)
+                self.push = _Push(version, payload, sent_at, len(payload))
+            elif kind == "push_shared":
+                self.push = self._take_shared(*message[1:])
             elif kind == "status":
                 self.send(("status", self._stats()))
             elif kind == "shutdown":
@@ -125,15 +130,32 @@ class EngineServer:
                 "running": self.loop.running, "pending": len(self.loop.pending)}
 
     # -- adapter sync ----------------------------------------------------------------------
-    def _write(self, push: _Push, slot: int) -> None:
+    def _take_shared(self, version: int, index: int, buffer, layout, sent_at: float) -> _Push:
+        """Copy a shared-buffer sync out at once (here, between decode steps, never during a graph
+        capture), and tell the trainer the buffer is free again."""
         start = time.perf_counter()
         try:
-            write_slot(self.model, self.bank, slot, prepare(self.model, decode(push.payload)), push.version)
+            state, nbytes = self.shared.take(index, buffer, layout)
+            push = _Push(version, state, sent_at, nbytes)
+        except Exception as err:  # an unreadable buffer is a failed sync, not a dead engine
+            push = _Push(version, None, sent_at, 0)
+            push.error = f"shared adapter buffer {index}: {type(err).__name__}: {err}"
+        self.send(("received", version))
+        push.apply_s = time.perf_counter() - start
+        return push
+
+    def _write(self, push: _Push, slot: int) -> None:
+        if push.error is not None:
+            return
+        start = time.perf_counter()
+        try:
+            payload = push.payload if isinstance(push.payload, dict) else decode(push.payload)
+            write_slot(self.model, self.bank, slot, prepare(self.model, payload), push.version)
         except OrbitError as err:
             push.error = str(err)
         except Exception as err:  # anything else in a payload is still a failed sync, not a dead engine
             push.error = f"{type(err).__name__}: {err}"
-        push.apply_s = time.perf_counter() - start
+        push.apply_s += time.perf_counter() - start
 
     def _advance_push(self) -> None:
         push = self.push
@@ -160,7 +182,7 @@ class EngineServer:
         if push.error is not None:
             self.send(("sync_failed", push.version, push.error, self._stats()))
         else:
-            self.send(("synced", push.version, {"apply_ms": push.apply_s * 1e3, "bytes": len(push.payload),
+            self.send(("synced", push.version, {"apply_ms": push.apply_s * 1e3, "bytes": push.nbytes,
                                                  "sent_to_active_ms": (time.time() - push.sent_at) * 1e3}, self._stats()))
 
     # -- results ---------------------------------------------------------------------------

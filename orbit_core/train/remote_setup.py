@@ -11,6 +11,7 @@ from orbit_core.config.schema import RecipeConfig
 from orbit_core.peft.slots import engine_adapter_state
 from orbit_core.rollout.adapter_payload import encode
 from orbit_core.rollout.remote import EngineProcess
+from orbit_core.rollout.shared_adapter import SharedAdapterSender
 from orbit_core.rollout.worker import EngineSpec
 from orbit_core.train.rollout_driver import RemoteRollouts, RoundSpec
 from orbit_core.policy.build import PolicyModel
@@ -44,6 +45,9 @@ def start_remote_rollouts(config: RecipeConfig, policy: PolicyModel, spec: Round
         reward_workers=config.rl.reward_workers, moe_chunk=config.moe.dequant_chunk_experts,
         moe_grouped_gemm=config.moe.grouped_gemm, cuda_graph=config.rollout.cuda_graph)
     engine = EngineProcess(engine_spec, timeout_s=r.engine_timeout_s)
+    transport = r.adapter_transport if r.adapter_transport != "auto" else "shared" if policy.device.type == "cuda" else "pipe"
+    # a buffer is rewritten max_staleness + 2 syncs later, by when the engine has long taken it
+    shared = SharedAdapterSender(policy.device, t.max_staleness + 2) if transport == "shared" else None
     log(f"rollout engine: pid {engine.info['pid']} on {engine.info['device']} ({engine.info['threads']} threads), "
-        f"{t.mode}, {'two adapter slots' if r.adapter_double_buffer else 'one adapter slot'}")
-    return RemoteRollouts(engine, spec, t.mode, t.max_staleness, t.steps, engine_scores=True)
+        f"{t.mode}, {'two adapter slots' if r.adapter_double_buffer else 'one adapter slot'}, adapter syncs by {transport}")
+    return RemoteRollouts(engine, spec, t.mode, t.max_staleness, t.steps, engine_scores=True, shared=shared)

@@ -24,6 +24,7 @@ from orbit_core.rl.rewards import RewardRunner
 from orbit_core.rollout.adapter_payload import encode as encode_payload
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.remote import EngineProcess
+from orbit_core.rollout.shared_adapter import SharedAdapterSender
 from orbit_core.rollout.types import SamplingParams
 from orbit_core.train.sampling_round import StepRollouts, collect_groups
 
@@ -114,9 +115,10 @@ class AheadRollouts:
 
 class RemoteRollouts(AheadRollouts):
     def __init__(self, engine: EngineProcess, spec: RoundSpec, mode: str, max_staleness: int, total_steps: int,
-                 engine_scores: bool):
+                 engine_scores: bool, shared: SharedAdapterSender | None = None):
         super().__init__(spec, mode, max_staleness, total_steps)
         self.engine = engine
+        self.shared = shared
         self.parity_engine = engine
         self.engine_scores = engine_scores
 
@@ -156,14 +158,18 @@ class RemoteRollouts(AheadRollouts):
 
     def publish(self, version: int, adapter_state: dict[str, torch.Tensor]) -> dict:
         start = time.perf_counter()
-        payload = encode_payload(adapter_state)
-        self.engine.push(version, payload)
+        if self.shared is not None:
+            nbytes = self.engine.push_shared(version, adapter_state, self.shared)
+        else:
+            payload = encode_payload(adapter_state)
+            self.engine.push(version, payload)
+            nbytes = len(payload)
         if self.ahead == 0:
             self.engine.wait_version(version)  # sync: the next batch starts on this adapter
             self._check_sync()
         elif version + 1 + self.ahead <= self.total_steps:
             self._submit(version + 1 + self.ahead)
-        metrics = {"sync/bytes": len(payload), "sync/ms": (time.perf_counter() - start) * 1e3}
+        metrics = {"sync/bytes": nbytes, "sync/ms": (time.perf_counter() - start) * 1e3}
         applied = self.engine.synced.get(version) or self.engine.synced.get(max(self.engine.synced, default=-1))
         if applied:
             metrics["sync/engine_apply_ms"] = applied["apply_ms"]
