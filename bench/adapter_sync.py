@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="orbit-sync-bench-"))
     try:
-        write_random_checkpoint(root / "bf16", SHAPES[args.shape])
+        write_random_checkpoint(root / "bf16", SHAPES[args.shape], tokenizer=True)  # the engine process loads one
         path = str(root / "bf16")
         baselines = {}
         for method in args.peft:
