@@ -46,6 +46,14 @@ def _sequence_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Ten
     return token_logprobs(logits, ids[:, 1:], 1.0)[0, len(prompt) - 1:]
 
 
+def _assert_sampled_with(trainer, completions, version: int) -> None:
+    """Every completion came from ``version``, the adapter ``trainer`` holds: its logprobs recompute."""
+    for c in completions:
+        assert c.adapter_version == version
+        torch.testing.assert_close(_sequence_logprobs(trainer, c.prompt_ids, c.token_ids), torch.tensor(c.logprobs),
+                                   atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["lora", "oft"])
 def test_slot_rows_equal_the_live_model_with_that_adapter(tiny_checkpoint, method):
     live = _policy(tiny_checkpoint, PEFTS[method])
@@ -160,10 +168,7 @@ def test_failed_sync_keeps_the_previous_adapter(tiny_checkpoint):
         assert engine.version == 1
     finally:
         engine.close()
-    for c in completions:
-        assert c.adapter_version == 1
-        torch.testing.assert_close(_sequence_logprobs(trainer, c.prompt_ids, c.token_ids), torch.tensor(c.logprobs),
-                                   atol=1e-4, rtol=0)
+    _assert_sampled_with(trainer, completions, 1)
 
 
 def test_engine_error_is_reported_not_hung(tiny_checkpoint):
@@ -338,7 +343,4 @@ def test_cuda_ipc_syncs_give_the_engine_the_trainers_adapter(tiny_checkpoint, en
         completions = engine.generate([[5, 6, 7], [9, 10]], SamplingParams(max_new_tokens=8, temperature=1.0, n=2))
     finally:
         engine.close()
-    for c in completions:
-        assert c.adapter_version == 5
-        torch.testing.assert_close(_sequence_logprobs(trainer, c.prompt_ids, c.token_ids), torch.tensor(c.logprobs),
-                                   atol=1e-4, rtol=0)
+    _assert_sampled_with(trainer, completions, 5)
