@@ -34,11 +34,13 @@ def save_char_tokenizer(path: Path) -> None:
 
 
 def write_random_checkpoint(path: Path, shape: dict, tokenizer: bool = False) -> None:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """Random bf16 weights of ``shape``; a shape with ``num_experts`` is Qwen3-MoE."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    config = Qwen3Config(max_position_embeddings=4096, **shape)
+    moe = "num_experts" in shape
+    config = (Qwen3MoeConfig if moe else Qwen3Config)(max_position_embeddings=4096, **shape)
     with torch.device("cuda"):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+        model = (Qwen3MoeForCausalLM if moe else Qwen3ForCausalLM)(config).to(torch.bfloat16)
     model.save_pretrained(str(path))
     del model
     torch.cuda.empty_cache()

@@ -43,19 +43,12 @@ def _batch(vocab: int, samples: int, prompt_len: int, new: int):
 
 def moe_path(shape: str, layers: int, root: Path) -> str:
     """A random bf16 Qwen3-MoE checkpoint of ``shape`` with ``layers`` layers."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    from bench.base_memory import save_char_tokenizer
+    from bench.base_memory import write_random_checkpoint
     from bench.packed_random import BIG_SHAPES
 
-    dims = {**BIG_SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
-    with torch.device("cuda"):
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(max_position_embeddings=4096, **dims)).to(torch.bfloat16)
     path = root / "moe-bf16"
-    model.save_pretrained(str(path))
-    del model
-    torch.cuda.empty_cache()
-    save_char_tokenizer(path)
+    write_random_checkpoint(path, {**BIG_SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})},
+                            tokenizer=True)
     return str(path)
 
 
