@@ -63,6 +63,36 @@ def decode_seconds(model, prompts: list[list[int]], new: int, batch: int, cuda_g
     return time.perf_counter() - start
 
 
+def build_model(path: str, adapter: str):
+    model = load_base(path, "bfloat16", "cuda")
+    if adapter == "lora":
+        apply_lora(model, 16, 32, 0.0, ["all-linear"])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.01)
+    return model.eval()
+
+
+def profile_decode(model, prompts: list[list[int]], batch: int, new: int = 16) -> None:
+    """The GPU kernels of ``new`` graphed decode steps (after a warm-up that captures the graphs)."""
+    engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0)
+    params = SamplingParams(max_new_tokens=new, temperature=1.0)
+    engine.generate(prompts[:batch], params)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        engine.generate(prompts[:batch], params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.time_range.elapsed_us() for e in kernels)
+    print(f"batch {batch}: {new} steps (one prefill), wall {1e3 * wall / new:.2f} ms/step, "
+          f"GPU busy {gpu_us / 1e3 / new:.2f} ms/step, {len(kernels) / new:.0f} kernels/step")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="qwen3-1.7b", choices=sorted(SHAPES))
@@ -75,6 +105,7 @@ def main() -> None:
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
                         help="both: also decode eagerly (rollout.cuda_graph=false), the launch-bound baseline")
     parser.add_argument("--hf", action="store_true", help="also time transformers generate (bf16)")
+    parser.add_argument("--profile", nargs="+", help="BASE:ADAPTER:BATCH ..., e.g. int4:lora:1: print the decode kernels instead")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     root = Path(tempfile.mkdtemp())
@@ -103,16 +134,17 @@ def main() -> None:
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         }), flush=True)
 
+    if args.profile:
+        for spec in args.profile:
+            base, adapter, batch = spec.split(":")
+            print(f"== {spec}")
+            profile_decode(build_model(paths[base], adapter), prompts, int(batch))
+            gc.collect()
+            torch.cuda.empty_cache()
+        return
     for base in args.bases:
         for adapter in args.adapters:
-            model = load_base(paths[base], "bfloat16", "cuda")
-            if adapter == "lora":
-                apply_lora(model, 16, 32, 0.0, ["all-linear"])
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        if "lora_B" in name:
-                            p.normal_(0.0, 0.01)
-            model.eval()
+            model = build_model(paths[base], adapter)
             weight_bytes = resident_bytes(model)
             kernel_modes = [True, False] if base == "int4" and args.kernels == "both" else [True]
             graph_modes = [True, False] if args.graphs == "both" else [True]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -130,3 +132,39 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_checkpoint, temperature):
     for graphed, eager in zip(runs[True], runs[False]):
         assert graphed.token_ids == eager.token_ids
         torch.testing.assert_close(torch.tensor(graphed.logprobs), torch.tensor(eager.logprobs), atol=1e-4, rtol=0)
+
+
+def test_reading_finished_rows_every_few_steps_changes_no_completion(tiny_checkpoint):
+    """Graphed decoding flags finished rows on the device and reads them every few steps; rows run
+    past their end meanwhile. Against the loop that checks every step: same tokens, logprobs, text
+    and finish reasons, with rows ending by EOS, by a stop string and by length, and slots reused."""
+    torch.manual_seed(0)
+    engine, model, tok = _engine(tiny_checkpoint, max_running=3)
+    prompts = _prompts(tok) * 2
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    plain = engine.generate(prompts, params)
+    # an extra EOS the greedy model emits mid-sequence and a stop character it writes elsewhere,
+    # chosen so that the rows end all three ways
+    mid = [t for c in plain for t in c.token_ids[3:8]]
+    digits = [ch for c in plain for ch in c.text[:5] if ch.isdigit()]
+    base_config, runs = model.config, None
+    for eos in sorted(set(mid), key=mid.count, reverse=True)[:4]:
+        for stop in sorted(set(digits), key=digits.count, reverse=True)[:4]:
+            model.config = dataclasses.replace(base_config, eos_token_ids=(*base_config.eos_token_ids, eos))
+            params = SamplingParams(max_new_tokens=10, temperature=0.0, stop=(stop,))
+            candidate = {}
+            for check_every in (1, 4):
+                engine = BuiltinEngine(model, tok, max_running=3, seed=3)
+                engine.loop.check_every = check_every
+                candidate[check_every] = engine.generate(prompts, params)
+            if {c.finish_reason for c in candidate[1]} == {"eos", "stop", "length"}:
+                runs = candidate
+                break
+        if runs:
+            break
+    assert runs, "no EOS / stop pair ends rows all three ways"
+    for every_step, deferred in zip(runs[1], runs[4]):
+        assert (deferred.token_ids, deferred.text, deferred.finish_reason) == \
+            (every_step.token_ids, every_step.text, every_step.finish_reason)
+        # admissions batch differently, so prefill logits differ in the last bits
+        torch.testing.assert_close(torch.tensor(deferred.logprobs), torch.tensor(every_step.logprobs), atol=1e-5, rtol=0)

@@ -1,105 +1,92 @@
-"""The decode forward captured as CUDA graphs, one per row bucket (powers of two, at least 8).
+"""The decode step captured as CUDA graphs, one per row bucket and set of adapter slots in use.
 
 A decode step launches a kernel per op of every layer from Python, so on a GPU it costs tens of
 milliseconds however little it computes. Replaying a captured graph launches them all at once.
-A graph owns its inputs: the step's last tokens and positions are copied into static buffers, the
-attention mask is built inside the graph from the positions, and the keys and values are the KV
-cache's own storage, read over its whole capacity. Graphs belong to one cache allocation and are
-dropped with it (``DecodeLoop.release``), so addresses never change under a captured graph.
+The graph covers the whole step (``DecodeLoop.decode_rows``): every layer and the adapter, then
+sampling, recording the token and its logprob, and flagging rows that sampled EOS, reached their
+length or may have completed a stop string. Its inputs and outputs are the loop's own per-row
+tensors and the KV cache, read in place over the cache's whole capacity under a mask; graphs
+belong to one cache allocation and are dropped with it (``DecodeLoop.release``), so addresses never
+change under a captured graph. The host syncs only when it reads the finished rows.
 
-With adapter slots (an engine in its own process, double buffering), a graph is captured per
-bucket and per set of slots in use: one slot reads that slot's buffers, whose addresses are fixed
-and whose contents ``write_slot`` replaces in place, so a new adapter version needs no recapture.
-Rows of mixed slots read their slot from a static per-row buffer, copied in before each replay.
+Sampling draws from the loop's generator, registered with each graph, so a replay advances it
+exactly as the same step run eagerly would: graphed and eager decoding sample the same tokens.
 
-Warm-up and capture write their keys and values at the cache's last position, which no sequence
-ever reaches (``DecodeLoop._fits`` keeps one position spare), so capturing mid-generation is safe.
+With adapter slots (an engine in its own process, double buffering), one slot reads that slot's
+buffers, whose addresses are fixed and whose contents ``write_slot`` replaces in place, so a new
+adapter version needs no recapture. Rows of mixed slots read their slot from the per-row tensor.
+
+Warm-up and capture run the step for real, so the per-row state they touch is saved before and
+restored after, and warm-up samples from a scratch generator (capture itself draws nothing); keys
+and values they write sit at positions the next real step writes again.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
-from orbit_core.models.transformer import DecoderLM, KVCache
-from orbit_core.peft.slots import SlotBank
+if TYPE_CHECKING:
+    from orbit_core.rollout.decode_loop import DecodeLoop
 
 log = logging.getLogger("orbit.rollout")
-MIN_BUCKET = 8
+STATE = ("lengths", "last_token", "n_generated", "active", "finished", "stop_seen")
+"""The loop's per-row tensors a step changes besides its output records."""
 
 
 class GraphedDecode:
-    def __init__(self, model: DecoderLM, cache: KVCache, bank: SlotBank | None = None):
-        self.model, self.cache, self.bank = model, cache, bank
+    def __init__(self, loop: "DecodeLoop", device: torch.device):
+        self.loop, self.device = loop, device
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.key_index = torch.arange(cache.capacity, device=cache.k.device)
-        self.rope = (model.rope_cos, model.rope_sin)
+        self.graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph] = {}
+        self.rope = (loop.model.rope_cos, loop.model.rope_sin)
         self.failed = False
 
-    def bucket(self, rows: int) -> int:
-        return min(max(MIN_BUCKET, 1 << (rows - 1).bit_length()), self.cache.k.shape[1])
-
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: int, used: tuple[int, ...],
-                 row_slot: torch.Tensor) -> torch.Tensor:
-        if self.bank is not None:
-            self.bank.set_rows(row_slot if len(used) > 1 else None, used)
-        mask = (self.key_index[None, :] <= positions)[:, None, None, :]
-        view = KVCache(self.cache.k[:, :rows], self.cache.v[:, :rows])
-        return self.model(tokens, positions, cache=view, decode_mask=mask)[:, -1]
-
     def _capture(self, rows: int, used: tuple[int, ...]) -> None:
-        # torch.cuda.graph captures on a stream of the *current* device; a model on another GPU
-        # would launch its kernels outside the capture
-        with torch.cuda.device(self.cache.k.device):
-            self._capture_here(rows, used)
+        loop = self.loop
+        saved = {name: getattr(loop, name).clone() for name in STATE}
+        generator = loop.generator
+        try:
+            loop.generator = torch.Generator(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: allocator, autotuned kernels, lazily built tables
+                for _ in range(2):
+                    loop.decode_rows(rows, used, graphed=True)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            loop.generator = generator
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(loop.generator)
+            # torch.cuda.graph's default capture stream is made once per process, on the device current
+            # at the first capture; a later capture for another GPU would launch outside the graph
+            with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(self.device)):
+                loop.decode_rows(rows, used, graphed=True)
+        finally:
+            loop.generator = generator
+            for name, value in saved.items():
+                getattr(loop, name).copy_(value)
+        self.graphs[rows, used] = graph
 
-    def _capture_here(self, rows: int, used: tuple[int, ...]) -> None:
-        device = self.cache.k.device
-        tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        positions = torch.full((rows, 1), self.cache.capacity - 1, dtype=torch.long, device=device)
-        row_slot = torch.full((rows,), used[0], dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: allocator, autotuned kernels, lazily built tables
-            for _ in range(2):
-                self._forward(tokens, positions, rows, used, row_slot)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph's default capture stream is made once per process, on the device current at
-        # the first capture; a later capture for another GPU would launch its kernels outside the graph
-        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(device)):
-            logits = self._forward(tokens, positions, rows, used, row_slot)
-        self.graphs[rows, used] = (graph, tokens, positions, row_slot, logits)
-
-    def logits(self, last_token: torch.Tensor, lengths: torch.Tensor, used: tuple[int, ...] = (0,),
-               row_slot: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Logits ``[hi, vocab]`` for the rows' next positions, or None when capture is unavailable.
-        ``used``: the adapter slots the rows read; ``row_slot`` [hi]: each row's, when more than one."""
+    def replay(self, rows: int, used: tuple[int, ...]) -> bool:
+        """Run one decode step over rows ``[0, rows)``; False when capture is unavailable (decode eagerly)."""
         if self.failed:
-            return None
-        if self.rope[0] is not self.model.rope_cos or self.rope[1] is not self.model.rope_sin:
+            return False
+        model = self.loop.model
+        if self.rope[0] is not model.rope_cos or self.rope[1] is not model.rope_sin:
             self.graphs.clear()  # the rope tables were rebuilt (a longer training sequence): recapture
-            self.rope = (self.model.rope_cos, self.model.rope_sin)
-        hi = last_token.shape[0]
-        rows = self.bucket(hi)
-        used = tuple(used) or (0,)
+            self.rope = (model.rope_cos, model.rope_sin)
         if (rows, used) not in self.graphs:
             try:
-                self._capture(rows, used)
+                # capture on (and replay from) the model's device: from another current device the
+                # replay would not be ordered after the host's writes to the per-row tensors
+                with torch.cuda.device(self.device):
+                    self._capture(rows, used)
             except Exception as err:  # a model op that cannot be captured: decode eagerly from now on
                 self.failed = True
                 log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(err).__name__, err)
-                return None
-        graph, tokens, positions, slots, logits = self.graphs[rows, used]
-        if len(used) > 1:
-            slots[:hi].copy_(row_slot)
-        tokens[:hi, 0].copy_(last_token)
-        positions[:hi, 0].copy_(lengths)
-        positions[hi:].fill_(self.cache.capacity - 1)  # padding rows write only the spare position
-        # replay launches on the current device's stream: from another device it would not be
-        # ordered after the copies above, and could read the previous step's tokens
-        with torch.cuda.device(self.cache.k.device):
-            graph.replay()
-        return logits[:hi]
+                return False
+        with torch.cuda.device(self.device):
+            self.graphs[rows, used].replay()
+        return True

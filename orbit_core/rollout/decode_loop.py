@@ -3,9 +3,12 @@
 Requests may be added while the loop runs (the engine process streams them in). Design for speed:
   * one KV cache ``[layers, slots, kv_heads, capacity, head_dim]`` allocated once and reused;
   * free slots are handed out lowest first and a decode step runs only the rows up to the highest
-    busy slot (rounded to ``ROW_BUCKET``), so a draining batch gets cheaper as it empties;
-  * per-step host work is constant in the batch size: sampling, EOS and length checks are tensor
-    ops, and stop strings are only decoded for rows whose new token can complete one.
+    busy slot (rounded up to a power of two), so a draining batch gets cheaper as it empties;
+  * a decode step is all tensor ops, sampling and the EOS / length / stop-trigger checks included,
+    so on a GPU the whole step replays as one CUDA graph; finished rows are flagged on the device
+    and the host reads the flags every ``check_every`` steps (a row may run a few steps past its
+    end; those tokens are dropped). Stop strings are decoded only for rows that sampled a token
+    that can complete one.
 With a ``SlotBank`` (engine copy of the adapter), each row remembers the adapter slot it was
 admitted under and keeps it to the end: a sequence never mixes adapter versions.
 """
@@ -28,11 +31,18 @@ from orbit_core.rollout.types import Completion, SamplingParams
 
 KV_BUCKET = 32
 PREFILL_BUCKET = 8
-ROW_BUCKET = 8
+MIN_ROWS = 8
+GRAPH_CHECK_EVERY = 4
+"""With CUDA graphs the host reads finished rows every this many decode steps (eagerly, every step)."""
 
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def row_bucket(rows: int, slots: int) -> int:
+    """Rows a decode step runs: a power of two (at least ``MIN_ROWS``), at most the cache's slots."""
+    return min(max(MIN_ROWS, 1 << (rows - 1).bit_length()), slots)
 
 
 @dataclass
@@ -46,10 +56,12 @@ class Request:
 
 class DecodeLoop:
     def __init__(self, model: DecoderLM, tokenizer, generator: torch.Generator, max_running: int,
-                 bank: SlotBank | None = None, audit: bool = False, streaming: bool = False, cuda_graph: bool = True):
+                 bank: SlotBank | None = None, audit: bool = False, streaming: bool = False, cuda_graph: bool = True,
+                 check_every: int | None = None):
         """``streaming``: requests keep arriving, so size the cache for ``max_running`` rows up front
         (otherwise for the requests waiting when it is allocated). ``cuda_graph``: replay the decode
-        forward as CUDA graphs (on a CUDA device; with adapter slots too)."""
+        step as CUDA graphs (on a CUDA device; with adapter slots too). ``check_every``: decode steps
+        between host reads of the finished rows (default: ``GRAPH_CHECK_EVERY`` with graphs, else 1)."""
         self.model, self.tokenizer, self.generator = model, tokenizer, generator
         self.max_running = max_running
         self.streaming = streaming
@@ -67,6 +79,7 @@ class DecodeLoop:
         """MoE layers: their experts per token are recorded on every completion (``Completion.routing``)."""
         # routing reads its choices back to the host, which a captured graph cannot
         self.use_graphs = cuda_graph and self.device.type == "cuda" and not self.moe
+        self.check_every = check_every or (GRAPH_CHECK_EVERY if self.use_graphs else 1)
         self.graphed: GraphedDecode | None = None
         self.busy_rows: dict[int, Request] = {}
         self.params: SamplingParams | None = None
@@ -74,6 +87,7 @@ class DecodeLoop:
         self.version = 0  # recorded on completions when there is no slot bank
         self.active_slot = 0
         self.slot_refs = [0] * (bank.num_slots if bank else 1)
+        self.since_check = 0
         self._token_text: list[str] | None = None
         self._triggers: dict[tuple[str, ...], torch.Tensor] = {}
 
@@ -125,7 +139,10 @@ class DecodeLoop:
         return self._triggers[stop]
 
     def _allocate(self, prompt_len: int) -> None:
-        """(Re)allocate the cache and per-row state; only called while no sequence is running."""
+        """(Re)allocate the cache and per-row state; only called while no sequence is running.
+
+        The per-row state lives as long as the cache: captured graphs read and write it in place.
+        """
         p, device = self.params, self.device
         wanted = self.max_running if self.streaming else min(self.max_running, max(len(self.pending), 1))
         slots = 1 << (wanted - 1).bit_length()  # power-of-two buckets keep shapes reusable
@@ -135,33 +152,43 @@ class DecodeLoop:
             dtype = next(self.model.parameters()).dtype
             self.cache = self.graphed = None  # free the old one before allocating
             self.cache = KVCache.allocate(self.model.config, slots, capacity, dtype, device)
-        slots, max_new = self.cache.k.shape[1], p.max_new_tokens
-        self.model.ensure_rope(self.cache.capacity, device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self.last_token = torch.zeros(slots, dtype=torch.long, device=device)
-        self.n_generated = torch.zeros(slots, dtype=torch.long, device=device)
-        self.out_tokens = torch.zeros(slots, max_new, dtype=torch.long, device=device)
-        self.out_logprobs = torch.zeros(slots, max_new, dtype=torch.float32, device=device)
-        self.out_topk = torch.zeros(slots, max_new, max(p.topk_ids, 1), dtype=torch.long, device=device)
-        self.out_versions = torch.zeros(slots, max_new, dtype=torch.long, device=device)
-        self.row_adapter = torch.zeros(slots, dtype=torch.long, device=device)
-        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.key_index = torch.arange(self.cache.capacity, device=device)
-        if self.moe:
-            self.routing = torch.zeros(slots, self.cache.capacity, len(self.moe), self.moe[0].top_k, dtype=torch.int16,
-                                       device=device)
+            slots, max_new = self.cache.k.shape[1], p.max_new_tokens
+            self.model.ensure_rope(self.cache.capacity, device)
+            self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+            self.last_token = torch.zeros(slots, dtype=torch.long, device=device)
+            self.n_generated = torch.zeros(slots, dtype=torch.long, device=device)
+            self.out_tokens = torch.zeros(slots, max_new, dtype=torch.long, device=device)
+            self.out_logprobs = torch.zeros(slots, max_new, dtype=torch.float32, device=device)
+            self.out_topk = torch.zeros(slots, max_new, max(p.topk_ids, 1), dtype=torch.long, device=device)
+            self.out_versions = torch.zeros(slots, max_new, dtype=torch.long, device=device)
+            self.row_adapter = torch.zeros(slots, dtype=torch.long, device=device)
+            self.active = torch.zeros(slots, dtype=torch.bool, device=device)
+            self.finished = torch.zeros(slots, dtype=torch.bool, device=device)
+            """Set on the device when a row samples EOS or reaches max_new_tokens; read by ``_check``."""
+            self.stop_seen = torch.zeros(slots, dtype=torch.bool, device=device)
+            """Set when a row sampled a token that can complete a stop string since the last check."""
+            self.key_index = torch.arange(self.cache.capacity, device=device)
+            self.slot_versions = torch.zeros(len(self.slot_refs), dtype=torch.long, device=device)
+            if self.moe:
+                self.routing = torch.zeros(slots, self.cache.capacity, len(self.moe), self.moe[0].top_k,
+                                           dtype=torch.int16, device=device)
         self.triggers = self._stop_triggers(p.stop)
-        self.free = list(range(slots))
+        self.free = list(range(self.cache.k.shape[1]))
         self.busy_rows = {}
         self.row_slot_host: dict[int, int] = {}
         self.row_version: dict[int, int] = {}
+        self.scanned: dict[int, int] = {}
         self.max_len = 0
+        self.since_check = 0
         self.refresh_versions()
 
     def refresh_versions(self) -> None:
-        """Call after a slot is written: the audit reads each slot's version from this tensor."""
+        """Call after a slot is written: the audit reads each slot's version from this tensor (in place,
+        since captured graphs hold its address)."""
+        if self.cache is None:
+            return
         versions = self.bank.versions if self.bank else [self.version]
-        self.slot_versions = torch.tensor(versions, dtype=torch.long, device=self.device)
+        self.slot_versions.copy_(torch.tensor(versions, dtype=torch.long))
 
     # -- stepping --------------------------------------------------------------------------
     def step(self) -> list[tuple[Request, Completion]]:
@@ -169,15 +196,20 @@ class DecodeLoop:
         if self.pending and not self.busy_rows:  # idle -> busy: size the cache for what waits
             self._allocate(max(len(r.prompt) for r in self.pending))
         if self.pending and self.free and self._fits(self.pending[0]):
-            return self._admit()
+            self._admit()
+            # eager loops check every step, so a sequence that ends at its first token ends here
+            return self._check() if self.check_every == 1 else []
         if self.busy_rows:
-            return self._decode()
+            self._decode()
+            self.since_check += 1
+            if self.since_check >= self.check_every:
+                return self._check()
         return []
 
     def _fits(self, request: Request) -> bool:
         return round_up(len(request.prompt), PREFILL_BUCKET) + self.params.max_new_tokens + 1 <= self.cache.capacity
 
-    def _admit(self) -> list[tuple[Request, Completion]]:
+    def _admit(self) -> None:
         admitted, batch = [], []
         while self.pending and self.free and self._fits(self.pending[0]):
             admitted.append(heapq.heappop(self.free))
@@ -199,11 +231,14 @@ class DecodeLoop:
         self.n_generated[rows] = 0
         self.row_adapter[rows] = self.active_slot
         self.active[rows] = True
+        self.finished[rows] = False
+        self.stop_seen[rows] = False
         version = self.bank.versions[self.active_slot] if self.bank else self.version
         for row, request in zip(admitted, batch):
             self.busy_rows[row] = request
             self.row_slot_host[row] = self.active_slot
             self.row_version[row] = version
+            self.scanned[row] = 0
         self.slot_refs[self.active_slot] += len(admitted)
         self.max_len = max(self.max_len, int(prompt_lengths.max()))
         p = self.params
@@ -217,45 +252,52 @@ class DecodeLoop:
         if p.topk_ids:
             full_logits = torch.zeros(hi, logits.shape[-1], device=self.device).index_copy(0, rows, logits.float())
         self._record(hi, full_tokens, full_logprobs, which, full_logits)
-        return self._finish(hi, full_tokens, which)
 
-    def _decode(self) -> list[tuple[Request, Completion]]:
-        hi = min(round_up(max(self.busy_rows) + 1, ROW_BUCKET), self.cache.k.shape[1])
-        lengths = self.lengths[:hi]
-        logits = None
+    def _decode(self) -> None:
+        rows = row_bucket(max(self.busy_rows) + 1, self.cache.k.shape[1])
         used = tuple(s for s, n in enumerate(self.slot_refs) if n > 0) if self.bank is not None else (0,)
-        row_slot = self.row_adapter[:hi] if len(used) > 1 else None
         if self.use_graphs:
             if self.graphed is None:
-                self.graphed = GraphedDecode(self.model, self.cache, self.bank)
-            logits = self.graphed.logits(self.last_token[:hi], lengths, used, row_slot)
-        if logits is None:
-            kv_len = min(round_up(self.max_len + 1, KV_BUCKET), self.cache.capacity)
-            mask = (self.key_index[None, :kv_len] <= lengths[:, None])[:, None, None, :]
-            view = KVCache(self.cache.k[:, :hi], self.cache.v[:, :hi])
-            if self.bank is not None:
-                self.bank.set_rows(row_slot, used)
-            with self._trace() as traces:
-                logits = self.model(self.last_token[:hi, None], lengths[:, None], cache=view, decode_mask=mask)[:, -1]
-            if traces is not None:  # the fed token sits at position `lengths`
-                self.routing[torch.arange(hi, device=self.device), lengths] = stack_trace(traces).to(torch.int16)
+                self.graphed = GraphedDecode(self, self.cache.k.device)
+            if self.graphed.replay(rows, used or (0,)):
+                self.max_len += 1
+                return
+        self.decode_rows(rows, used, graphed=False)
+        self.max_len += 1
+
+    def decode_rows(self, rows: int, used: tuple[int, ...], graphed: bool) -> None:
+        """One decode step over rows ``[0, rows)``: forward, sample, record, flag finished rows.
+
+        Tensor ops only (captured whole as a CUDA graph when ``graphed``; a graph attends over the
+        whole cache capacity under a mask, since the live length changes between replays).
+        """
+        lengths = self.lengths[:rows]
+        row_slot = self.row_adapter[:rows] if len(used) > 1 else None
+        kv_len = self.cache.capacity if graphed else min(round_up(self.max_len + 1, KV_BUCKET), self.cache.capacity)
+        mask = (self.key_index[None, :kv_len] <= lengths[:, None])[:, None, None, :]
+        view = KVCache(self.cache.k[:, :rows], self.cache.v[:, :rows])
+        if self.bank is not None:
+            self.bank.set_rows(row_slot, used)
+        with self._trace() as traces:
+            logits = self.model(self.last_token[:rows, None], lengths[:, None], cache=view, decode_mask=mask)[:, -1]
+        if traces is not None:  # the fed token sits at position `lengths`
+            self.routing[torch.arange(rows, device=self.device), lengths] = stack_trace(traces).to(torch.int16)
         p = self.params
         tokens, logprobs = sample_tokens(logits, p.temperature, p.top_k, p.top_p, self.generator)
-        which = self.active[:hi].clone()
+        which = self.active[:rows].clone()
         lengths.add_(which.long())
-        self.max_len += 1
-        self._record(hi, tokens, logprobs, which, logits if p.topk_ids else None)
-        return self._finish(hi, tokens, which)
+        self._record(rows, tokens, logprobs, which, logits if p.topk_ids else None)
 
     def _trace(self):
         return moe_routing(self.model) if self.moe else contextlib.nullcontext(None)
 
     def _record(self, hi: int, tokens, logprobs, which, logits) -> None:
+        p = self.params
         rows = torch.arange(hi, device=self.device)
         n_gen = self.n_generated[:hi]
-        idx = n_gen.clamp(max=self.params.max_new_tokens - 1)
+        idx = n_gen.clamp(max=p.max_new_tokens - 1)
         if logits is not None:
-            top = logits.float().topk(self.params.topk_ids, dim=-1).indices
+            top = logits.float().topk(p.topk_ids, dim=-1).indices
             self.out_topk[rows, idx] = torch.where(which[:, None], top, self.out_topk[rows, idx])
         self.out_tokens[rows, idx] = torch.where(which, tokens, self.out_tokens[rows, idx])
         self.out_logprobs[rows, idx] = torch.where(which, logprobs.float(), self.out_logprobs[rows, idx])
@@ -264,30 +306,49 @@ class DecodeLoop:
             self.out_versions[rows, idx] = torch.where(which, now, self.out_versions[rows, idx])
         n_gen.add_(which.long())
         self.last_token[:hi] = torch.where(which, tokens, self.last_token[:hi])
-
-    def _finish(self, hi: int, tokens, which) -> list[tuple[Request, Completion]]:
-        p = self.params
-        n_gen = self.n_generated[:hi]
         done = which & (torch.isin(tokens, self.eos_ids) | (n_gen >= p.max_new_tokens))
-        stop_hit: set[int] = set()
+        self.finished[:hi] |= done
+        self.active[:hi] &= ~done
         if self.triggers is not None:
-            for row in (which & ~done & self.triggers[tokens]).nonzero().flatten().tolist():
-                text = self.tokenizer.decode(self.out_tokens[row, : n_gen[row]].tolist())
-                if any(s in text for s in p.stop):
-                    stop_hit.add(row)
-        finished_rows = sorted(set(done.nonzero().flatten().tolist()) | stop_hit)
+            self.stop_seen[:hi] |= which & ~done & self.triggers[tokens]
+
+    def _check(self) -> list[tuple[Request, Completion]]:
+        """Read the finished rows back to the host (the step's only sync) and complete them."""
+        self.since_check = 0
+        hi = max(self.busy_rows) + 1
+        flags = torch.stack([self.finished[:hi], self.stop_seen[:hi]]).cpu()
         out = []
-        for row in finished_rows:
-            out.append(self._complete(row, row in stop_hit))
+        for row in flags.any(0).nonzero().flatten().tolist():
+            stop_at = self._stop_position(row, bool(flags[0, row])) if flags[1, row] else None
+            if stop_at is not None:
+                out.append(self._complete(row, stop_at))
+            elif flags[0, row]:
+                out.append(self._complete(row, None))
         return out
 
-    def _complete(self, row: int, stopped: bool) -> tuple[Request, Completion]:
-        p = self.params
+    def _stop_position(self, row: int, finished: bool) -> int | None:
+        """Tokens up to the first one whose text completes a stop string (None: no stop yet).
+
+        Only tokens that could end one are decoded, and not the token the row finished on (EOS or
+        the length limit), as when the check ran every step.
+        """
+        self.stop_seen[row] = False
         count = int(self.n_generated[row])
+        token_ids = self.out_tokens[row, :count].tolist()
+        triggers = self.triggers[self.out_tokens[row, :count]].tolist()
+        start, self.scanned[row] = self.scanned[row], count
+        for end in range(start, count - 1 if finished else count):
+            if triggers[end] and any(s in self.tokenizer.decode(token_ids[: end + 1]) for s in self.params.stop):
+                return end + 1
+        return None
+
+    def _complete(self, row: int, stop_at: int | None) -> tuple[Request, Completion]:
+        p = self.params
+        count = int(self.n_generated[row]) if stop_at is None else stop_at
         token_ids = self.out_tokens[row, :count].tolist()
         logprobs = self.out_logprobs[row, :count].tolist()
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        if stopped:
+        if stop_at is not None:
             reason = "stop"
             text = text[: min(text.find(s) for s in p.stop if s in text)]
         elif token_ids and token_ids[-1] in self.eos_list:
@@ -302,8 +363,11 @@ class DecodeLoop:
         if self.audit:
             completion.extra["token_versions"] = self.out_versions[row, :count].tolist()
         if self.moe:  # every position the trainer will feed: the prompt and all but the last sampled token
-            completion.routing = self.routing[row, : len(request.prompt) + count - 1].cpu()
+            # a copy: on the CPU, .cpu() would return a view the row's next sequence overwrites
+            completion.routing = self.routing[row, : len(request.prompt) + count - 1].to("cpu", copy=True)
         self.slot_refs[self.row_slot_host.pop(row)] -= 1
+        self.scanned.pop(row, None)
         self.active[row] = False
+        self.finished[row] = False
         heapq.heappush(self.free, row)
         return request, completion

@@ -1,4 +1,4 @@
-"""Vectorized next-token sampling: temperature, top-k, top-p, all slots at once."""
+"""Vectorized next-token sampling: temperature, top-k, top-p, all slots at once, no host sync."""
 
 from __future__ import annotations
 
@@ -17,15 +17,18 @@ def sample_tokens(
     The logprob is that of the distribution the token was drawn from: ``log_softmax(logits / T)``
     after top-k/top-p filtering (without filters, the full softmax the trainer recomputes).
     Training refuses the filters, so its ratios always compare like with like.
+
+    The draw is ``argmax(p / E)`` with ``E ~ Exp(1)`` per token, which picks token ``i`` with
+    probability ``p_i`` (the exponential-race form of the Gumbel-max trick). Unlike
+    ``torch.multinomial`` it never reads back to the host, so it runs inside a captured CUDA graph.
     """
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-    scaled = logits / temperature
-    filtered = scaled
-    if top_k and top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+    filtered = logits / temperature
+    if top_k and top_k < filtered.shape[-1]:
+        kth = torch.topk(filtered, top_k, dim=-1).values[:, -1:]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
@@ -35,5 +38,7 @@ def sample_tokens(
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
     logprobs = torch.log_softmax(filtered, -1)
-    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator)[:, 0]
+    # a draw of exactly 0 would make a filtered token's 0 / 0 a NaN, which argmax would pick
+    race = torch.empty_like(logprobs).exponential_(generator=generator).clamp_min_(1e-30)
+    tokens = (logprobs.exp() / race).argmax(-1)
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
