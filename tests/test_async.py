@@ -302,7 +302,7 @@ def test_graphed_slot_decode_equals_eager_slot_decode_on_the_gpu(tiny_checkpoint
         for slot, state in enumerate(states):
             write_slot(engine, bank, slot, prepare(engine, state), version=10 + slot)
         loop = DecodeLoop(engine, tok, torch.Generator(device).manual_seed(0), 16, bank, streaming=True,
-                          cuda_graph=graphs)
+                          cuda_graph=graphs, check_every=4)
         loop.refresh_versions()
         loop.submit([Request(i, 0, p) for i, p in enumerate(prompts[:3])], params)
         done = loop.step() + loop.step() + loop.step()

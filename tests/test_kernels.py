@@ -7,6 +7,7 @@ import torch
 
 from orbit_kernels import int4
 from orbit_kernels.int4 import dequant_int4, int4_dequant, int4_linear
+from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
 
 
 def _packed(rows: int, cols: int, group: int, device: str = "cpu", scale_dtype=torch.float32):
@@ -66,3 +67,27 @@ def test_unserved_shape_falls_back_and_says_so(caplog):
         got = int4_linear(x, packed, scale, 200)
     torch.testing.assert_close(got, x @ dequant_int4(packed, scale, (64, 200), torch.bfloat16).t())
     assert "falls back to the torch reference" in caplog.text
+
+
+def test_rms_norm_dispatch_on_cpu_is_the_reference_and_traces():
+    x, w = torch.randn(3, 5, 64), torch.rand(64) + 0.5
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), atol=0, rtol=0)
+    compiled = torch.compile(lambda x: rms_norm(x, w, 1e-6), backend="aot_eager", fullgraph=True)
+    assert compiled(x).shape == x.shape
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (256, 1, 128), (3, 7, 16, 128), (5, 1000)])
+@pytest.mark.parametrize("dtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.float32)])
+def test_rms_norm_kernel_equals_the_reference(shape, dtype, wdtype):
+    x = (torch.randn(shape, device="cuda") * 3).to(dtype)
+    w = (torch.rand(shape[-1], device="cuda") + 0.5).to(wdtype)
+    got, want = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
+    assert got.dtype == want.dtype
+    # only the fp32 sum of squares is ordered differently: at most one rounding step of the output
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
+    if x.dim() >= 3:  # rows that are not contiguous in memory
+        x_strided = x.transpose(0, 1)
+        torch.testing.assert_close(rms_norm(x_strided, w, 1e-6).float(), rms_norm_reference(x_strided, w, 1e-6).float(),
+                                   atol=1e-6, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
