@@ -53,7 +53,8 @@ def main() -> None:
                 engine_model.config = dataclasses.replace(engine_model.config, rope_theta=31.0)
             engine = BuiltinEngine(engine_model, NoEosTokenizer(), max_running=args.prompts, seed=0)
             report = runtime_parity(engine, trainer, NoEosTokenizer(), prompts, args.new, gate.topk,
-                                    gate.max_logprob_abs_diff, gate.min_topk_agreement)
+                                    gate.max_logprob_abs_diff, gate.min_topk_agreement,
+                                    max_mean_diff=gate.max_logprob_mean_abs_diff)
             print(json.dumps({
                 "bench": "preflight_parity", "shape": args.shape, "base": base, "adapter": "lora r16 all-linear",
                 "engine_rope_theta": 31.0 if wrong_rope else engine_model.config.rope_theta,
@@ -61,6 +62,7 @@ def main() -> None:
                 "tokens": report.tokens, "max_abs_logprob_diff": round(report.max_abs_diff, 5),
                 "mean_abs_logprob_diff": round(report.mean_abs_diff, 6), f"top{gate.topk}_agreement":
                 round(report.topk_agreement, 4), "gate_max_abs_diff": gate.max_logprob_abs_diff,
+                "gate_max_mean_abs_diff": gate.max_logprob_mean_abs_diff,
                 "gate_min_agreement": gate.min_topk_agreement, "passed": report.passed,
                 "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             }), flush=True)

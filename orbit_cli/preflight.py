@@ -29,7 +29,7 @@ def preflight(
         table = Table("metric", "value", "gate", title=f"runtime parity ({r.engine} vs {r.trainer})", title_justify="left")
         table.add_row("tokens compared", str(r.tokens), "")
         table.add_row("max |logprob diff|", f"{r.max_abs_diff:.2e}", f"<= {p.max_logprob_abs_diff}")
-        table.add_row("mean |logprob diff|", f"{r.mean_abs_diff:.2e}", "")
+        table.add_row("mean |logprob diff|", f"{r.mean_abs_diff:.2e}", f"<= {p.max_logprob_mean_abs_diff}")
         table.add_row(f"top-{p.topk} agreement", f"{r.topk_agreement:.3f}", f">= {p.min_topk_agreement}")
         console.print(table)
         if not r.passed:

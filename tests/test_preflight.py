@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from orbit_core.config import load_recipe
+from orbit_core.config.schema import PreflightSection
 from orbit_core.errors import OrbitError
 from orbit_core.preflight.run import run_preflight
 from orbit_core.quant import quantize_checkpoint
@@ -51,6 +52,9 @@ def test_wrong_rope_theta_engine_fails(tmp_path, int4_checkpoint):
                            engine_overrides={"rope_theta": 31.0})
     assert result.checkpoint.passed and not result.runtime.passed
     assert result.runtime.max_abs_diff > 0.05
+    # the mean alone refuses it: the loose per-token bound is not what catches a wrong rope
+    gate = PreflightSection()
+    assert result.runtime.mean_abs_diff > gate.max_logprob_mean_abs_diff
     assert result.runtime.worst[0].diff == pytest.approx(result.runtime.max_abs_diff, rel=1e-5)
 
 
@@ -73,9 +77,10 @@ def test_cli_exit_codes(tmp_path, int4_checkpoint):
 
 
 def test_train_refuses_to_start_when_runtime_parity_fails(tmp_path, int4_checkpoint):
-    recipe = _recipe(tmp_path, int4_checkpoint, runtime=True, max_logprob_abs_diff=-1.0)
-    with pytest.raises(OrbitError, match=r"runtime preflight \(Orbit builtin engine \(in process\) vs Orbit torch DecoderLM\) failed"):
-        run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+    for gate in ("max_logprob_abs_diff", "max_logprob_mean_abs_diff"):
+        recipe = _recipe(tmp_path, int4_checkpoint, runtime=True, **{gate: -1.0})
+        with pytest.raises(OrbitError, match=r"runtime preflight \(Orbit builtin engine \(in process\) vs Orbit torch DecoderLM\) failed"):
+            run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
     recipe = _recipe(tmp_path, int4_checkpoint, runtime=True)
     result = run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
     assert result.steps_done == 4

@@ -228,7 +228,11 @@ class QuantSection:
 class PreflightSection:
     runtime: bool = False
     """Run the runtime logprob parity check at step 0 of `orbit train`; refuse to start when it fails."""
-    max_logprob_abs_diff: float = 0.05
+    max_logprob_mean_abs_diff: float = 0.05
+    """The main gate: a wrong rope theta gave a mean of 0.93-0.95 on the GPU, a healthy bf16 or int4
+    engine 0.019-0.022 (Qwen3-1.7B shape, bench/results/preflight_parity_h200.jsonl)."""
+    max_logprob_abs_diff: float = 1.0
+    """A loose bound on the single worst token: a healthy bf16 engine reached 0.08-0.11 there."""
     min_topk_agreement: float = 0.9
     topk: int = 5
     num_prompts: int = 8

@@ -69,5 +69,6 @@ def run_preflight(config: RecipeConfig, precision: str, log=print, engine_overri
         prompts = [encode_prompt(tokenizer, r.prompt, chat, config.data.max_prompt_len) for r in records]
         engine = BuiltinEngine(engine_model, tokenizer, seed=config.train.seed)
         runtime = runtime_parity(engine, trainer_model, tokenizer, prompts, p.max_new_tokens, p.topk,
-                                 p.max_logprob_abs_diff, p.min_topk_agreement, config.rollout.temperature or 1.0)
+                                 p.max_logprob_abs_diff, p.min_topk_agreement, config.rollout.temperature or 1.0,
+                                 p.max_logprob_mean_abs_diff)
     return PreflightResult(checkpoint, runtime)

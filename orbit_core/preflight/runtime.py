@@ -40,7 +40,7 @@ class RuntimeReport:
 @torch.no_grad()
 def runtime_parity(engine: RolloutBackend, trainer_model: DecoderLM, tokenizer, prompts: list[list[int]],
                    max_new_tokens: int, topk: int, max_abs_diff: float, min_agreement: float,
-                   temperature: float = 1.0) -> RuntimeReport:
+                   temperature: float = 1.0, max_mean_diff: float = float("inf")) -> RuntimeReport:
     """The engine samples responses; both sides score every sampled token (``softmax(logits / T)``).
 
     Agreement: mean over tokens of ``|top-k(engine) & top-k(trainer)| / k``.
@@ -67,6 +67,6 @@ def runtime_parity(engine: RolloutBackend, trainer_model: DecoderLM, tokenizer, 
     mean_diff = float(all_diffs.mean()) if all_diffs.numel() else 0.0
     agreement = sum(agreements) / max(len(agreements), 1)
     worst = sorted(rows, key=lambda r: r.diff, reverse=True)[:10]
-    passed = max_diff <= max_abs_diff and agreement >= min_agreement
+    passed = max_diff <= max_abs_diff and mean_diff <= max_mean_diff and agreement >= min_agreement
     return RuntimeReport(len(rows), max_diff, mean_diff, agreement, passed, worst,
                          getattr(engine, "name", type(engine).__name__), getattr(trainer_model, "implementation", ""))

@@ -193,7 +193,7 @@ class TrainingRun:
         prompts = [self.prompts.ids[rec.line] for rec in self.records[: pf.num_prompts]]
         report = runtime_parity(self.rollouts.parity_engine, self.trainer.parity_model, self.tokenizer, prompts,
                                 pf.max_new_tokens, pf.topk, pf.max_logprob_abs_diff, pf.min_topk_agreement,
-                                self.config.rollout.temperature or 1.0)
+                                self.config.rollout.temperature or 1.0, pf.max_logprob_mean_abs_diff)
         names = f"{report.engine} vs {report.trainer}"
         self.cb.on_message(f"runtime preflight ({names}): max |logprob diff| {report.max_abs_diff:.2e}, mean "
                            f"{report.mean_abs_diff:.2e}, top-{pf.topk} agreement {report.topk_agreement:.3f} over "
@@ -202,7 +202,8 @@ class TrainingRun:
             worst = "; ".join(f"prompt {r.prompt_index} token {r.position} {r.token!r}: engine {r.engine_logprob:.3f} "
                               f"trainer {r.trainer_logprob:.3f}" for r in report.worst[:3])
             raise OrbitError(
-                f"runtime preflight ({names}) failed: max |logprob diff| {report.max_abs_diff:.3g} (gate "
+                f"runtime preflight ({names}) failed: mean |logprob diff| {report.mean_abs_diff:.3g} (gate "
+                f"{pf.max_logprob_mean_abs_diff}), max {report.max_abs_diff:.3g} (gate "
                 f"{pf.max_logprob_abs_diff}), top-{pf.topk} agreement {report.topk_agreement:.3f} (gate "
                 f"{pf.min_topk_agreement}); worst: {worst}",
                 "run `orbit preflight` for the worst tokens, or set preflight.skip_runtime=true for a smoke run")
