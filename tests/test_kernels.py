@@ -7,7 +7,9 @@ import torch
 
 from orbit_kernels import int4
 from orbit_kernels.int4 import dequant_int4, int4_dequant, int4_linear
+from orbit_kernels.lora import lora_add_, lora_add_reference
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
+from orbit_kernels.rope import apply_rope_reference, rope
 
 
 def _packed(rows: int, cols: int, group: int, device: str = "cpu", scale_dtype=torch.float32):
@@ -91,3 +93,62 @@ def test_rms_norm_kernel_equals_the_reference(shape, dtype, wdtype):
         x_strided = x.transpose(0, 1)
         torch.testing.assert_close(rms_norm(x_strided, w, 1e-6).float(), rms_norm_reference(x_strided, w, 1e-6).float(),
                                    atol=1e-6, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
+
+
+def _lora_fp32(y, x, a, b, row_slot, scaling):
+    """Row by row in fp32: a third implementation, with no slot routing logic to share."""
+    out = y.float().clone()
+    for i in range(x.shape[0]):
+        s = 0 if row_slot is None else int(row_slot[i])
+        out[i] += scaling * ((x[i].float() @ a[s].float().t()) @ b[s].float().t())
+    return out
+
+
+def test_lora_dispatch_on_cpu_is_the_reference():
+    torch.manual_seed(0)
+    x, a, b = torch.randn(6, 32), torch.randn(3, 4, 32), torch.randn(3, 20, 4)
+    row_slot = torch.tensor([2, 0, 1, 1, 0, 2])
+    for slots in (None, row_slot):
+        y = torch.randn(6, 20)
+        want = _lora_fp32(y, x, a if slots is not None else a[:1], b if slots is not None else b[:1], slots, 0.5)
+        lora_add_(y, x, a if slots is not None else a[:1], b if slots is not None else b[:1], slots, 0.5)
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("rank, slots", [(16, 1), (8, 2), (64, 3)])
+def test_lora_kernel_equals_the_reference(rows, rank, slots):
+    torch.manual_seed(rows + rank)
+    x = torch.randn(rows, 1000, device="cuda").to(torch.bfloat16)
+    a = torch.randn(slots, rank, 1000, device="cuda") * 0.05
+    b = torch.randn(slots, 1300, rank, device="cuda") * 0.05
+    for row_slot in (None, torch.randint(0, slots, (rows,), device="cuda")):
+        use_a, use_b = (a, b) if row_slot is not None else (a[:1], b[:1])
+        y = torch.randn(rows, 1300, device="cuda").to(torch.bfloat16)
+        want, reference = _lora_fp32(y, x, use_a, use_b, row_slot, 2.0), y.clone()
+        lora_add_(y, x, use_a, use_b, row_slot, 2.0)
+        lora_add_reference(reference, x, use_a, use_b, row_slot, 2.0)
+        # fp32 accumulation, one rounding to bf16 at the end
+        torch.testing.assert_close(y.float(), want, atol=1e-2, rtol=2 ** -7)
+        # the bf16 reference rounds its two intermediate products too
+        torch.testing.assert_close(y.float(), reference.float(), atol=5e-2, rtol=2 ** -6)
+
+
+def test_rope_dispatch_on_cpu_is_the_reference():
+    q = torch.randn(2, 5, 4, 16).transpose(1, 2)
+    cos, sin = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    half = 8
+    want = torch.cat([q[..., :half] * cos[:, None, :, :half] - q[..., half:] * sin[:, None, :, :half],
+                      q[..., half:] * cos[:, None, :, half:] + q[..., :half] * sin[:, None, :, half:]], -1)
+    torch.testing.assert_close(rope(q, cos, sin), want, atol=1e-6, rtol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("batch, heads, seq", [(256, 16, 1), (3, 8, 37)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_kernel_is_bit_equal_to_the_reference(batch, heads, seq, dtype):
+    # laid out as the attention's q: [batch, seq, heads, dim] viewed as [batch, heads, seq, dim]
+    q = torch.randn(batch, seq, heads, 128, device="cuda").to(dtype).transpose(1, 2)
+    cos, sin = torch.randn(batch, seq, 128, device="cuda"), torch.randn(batch, seq, 128, device="cuda")
+    assert torch.equal(rope(q, cos, sin), apply_rope_reference(q, cos, sin))

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from orbit_core.errors import OrbitError
+from orbit_core.models.engine_forward import in_engine_forward
+from orbit_kernels.rope import apply_rope_reference, rope
 
 
 def _llama3(inv_freq: torch.Tensor, rope: dict[str, Any]) -> torch.Tensor:
@@ -84,7 +86,6 @@ def rope_tables(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    if x.is_cuda and in_engine_forward() and not torch.is_grad_enabled():
+        return rope(x, cos, sin)  # one kernel in the rollout engine, bit-equal to the reference
+    return apply_rope_reference(x, cos, sin)

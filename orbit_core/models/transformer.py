@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from orbit_core.models.config import QWEN2_FAMILY, DecoderConfig
+from orbit_core.models.engine_forward import in_engine_forward
 from orbit_core.models.mlp import MLP
 from orbit_core.models.moe import SparseMoE
 from orbit_core.models.rope import apply_rope, rope_tables
@@ -31,8 +32,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32 and cast back before the weight, as the reference implementation does.
-        if x.is_cuda and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            return rms_norm(x, self.weight, self.eps)  # one fused kernel where no backward is needed
+        if x.is_cuda and in_engine_forward() and not torch.is_grad_enabled():
+            return rms_norm(x, self.weight, self.eps)  # one fused kernel in the rollout engine
         return rms_norm_reference(x, self.weight, self.eps)
 
 

@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
+from orbit_core.models.engine_forward import in_engine_forward
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
+from orbit_kernels.lora import lora_add_
 
 
 class LoRALinear(AdapterLayer):
@@ -30,10 +32,29 @@ class LoRALinear(AdapterLayer):
         out = self.base(x)
         if not self.enabled:
             return out
+        if x.is_cuda and in_engine_forward() and not self.training and not torch.is_grad_enabled():
+            served = self._engine_add(x, out)
+            if served is not None:
+                return served
         if self.slot_bank is not None:
             delta = self.slot_bank.route(lambda s: self.low_rank(x, self.slot_A[s], self.slot_B[s]))
             return out + delta.to(out.dtype)
         return out + self.low_rank(self.dropout(x), self.lora_A, self.lora_B).to(out.dtype)
+
+    def _engine_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """The rollout engine's path: both LoRA GEMMs in two kernels, each row reading its own slot."""
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        if self.slot_bank is None:
+            a, b, row_slot = self.lora_A[None], self.lora_B[None], None
+        elif len(self.slot_bank.used) == 1:
+            slot = self.slot_bank.used[0]
+            a, b, row_slot = self.slot_A[slot : slot + 1], self.slot_B[slot : slot + 1], None
+        else:
+            a, b, row_slot = self.slot_A, self.slot_B, self.slot_bank.row_slot
+            if row_slot is None or row_slot.numel() != flat_x.shape[0]:
+                return None
+        lora_add_(flat_out, flat_x.contiguous(), a, b, row_slot, self.scaling)
+        return out
 
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # computed in the activation dtype (bf16 on a GPU base); A and B stay fp32 master weights

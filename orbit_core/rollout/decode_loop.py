@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from orbit_core.models.engine_forward import engine_forward
 from orbit_core.models.moe import moe_layers, moe_routing, stack_trace
 from orbit_core.models.transformer import DecoderLM, KVCache
 from orbit_core.peft.slots import SlotBank
@@ -223,7 +224,7 @@ class DecodeLoop:
         rows = torch.tensor(admitted, device=self.device)
         if self.bank is not None:
             self.bank.set_rows(None, (self.active_slot,))
-        with self._trace() as traces:
+        with self._trace() as traces, engine_forward():
             logits = self.model(tokens.to(self.device), cache=self.cache, slots=rows, last_index=prompt_lengths - 1)
         if traces is not None:
             self.routing[rows, :width] = stack_trace(traces).view(len(ids), width, len(self.moe), -1).to(torch.int16)
@@ -278,7 +279,7 @@ class DecodeLoop:
         view = KVCache(self.cache.k[:, :rows], self.cache.v[:, :rows])
         if self.bank is not None:
             self.bank.set_rows(row_slot, used)
-        with self._trace() as traces:
+        with self._trace() as traces, engine_forward():
             logits = self.model(self.last_token[:rows, None], lengths[:, None], cache=view, decode_mask=mask)[:, -1]
         if traces is not None:  # the fed token sits at position `lengths`
             self.routing[torch.arange(rows, device=self.device), lengths] = stack_trace(traces).to(torch.int16)

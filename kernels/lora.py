@@ -1,0 +1,116 @@
+"""LoRA for inference in two Triton kernels over adapter slots, beside its plain-torch reference.
+
+``orbit::lora_add_`` adds ``scaling * (x @ A[s]^T) @ B[s]^T`` to a base linear's output in place,
+where ``s`` is each row's adapter slot (``row_slot``; one slot for every row when it is None).
+The reference, also the CPU path, is what the trainer computes: both GEMMs in the activation dtype
+after casting the fp32 factors, which costs six kernels per linear, and with mixed slots one pass
+per slot and a select. Here a shrink kernel computes ``x @ A[s]^T`` per row in fp32 and an expand
+kernel multiplies by ``B[s]`` and adds into ``y``: two kernels for any mix of slots (the batched
+LoRA of S-LoRA and Punica, for a decode step's few rows). The fp32 accumulation differs from the
+reference only by the activation dtype's rounding of the two intermediate products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference serves every call
+    triton = None
+
+ENABLED = True
+"""Set False to force the reference (tests and benchmarks compare the two in one process)."""
+MAX_RANK = 128
+
+
+def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       row_slot: torch.Tensor | None, scaling: float) -> None:
+    """``a`` [slots, r, in], ``b`` [slots, out, r]; ``x`` [rows, in] and ``y`` [rows, out]."""
+    def delta(slot: int) -> torch.Tensor:
+        return ((x @ a[slot].to(x.dtype).t()) @ b[slot].to(x.dtype).t()) * scaling
+
+    if row_slot is None:
+        y += delta(0).to(y.dtype)
+        return
+    for slot in range(a.shape[0]):
+        mask = (row_slot == slot)[:, None]
+        y.copy_(torch.where(mask, y + delta(slot).to(y.dtype), y))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, t_ptr, K, R, stride_xm, stride_as, stride_ar, stride_tm,
+                       HAS_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0)
+        slot = tl.load(slot_ptr + row) if HAS_SLOTS else 0
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :],
+                        mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(a * x[None, :], axis=1)
+        tl.store(t_ptr + row * stride_tm + offs_r, acc, mask=r_mask)
+
+    @triton.jit
+    def _expand_kernel(t_ptr, b_ptr, slot_ptr, y_ptr, M, N, R, scaling, stride_tm, stride_bs, stride_bn, stride_ym,
+                       HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
+        slots = tl.load(slot_ptr + offs_m, mask=m_mask, other=0) if HAS_SLOTS else tl.zeros((BLOCK_M,), dtype=tl.int64)
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
+                    other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r in range(0, R):
+            t_r = tl.sum(tl.where(offs_r[None, :] == r, t, 0.0), axis=1)
+            b_r = tl.load(b_ptr + slots[:, None] * stride_bs + offs_n[None, :] * stride_bn + r,
+                          mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+            acc += t_r[:, None] * b_r
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + acc * scaling).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _served(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (ENABLED and triton is not None and x.is_cuda and x.dim() == 2 and y.dim() == 2 and a.shape[1] <= MAX_RANK
+            and x.stride(-1) == 1 and y.stride(-1) == 1 and a.stride(-1) == 1 and b.stride(-1) == 1)
+
+
+def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
+           scaling: float) -> None:
+    """The two kernels (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
+    rows, k = x.shape
+    n, r = b.shape[1], a.shape[1]
+    t = torch.empty((rows, r), dtype=torch.float32, device=x.device)
+    slots = row_slot if row_slot is not None else t  # unused pointer when HAS_SLOTS is off
+    block_r = max(16, triton.next_power_of_2(r))
+    _shrink_kernel[(rows,)](x, a, slots, t, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
+                            HAS_SLOTS=row_slot is not None, BLOCK_R=block_r, BLOCK_K=128, num_warps=4)
+    block_m = 16 if rows <= 16 else 32
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, 64))
+    _expand_kernel[grid](t, b, slots, y, rows, n, r, scaling, t.stride(0), b.stride(0), b.stride(1), y.stride(0),
+                         HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4)
+
+
+@torch.library.custom_op("orbit::lora_add_", mutates_args=("y",))
+def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
+              scaling: float) -> None:
+    """``y += scaling * (x @ a[s]^T) @ b[s]^T`` per row (no autograd: inference only)."""
+    if _served(y, x, a, b):
+        launch(y, x, a, b, row_slot, scaling)
+    else:
+        lora_add_reference(y, x, a, b, row_slot, scaling)
+
+
+@lora_add_.register_fake
+def _(y, x, a, b, row_slot, scaling):
+    return None
