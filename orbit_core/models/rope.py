@@ -87,5 +87,5 @@ def rope_tables(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
     if x.is_cuda and in_engine_forward() and not torch.is_grad_enabled():
-        return rope(x, cos, sin)  # one kernel in the rollout engine, bit-equal to the reference
+        return rope(x, cos, sin)  # one kernel in the rollout engine
     return apply_rope_reference(x, cos, sin)
