@@ -153,7 +153,9 @@ def test_rope_kernel_equals_the_reference(batch, heads, seq, dtype):
     cos, sin = torch.randn(batch, seq, 128, device="cuda"), torch.randn(batch, seq, 128, device="cuda")
     got, want = rope(q, cos, sin), apply_rope_reference(q, cos, sin)
     differ = (got != want).float().mean().item()
-    # the same rounded products and sum; at most one rounding step apart where the GPU's rounds differ
-    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6,
-                               msg=lambda m: f"{m} ({differ:.2%} of elements differ)")
-    print(f"rope {dtype} {batch}x{heads}x{seq}: {differ:.3%} of elements differ from the reference")
+    error = (got.float() - want.float()).abs().max().item()
+    print(f"rope {dtype} {batch}x{heads}x{seq}: {differ:.3%} of elements differ from the reference, max {error:.3g}")
+    # the same products and sum; where a product rounds one step differently, a cancelling sum keeps
+    # that step's absolute size (a wrong index or sign would be off by the values themselves, ~1)
+    step = 2 ** -8 * (q.float().abs().max() * 2).item() if dtype == torch.bfloat16 else 1e-5
+    assert error <= 2 * step
