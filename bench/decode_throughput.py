@@ -27,6 +27,7 @@ from orbit_core.quant import quantize_checkpoint
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import int4 as int4_kernels
+from orbit_kernels import lora as lora_kernels
 
 
 def copy_bandwidth() -> float:
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--kernels", choices=["on", "both"], default="both")
+    parser.add_argument("--lora-kernel", choices=["on", "both"], default="both",
+                        help="both: also run LoRA through the torch reference (six kernels a linear) in the engine")
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
                         help="both: also decode eagerly (rollout.cuda_graph=false), the launch-bound baseline")
     parser.add_argument("--hf", action="store_true", help="also time transformers generate (bf16)")
@@ -148,15 +151,19 @@ def main() -> None:
             weight_bytes = resident_bytes(model)
             kernel_modes = [True, False] if base == "int4" and args.kernels == "both" else [True]
             graph_modes = [True, False] if args.graphs == "both" else [True]
+            lora_modes = [True, False] if adapter == "lora" and args.lora_kernel == "both" else [True]
             for kernels_on in kernel_modes:
                 int4_kernels.ENABLED = kernels_on
-                for graphs in graph_modes:
-                    for batch in args.batches:
-                        seconds = decode_seconds(model, prompts, args.new, batch, graphs)
-                        report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "cuda_graph": graphs,
-                                "kernels": "triton" if kernels_on and base == "int4" else "torch reference"},
-                               batch * args.new / seconds, weight_bytes, batch)
-            int4_kernels.ENABLED = True
+                for lora_on in lora_modes:
+                    lora_kernels.ENABLED = lora_on
+                    for graphs in graph_modes:
+                        for batch in args.batches:
+                            seconds = decode_seconds(model, prompts, args.new, batch, graphs)
+                            report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "cuda_graph": graphs,
+                                    "kernels": "triton" if kernels_on and base == "int4" else "torch reference",
+                                    "lora_kernel": lora_on if adapter == "lora" else None},
+                                   batch * args.new / seconds, weight_bytes, batch)
+            int4_kernels.ENABLED = lora_kernels.ENABLED = True
             del model
             gc.collect()
             torch.cuda.empty_cache()

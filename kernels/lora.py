@@ -42,21 +42,20 @@ def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
 if triton is not None:
 
     @triton.jit
-    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, t_ptr, K, R, stride_xm, stride_as, stride_ar, stride_tm,
-                       HAS_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        row = tl.program_id(0)
+    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, t_ptr, K, stride_xm, stride_as, stride_ar, stride_tm,
+                       HAS_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program per (row, rank index): a decode step has a row or a few, so a program per row
+        # alone would leave all but a few SMs idle while one streams the whole of A
+        row, r = tl.program_id(0), tl.program_id(1)
         slot = tl.load(slot_ptr + row) if HAS_SLOTS else 0
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :],
-                        mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(a * x[None, :], axis=1)
-        tl.store(t_ptr + row * stride_tm + offs_r, acc, mask=r_mask)
+            a = tl.load(a_ptr + slot * stride_as + r * stride_ar + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            acc += x * a
+        tl.store(t_ptr + row * stride_tm + r, tl.sum(acc, axis=0))
 
     @triton.jit
     def _expand_kernel(t_ptr, b_ptr, slot_ptr, y_ptr, M, N, R, scaling, stride_tm, stride_bs, stride_bn, stride_ym,
@@ -93,8 +92,8 @@ def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r
     t = torch.empty((rows, r), dtype=torch.float32, device=x.device)
     slots = row_slot if row_slot is not None else t  # unused pointer when HAS_SLOTS is off
     block_r = max(16, triton.next_power_of_2(r))
-    _shrink_kernel[(rows,)](x, a, slots, t, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
-                            HAS_SLOTS=row_slot is not None, BLOCK_R=block_r, BLOCK_K=128, num_warps=4)
+    _shrink_kernel[(rows, r)](x, a, slots, t, k, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
+                              HAS_SLOTS=row_slot is not None, BLOCK_K=512, num_warps=4)
     block_m = 16 if rows <= 16 else 32
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, 64))
     _expand_kernel[grid](t, b, slots, y, rows, n, r, scaling, t.stride(0), b.stride(0), b.stride(1), y.stride(0),
