@@ -23,6 +23,11 @@ except ImportError:  # CPU-only installs: the reference serves every call
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
 MAX_RANK = 128
+KERNEL_MAX_ROWS = 32
+"""Above this many rows the reference's cuBLAS GEMMs win. One H200, Qwen3-1.7B shape, LoRA r16, whole
+decode steps (bench/results/decode_throughput_lora_kernel_h200.jsonl): the kernels were 16-22%
+faster at batch 1 and 8-11% at batch 32, and 3-8% slower at batch 256. Batches 64 and 128 were
+not measured."""
 
 
 def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -81,6 +86,7 @@ if triton is not None:
 
 def _served(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     return (ENABLED and triton is not None and x.is_cuda and x.dim() == 2 and y.dim() == 2 and a.shape[1] <= MAX_RANK
+            and x.shape[0] <= KERNEL_MAX_ROWS
             and x.stride(-1) == 1 and y.stride(-1) == 1 and a.stride(-1) == 1 and b.stride(-1) == 1)
 
 

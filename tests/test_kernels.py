@@ -7,6 +7,7 @@ import torch
 
 from orbit_kernels import int4
 from orbit_kernels.int4 import dequant_int4, int4_dequant, int4_linear
+from orbit_kernels import lora
 from orbit_kernels.lora import lora_add_, lora_add_reference
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
 from orbit_kernels.rope import apply_rope_reference, rope
@@ -126,8 +127,10 @@ def test_lora_kernel_equals_the_reference(rows, rank, slots):
     for row_slot in (None, torch.randint(0, slots, (rows,), device="cuda")):
         use_a, use_b = (a, b) if row_slot is not None else (a[:1], b[:1])
         y = torch.randn(rows, 1300, device="cuda").to(torch.bfloat16)
-        want, reference = _lora_fp32(y, x, use_a, use_b, row_slot, 2.0), y.clone()
-        lora_add_(y, x, use_a, use_b, row_slot, 2.0)
+        want, reference, dispatched = _lora_fp32(y, x, use_a, use_b, row_slot, 2.0), y.clone(), y.clone()
+        lora.launch(y, x, use_a, use_b, row_slot, 2.0)  # the kernels at every row count
+        lora_add_(dispatched, x, use_a, use_b, row_slot, 2.0)  # above KERNEL_MAX_ROWS, the reference
+        torch.testing.assert_close(dispatched.float(), want, atol=5e-2, rtol=2 ** -6)
         lora_add_reference(reference, x, use_a, use_b, row_slot, 2.0)
         # fp32 accumulation, one rounding to bf16 at the end
         torch.testing.assert_close(y.float(), want, atol=1e-2, rtol=2 ** -7)
