@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import tempfile
 import time
@@ -26,6 +27,7 @@ from orbit_core.policy import load_base
 from orbit_core.quant import quantize_checkpoint
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
+from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
 
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--kernels", choices=["on", "both"], default="both")
+    parser.add_argument("--attention-kernel", choices=["on", "both"], default="on",
+                        help="both: also attend through masked SDPA over the whole capacity (the reference)")
     parser.add_argument("--lora-kernel", choices=["on", "both"], default="both",
                         help="both: also run LoRA through the torch reference (six kernels a linear) in the engine")
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
@@ -152,18 +156,18 @@ def main() -> None:
             kernel_modes = [True, False] if base == "int4" and args.kernels == "both" else [True]
             graph_modes = [True, False] if args.graphs == "both" else [True]
             lora_modes = [True, False] if adapter == "lora" and args.lora_kernel == "both" else [True]
-            for kernels_on in kernel_modes:
-                int4_kernels.ENABLED = kernels_on
-                for lora_on in lora_modes:
-                    lora_kernels.ENABLED = lora_on
-                    for graphs in graph_modes:
-                        for batch in args.batches:
-                            seconds = decode_seconds(model, prompts, args.new, batch, graphs)
-                            report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "cuda_graph": graphs,
-                                    "kernels": "triton" if kernels_on and base == "int4" else "torch reference",
-                                    "lora_kernel": lora_on if adapter == "lora" else None},
-                                   batch * args.new / seconds, weight_bytes, batch)
-            int4_kernels.ENABLED = lora_kernels.ENABLED = True
+            attention_modes = [True, False] if args.attention_kernel == "both" else [True]
+            for kernels_on, lora_on, attention_on in itertools.product(kernel_modes, lora_modes, attention_modes):
+                int4_kernels.ENABLED, lora_kernels.ENABLED, attention_kernels.ENABLED = kernels_on, lora_on, attention_on
+                for graphs in graph_modes:
+                    for batch in args.batches:
+                        seconds = decode_seconds(model, prompts, args.new, batch, graphs)
+                        report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "cuda_graph": graphs,
+                                "kernels": "triton" if kernels_on and base == "int4" else "torch reference",
+                                "lora_kernel": lora_on if adapter == "lora" else None,
+                                "attention_kernel": attention_on},
+                               batch * args.new / seconds, weight_bytes, batch)
+            int4_kernels.ENABLED = lora_kernels.ENABLED = attention_kernels.ENABLED = True
             del model
             gc.collect()
             torch.cuda.empty_cache()

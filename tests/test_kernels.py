@@ -8,6 +8,7 @@ import torch
 from orbit_kernels import int4
 from orbit_kernels.int4 import dequant_int4, int4_dequant, int4_linear
 from orbit_kernels import lora
+from orbit_kernels.decode_attention import decode_attention, decode_attention_reference
 from orbit_kernels.lora import lora_add_, lora_add_reference
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
 from orbit_kernels.rope import apply_rope_reference, rope
@@ -162,3 +163,32 @@ def test_rope_kernel_equals_the_reference(batch, heads, seq, dtype):
     # that step's absolute size (a wrong index or sign would be off by the values themselves, ~1)
     step = 2 ** -8 * (q.float().abs().max() * 2).item() if dtype == torch.bfloat16 else 1e-5
     assert error <= 2 * step
+
+
+def test_decode_attention_dispatch_on_cpu_is_the_reference():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    lengths = torch.tensor([0, 9, 4])
+    got = decode_attention(q, k, v, lengths)
+    for row in range(3):  # a plain softmax over the row's live keys, head by head
+        for head in range(4):
+            keys, values = k[row, head // 2, : lengths[row] + 1], v[row, head // 2, : lengths[row] + 1]
+            weights = torch.softmax(keys @ q[row, head] / 4.0, -1)
+            torch.testing.assert_close(got[row, head], weights @ values, atol=1e-5, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("rows, heads, kv_heads, capacity", [(1, 16, 8, 288), (256, 16, 8, 288), (5, 8, 8, 600)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_kernel_equals_the_reference(rows, heads, kv_heads, capacity, dtype):
+    torch.manual_seed(rows)
+    q = torch.randn(rows, heads, 128, device="cuda").to(dtype)
+    # a row-slice of a bigger cache, as the engine passes it
+    k = torch.randn(rows + 3, kv_heads, capacity, 128, device="cuda").to(dtype)[:rows]
+    v = torch.randn(rows + 3, kv_heads, capacity, 128, device="cuda").to(dtype)[:rows]
+    lengths = torch.randint(0, capacity, (rows,), device="cuda")
+    lengths[0] = capacity - 1
+    got = decode_attention(q, k, v, lengths).float()
+    want = decode_attention_reference(q.float(), k.float(), v.float(), lengths)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)

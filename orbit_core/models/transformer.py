@@ -21,6 +21,7 @@ from orbit_core.models.engine_forward import in_engine_forward
 from orbit_core.models.mlp import MLP
 from orbit_core.models.moe import SparseMoE
 from orbit_core.models.rope import apply_rope, rope_tables
+from orbit_kernels.decode_attention import decode_attention
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
 
 
@@ -103,14 +104,18 @@ class Attention(nn.Module):
             rows = torch.arange(batch, device=x.device)
             cache.k[self.layer_idx, rows, :, write_pos] = k[:, :, 0].to(cache.k.dtype)
             cache.v[self.layer_idx, rows, :, write_pos] = v[:, :, 0].to(cache.v.dtype)
-            keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
-            values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
-            # One query token per slot: fold each KV head's query group into the query-length axis,
-            # so attention reads the cache once instead of expanding it per query head.
-            group = self.num_heads // self.num_kv_heads
-            q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
-            out = out.reshape(batch, self.num_heads, 1, self.head_dim)
+            if x.is_cuda and in_engine_forward():  # split-K over each row's live keys only
+                out = decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
+                out = out.view(batch, self.num_heads, 1, self.head_dim)
+            else:
+                keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
+                values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
+                # One query token per slot: fold each KV head's query group into the query-length axis,
+                # so attention reads the cache once instead of expanding it per query head.
+                group = self.num_heads // self.num_kv_heads
+                q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
+                out = out.reshape(batch, self.num_heads, 1, self.head_dim)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 

@@ -1,0 +1,150 @@
+"""Decode attention that reads only each row's live keys (split-K, "flash decoding"), beside its reference.
+
+One query token per row attends to keys ``0..length`` of that row's cache slot. The reference
+(``decode_attention_reference``, also the CPU path) is SDPA under a boolean mask over every cached
+position a step may read; inside a CUDA graph that is the cache's whole capacity. Here the keys of
+a row are dealt out in chunks of ``CHUNK`` to programs of a first kernel, which stop at the row's
+length and keep an online softmax per query head of the KV head's group; a second kernel merges the
+chunks. Grouped-query attention reads each KV head once for its whole query group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference serves every call
+    triton = None
+
+ENABLED = True
+"""Set False to force the reference (tests and benchmarks compare the two in one process)."""
+CHUNK = 256
+BLOCK_N = 64
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """q [rows, heads, dim]; k, v [rows, kv_heads, capacity, dim]; row ``i`` sees keys ``0..lengths[i]``.
+    Returns [rows, heads, dim]."""
+    rows, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    mask = (torch.arange(k.shape[2], device=q.device)[None, :] <= lengths[:, None])[:, None, None, :]
+    grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(grouped, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    return out.reshape(rows, heads, dim)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
+                      stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, GROUP: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLITS: tl.constexpr, IEEE: tl.constexpr):
+        row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        length = tl.load(len_ptr + row)  # the last key this row may read
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, DIM)
+        g_mask = offs_g < GROUP
+        q = tl.load(q_ptr + row * stride_qr + (kv_head * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None], other=0.0)
+        m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+        acc = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
+        start = split * CHUNK
+        k_base = k_ptr + row * stride_kr + kv_head * stride_kh
+        v_base = v_ptr + row * stride_vr + kv_head * stride_vh
+        for n0 in range(start, start + CHUNK, BLOCK_N):
+            if n0 <= length:
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = offs_n <= length
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+                if IEEE:  # fp32 activations: no TF32 rounding of the scores
+                    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
+                else:
+                    s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
+                s = tl.where(n_mask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p, v.to(q.dtype), input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+                m = m_new
+        part = (row * tl.num_programs(1) + kv_head) * SPLITS + split
+        tl.store(m_ptr + part * GROUP + offs_g, m, mask=g_mask)
+        tl.store(l_ptr + part * GROUP + offs_g, l, mask=g_mask)
+        tl.store(acc_ptr + (part * GROUP + offs_g)[:, None] * DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+
+    @triton.jit
+    def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_or, stride_oh, GROUP: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr):
+        row, kv_head = tl.program_id(0), tl.program_id(1)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, DIM)
+        g_mask = offs_g < GROUP
+        base = (row * tl.num_programs(1) + kv_head) * SPLITS
+        m_all = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+        for split in range(SPLITS):
+            m_all = tl.maximum(m_all, tl.load(m_ptr + (base + split) * GROUP + offs_g, mask=g_mask,
+                                              other=float("-inf")))
+        total = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+        out = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
+        for split in range(SPLITS):
+            m = tl.load(m_ptr + (base + split) * GROUP + offs_g, mask=g_mask, other=float("-inf"))
+            # a chunk past the row's length holds m = -inf and contributes nothing
+            w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
+            total += w * tl.load(l_ptr + (base + split) * GROUP + offs_g, mask=g_mask, other=0.0)
+            out += w[:, None] * tl.load(acc_ptr + ((base + split) * GROUP + offs_g)[:, None] * DIM + offs_d[None, :],
+                                        mask=g_mask[:, None], other=0.0)
+        out = out / tl.where(g_mask, total, 1.0)[:, None]
+        ptrs = out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+def _served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    dim = q.shape[-1]
+    return (ENABLED and triton is not None and q.is_cuda and q.dim() == 3 and k.dim() == 4 and dim in (64, 128, 256)
+            and q.shape[1] % k.shape[1] == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and q.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The two kernels (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
+    rows, heads, dim = q.shape
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot wants at least 16 rows
+    splits = triton.cdiv(capacity, CHUNK)
+    parts = rows * kv_heads * splits * group
+    m = torch.empty(parts, dtype=torch.float32, device=q.device)
+    l = torch.empty(parts, dtype=torch.float32, device=q.device)
+    acc = torch.empty((parts, dim), dtype=torch.float32, device=q.device)
+    _chunk_kernel[(rows, kv_heads, splits)](
+        q, k, v, lengths, m, l, acc, 1.0 / math.sqrt(dim), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), GROUP=group, GROUP_PAD=group_pad, DIM=dim, CHUNK=CHUNK,
+        BLOCK_N=BLOCK_N, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=4)
+    out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
+    _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=group_pad,
+                                    DIM=dim, SPLITS=splits, num_warps=4)
+    return out
+
+
+@torch.library.custom_op("orbit::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One query per row over its keys ``0..lengths[row]`` (no autograd: inference only)."""
+    if _served(q, k, v):
+        return launch(q, k, v, lengths)
+    return decode_attention_reference(q, k, v, lengths)
+
+
+@decode_attention.register_fake
+def _(q, k, v, lengths):
+    return torch.empty_like(q)
