@@ -79,6 +79,40 @@ def full_weight_sync_ms(model, reps: int, transport: str, device: str) -> tuple[
     return size, median(times)
 
 
+def apply_parts_ms(model, adapter: dict[str, torch.Tensor], reps: int) -> dict[str, float]:
+    """The engine's apply in isolation, current path against the per-tensor one it replaced (same
+    process): the NaN/inf check and the slot write, each timed to a device synchronize."""
+    from orbit_core.peft.base import adapter_modules
+    from orbit_core.peft.slots import _check_finite, attach_slots, prepare, write_slot
+
+    bank = attach_slots(model, 2)
+    prepared = prepare(model, adapter)
+    layers = dict(adapter_modules(model))
+
+    def per_tensor_check():
+        torch.stack([torch.isfinite(v).all() for v in adapter.values()]).cpu()
+
+    def per_tensor_write():
+        for name, tensors in prepared.items():
+            for buffer, value in tensors.items():
+                getattr(layers[name], buffer)[1].copy_(value)
+
+    parts = {"check_foreach": lambda: _check_finite(adapter), "check_per_tensor": per_tensor_check,
+             "write_foreach": lambda: write_slot(model, bank, 1, prepared, 1), "write_per_tensor": per_tensor_write}
+    out = {}
+    for name, fn in parts.items():
+        fn()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - start) * 1e3)
+        out[name] = round(median(samples), 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="qwen3-1.7b", choices=sorted(SHAPES))
@@ -134,6 +168,11 @@ def main() -> None:
                     "bytes_ratio": round(size / baseline[0], 4), "time_ratio": round(median(times) / baseline[1], 4),
                     "device": torch.cuda.get_device_name(),
                 }), flush=True)
+            print(json.dumps({"bench": "adapter_apply", "shape": args.shape, "peft": method, "tensors": len(adapter),
+                              "adapter_bytes": sum(t.numel() * t.element_size() for t in adapter.values()),
+                              **{f"{k}_ms": v for k, v in apply_parts_ms(policy.model, adapter, args.reps).items()},
+                              "baseline": "per-tensor check and write (the previous engine apply), same process",
+                              "device": torch.cuda.get_device_name()}), flush=True)
             del policy
             torch.cuda.empty_cache()
     finally:
