@@ -5,7 +5,8 @@ milliseconds however little it computes. Replaying a captured graph launches the
 The graph covers the whole step (``DecodeLoop.decode_rows``): every layer and the adapter, then
 sampling, recording the token and its logprob, and flagging rows that sampled EOS, reached their
 length or may have completed a stop string. Its inputs and outputs are the loop's own per-row
-tensors and the KV cache, read in place over the cache's whole capacity under a mask; graphs
+tensors and the KV cache, read in place (the split-K attention kernel stops at each row's length;
+the reference path masks the whole capacity, since lengths change between replays); graphs
 belong to one cache allocation and are dropped with it (``DecodeLoop.release``), so addresses never
 change under a captured graph. The host syncs only when it reads the finished rows.
 

@@ -269,8 +269,9 @@ class DecodeLoop:
     def decode_rows(self, rows: int, used: tuple[int, ...], graphed: bool) -> None:
         """One decode step over rows ``[0, rows)``: forward, sample, record, flag finished rows.
 
-        Tensor ops only (captured whole as a CUDA graph when ``graphed``; a graph attends over the
-        whole cache capacity under a mask, since the live length changes between replays).
+        Tensor ops only (captured whole as a CUDA graph when ``graphed``). The mask covers the whole
+        capacity in a graph, since lengths change between replays; on a GPU the engine's attention
+        kernel reads only each row's live keys and ignores it.
         """
         lengths = self.lengths[:rows]
         row_slot = self.row_adapter[:rows] if len(used) > 1 else None
