@@ -26,11 +26,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the reference serves every call
-    triton = None
+from orbit_kernels._triton import tl, triton
 
 log = logging.getLogger("orbit.kernels")
 ENABLED = True

@@ -24,11 +24,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the references serve every call
-    triton = None
+from orbit_kernels._triton import tl, triton
 
 
 def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
