@@ -43,6 +43,8 @@ class LoRALinear(AdapterLayer):
 
     def _engine_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
         """The rollout engine's path: both LoRA GEMMs in two kernels, each row reading its own slot."""
+        if not out.is_contiguous():  # the kernel adds into the output in place, through a flat view
+            return None
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
         if self.slot_bank is None:
             a, b, row_slot = self.lora_A[None], self.lora_B[None], None
