@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels._triton import tl, triton
+from orbit_kernels._triton import note_fallback, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -105,11 +105,28 @@ if triton is not None:
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
+def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernels cannot take this call (None: they can)."""
+    if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape:
+        return f"q {tuple(q.shape)}, k {tuple(k.shape)} are not [rows, heads, dim] / [rows, kv_heads, capacity, dim]"
+    if q.shape[-1] not in (64, 128, 256):
+        return f"head_dim {q.shape[-1]} (the kernel takes 64, 128 or 256)"
+    if q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads over {k.shape[1]} KV heads"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "head_dim is not contiguous"
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"activations are {q.dtype}"
+    return None
+
+
 def _served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    dim = q.shape[-1]
-    return (ENABLED and triton is not None and q.is_cuda and q.dim() == 3 and k.dim() == 4 and dim in (64, 128, 256)
-            and q.shape[1] % k.shape[1] == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-            and q.dtype in (torch.bfloat16, torch.float16, torch.float32))
+    if not (ENABLED and triton is not None and q.is_cuda):
+        return False
+    reason = unserved_reason(q, k, v)
+    if reason is not None:
+        note_fallback("decode_attention", reason)
+    return reason is None
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

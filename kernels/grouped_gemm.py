@@ -21,17 +21,13 @@ largest expert. ``BLOCK_M`` follows the mean rows per group (decode: a few; trai
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels._triton import tl, triton
+from orbit_kernels._triton import note_fallback, tl, triton
 
-log = logging.getLogger("orbit.kernels")
 ENABLED = True
 """Set False to force the reference (benchmarks compare the two in one process)."""
-_reported: set[tuple] = set()
 
 
 def grouped_mm_reference(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -154,9 +150,8 @@ def _check(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> None:
 
 def _served(op: str, *tensors: torch.Tensor) -> bool:
     reason = _kernel_reason(*tensors)
-    if reason not in (None, "off") and (key := (op, reason)) not in _reported:
-        _reported.add(key)
-        log.warning("orbit_kernels: %s falls back to the torch reference (%s)", op, reason)
+    if reason not in (None, "off"):
+        note_fallback(op, reason)
     return reason is None
 
 

@@ -19,12 +19,10 @@ runs (and the shape is logged once); a kernel never returns numbers the referenc
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels._triton import tl, triton
+from orbit_kernels._triton import note_fallback, tl, triton
 
 
 def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
@@ -42,7 +40,6 @@ def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, in
     return (q.view(rows, -1, group) * scale.float()[..., None]).view(rows, cols).to(dtype)
 
 
-log = logging.getLogger("orbit.kernels")
 FUSED_MAX_ROWS = 32
 """Up to this many activation rows, ``int4_linear`` runs the fused kernel; above, dequant + cuBLAS.
 Set from the first version of the kernel on an H100 at the Qwen3-1.7B shape (eager decode,
@@ -55,15 +52,12 @@ GEMV_TARGET_PROGRAMS = 264
 """Two programs per SM of an H100 (132 SMs)."""
 LINEAR_BLOCK_K = 64
 """The fused kernel's K tile: in_features and the group size must be multiples of it."""
-_reported: set[tuple] = set()
 ENABLED = True
 """Set False to force the references (benchmarks compare the two in one process)."""
 
 
 def _note_fallback(op: str, why: str, key: tuple) -> None:
-    if key not in _reported:
-        _reported.add(key)
-        log.warning("orbit_kernels: %s falls back to the torch reference for %s (%s)", op, key, why)
+    note_fallback(op, f"{why}; out, in, group, dtype = {key}")
 
 
 def _triton_ready(*tensors: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels._triton import tl, triton
+from orbit_kernels._triton import note_fallback, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -80,10 +80,25 @@ if triton is not None:
         tl.store(y_ptrs, (y + acc * scaling).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def unserved_reason(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why the kernels cannot take this call (None: they can). More rows than ``KERNEL_MAX_ROWS`` is
+    not one: there the reference is chosen because it is faster."""
+    if x.dim() != 2 or y.dim() != 2:
+        return f"x {tuple(x.shape)} and y {tuple(y.shape)} are not [rows, features]"
+    if a.shape[1] > MAX_RANK:
+        return f"rank {a.shape[1]} over {MAX_RANK}"
+    if x.stride(-1) != 1 or y.stride(-1) != 1 or a.stride(-1) != 1 or b.stride(-1) != 1:
+        return "a last dimension is not contiguous"
+    return None
+
+
 def _served(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (ENABLED and triton is not None and x.is_cuda and x.dim() == 2 and y.dim() == 2 and a.shape[1] <= MAX_RANK
-            and x.shape[0] <= KERNEL_MAX_ROWS
-            and x.stride(-1) == 1 and y.stride(-1) == 1 and a.stride(-1) == 1 and b.stride(-1) == 1)
+    if not (ENABLED and triton is not None and x.is_cuda) or x.shape[0] > KERNEL_MAX_ROWS:
+        return False
+    reason = unserved_reason(y, x, a, b)
+    if reason is not None:
+        note_fallback("lora_add_", reason)
+    return reason is None
 
 
 def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels._triton import tl, triton
+from orbit_kernels._triton import note_fallback, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -38,9 +38,24 @@ if triton is not None:
         tl.store(y_ptr + row * stride_y + offs, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def unserved_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the kernel cannot take this call (None: it can)."""
+    if x.shape[-1] != weight.numel():
+        return f"weight of {weight.numel()} for rows of {x.shape[-1]}"
+    if x.shape[-1] > 16384:
+        return f"rows of {x.shape[-1]} exceed one block of 16384"
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"activations are {x.dtype}"
+    return None
+
+
 def _served(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (ENABLED and triton is not None and x.is_cuda and weight.is_cuda and x.shape[-1] == weight.numel()
-            and x.shape[-1] <= 16384 and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
+    if not (ENABLED and triton is not None and x.is_cuda and weight.is_cuda):
+        return False
+    reason = unserved_reason(x, weight)
+    if reason is not None:
+        note_fallback("rms_norm", reason)
+    return reason is None
 
 
 @torch.library.custom_op("orbit::rms_norm", mutates_args=())

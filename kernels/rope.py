@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels._triton import tl, triton
+from orbit_kernels._triton import note_fallback, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -53,10 +53,24 @@ if triton is not None:
         tl.store(o_row + HALF + offs, out2.to(dtype), mask=mask)
 
 
+def unserved_reason(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str | None:
+    """Why the kernel cannot take this call (None: it can)."""
+    if x.dim() != 4 or cos.dim() != 3 or cos.shape[0] != x.shape[0] or cos.shape[1] != x.shape[2]:
+        return f"x {tuple(x.shape)} with tables {tuple(cos.shape)} is not [batch, heads, seq, dim] / [batch, seq, dim]"
+    if x.shape[-1] % 2:
+        return f"odd head_dim {x.shape[-1]}"
+    if x.stride(-1) != 1 or cos.stride(-1) != 1 or cos.stride() != sin.stride():
+        return "head_dim is not contiguous, or cos and sin are laid out differently"
+    return None
+
+
 def _served(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    return (ENABLED and triton is not None and x.is_cuda and x.dim() == 4 and cos.dim() == 3
-            and x.shape[-1] % 2 == 0 and x.stride(-1) == 1 and cos.stride() == sin.stride() and cos.stride(-1) == 1
-            and cos.shape[0] == x.shape[0] and cos.shape[1] == x.shape[2])
+    if not (ENABLED and triton is not None and x.is_cuda):
+        return False
+    reason = unserved_reason(x, cos, sin)
+    if reason is not None:
+        note_fallback("rope", reason)
+    return reason is None
 
 
 def launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

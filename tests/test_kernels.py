@@ -192,3 +192,25 @@ def test_decode_attention_kernel_equals_the_reference(rows, heads, kv_heads, cap
     want = decode_attention_reference(q.float(), k.float(), v.float(), lengths)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+def test_unserved_shapes_are_named_and_noted_once(caplog):
+    from orbit_kernels import decode_attention as attention_module, rmsnorm, rope as rope_module
+    from orbit_kernels._triton import note_fallback
+
+    q, k = torch.randn(2, 8, 80), torch.randn(2, 4, 16, 80)
+    assert "head_dim 80" in attention_module.unserved_reason(q, k, k)
+    assert attention_module.unserved_reason(torch.randn(2, 6, 64), torch.randn(2, 4, 16, 64),
+                                            torch.randn(2, 4, 16, 64)) == "6 query heads over 4 KV heads"
+    assert attention_module.unserved_reason(torch.randn(2, 8, 64), torch.randn(2, 4, 16, 64),
+                                            torch.randn(2, 4, 16, 64)) is None
+    assert "odd head_dim 7" in rope_module.unserved_reason(torch.randn(1, 2, 3, 7), torch.randn(1, 3, 7),
+                                                           torch.randn(1, 3, 7))
+    assert "20000" in rmsnorm.unserved_reason(torch.randn(2, 20000), torch.randn(20000))
+    assert "rank 200" in lora.unserved_reason(torch.randn(3, 5), torch.randn(3, 8), torch.randn(1, 200, 8),
+                                              torch.randn(1, 5, 200))
+    assert lora.unserved_reason(torch.randn(3, 5), torch.randn(3, 8), torch.randn(1, 4, 8), torch.randn(1, 5, 4)) is None
+    with caplog.at_level("WARNING", logger="orbit.kernels"):
+        for _ in range(3):
+            note_fallback("test_op", "a reason")
+    assert caplog.text.count("test_op falls back to the torch reference (a reason)") == 1
