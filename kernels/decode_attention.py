@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels._triton import note_fallback, tl, triton
+from orbit_kernels._triton import serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -121,12 +121,7 @@ def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 
 
 def _served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    if not (ENABLED and triton is not None and q.is_cuda):
-        return False
-    reason = unserved_reason(q, k, v)
-    if reason is not None:
-        note_fallback("decode_attention", reason)
-    return reason is None
+    return serves("decode_attention", ENABLED, q, lambda: unserved_reason(q, k, v))
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels._triton import note_fallback, tl, triton
+from orbit_kernels._triton import serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -93,12 +93,7 @@ def unserved_reason(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
 
 
 def _served(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    if not (ENABLED and triton is not None and x.is_cuda) or x.shape[0] > KERNEL_MAX_ROWS:
-        return False
-    reason = unserved_reason(y, x, a, b)
-    if reason is not None:
-        note_fallback("lora_add_", reason)
-    return reason is None
+    return x.shape[0] <= KERNEL_MAX_ROWS and serves("lora_add_", ENABLED, x, lambda: unserved_reason(y, x, a, b))
 
 
 def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,

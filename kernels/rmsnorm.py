@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels._triton import note_fallback, tl, triton
+from orbit_kernels._triton import serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -50,12 +50,7 @@ def unserved_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 
 
 def _served(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not (ENABLED and triton is not None and x.is_cuda and weight.is_cuda):
-        return False
-    reason = unserved_reason(x, weight)
-    if reason is not None:
-        note_fallback("rms_norm", reason)
-    return reason is None
+    return weight.is_cuda and serves("rms_norm", ENABLED, x, lambda: unserved_reason(x, weight))
 
 
 @torch.library.custom_op("orbit::rms_norm", mutates_args=())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels._triton import note_fallback, tl, triton
+from orbit_kernels._triton import serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -65,12 +65,7 @@ def unserved_reason(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> st
 
 
 def _served(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    if not (ENABLED and triton is not None and x.is_cuda):
-        return False
-    reason = unserved_reason(x, cos, sin)
-    if reason is not None:
-        note_fallback("rope", reason)
-    return reason is None
+    return serves("rope", ENABLED, x, lambda: unserved_reason(x, cos, sin))
 
 
 def launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
