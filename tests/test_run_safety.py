@@ -152,12 +152,40 @@ def test_frozen_engine_times_out_on_send_and_the_run_saves_its_last_step(tmp_pat
             os.kill(info["pid"], signal.SIGSTOP)
 
     start = time.monotonic()
-    with pytest.raises(OrbitError, match=r"did not take 'push' within 3 s"):
+    # whichever wait meets the frozen engine first gives up after the timeout: the push of step 1's
+    # adapter, or, when the engine had read that push before the freeze, the wait for batch 2
+    with pytest.raises(OrbitError, match=r"did not take 'push' within 3 s|sent nothing for 3 s"):
         run_training(load_recipe(str(recipe)), quiet(on_step=freeze, on_engine_start=info.update))
     assert time.monotonic() - start < 60
     assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [1]
     result = run_training(load_recipe(str(recipe), ["rollout.engine_timeout_s=600"]), quiet())
     assert result.steps_done == 4
+
+
+def test_a_push_to_a_frozen_engine_gives_up_after_the_timeout(tiny_checkpoint):
+    """The send path on its own: the engine is frozen before the push, so the push must be what times out."""
+    from orbit_core.config.schema import ModelSection, PeftSection
+    from orbit_core.policy.build import build_policy
+    from orbit_core.peft.slots import engine_adapter_state
+    from orbit_core.rollout.adapter_payload import encode
+    from orbit_core.rollout.remote import EngineProcess
+    from orbit_core.rollout.worker import EngineSpec
+
+    peft = PeftSection(method="lora", rank=4, alpha=8)
+    model = build_policy(ModelSection(path=tiny_checkpoint, device="cpu"), peft, log=lambda m: None).model
+    spec = EngineSpec(tiny_checkpoint, "float32", "cpu", peft, 1, 4, seed=0, threads=1,
+                      adapter=encode(engine_adapter_state(model)), version=0)
+    engine = EngineProcess(spec, timeout_s=120)  # returns once the engine is up
+    engine.timeout_s = 3
+    try:
+        os.kill(engine.process.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(OrbitError, match=r"did not take 'push' within 3 s"):
+            engine.push(1, b"\0" * (8 << 20))  # far more than a pipe buffers
+        assert time.monotonic() - start < 15
+    finally:
+        if engine.process.is_alive():
+            engine.process.kill()
 
 
 def test_a_finished_run_without_eval_is_complete_too(tmp_path, tiny_checkpoint):
