@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextvars
 from contextlib import contextmanager
 
+import torch
+
 _ENGINE = contextvars.ContextVar("orbit_engine_forward", default=False)
 
 
@@ -24,5 +26,7 @@ def engine_forward():
         _ENGINE.reset(token)
 
 
-def in_engine_forward() -> bool:
-    return _ENGINE.get()
+def use_engine_kernels(x: torch.Tensor) -> bool:
+    """Whether a module may run its inference kernel on ``x``: a GPU tensor in the engine's forward,
+    with no autograd graph being built."""
+    return x.is_cuda and _ENGINE.get() and not torch.is_grad_enabled()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from orbit_core.errors import OrbitError
-from orbit_core.models.engine_forward import in_engine_forward
+from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_kernels.rope import apply_rope_reference, rope
 
 
@@ -86,6 +86,6 @@ def rope_tables(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
-    if x.is_cuda and in_engine_forward() and not torch.is_grad_enabled():
+    if use_engine_kernels(x):
         return rope(x, cos, sin)  # one kernel in the rollout engine
     return apply_rope_reference(x, cos, sin)

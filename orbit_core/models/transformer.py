@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from orbit_core.models.config import QWEN2_FAMILY, DecoderConfig
-from orbit_core.models.engine_forward import in_engine_forward
+from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.mlp import MLP
 from orbit_core.models.moe import SparseMoE
 from orbit_core.models.rope import apply_rope, rope_tables
@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32 and cast back before the weight, as the reference implementation does.
-        if x.is_cuda and in_engine_forward() and not torch.is_grad_enabled():
+        if use_engine_kernels(x):
             return rms_norm(x, self.weight, self.eps)  # one fused kernel in the rollout engine
         return rms_norm_reference(x, self.weight, self.eps)
 
@@ -104,7 +104,7 @@ class Attention(nn.Module):
             rows = torch.arange(batch, device=x.device)
             cache.k[self.layer_idx, rows, :, write_pos] = k[:, :, 0].to(cache.k.dtype)
             cache.v[self.layer_idx, rows, :, write_pos] = v[:, :, 0].to(cache.v.dtype)
-            if x.is_cuda and in_engine_forward():  # split-K over each row's live keys only
+            if use_engine_kernels(x):  # split-K over each row's live keys only
                 out = decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
                 out = out.view(batch, self.num_heads, 1, self.head_dim)
             else:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from orbit_core.models.engine_forward import in_engine_forward
+from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
 from orbit_kernels.lora import lora_add_
 
@@ -32,7 +32,7 @@ class LoRALinear(AdapterLayer):
         out = self.base(x)
         if not self.enabled:
             return out
-        if x.is_cuda and in_engine_forward() and not self.training and not torch.is_grad_enabled():
+        if use_engine_kernels(x) and not self.training:
             served = self._engine_add(x, out)
             if served is not None:
                 return served

@@ -257,13 +257,10 @@ class DecodeLoop:
     def _decode(self) -> None:
         rows = row_bucket(max(self.busy_rows) + 1, self.cache.k.shape[1])
         used = tuple(s for s, n in enumerate(self.slot_refs) if n > 0) if self.bank is not None else (0,)
-        if self.use_graphs:
-            if self.graphed is None:
-                self.graphed = GraphedDecode(self, self.cache.k.device)
-            if self.graphed.replay(rows, used or (0,)):
-                self.max_len += 1
-                return
-        self.decode_rows(rows, used, graphed=False)
+        if self.use_graphs and self.graphed is None:
+            self.graphed = GraphedDecode(self, self.cache.k.device)
+        if not (self.use_graphs and self.graphed.replay(rows, used or (0,))):
+            self.decode_rows(rows, used, graphed=False)
         self.max_len += 1
 
     def decode_rows(self, rows: int, used: tuple[int, ...], graphed: bool) -> None:
