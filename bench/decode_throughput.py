@@ -30,6 +30,7 @@ from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
+from orbit_kernels import packed_gemv
 
 
 def copy_bandwidth() -> float:
@@ -109,6 +110,8 @@ def main() -> None:
                         help="both: also attend through masked SDPA over the whole capacity (the reference)")
     parser.add_argument("--lora-kernel", choices=["on", "both"], default="both",
                         help="both: also run LoRA through the torch reference (six kernels a linear) in the engine")
+    parser.add_argument("--packed-gemv", choices=["on", "both"], default="on",
+                        help="both: also run int4 decode rows through the split-K tl.dot GEMV (the few-row GEMV off)")
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
                         help="both: also decode eagerly (rollout.cuda_graph=false), the launch-bound baseline")
     parser.add_argument("--hf", action="store_true", help="also time transformers generate (bf16)")
@@ -153,21 +156,26 @@ def main() -> None:
         for adapter in args.adapters:
             model = build_model(paths[base], adapter)
             weight_bytes = resident_bytes(model)
-            kernel_modes = [True, False] if base == "int4" and args.kernels == "both" else [True]
+            kernel_modes = [True, False] if base != "bf16" and args.kernels == "both" else [True]
             graph_modes = [True, False] if args.graphs == "both" else [True]
             lora_modes = [True, False] if adapter == "lora" and args.lora_kernel == "both" else [True]
             attention_modes = [True, False] if args.attention_kernel == "both" else [True]
-            for kernels_on, lora_on, attention_on in itertools.product(kernel_modes, lora_modes, attention_modes):
-                int4_kernels.ENABLED, lora_kernels.ENABLED, attention_kernels.ENABLED = kernels_on, lora_on, attention_on
+            gemv_modes = [True, False] if base == "int4" and args.packed_gemv == "both" else [True]
+            for kernels_on, lora_on, attention_on, gemv_on in itertools.product(kernel_modes, lora_modes, attention_modes,
+                                                                                  gemv_modes):
+                if gemv_on is False and kernels_on is False:
+                    continue
+                int4_kernels.ENABLED, packed_gemv.ENABLED = kernels_on, kernels_on and gemv_on
+                lora_kernels.ENABLED, attention_kernels.ENABLED = lora_on, attention_on
                 for graphs in graph_modes:
                     for batch in args.batches:
                         seconds = decode_seconds(model, prompts, args.new, batch, graphs)
                         report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "cuda_graph": graphs,
-                                "kernels": "triton" if kernels_on and base == "int4" else "torch reference",
+                                "kernels": "triton" if kernels_on and base != "bf16" else "torch reference",
                                 "lora_kernel": lora_on if adapter == "lora" else None,
-                                "attention_kernel": attention_on},
+                                "attention_kernel": attention_on, "packed_gemv": kernels_on and gemv_on},
                                batch * args.new / seconds, weight_bytes, batch)
-            int4_kernels.ENABLED = lora_kernels.ENABLED = attention_kernels.ENABLED = True
+            int4_kernels.ENABLED = packed_gemv.ENABLED = lora_kernels.ENABLED = attention_kernels.ENABLED = True
             del model
             gc.collect()
             torch.cuda.empty_cache()

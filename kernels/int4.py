@@ -9,6 +9,7 @@ dispatch point (``torch.library.custom_op`` + ``register_fake``) and the plain-t
   elementwise torch kernels); the training path dequantizes with it and calls cuBLAS.
 * ``orbit::int4_linear``: ``x @ W^T`` with the weight unpacked tile by tile inside the GEMM, so a
   decode step reads 0.5 bytes per weight instead of dequantizing the whole matrix first. Up to
+  ``packed_gemv.MAX_ROWS`` rows the few-row GEMV shared with fp8 and nvfp4 runs; up to
   ``GEMV_MAX_ROWS`` rows a split-K kernel spreads K over more programs (a decode linear has too
   few output tiles to fill the GPU); up to ``FUSED_MAX_ROWS`` a tiled kernel; above, dequantize
   and cuBLAS.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from orbit_kernels import packed_gemv
 from orbit_kernels._triton import note_fallback, tl, triton
 
 
@@ -181,6 +183,9 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_f
         if reason is not None:
             _note_fallback("int4_linear", reason, (out_features, in_features, group, x.dtype))
         return F.linear(x, int4_dequant(packed, scale, in_features, x.dtype))
+    if (rows <= packed_gemv.MAX_ROWS and packed_gemv.ENABLED
+            and packed_gemv.unserved_reason("int4", x, packed, scale, in_features) is None):
+        return packed_gemv.packed_gemv("int4", x, packed, scale, in_features)
     if rows <= GEMV_MAX_ROWS:
         return int4_gemv(x, packed, scale, in_features)
     return fused_int4_linear(x, packed, scale, in_features)

@@ -8,6 +8,8 @@ import torch
 from orbit_kernels import int4
 from orbit_kernels.int4 import dequant_int4, int4_dequant, int4_linear
 from orbit_kernels import lora
+from orbit_kernels import fp_formats, packed_gemv
+from orbit_kernels.fp_formats import dequant, fp_linear
 from orbit_kernels.decode_attention import decode_attention, decode_attention_reference
 from orbit_kernels.lora import lora_add_, lora_add_reference
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
@@ -62,6 +64,73 @@ def test_linear_kernel_equals_the_reference_in_bf16(m, rows, cols, group):
     torch.testing.assert_close(got, reference, **tolerance)
     if m <= int4.GEMV_MAX_ROWS and group % 64 == 0:  # the split-K kernel itself (split 1 for 4400 rows)
         torch.testing.assert_close(int4.int4_gemv(x, packed, scale, cols).float(), reference, **tolerance)
+
+
+def _fp_weights(fmt: str, rows: int, cols: int, device: str = "cpu"):
+    gen = torch.Generator().manual_seed(rows + cols)
+    if fmt == "fp8":
+        codes = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=gen)
+        codes[(codes & 0x7F) == 0x7F] = 0x38  # no NaN codes
+        scale = torch.rand(-(-rows // 128), -(-cols // 128), generator=gen) * 0.01
+        return codes.view(torch.float8_e4m3fn).to(device), scale.to(device), None
+    packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
+    scale = (torch.rand(rows, cols // 16, generator=gen) * 4 + 0.5).to(torch.float8_e4m3fn)
+    return packed.to(device), scale.to(device), torch.tensor([300.0], device=device)
+
+
+def test_e2m1_codes_decode_to_the_format_table():
+    codes = torch.arange(8, dtype=torch.int32)
+    assert fp_formats.e2m1_magnitude(codes).tolist() == list(fp_formats.E2M1_VALUES)
+    # and through the byte unpack: low nibble first, bit 3 the sign
+    packed = torch.tensor([[0x71, 0x0A]], dtype=torch.uint8)
+    assert fp_formats.unpack_fp4(packed).tolist() == [[0.5, 6.0, -1.0, 0.0]]
+
+
+def test_fp_linear_on_cpu_is_the_reference_and_traces():
+    for fmt in ("fp8", "nvfp4"):
+        weight, scale, global_scale = _fp_weights(fmt, 40, 256)
+        x = torch.randn(3, 256)
+        want = x @ dequant(fmt, weight, scale, global_scale, torch.float32).t()
+        torch.testing.assert_close(fp_linear(x, weight, scale, global_scale, fmt, 256), want, atol=1e-5, rtol=1e-5)
+        compiled = torch.compile(lambda x: fp_linear(x, weight, scale, global_scale, fmt, 256), backend="aot_eager",
+                                 fullgraph=True)
+        assert compiled(x).shape == (3, 40)
+
+
+@cuda
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows, cols", [(2048, 2048), (256, 6144), (300, 768), (4400, 512)])
+def test_packed_gemv_equals_each_formats_reference(fmt, m, rows, cols):
+    """The few-row kernel against dequantize-then-matmul in fp32, for splits from 1 to many (4400
+    outputs leave one K split; 256 x 6144 many), also replayed from a CUDA graph."""
+    if fmt == "int4":
+        packed, scale = _packed(rows, cols, 128, "cuda", torch.bfloat16)
+        args, dense = (packed, scale), dequant_int4(packed, scale, (rows, cols), torch.float32)
+    else:
+        weight, scale, global_scale = _fp_weights(fmt, rows, cols, "cuda")
+        args, dense = (weight, scale), dequant(fmt, weight, scale, global_scale, torch.float32)
+    x = torch.randn(m, cols, device="cuda", dtype=torch.bfloat16)
+    assert packed_gemv.unserved_reason(fmt, x, args[0], args[1], cols) is None
+    reference = x.float() @ dense.t()
+    tolerance = dict(atol=1e-2 * reference.abs().max().item(), rtol=1e-2)
+
+    def call():
+        return packed_gemv.packed_gemv(fmt, x, *args, cols, None if fmt != "nvfp4" else global_scale)
+
+    torch.testing.assert_close(call().float(), reference, **tolerance)
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(3):  # the split counters start from zero on every replay
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), reference, **tolerance)
+    if fmt != "int4":  # and through the op the quantized linears call
+        got = fp_linear(x, weight, scale, global_scale if fmt == "nvfp4" else None, fmt, cols)
+        torch.testing.assert_close(got.float(), reference, **tolerance)
 
 
 @cuda

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from orbit_core.quant.dequant import dequant_fp8_block, dequant_nvfp4
+from orbit_kernels.fp_formats import fp_linear
 from orbit_kernels.int4 import int4_dequant, int4_linear
 
 
@@ -58,11 +58,14 @@ class QuantLinear(nn.Module):
         return next(self.buffers()).device
 
     def packed_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x W^T + b`` through the format's kernel (int4: fused for decode-sized inputs)."""
+        """``x W^T + b`` through the format's kernel (fused for decode-sized inputs)."""
         if self.fmt_name == "int4":
             y = int4_linear(x, self.weight_packed, self.weight_scale, self.in_features)
-            return y if bias is None else y + bias
-        return F.linear(x, self.dequantized(x.dtype), bias)
+        elif self.fmt_name == "fp8":
+            y = fp_linear(x, self.weight, self.weight_scale, None, "fp8", self.in_features)
+        else:
+            y = fp_linear(x, self.weight_packed, self.weight_scale, self.weight_global_scale, "nvfp4", self.in_features)
+        return y if bias is None else y + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

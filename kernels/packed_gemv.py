@@ -1,0 +1,160 @@
+"""A few-row GEMV over packed weight codes, one kernel for int4, nvfp4 and fp8 block weights.
+
+A decode step multiplies one to four activation rows by each weight, so the weight read is the
+whole cost. The kernel reads the weight as int32 words of ``CODES`` codes (eight nibbles for
+int4 and nvfp4, four bytes for fp8), in the checkpoint's own layout, and turns the codes into
+floats with shifts and bit tricks in registers: no ``tl.dot`` (one row leaves a tensor-core tile
+15/16 empty) and no reshape of the unpacked tile (a layout change through shared memory).
+
+K is dealt out to ``SPLIT_K`` programs per output tile, because a decode-sized weight has too few
+output tiles to keep every SM streaming. The split partial sums meet inside the same launch: each
+program stores its fp32 partials, and the last program of a tile to arrive (an atomic counter)
+adds them and writes the output. A graphed decode step therefore pays one kernel per linear,
+not a GEMV, a sum and a cast.
+
+The references are the formats' dequantize functions (``dequant_int4``, ``dequant_nvfp4``,
+``dequant_fp8_block``) followed by ``F.linear``; on the CPU those run instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orbit_kernels._triton import tl, triton
+
+ENABLED = True
+"""Set False to force the references (benchmarks compare the two in one process)."""
+
+MAX_ROWS = 4
+"""Above this many rows the products stop being cheap beside the weight read; tl.dot kernels take over."""
+TARGET_PROGRAMS = 528
+"""Four programs per SM of an H100 (132 SMs): enough loads in flight to cover HBM latency."""
+BLOCK_N, BLOCK_W, NUM_WARPS = 8, 128, 4
+"""Output rows and int32 words per program and K step, and its warps: the fastest of 18 settings
+summed over q_proj, gate_proj and down_proj at one row (H200, Qwen3-1.7B shape). Taking all eight
+codes of a word as one [BLOCK_N, BLOCK_W, 8] tile instead measured 1.2-2.9x slower."""
+FORMAT_CODES = {"int4": 0, "nvfp4": 1, "fp8": 2}
+
+if triton is not None:
+
+    @triton.jit
+    def _decode(codes, FMT: tl.constexpr):
+        if FMT == 0:
+            # int4, offset by 8: OR the nibble into the mantissa of 2**23, subtract 2**23 + 8
+            return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        elif FMT == 1:
+            # e2m1: sign bit 3, exponent bits 2..1 (bias 1), mantissa bit 0; exponent 0 is 0 or 0.5
+            mag = codes & 7
+            exponent = mag >> 1
+            mantissa = mag & 1
+            bits = tl.where(exponent > 0, ((exponent + 126) << 23) | (mantissa << 22), mantissa * (126 << 23))
+            return (bits | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
+        else:
+            # e4m3: put exponent and mantissa where fp32 keeps them, then undo the bias (2**(127 - 7));
+            # subnormal codes land on fp32 subnormals and come out right too
+            bits = ((codes & 0x7F) << 20) | ((codes & 0x80) << 24)
+            return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36
+
+    @triton.jit
+    def _packed_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, part_ptr, count_ptr, y_ptr, M, N, K, stride_xm, stride_w,
+                            stride_s, stride_ym, FMT: tl.constexpr, ROWS: tl.constexpr, CODES: tl.constexpr,
+                            GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                            SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        # Everything stays in the [BLOCK_N, BLOCK_W] layout of the loaded words: code c of every word
+        # is taken at once, times the activations of column ``CODES * w + c``, and summed into a
+        # [ROWS, BLOCK_N, BLOCK_W] accumulator; one reduction over words at the very end.
+        BITS: tl.constexpr = 32 // CODES
+        BLOCK_K: tl.constexpr = BLOCK_W * CODES
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = tl.arange(0, BLOCK_W)
+        rows = tl.arange(0, ROWS)
+        n_mask = offs_n < N
+        # the row test is tensor-shaped: the Triton interpreter rejects a scalar in a mask
+        x_mask = (rows[:, None] < M) & (offs_w[None, :] < BLOCK_W)
+        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+            words = tl.load(w_ptr + offs_n[:, None] * stride_w + (k0 // CODES + offs_w)[None, :], mask=n_mask[:, None],
+                            other=0)
+            cols = k0 + offs_w * CODES  # a word never straddles two scale groups (GROUP % CODES == 0)
+            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS)[:, None] * stride_s + (cols // GROUP)[None, :],
+                            mask=n_mask[:, None], other=0.0).to(tl.float32)
+            tile = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
+            for c in tl.static_range(CODES):
+                w = _decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT)
+                x = tl.load(x_ptr + rows[:, None] * stride_xm + (cols + c)[None, :], mask=x_mask, other=0.0)
+                tile += w[None, :, :] * x.to(tl.float32)[:, None, :]
+            acc += tile * scale[None, :, :]
+        acc = tl.sum(acc, axis=2)
+        if HAS_GLOBAL:
+            acc = acc / tl.load(gs_ptr).to(tl.float32)
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+        y_mask = (rows[:, None] < M) & n_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        else:
+            offs = rows[:, None] * N + offs_n[None, :]
+            tl.store(part_ptr + pid_k * ROWS * N + offs, acc, mask=y_mask)
+            # every thread's partials are written before the tile's counter moves (release), and
+            # the last arrival sees all of them (acquire; .cg reads past the SM's own L1)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(part_ptr + s * ROWS * N + offs, mask=y_mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def unserved_reason(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int) -> str | None:
+    """Why the kernel cannot take this call of up to ``MAX_ROWS`` rows (None when it can)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"activations are {x.dtype}"
+    codes = 4 if fmt == "fp8" else 8
+    group = _group(fmt, scale, in_features)
+    if in_features % (16 * codes) or group % codes:
+        return f"in_features={in_features} or group={group} does not fit the kernel's {16 * codes}-column tiles"
+    if not weight.is_contiguous():
+        return "the packed weight is not contiguous"
+    return None
+
+
+def _group(fmt: str, scale: torch.Tensor, in_features: int) -> int:
+    return -(-in_features // scale.shape[-1])
+
+
+def _split(tiles: int, k_words: int, block_w: int) -> int:
+    split = max(1, min(TARGET_PROGRAMS // tiles, k_words // block_w))
+    return 1 << (split.bit_length() - 1)
+
+
+def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int,
+                global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., in] @ W^T`` for up to ``MAX_ROWS`` rows (callers check ``unserved_reason`` first).
+
+    ``weight`` as stored: int4 ``weight_packed`` int32 ``[out, in/8]``; nvfp4 ``weight_packed``
+    uint8 ``[out, in/2]``; fp8 ``weight`` e4m3 ``[out, in]``. ``scale`` as stored (fp8: one per
+    128x128 block); ``global_scale`` only for nvfp4.
+    """
+    out_features = weight.shape[0]
+    rows = x.numel() // in_features
+    flat = x.reshape(rows, in_features).contiguous()
+    words = weight.view(torch.int32)
+    codes = 4 if fmt == "fp8" else 8
+    group = _group(fmt, scale, in_features)
+    scale_rows = -(-out_features // scale.shape[0])
+    k_words = in_features // codes
+    block_n = BLOCK_N
+    block_w = next(w for w in (BLOCK_W, 32, 16) if k_words % w == 0)
+    tiles = triton.cdiv(out_features, block_n)
+    split = _split(tiles, k_words, block_w)
+    row_bucket = 1 << max(rows - 1, 0).bit_length()
+    y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
+    part = torch.empty((split, row_bucket, out_features) if split > 1 else (1,), dtype=torch.float32, device=x.device)
+    count = torch.zeros(tiles if split > 1 else 1, dtype=torch.int32, device=x.device)
+    _packed_gemv_kernel[(tiles, split)](
+        flat, words, scale, scale if global_scale is None else global_scale, part, count, y, rows, out_features,
+        in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), FMT=FORMAT_CODES[fmt],
+        ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, HAS_GLOBAL=global_scale is not None,
+        SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=NUM_WARPS)
+    return y.view(*x.shape[:-1], out_features)
