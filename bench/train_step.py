@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from bench.base_memory import write_random_checkpoint
 from bench.rollout_throughput import SHAPES
@@ -32,9 +33,14 @@ from orbit_kernels import int4 as int4_kernels
 RANK, ALPHA = 32, 64
 
 
-def timed(step, warmup: int, repeats: int) -> tuple[float, float]:
-    """(mean seconds per step after warm-up, peak GiB allocated during the measured steps)."""
-    for _ in range(warmup):
+def timed(step, warmup: int, repeats: int) -> tuple[float, float, float, dict | None]:
+    """(mean seconds per step after warm-up, peak GiB allocated during the measured steps, seconds
+    of the first step: compilation and autotuning included, the first step's statistics)."""
+    start = time.perf_counter()
+    first_stats = step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -42,15 +48,15 @@ def timed(step, warmup: int, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         step()
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() / 2**30
+    return (time.perf_counter() - start) / repeats, torch.cuda.max_memory_allocated() / 2**30, first, first_stats
 
 
-def orbit_step(path: str, ids: torch.Tensor, checkpointing: str):
+def orbit_step(path: str, ids: torch.Tensor, checkpointing: str, compile_layers: str = "auto"):
     model = load_base(path, "bfloat16", "cuda")
     apply_lora(model, RANK, ALPHA, 0.0, ["all-linear"])
     rows = ids.shape[0]
     config = build_config({"train": {"global_batch_size": rows, "micro_batch_size": rows, "lr": 1e-5,
-                                     "activation_checkpointing": checkpointing},
+                                     "activation_checkpointing": checkpointing, "compile": compile_layers},
                            "rollout": {"batch_size": 1, "n_samples_per_prompt": rows, "max_new_tokens": ids.shape[1]}})
     trainer = TorchTrainer(model, config)
     mask = torch.ones(rows, ids.shape[1] - 1)
@@ -96,8 +102,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kernels", choices=["on", "both"], default="on",
                         help="both: also run the int4 base with the Triton kernels off (the torch reference)")
+    parser.add_argument("--compile", choices=["on", "both"], default="both",
+                        help="both: also run Orbit's layers eagerly (train.compile=off)")
     parser.add_argument("--profile", default="", help="BASE:CHECKPOINTING: print the top CUDA ops of that Orbit step")
     args = parser.parse_args()
+    # one process compiles every base and checkpointing mode below; a training run compiles one
+    torch._dynamo.config.recompile_limit = 64
     root = Path(tempfile.mkdtemp())
     write_random_checkpoint(root / "bf16", SHAPES[args.shape])
     paths = {"bf16": str(root / "bf16")}
@@ -108,32 +118,37 @@ def main() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.rows, args.tokens + 1))
     if args.profile:
-        base, ac = args.profile.split(":")
-        step, _ = orbit_step(paths[base], ids, ac)
+        base, ac, compiled = (args.profile.split(":") + ["on"])[:3]
+        step, _ = orbit_step(paths[base], ids, ac, compiled)
         timed(step, args.warmup, 1)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
         return
-    runs = [("peft", "bf16", ac, True) for ac in ("none", "full")]
-    runs += [("orbit", b, ac, kernels) for b in args.bases for ac in ("none", "full")
-             for kernels in ((True, False) if b == "int4" and args.kernels == "both" else (True,))]
+    runs = [("peft", "bf16", ac, True, "-") for ac in ("none", "full")]
+    runs += [("orbit", b, ac, kernels, compiled) for b in args.bases for ac in ("none", "full")
+             for kernels in ((True, False) if b == "int4" and args.kernels == "both" else (True,))
+             for compiled in (("on", "off") if args.compile == "both" else ("on",))]
     baseline: dict[str, float] = {}
-    for system, base, ac, kernels in runs:
+    for system, base, ac, kernels, compiled in runs:
         int4_kernels.ENABLED = kernels
         if system == "peft":
             step, model = peft_step(paths["bf16"], ids, ac == "full")
         else:
-            step, model = orbit_step(paths[base], ids, ac)
-        seconds, peak = timed(step, args.warmup, args.repeats)
+            step, model = orbit_step(paths[base], ids, ac, compiled)
+        graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        seconds, peak, first, stats = timed(step, args.warmup, args.repeats)
         tokens_per_s = args.rows * args.tokens / seconds
         if system == "peft":
             baseline[ac] = (tokens_per_s, peak)
         ref_tps, ref_peak = baseline[ac]
         print(json.dumps({
             "bench": "train_step", "shape": args.shape, "system": system, "base": base, "activation_checkpointing": ac,
-            "kernels": "triton" if kernels and base == "int4" else "torch reference",
+            "kernels": "triton" if kernels and base == "int4" else "torch reference", "compile": compiled,
+            "first_step_s": round(first, 2), "first_step_loss": stats and round(stats["loss"], 6),
+            "compiled_graphs": counters["stats"]["unique_graphs"] - graphs_before,
+            "graph_breaks": sum(counters["graph_break"].values()) - breaks_before,
             "rows": args.rows, "tokens_per_row": args.tokens, "lora_rank": RANK, "step_s": round(seconds, 4),
             "tokens_per_s": round(tokens_per_s, 1), "peak_gib": round(peak, 2),
             "baseline": f"peft bf16, checkpointing {ac}", "speed_vs_baseline": round(tokens_per_s / ref_tps, 3),

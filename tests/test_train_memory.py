@@ -93,10 +93,12 @@ def _batch(vocab: int) -> RolloutBatch:
                         old_logprobs=torch.full((8, 11), -2.0))
 
 
+@pytest.mark.parametrize("base", ["bf16", "int4"])
 @pytest.mark.parametrize("setting", [{"activation_checkpointing": "full"}, {"activation_checkpointing": "selective"},
                                      {"max_tokens_per_micro_batch": 24}])
-def test_memory_settings_give_the_reference_update(tiny_checkpoint, setting):
-    reference, other = _trainer(tiny_checkpoint), _trainer(tiny_checkpoint, **setting)
+def test_memory_settings_give_the_reference_update(tiny_checkpoint, int4_checkpoint, setting, base):
+    path = int4_checkpoint if base == "int4" else tiny_checkpoint  # int4: the packed linear's own backward
+    reference, other = _trainer(path), _trainer(path, **setting)
     for trainer in (reference, other):  # compare gradients: Adam's first step is sign-like and hides them
         trainer.optimizer.step = lambda: None
     batch = _batch(reference.model.config.vocab_size)
@@ -118,3 +120,37 @@ def test_token_budget_micro_batches_cover_every_row_once_within_budget():
     padded = sum(len(g) * max(lengths[i] for i in g.tolist()) for g in groups)
     by_count = sum(len(g) * max(lengths[i] for i in g.tolist()) for g in micro_batch_rows(batch, 4))
     assert padded < by_count  # grouping by length pads less than fixed-size micro-batches
+
+
+@pytest.mark.parametrize("base, checkpointing", [("bf16", "none"), ("int4", "full")])
+def test_compiled_training_layers_give_the_eager_gradients_without_recompiling(tiny_checkpoint, int4_checkpoint, base,
+                                                                               checkpointing):
+    """train.compile=on (inductor, here on the CPU) against the eager layers; a batch of another
+    length reuses the compiled graphs (dynamic sequence length). int4: the packed linear's
+    autograd function inside the compiled graph, and the checkpoint around it."""
+    from torch._dynamo.utils import counters
+
+    path = int4_checkpoint if base == "int4" else tiny_checkpoint
+    eager = _trainer(path, activation_checkpointing=checkpointing)
+    compiled = _trainer(path, activation_checkpointing=checkpointing, compile="on")
+    assert compiled.model.training_layer_call is not eager.model.training_layer_call
+    for trainer in (eager, compiled):
+        trainer.optimizer.step = lambda: None
+    batch = _batch(eager.model.config.vocab_size)
+    ref_stats, stats = eager.update(batch), compiled.update(batch)
+    assert stats["loss"] == pytest.approx(ref_stats["loss"], abs=1e-5)
+    for want, got in zip(eager.params, compiled.params):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-6, rtol=1e-4)
+    graphs = counters["stats"]["unique_graphs"]
+    ids = torch.randint(3, eager.model.config.vocab_size, (8, 19))  # longer than any micro-batch before
+    ones = torch.ones(8, 18)
+    compiled.update(RolloutBatch(ids, ones, torch.zeros(8, 18), torch.zeros(8), advantages=torch.linspace(-1, 1, 8),
+                                 old_logprobs=torch.full((8, 18), -2.0)))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_on_is_refused_where_it_cannot_serve(tiny_moe_checkpoint):
+    from orbit_core.errors import OrbitError
+
+    with pytest.raises(OrbitError, match="train.compile=on does not support an MoE model"):
+        _trainer(tiny_moe_checkpoint, compile="on")

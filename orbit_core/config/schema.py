@@ -174,6 +174,11 @@ class TrainSection:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward instead of keeping them: ``full`` keeps only each decoder
     layer's input, ``selective`` recomputes only the MLPs (the largest activations)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each decoder layer for the training forward and backward (one graph serves
+    every layer; sequence lengths are dynamic, so new lengths do not recompile). Fuses the norms,
+    rope, SwiGLU, LoRA scaling and casts between the GEMMs. ``auto`` is on for CUDA, off on the CPU.
+    The rollout engine never runs the compiled layers (it has its own kernels and CUDA graphs)."""
     max_tokens_per_micro_batch: int = 0
     """Size micro-batches by padded tokens instead of ``micro_batch_size`` sequences: samples are
     grouped by length so short ones share a micro-batch (0 = off)."""

@@ -28,5 +28,6 @@ def engine_forward():
 
 def use_engine_kernels(x: torch.Tensor) -> bool:
     """Whether a module may run its inference kernel on ``x``: a GPU tensor in the engine's forward,
-    with no autograd graph being built."""
-    return x.is_cuda and _ENGINE.get() and not torch.is_grad_enabled()
+    with no autograd graph being built. The context variable is read last: a training forward
+    stops at the grad check, so ``torch.compile`` never meets it (a graph break on every module)."""
+    return x.is_cuda and not torch.is_grad_enabled() and _ENGINE.get()

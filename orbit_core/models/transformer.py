@@ -141,6 +141,11 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x))
 
 
+def _call_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                checkpoint_mlp: bool) -> torch.Tensor:
+    return layer(x, cos, sin, None, None, None, checkpoint_mlp=checkpoint_mlp)
+
+
 class DecoderBody(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -164,6 +169,8 @@ class DecoderLM(nn.Module):
         self._rope_len = 0
         self.activation_checkpointing = "none"
         """``none``, ``full`` (recompute whole layers in backward) or ``selective`` (only the MLPs)."""
+        self.training_layer_call = _call_layer
+        """How a training forward (grad on, no cache) runs a layer: eager, or ``compile_training_layers``."""
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -176,6 +183,11 @@ class DecoderLM(nn.Module):
             self.rope_cos, self.rope_sin = cos.to(positions.device), sin.to(positions.device)
             self._rope_len = length
         return self.rope_cos[positions], self.rope_sin[positions]
+
+    def compile_training_layers(self, backend: str = "inductor") -> None:
+        """Run training forwards through one ``torch.compile``d layer call shared by every layer
+        (parameters are graph inputs, so 28 layers are one compile, not 28)."""
+        self.training_layer_call = torch.compile(_call_layer, dynamic=True, backend=backend)
 
     def ensure_rope(self, length: int, device: torch.device) -> None:
         """Precompute the rope tables so decode steps do no host-side work."""
@@ -205,12 +217,15 @@ class DecoderLM(nn.Module):
         else:
             cos, sin = self._rope(positions)
         x = self.model.embed_tokens(input_ids)
-        recompute = self.activation_checkpointing if self.training and torch.is_grad_enabled() and cache is None else "none"
+        training = self.training and torch.is_grad_enabled() and cache is None
+        recompute = self.activation_checkpointing if training else "none"
         for layer in self.model.layers:
-            if recompute == "full":  # keep each layer's input, recompute the rest in backward
-                x = checkpoint(layer, x, cos, sin, None, None, None, use_reentrant=False)
+            if recompute == "full":  # keep each layer's input, recompute the rest (compiled or not) in backward
+                x = checkpoint(self.training_layer_call, layer, x, cos, sin, False, use_reentrant=False)
+            elif training:
+                x = self.training_layer_call(layer, x, cos, sin, recompute == "selective")
             else:
-                x = layer(x, cos, sin, cache, slots, decode_mask, checkpoint_mlp=recompute == "selective")
+                x = layer(x, cos, sin, cache, slots, decode_mask)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index]
         hidden = self.model.norm(x)

@@ -10,22 +10,48 @@ from orbit_kernels.fp_formats import fp_linear
 from orbit_kernels.int4 import int4_dequant, int4_linear
 
 
+def packed_linear(fmt_name: str, in_features: int, x: torch.Tensor, bias: torch.Tensor | None,
+                  *tensors: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` through the format's op (fused kernels for decode-sized inputs on a GPU).
+    ``tensors`` are the checkpoint's, in ``QuantLinear.tensor_names`` order."""
+    if fmt_name == "int4":
+        y = int4_linear(x, tensors[0], tensors[1], in_features)
+    elif fmt_name == "fp8":
+        y = fp_linear(x, tensors[0], tensors[1], None, "fp8", in_features)
+    else:
+        y = fp_linear(x, tensors[0], tensors[1], tensors[2], "nvfp4", in_features)
+    return y if bias is None else y + bias
+
+
+def dequantize(fmt_name: str, in_features: int, dtype: torch.dtype, *tensors: torch.Tensor) -> torch.Tensor:
+    if fmt_name == "int4":
+        return int4_dequant(tensors[0], tensors[1], in_features, dtype)
+    if fmt_name == "fp8":
+        return dequant_fp8_block(tensors[0], tensors[1], dtype)
+    return dequant_nvfp4(tensors[0], tensors[1], tensors[2], dtype)
+
+
 class _PackedLinear(torch.autograd.Function):
     """``y = x W^T + b`` with ``W`` dequantized in forward and again in backward.
 
     Autograd would otherwise keep every layer's dequantized ``[out, in]`` weight alive until the
     backward pass, so a packed base would cost as much training memory as a bf16 one. Nothing
-    dequantized is saved here; the base is frozen, so only ``dX = dY W`` is computed.
+    dequantized is saved here; the base is frozen, so only ``dX = dY W`` is computed. It takes
+    tensors and constants only (not the module), so one ``torch.compile`` graph serves every layer.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: "QuantLinear", bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.module = module
-        return module.packed_linear(x, bias)
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, fmt_name: str, in_features: int,
+                *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*tensors)
+        ctx.fmt_name, ctx.in_features = fmt_name, in_features
+        return packed_linear(fmt_name, in_features, x, bias, *tensors)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return grad_out @ ctx.module.dequantized(grad_out.dtype), None, None
+        tensors = ctx.saved_tensors  # once: under activation checkpointing a second unpack is an error
+        weight = dequantize(ctx.fmt_name, ctx.in_features, grad_out.dtype, *tensors)
+        return (grad_out @ weight, None, None, None) + (None,) * len(tensors)
 
 
 class QuantLinear(nn.Module):
@@ -45,13 +71,16 @@ class QuantLinear(nn.Module):
                 self.register_buffer(name, tensor)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return {"int4": ("weight_packed", "weight_scale"), "fp8": ("weight", "weight_scale"),
+                "nvfp4": ("weight_packed", "weight_scale", "weight_global_scale")}[self.fmt_name]
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.tensor_names)
+
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.compute_dtype
-        if self.fmt_name == "int4":
-            return int4_dequant(self.weight_packed, self.weight_scale, self.in_features, dtype)
-        if self.fmt_name == "fp8":
-            return dequant_fp8_block(self.weight, self.weight_scale, dtype)
-        return dequant_nvfp4(self.weight_packed, self.weight_scale, self.weight_global_scale, dtype)
+        return dequantize(self.fmt_name, self.in_features, dtype or self.compute_dtype, *self._tensors())
 
     @property
     def device(self) -> torch.device:
@@ -59,18 +88,12 @@ class QuantLinear(nn.Module):
 
     def packed_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x W^T + b`` through the format's kernel (fused for decode-sized inputs)."""
-        if self.fmt_name == "int4":
-            y = int4_linear(x, self.weight_packed, self.weight_scale, self.in_features)
-        elif self.fmt_name == "fp8":
-            y = fp_linear(x, self.weight, self.weight_scale, None, "fp8", self.in_features)
-        else:
-            y = fp_linear(x, self.weight_packed, self.weight_scale, self.weight_global_scale, "nvfp4", self.in_features)
-        return y if bias is None else y + bias
+        return packed_linear(self.fmt_name, self.in_features, x, bias, *self._tensors())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _PackedLinear.apply(x, self, bias)
+            return _PackedLinear.apply(x, bias, self.fmt_name, self.in_features, *self._tensors())
         return self.packed_linear(x, bias)
 
     def extra_repr(self) -> str:

@@ -42,6 +42,17 @@ def adamw(params: list[torch.nn.Parameter], config: RecipeConfig) -> torch.optim
                              fused=on_cuda or None, foreach=None if on_cuda else True)
 
 
+def compile_layers(setting: str, model: DecoderLM, device: torch.device, is_moe: bool) -> bool:
+    """Whether ``train.compile`` compiles this model's training layers (``auto``: a dense model on CUDA)."""
+    fake_quant = any(getattr(m, "fake_quant", None) is not None for m in model.modules())
+    if setting == "on" and (is_moe or fake_quant):
+        what = "an MoE model (data-dependent expert routing)" if is_moe else "fake-quantized adapters (QAT)"
+        raise OrbitError(f"train.compile=on does not support {what}", "set train.compile to auto or off")
+    if setting == "auto":
+        return device.type == "cuda" and not is_moe and not fake_quant
+    return setting == "on"
+
+
 class TorchTrainer:
     def __init__(self, model: DecoderLM, config: RecipeConfig, teacher: DecoderLM | None = None):
         r = config.rollout
@@ -60,6 +71,8 @@ class TorchTrainer:
         self.parity_model = model
         model.activation_checkpointing = config.train.activation_checkpointing
         self.is_moe = bool(moe_layers(model))
+        if compile_layers(config.train.compile, model, self.device, self.is_moe):
+            model.compile_training_layers()
         self._routing_counts: tuple[int, int] | None = None
 
     # -- scoring (no grad) ----------------------------------------------------------------
