@@ -1,8 +1,10 @@
-"""fp8 block-scaled and nvfp4 weights: the plain-torch references and the linear's dispatch point.
+"""fp8 block-scaled and nvfp4 weights: the plain-torch references, a Triton dequantization, and
+the linear's dispatch point.
 
-Both take the tensors exactly as compressed-tensors stores them. ``orbit::fp_linear`` runs the
-few-row packed GEMV (``packed_gemv``) for decode-sized inputs on a GPU; every other call, and
-every call on the CPU, dequantizes with the reference and multiplies with ``F.linear``.
+All take the tensors exactly as compressed-tensors stores them. ``orbit::fp_linear`` runs the
+few-row packed GEMV (``packed_gemv``) for decode-sized inputs on a GPU; larger inputs are
+dequantized by ``orbit::fp_dequant`` (one Triton pass, the reference's arithmetic) and multiplied
+by cuBLAS. On the CPU the references run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from orbit_kernels import packed_gemv as gemv
-from orbit_kernels._triton import note_fallback, serves
+from orbit_kernels._triton import serves, tl, triton
 
 # e2m1 magnitudes by their 3-bit code; bit 3 is the sign
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -57,6 +59,59 @@ def dequant(fmt: str, weight: torch.Tensor, scale: torch.Tensor, global_scale: t
     return dequant_nvfp4(weight, scale, global_scale, dtype)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, rows, cols, stride_w, stride_s, stride_o, FMT: tl.constexpr,
+                        CODES: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # the references' arithmetic exactly: the code's fp32 value times the fp32 scale (nvfp4:
+        # scale / global first), rounded once to the output dtype
+        BITS: tl.constexpr = 32 // CODES
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
+        words = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_c[None, :] // CODES, mask=mask, other=0)
+        value = gemv._decode((words >> ((offs_c[None, :] % CODES) * BITS)) & ((1 << BITS) - 1), FMT)
+        scale = tl.load(s_ptr + (offs_r[:, None] // SCALE_ROWS) * stride_s + offs_c[None, :] // GROUP, mask=mask,
+                        other=0.0).to(tl.float32)
+        if HAS_GLOBAL:
+            scale = tl.math.div_rn(scale, tl.load(gs_ptr).to(tl.float32))  # IEEE division, as torch divides
+        tl.store(out_ptr + offs_r[:, None] * stride_o + offs_c[None, :], (value * scale).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def _dequant_reason(weight: torch.Tensor, in_features: int) -> str | None:
+    if not weight.is_contiguous() or weight.shape[-1] * weight.element_size() % 4:
+        return "the packed weight is not contiguous whole int32 words"
+    return None
+
+
+@torch.library.custom_op("orbit::fp_dequant", mutates_args=())
+def fp_dequant(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None, fmt: str,
+               in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``[out, in]`` from fp8 block or nvfp4 tensors: one Triton pass on a GPU, the torch
+    reference (``dequant``) elsewhere."""
+    if not serves(f"{fmt}_dequant", gemv.ENABLED, weight, lambda: _dequant_reason(weight, in_features)):
+        return dequant(fmt, weight, scale, global_scale, dtype)
+    rows = weight.shape[0]
+    codes = 4 if fmt == "fp8" else 8
+    words = weight.view(torch.int32)
+    out = torch.empty((rows, in_features), dtype=dtype, device=weight.device)
+    block_r, block_c = 16, 256
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(in_features, block_c))
+    _dequant_kernel[grid](words, scale, scale if global_scale is None else global_scale, out, rows, in_features,
+                          words.stride(0), scale.stride(0), out.stride(0), FMT=gemv.FORMAT_CODES[fmt], CODES=codes,
+                          GROUP=-(-in_features // scale.shape[-1]), SCALE_ROWS=-(-rows // scale.shape[0]),
+                          HAS_GLOBAL=global_scale is not None, BLOCK_R=block_r, BLOCK_C=block_c)
+    return out
+
+
+@fp_dequant.register_fake
+def _(weight, scale, global_scale, fmt, in_features, dtype):
+    return weight.new_empty((weight.shape[0], in_features), dtype=dtype)
+
+
 @torch.library.custom_op("orbit::fp_linear", mutates_args=())
 def fp_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None, fmt: str,
               in_features: int) -> torch.Tensor:
@@ -65,9 +120,8 @@ def fp_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global
     if rows <= gemv.MAX_ROWS and serves(f"{fmt}_linear", gemv.ENABLED, x,
                                         lambda: gemv.unserved_reason(fmt, x, weight, scale, in_features)):
         return gemv.packed_gemv(fmt, x, weight, scale, in_features, global_scale)
-    if x.is_cuda and gemv.ENABLED and rows > gemv.MAX_ROWS:
-        note_fallback(f"{fmt}_linear", f"more than {gemv.MAX_ROWS} rows: no fused {fmt} GEMM yet, dequantize + cuBLAS")
-    return F.linear(x, dequant(fmt, weight, scale, global_scale, x.dtype))
+    # above MAX_ROWS: one Triton dequantization pass, then cuBLAS (no fused fp8 / nvfp4 GEMM yet)
+    return F.linear(x, fp_dequant(weight, scale, global_scale, fmt, in_features, x.dtype))
 
 
 @fp_linear.register_fake

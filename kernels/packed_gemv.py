@@ -51,9 +51,13 @@ if triton is not None:
             return (bits | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
         else:
             # e4m3: put exponent and mantissa where fp32 keeps them, then undo the bias (2**(127 - 7));
-            # subnormal codes land on fp32 subnormals and come out right too
+            # subnormal codes (exponent 0) are mantissa * 2**-9, computed apart so that a GPU that
+            # flushes fp32 subnormals cannot zero them. (The NaN codes 0x7F / 0xFF, which no
+            # quantizer writes, come out as +-480.)
             bits = ((codes & 0x7F) << 20) | ((codes & 0x80) << 24)
-            return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36
+            normal = bits.to(tl.float32, bitcast=True) * 1.329227995784916e36
+            sign = tl.where((codes & 0x80) != 0, -1.0, 1.0)
+            return tl.where((codes & 0x78) == 0, sign * (codes & 7).to(tl.float32) * 0.001953125, normal)
 
     @triton.jit
     def _packed_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, part_ptr, count_ptr, y_ptr, M, N, K, stride_xm, stride_w,

@@ -134,6 +134,24 @@ def test_packed_gemv_equals_each_formats_reference(fmt, m, rows, cols):
 
 
 @cuda
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("rows, cols", [(300, 768), (2048, 2048), (129, 4096)])
+def test_fp_dequant_kernel_is_the_reference_bit_for_bit(fmt, rows, cols):
+    weight, scale, global_scale = _fp_weights(fmt, rows, cols, "cuda")
+    if fmt == "fp8":  # every subnormal code, both signs, and zero
+        codes = weight.view(torch.uint8)
+        codes[0, :16] = torch.arange(16, dtype=torch.uint8, device="cuda")
+        codes[1, :16] = torch.arange(128, 144, dtype=torch.uint8, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.testing.assert_close(fp_formats.fp_dequant(weight, scale, global_scale, fmt, cols, dtype),
+                                   dequant(fmt, weight, scale, global_scale, dtype), atol=0, rtol=0)
+    x = torch.randn(33, cols, device="cuda", dtype=torch.bfloat16)  # above the few-row GEMV: dequant + cuBLAS
+    want = x.float() @ dequant(fmt, weight, scale, global_scale, torch.float32).t()
+    got = fp_linear(x, weight, scale, global_scale, fmt, cols).float()
+    torch.testing.assert_close(got, want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)
+
+
+@cuda
 def test_unserved_shape_falls_back_and_says_so(caplog):
     packed, scale = _packed(64, 200, 8, "cuda")  # 200 columns: not a multiple of the K tile
     x = torch.randn(3, 200, device="cuda", dtype=torch.bfloat16)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orbit_core.quant.dequant import dequant_fp8_block, dequant_nvfp4
-from orbit_kernels.fp_formats import fp_linear
+from orbit_kernels.fp_formats import fp_dequant, fp_linear
 from orbit_kernels.int4 import int4_dequant, int4_linear
 
 
@@ -27,8 +26,8 @@ def dequantize(fmt_name: str, in_features: int, dtype: torch.dtype, *tensors: to
     if fmt_name == "int4":
         return int4_dequant(tensors[0], tensors[1], in_features, dtype)
     if fmt_name == "fp8":
-        return dequant_fp8_block(tensors[0], tensors[1], dtype)
-    return dequant_nvfp4(tensors[0], tensors[1], tensors[2], dtype)
+        return fp_dequant(tensors[0], tensors[1], None, "fp8", in_features, dtype)
+    return fp_dequant(tensors[0], tensors[1], tensors[2], "nvfp4", in_features, dtype)
 
 
 class _PackedLinear(torch.autograd.Function):
