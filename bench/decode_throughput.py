@@ -23,6 +23,7 @@ import torch
 from bench.base_memory import write_random_checkpoint
 from bench.rollout_throughput import SHAPES, NoEosTokenizer
 from orbit_core.peft.lora import apply_lora
+from orbit_core.peft.oft import apply_oft
 from orbit_core.policy import load_base
 from orbit_core.quant import quantize_checkpoint
 from orbit_core.rollout.engine import BuiltinEngine
@@ -70,13 +71,17 @@ def decode_seconds(model, prompts: list[list[int]], new: int, batch: int, cuda_g
 
 
 def build_model(path: str, adapter: str):
+    """The base with no adapter, LoRA r16 or OFT with blocks of 32, on every linear (non-zero
+    adapter weights, so nothing is skipped as an identity)."""
     model = load_base(path, "bfloat16", "cuda")
     if adapter == "lora":
         apply_lora(model, 16, 32, 0.0, ["all-linear"])
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, 0.01)
+    elif adapter == "oft":
+        apply_oft(model, 32, False, 6e-5, False, ["all-linear"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "oft_skew" in name:
+                p.normal_(0.0, 0.01)
     return model.eval()
 
 
@@ -103,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="qwen3-1.7b", choices=sorted(SHAPES))
     parser.add_argument("--bases", nargs="+", default=["bf16", "int4"])
-    parser.add_argument("--adapters", nargs="+", default=["none", "lora"])
+    parser.add_argument("--adapters", nargs="+", default=["none", "lora", "oft"], choices=["none", "lora", "oft"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32, 256])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)

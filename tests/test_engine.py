@@ -114,25 +114,37 @@ def test_cuda_engine_logprobs_equal_fresh_forward(tiny_checkpoint):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cuda_graph_decode_equals_eager_decode(tiny_checkpoint, temperature):
+@pytest.mark.parametrize("adapter", ["lora", "oft"])
+def test_cuda_graph_decode_equals_eager_decode(tiny_checkpoint, temperature, adapter):
+    """The trainer's live adapter (no slot bank): for OFT the graph solves the rotation itself."""
+    from orbit_core.peft.oft import apply_oft
+
     model, tok = load_model(tiny_checkpoint, device="cuda"), load_tokenizer(tiny_checkpoint)
-    apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    if adapter == "lora":
+        apply_lora(model, 4, 8, 0.0, ["all-linear"])
+    else:
+        apply_oft(model, 8, False, 6e-5, False, ["all-linear"])
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "oft_skew" in name:
                 p.normal_(0.0, 0.05)
     model.to("cuda")
     params = SamplingParams(max_new_tokens=12, temperature=temperature, n=5)
-    runs = {}
-    for graphs in (True, False):
-        engine = BuiltinEngine(model, tok, max_running=16, seed=3, cuda_graph=graphs)
+    engines = {graphs: BuiltinEngine(model, tok, max_running=16, seed=3, cuda_graph=graphs) for graphs in (True, False)}
+    for engine in engines.values():
         engine.loop.check_every = 4  # as graphs do: rows are then admitted at the same steps
-        runs[graphs] = engine.generate(_prompts(tok), params)
-        if graphs:
-            assert engine.loop.graphed is not None and engine.loop.graphed.graphs and not engine.loop.graphed.failed
-    for graphed, eager in zip(runs[True], runs[False]):
-        assert graphed.token_ids == eager.token_ids
-        torch.testing.assert_close(torch.tensor(graphed.logprobs), torch.tensor(eager.logprobs), atol=1e-4, rtol=0)
+    for update in range(2):  # then again after an in-place update, as an optimizer step makes
+        if update:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name or "oft_skew" in name:
+                        p.add_(torch.randn_like(p) * 0.05)
+        runs = {graphs: engine.generate(_prompts(tok), params) for graphs, engine in engines.items()}
+        graphed = engines[True].loop.graphed
+        assert graphed is not None and graphed.graphs and not graphed.failed
+        for g, e in zip(runs[True], runs[False]):
+            assert g.token_ids == e.token_ids
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-4, rtol=0)
 
 
 def test_reading_finished_rows_every_few_steps_changes_no_completion(tiny_checkpoint):

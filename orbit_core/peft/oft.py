@@ -20,7 +20,9 @@ def cayley_blocks(param: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """``R = (I + Q)^{-1} (I - Q)`` with ``Q`` the skew part of each ``[b, b]`` block of ``param``."""
     q = 0.5 * (param - param.transpose(1, 2))
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
-    blocks = torch.linalg.solve(eye + q, eye - q)
+    # I + Q is invertible for any skew Q (eigenvalues 1 + i*lambda), so the solve needs no error
+    # check, and without one it never waits on the GPU: a CUDA graph can capture it
+    blocks = torch.linalg.solve_ex(eye + q, eye - q, check_errors=False)[0]
     return blocks.expand(num_blocks, -1, -1) if blocks.shape[0] != num_blocks else blocks
 
 
@@ -47,14 +49,30 @@ class OFTLinear(AdapterLayer):
 
         Without autograd (an engine decoding, scoring) the solve runs once per adapter version: the
         result is kept until the skew changes in place (an optimizer step, a loaded adapter), which
-        bumps its version counter. Not inside a CUDA graph capture, whose replays would keep reading
-        a tensor this cache may later replace."""
-        if torch.is_grad_enabled() or (self.oft_skew.is_cuda and torch.cuda.is_current_stream_capturing()):
+        bumps its version counter. A new version is written into the kept tensor, so its address
+        stays put. A CUDA graph capture reads the kept tensor and never solves: the batched solve
+        cannot be captured at every size, and the engine's warm-up steps, run eagerly just before
+        each capture, have solved for the current version (``GraphedDecode`` recaptures when a live
+        OFT adapter's version moves)."""
+        capturing = self.oft_skew.is_cuda and torch.cuda.is_current_stream_capturing()
+        if torch.is_grad_enabled() and not capturing:
             return cayley_blocks(self.oft_skew, self.num_blocks)
-        key = (self.oft_skew._version, self.oft_skew.data_ptr())
-        if self._rotation_cache is None or self._rotation_cache[0] != key:
-            self._rotation_cache = (key, cayley_blocks(self.oft_skew, self.num_blocks))
-        return self._rotation_cache[1]
+        key = self.oft_skew._version, self.oft_skew.data_ptr()
+        cached = self._rotation_cache
+        if capturing:
+            if cached is None or cached[0] != key:
+                raise RuntimeError("an OFT rotation was not solved before CUDA graph capture")
+            return cached[1]
+        if cached is None or cached[0] != key:
+            blocks = cayley_blocks(self.oft_skew, self.num_blocks)
+            if cached is not None and cached[1].shape == blocks.shape:
+                blocks = cached[1].copy_(blocks)
+            self._rotation_cache = cached = (key, blocks)
+        return cached[1]
+
+    def live_version(self) -> int | None:
+        """The skew's version when the forward reads the live adapter (no slot bank), else None."""
+        return self.oft_skew._version if self.enabled and self.slot_bank is None else None
 
     def rotate(self, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         shaped = x.to(blocks.dtype).reshape(*x.shape[:-1], self.num_blocks, self.block_size)

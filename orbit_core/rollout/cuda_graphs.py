@@ -43,7 +43,12 @@ class GraphedDecode:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph] = {}
         self.rope = (loop.model.rope_cos, loop.model.rope_sin)
+        self.oft = [m for m in loop.model.modules() if hasattr(m, "live_version")]
+        self.oft_versions = self._oft_versions()
         self.failed = False
+
+    def _oft_versions(self) -> tuple:
+        return tuple(m.live_version() for m in self.oft)
 
     def _capture(self, rows: int, used: tuple[int, ...]) -> None:
         loop = self.loop
@@ -70,14 +75,31 @@ class GraphedDecode:
                 getattr(loop, name).copy_(value)
         self.graphs[rows, used] = graph
 
+    def _drop_graphs(self) -> None:
+        """Forget every graph; the next captures go to a new memory pool (capturing again into the
+        pool of graphs just destroyed trips an allocator assertion)."""
+        self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _release_generator(self) -> None:
+        """After a failed capture the loop's generator stays registered with the broken graph, and
+        eager sampling from it fails; continue its stream from a fresh generator."""
+        # (its state cannot be copied over: it carries the graph registration with it)
+        self.loop.generator = torch.Generator(self.device).manual_seed(self.loop.generator.initial_seed() + 1)
+
     def replay(self, rows: int, used: tuple[int, ...]) -> bool:
         """Run one decode step over rows ``[0, rows)``; False when capture is unavailable (decode eagerly)."""
         if self.failed:
             return False
         model = self.loop.model
         if self.rope[0] is not model.rope_cos or self.rope[1] is not model.rope_sin:
-            self.graphs.clear()  # the rope tables were rebuilt (a longer training sequence): recapture
+            self._drop_graphs()  # the rope tables were rebuilt (a longer training sequence): recapture
             self.rope = (model.rope_cos, model.rope_sin)
+        if self.oft:
+            versions = self._oft_versions()
+            if versions != self.oft_versions:  # a live OFT adapter moved: its graphs hold the old rotation
+                self._drop_graphs()
+                self.oft_versions = versions
         if (rows, used) not in self.graphs:
             try:
                 # capture on (and replay from) the model's device: from another current device the
@@ -87,6 +109,7 @@ class GraphedDecode:
             except Exception as err:  # a model op that cannot be captured: decode eagerly from now on
                 self.failed = True
                 log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(err).__name__, err)
+                self._release_generator()
                 return False
         with torch.cuda.device(self.device):
             self.graphs[rows, used].replay()
