@@ -112,6 +112,8 @@ def test_megatron_bad_input(tmp_path, tiny_checkpoint):
     recipe = small_recipe(tmp_path, tiny_checkpoint)
     with pytest.raises(OrbitError, match="does not build activation checkpointing"):
         load_recipe(str(recipe), ["train.backend=megatron", "train.activation_checkpointing=full"])
+    with pytest.raises(OrbitError, match="train.compile=on compiles the torch trainer"):
+        load_recipe(str(recipe), ["train.backend=megatron", "train.compile=on"])
     out = run("train", "--recipe", str(recipe), "train.backend=megatron", env_extra=without_package(tmp_path, "megatron"))
     assert out.returncode == 2 and "orbit-rl[megatron]" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -70,15 +70,15 @@ def test_chunked_logprobs_equal_the_full_logits_path():
                                    token_entropy(hidden @ weight.t(), temperature), atol=1e-5, rtol=0)
 
 
-def _trainer(tiny_checkpoint, **train):
-    config = build_config({"model": {"path": tiny_checkpoint, "device": "cpu"}, "peft": {"rank": 4},
+def _trainer(tiny_checkpoint, peft=None, **train):
+    config = build_config({"model": {"path": tiny_checkpoint, "device": "cpu"}, "peft": peft or {"rank": 4},
                            "train": {"global_batch_size": 8, "micro_batch_size": 4, "lr": 1e-2, **train},
                            "rollout": {"batch_size": 2, "n_samples_per_prompt": 4}})
     torch.manual_seed(0)
     policy = build_policy(config.model, config.peft, log=lambda m: None)
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "oft_skew" in name:
                 p.normal_(0.0, 0.05)
     return TorchTrainer(policy.model, config)
 
@@ -122,17 +122,20 @@ def test_token_budget_micro_batches_cover_every_row_once_within_budget():
     assert padded < by_count  # grouping by length pads less than fixed-size micro-batches
 
 
-@pytest.mark.parametrize("base, checkpointing", [("bf16", "none"), ("int4", "full")])
+@pytest.mark.parametrize("base, checkpointing, method", [("bf16", "none", "lora"), ("int4", "full", "lora"),
+                                                          ("bf16", "selective", "oft")])
 def test_compiled_training_layers_give_the_eager_gradients_without_recompiling(tiny_checkpoint, int4_checkpoint, base,
-                                                                               checkpointing):
+                                                                               checkpointing, method):
     """train.compile=on (inductor, here on the CPU) against the eager layers; a batch of another
     length reuses the compiled graphs (dynamic sequence length). int4: the packed linear's
-    autograd function inside the compiled graph, and the checkpoint around it."""
+    autograd function inside the compiled graph, and the checkpoint around it; OFT: the Cayley
+    solve inside it."""
     from torch._dynamo.utils import counters
 
     path = int4_checkpoint if base == "int4" else tiny_checkpoint
-    eager = _trainer(path, activation_checkpointing=checkpointing)
-    compiled = _trainer(path, activation_checkpointing=checkpointing, compile="on")
+    peft = {"method": "oft", "oft_block_size": 8} if method == "oft" else None
+    eager = _trainer(path, peft, activation_checkpointing=checkpointing)
+    compiled = _trainer(path, peft, activation_checkpointing=checkpointing, compile="on")
     assert compiled.model.training_layer_call is not eager.model.training_layer_call
     for trainer in (eager, compiled):
         trainer.optimizer.step = lambda: None

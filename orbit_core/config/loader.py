@@ -274,6 +274,9 @@ def validate(config: RecipeConfig) -> None:
     if t.backend == "megatron" and (t.activation_checkpointing != "none" or config.quant.fake_qat):
         raise OrbitError("train.backend=megatron does not build activation checkpointing or fake QAT yet",
                          "use train.activation_checkpointing=none quant.fake_qat=false, or train.backend=torch")
+    if t.backend == "megatron" and t.compile == "on":
+        raise OrbitError("train.compile=on compiles the torch trainer's layers; train.backend=megatron has its own",
+                         "use train.compile=auto (or off) with train.backend=megatron")
     ray = t.orchestrator == "ray"
     if ray:
         _check_ray(config)
