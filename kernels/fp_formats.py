@@ -17,13 +17,17 @@ from orbit_kernels._triton import serves, tl, triton
 
 # e2m1 magnitudes by their 3-bit code; bit 3 is the sign
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+FP8_BLOCK = 128
+"""The block of compressed-tensors' FP8_BLOCK scheme, the one fp8 scheme Orbit loads."""
 
 
 def dequant_fp8_block(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """e4m3 weights with one scale per ``[block, block]`` tile; scale ``[ceil(out/b), ceil(in/b)]``."""
+    """e4m3 weights with one scale per ``[128, 128]`` tile; scale ``[ceil(out/128), ceil(in/128)]``.
+
+    The block is the scheme's, not ``ceil(dim / scale columns)``: the two differ when a dimension is
+    not a multiple of 128 (200 columns are blocks of 128 and 72, not two of 100)."""
     rows, cols = weight.shape
-    block_r, block_c = -(-rows // scale.shape[0]), -(-cols // scale.shape[1])
-    full = scale.float().repeat_interleave(block_r, 0)[:rows].repeat_interleave(block_c, 1)[:, :cols]
+    full = scale.float().repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
     return (weight.float() * full).to(dtype)
 
 
@@ -102,7 +106,7 @@ def fp_dequant(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Te
     grid = (triton.cdiv(rows, block_r), triton.cdiv(in_features, block_c))
     _dequant_kernel[grid](words, scale, scale if global_scale is None else global_scale, out, rows, in_features,
                           words.stride(0), scale.stride(0), out.stride(0), FMT=gemv.FORMAT_CODES[fmt], CODES=codes,
-                          GROUP=-(-in_features // scale.shape[-1]), SCALE_ROWS=-(-rows // scale.shape[0]),
+                          GROUP=gemv.scale_group(fmt, scale, in_features), SCALE_ROWS=FP8_BLOCK if fmt == "fp8" else 1,
                           HAS_GLOBAL=global_scale is not None, BLOCK_R=block_r, BLOCK_C=block_c)
     return out
 

@@ -115,7 +115,7 @@ def unserved_reason(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torc
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activations are {x.dtype}"
     codes = 4 if fmt == "fp8" else 8
-    group = _group(fmt, scale, in_features)
+    group = scale_group(fmt, scale, in_features)
     if in_features % (16 * codes) or group % codes:
         return f"in_features={in_features} or group={group} does not fit the kernel's {16 * codes}-column tiles"
     if not weight.is_contiguous():
@@ -123,8 +123,9 @@ def unserved_reason(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torc
     return None
 
 
-def _group(fmt: str, scale: torch.Tensor, in_features: int) -> int:
-    return -(-in_features // scale.shape[-1])
+def scale_group(fmt: str, scale: torch.Tensor, in_features: int) -> int:
+    """Columns per scale: fp8's 128-wide blocks, else the checkpoint's group (in / scale columns)."""
+    return 128 if fmt == "fp8" else in_features // scale.shape[-1]
 
 
 def _split(tiles: int, k_words: int, block_w: int) -> int:
@@ -145,8 +146,8 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     flat = x.reshape(rows, in_features).contiguous()
     words = weight.view(torch.int32)
     codes = 4 if fmt == "fp8" else 8
-    group = _group(fmt, scale, in_features)
-    scale_rows = -(-out_features // scale.shape[0])
+    group = scale_group(fmt, scale, in_features)
+    scale_rows = 128 if fmt == "fp8" else 1  # fp8 blocks are 128 rows tall too
     k_words = in_features // codes
     block_n = BLOCK_N
     block_w = next(w for w in (BLOCK_W, 32, 16) if k_words % w == 0)

@@ -56,6 +56,21 @@ def test_compressed_tensors_decompression_equals_ours(quantized, fmt):
         torch.testing.assert_close(ours.bfloat16().float(), theirs, atol=1e-6, rtol=2**-7)
 
 
+@pytest.mark.parametrize("shape", [(300, 200), (130, 260), (256, 384)])
+def test_fp8_blocks_are_128_wide_where_a_dimension_is_not_a_multiple(shape):
+    """compressed-tensors' own decompression is the reference; 200 columns are blocks of 128 and 72."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    from orbit_core.quant.formats import weight_format
+    from orbit_core.quant.quantize import quantize_weight
+
+    fmt = weight_format("fp8")
+    compressed = quantize_weight(torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 0.02, fmt, "w")
+    theirs = BaseCompressor.get_value_from_registry(fmt.storage).decompress(compressed, fmt.scheme)["weight"].float()
+    ours = dequant_fp8_block(compressed["weight"], compressed["weight_scale"], torch.float32)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "fp8"])
 def test_transformers_loads_our_checkpoint_with_our_logits(quantized, fmt):
     from transformers import AutoModelForCausalLM
