@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from orbit_kernels import packed_gemv as gemv
+from orbit_kernels.packed_gemv import FP8_BLOCK
 from orbit_kernels._triton import serves, tl, triton
 
 # e2m1 magnitudes by their 3-bit code; bit 3 is the sign
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-FP8_BLOCK = 128
-"""The block of compressed-tensors' FP8_BLOCK scheme, the one fp8 scheme Orbit loads."""
 
 
 def dequant_fp8_block(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -99,14 +98,14 @@ def fp_dequant(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Te
     if not serves(f"{fmt}_dequant", gemv.ENABLED, weight, lambda: _dequant_reason(weight, in_features)):
         return dequant(fmt, weight, scale, global_scale, dtype)
     rows = weight.shape[0]
-    codes = 4 if fmt == "fp8" else 8
+    codes, group, scale_rows = gemv.layout(fmt, scale, in_features)
     words = weight.view(torch.int32)
     out = torch.empty((rows, in_features), dtype=dtype, device=weight.device)
     block_r, block_c = 16, 256
     grid = (triton.cdiv(rows, block_r), triton.cdiv(in_features, block_c))
     _dequant_kernel[grid](words, scale, scale if global_scale is None else global_scale, out, rows, in_features,
                           words.stride(0), scale.stride(0), out.stride(0), FMT=gemv.FORMAT_CODES[fmt], CODES=codes,
-                          GROUP=gemv.scale_group(fmt, scale, in_features), SCALE_ROWS=FP8_BLOCK if fmt == "fp8" else 1,
+                          GROUP=group, SCALE_ROWS=scale_rows,
                           HAS_GLOBAL=global_scale is not None, BLOCK_R=block_r, BLOCK_C=block_c)
     return out
 

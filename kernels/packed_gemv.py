@@ -110,22 +110,29 @@ if triton is not None:
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+FP8_BLOCK = 128
+"""The block of compressed-tensors' FP8_BLOCK scheme, the one fp8 scheme Orbit loads."""
+
+
+def layout(fmt: str, scale: torch.Tensor, in_features: int) -> tuple[int, int, int]:
+    """(codes per int32 word, columns per scale, rows per scale) of a format as stored. fp8 blocks
+    are the scheme's 128 x 128, not ``ceil(dim / scale columns)``: the two differ where a
+    dimension is not a multiple of 128."""
+    if fmt == "fp8":
+        return 4, FP8_BLOCK, FP8_BLOCK
+    return 8, in_features // scale.shape[-1], 1
+
+
 def unserved_reason(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int) -> str | None:
     """Why the kernel cannot take this call of up to ``MAX_ROWS`` rows (None when it can)."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activations are {x.dtype}"
-    codes = 4 if fmt == "fp8" else 8
-    group = scale_group(fmt, scale, in_features)
+    codes, group, _ = layout(fmt, scale, in_features)
     if in_features % (16 * codes) or group % codes:
         return f"in_features={in_features} or group={group} does not fit the kernel's {16 * codes}-column tiles"
     if not weight.is_contiguous():
         return "the packed weight is not contiguous"
     return None
-
-
-def scale_group(fmt: str, scale: torch.Tensor, in_features: int) -> int:
-    """Columns per scale: fp8's 128-wide blocks, else the checkpoint's group (in / scale columns)."""
-    return 128 if fmt == "fp8" else in_features // scale.shape[-1]
 
 
 def _split(tiles: int, k_words: int, block_w: int) -> int:
@@ -145,9 +152,7 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     rows = x.numel() // in_features
     flat = x.reshape(rows, in_features).contiguous()
     words = weight.view(torch.int32)
-    codes = 4 if fmt == "fp8" else 8
-    group = scale_group(fmt, scale, in_features)
-    scale_rows = 128 if fmt == "fp8" else 1  # fp8 blocks are 128 rows tall too
+    codes, group, scale_rows = layout(fmt, scale, in_features)
     k_words = in_features // codes
     block_n = BLOCK_N
     block_w = next(w for w in (BLOCK_W, 32, 16) if k_words % w == 0)
@@ -155,8 +160,10 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     split = _split(tiles, k_words, block_w)
     row_bucket = 1 << max(rows - 1, 0).bit_length()
     y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
-    part = torch.empty((split, row_bucket, out_features) if split > 1 else (1,), dtype=torch.float32, device=x.device)
-    count = torch.zeros(tiles if split > 1 else 1, dtype=torch.int32, device=x.device)
+    part = count = y  # read only when K is split: then fp32 partials and per-tile arrival counters
+    if split > 1:
+        part = torch.empty((split, row_bucket, out_features), dtype=torch.float32, device=x.device)
+        count = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     _packed_gemv_kernel[(tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, part, count, y, rows, out_features,
         in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), FMT=FORMAT_CODES[fmt],
