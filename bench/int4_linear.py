@@ -114,8 +114,7 @@ def main() -> None:
                     nbytes(*copies_fp[0]), ref)
                 if rows <= packed_gemv.MAX_ROWS:
                     impls[f"{fmt}_packed_gemv"] = (
-                        lambda i, c=copies_fp, f=fmt: packed_gemv.packed_gemv(f, x, c[i % len(c)][0], c[i % len(c)][1], k,
-                                                                              c[i % len(c)][2]),
+                        lambda i, c=copies_fp, f=fmt: packed_gemv.packed_gemv(f, x, *c[i % len(c)][:2], k, c[i % len(c)][2]),
                         nbytes(*copies_fp[0]), ref)
             for impl, (call, weight_bytes, ref) in impls.items():
                 err = (call(0).float() - ref.float()).abs().max().item() / ref.float().abs().max().item()

@@ -9,10 +9,15 @@ from orbit_kernels.fp_formats import fp_dequant, fp_linear
 from orbit_kernels.int4 import int4_dequant, int4_linear
 
 
+TENSOR_NAMES = {"int4": ("weight_packed", "weight_scale"), "fp8": ("weight", "weight_scale"),
+                "nvfp4": ("weight_packed", "weight_scale", "weight_global_scale")}
+"""The checkpoint tensors each format's ops take, in order."""
+
+
 def packed_linear(fmt_name: str, in_features: int, x: torch.Tensor, bias: torch.Tensor | None,
                   *tensors: torch.Tensor) -> torch.Tensor:
     """``x W^T + b`` through the format's op (fused kernels for decode-sized inputs on a GPU).
-    ``tensors`` are the checkpoint's, in ``QuantLinear.tensor_names`` order."""
+    ``tensors`` are the checkpoint's, in ``TENSOR_NAMES`` order."""
     if fmt_name == "int4":
         y = int4_linear(x, tensors[0], tensors[1], in_features)
     elif fmt_name == "fp8":
@@ -72,8 +77,7 @@ class QuantLinear(nn.Module):
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
-        return {"int4": ("weight_packed", "weight_scale"), "fp8": ("weight", "weight_scale"),
-                "nvfp4": ("weight_packed", "weight_scale", "weight_global_scale")}[self.fmt_name]
+        return TENSOR_NAMES[self.fmt_name]
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, name) for name in self.tensor_names)
