@@ -31,8 +31,9 @@ TARGET_PROGRAMS = 528
 """Four programs per SM of an H100 (132 SMs): enough loads in flight to cover HBM latency."""
 BLOCK_N, BLOCK_W, NUM_WARPS = 8, 128, 4
 """Output rows and int32 words per program and K step, and its warps: the fastest of 18 settings
-summed over q_proj, gate_proj and down_proj at one row (H200, Qwen3-1.7B shape). Taking all eight
-codes of a word as one [BLOCK_N, BLOCK_W, 8] tile instead measured 1.2-2.9x slower."""
+summed over q_proj, gate_proj and down_proj at one row (H200, Qwen3-1.7B shape;
+``bench/packed_gemv_sweep.py``). Taking all eight codes of a word as one [BLOCK_N, BLOCK_W, 8]
+tile instead measured 1.2-2.9x slower (``packed_gemv_sweep_3d_h200.jsonl``)."""
 FORMAT_CODES = {"int4": 0, "nvfp4": 1, "fp8": 2}
 
 if triton is not None:
