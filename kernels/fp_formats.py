@@ -2,9 +2,9 @@
 the linear's dispatch point.
 
 All take the tensors exactly as compressed-tensors stores them. ``orbit::fp_linear`` runs the
-few-row packed GEMV (``packed_gemv``) for decode-sized inputs on a GPU; larger inputs are
-dequantized by ``orbit::fp_dequant`` (one Triton pass, the reference's arithmetic) and multiplied
-by cuBLAS. On the CPU the references run.
+few-row packed GEMV (``packed_gemv``) or, up to ``packed_gemm.MAX_ROWS`` rows, the tiled packed
+GEMM on a GPU; larger inputs are dequantized by ``orbit::fp_dequant`` (one Triton pass, the
+reference's arithmetic) and multiplied by cuBLAS. On the CPU the references run.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from orbit_kernels import packed_gemm as gemm
 from orbit_kernels import packed_gemv as gemv
 from orbit_kernels.packed_gemv import FP8_BLOCK
 from orbit_kernels._triton import serves, tl, triton
@@ -97,7 +98,9 @@ def fp_dequant(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Te
     reference (``dequant``) elsewhere."""
     if not serves(f"{fmt}_dequant", gemv.ENABLED, weight, lambda: _dequant_reason(weight, in_features)):
         return dequant(fmt, weight, scale, global_scale, dtype)
-    rows = weight.shape[0]
+    if gemm.shape_reason(fmt, weight, scale, in_features) is None:
+        return gemm.dequantize(fmt, weight, scale, global_scale, in_features, dtype)
+    rows = weight.shape[0]  # any other shape: one thread per weight
     codes, group, scale_rows = gemv.layout(fmt, scale, in_features)
     words = weight.view(torch.int32)
     out = torch.empty((rows, in_features), dtype=dtype, device=weight.device)
@@ -120,10 +123,12 @@ def fp_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global
               in_features: int) -> torch.Tensor:
     """``x [..., in] @ W^T -> [..., out]`` for ``fmt`` "fp8" (``global_scale`` None) or "nvfp4"."""
     rows = x.numel() // in_features
-    if rows <= gemv.MAX_ROWS and serves(f"{fmt}_linear", gemv.ENABLED, x,
+    if rows <= gemv.MAX_ROWS and serves(f"{fmt}_gemv", gemv.ENABLED, x,
                                         lambda: gemv.unserved_reason(fmt, x, weight, scale, in_features)):
         return gemv.packed_gemv(fmt, x, weight, scale, in_features, global_scale)
-    # above MAX_ROWS: one Triton dequantization pass, then cuBLAS (no fused fp8 / nvfp4 GEMM yet)
+    if rows <= gemm.MAX_ROWS[fmt] and serves(f"{fmt}_gemm", gemm.ENABLED, x,
+                                                lambda: gemm.unserved_reason(fmt, x, weight, scale, in_features)):
+        return gemm.packed_gemm(fmt, x, weight, scale, in_features, global_scale)
     return F.linear(x, fp_dequant(weight, scale, global_scale, fmt, in_features, x.dtype))
 
 

@@ -8,7 +8,8 @@ import torch
 from orbit_kernels import int4
 from orbit_kernels.int4 import dequant_int4, int4_dequant, int4_linear
 from orbit_kernels import lora
-from orbit_kernels import fp_formats, packed_gemv
+from orbit_kernels import fp_formats, packed_gemm, packed_gemv
+from orbit_kernels.packed_grad import packed_input_grad
 from orbit_kernels.fp_formats import dequant, fp_linear
 from orbit_kernels.decode_attention import decode_attention, decode_attention_reference
 from orbit_kernels.lora import lora_add_, lora_add_reference
@@ -43,7 +44,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or int4.triton is None, 
 
 @cuda
 @pytest.mark.parametrize("rows, cols, group, scale_dtype", [(512, 1024, 128, torch.float32), (300, 768, 32, torch.bfloat16),
-                                                          (64, 2048, 64, torch.float32)])
+                                                          (64, 2048, 64, torch.float32), (64, 200, 8, torch.float32)])
 def test_dequant_kernel_equals_the_reference(rows, cols, group, scale_dtype):
     packed, scale = _packed(rows, cols, group, "cuda", scale_dtype)
     for dtype in (torch.bfloat16, torch.float32):
@@ -62,8 +63,6 @@ def test_linear_kernel_equals_the_reference_in_bf16(m, rows, cols, group):
     # bf16 output of an fp32-accumulated dot: within bf16 rounding of the reference
     tolerance = dict(atol=2e-2 * reference.abs().max().item() ** 0.5, rtol=1e-2)
     torch.testing.assert_close(got, reference, **tolerance)
-    if m <= int4.GEMV_MAX_ROWS and group % 64 == 0:  # the split-K kernel itself (split 1 for 4400 rows)
-        torch.testing.assert_close(int4.int4_gemv(x, packed, scale, cols).float(), reference, **tolerance)
 
 
 def _fp_weights(fmt: str, rows: int, cols: int, device: str = "cpu"):
@@ -133,10 +132,75 @@ def test_packed_gemv_equals_each_formats_reference(fmt, m, rows, cols):
         torch.testing.assert_close(got.float(), reference, **tolerance)
 
 
+def _format_weights(fmt: str, rows: int, cols: int, device: str):
+    """(stored tensors, global scale or None, the fp32 reference weight) of one format."""
+    if fmt == "int4":
+        packed, scale = _packed(rows, cols, 128 if cols % 128 == 0 else 32, device, torch.bfloat16)
+        return (packed, scale), None, dequant_int4(packed, scale, (rows, cols), torch.float32)
+    weight, scale, global_scale = _fp_weights(fmt, rows, cols, device)
+    return (weight, scale), global_scale, dequant(fmt, weight, scale, global_scale, torch.float32)
+
+
+def test_input_grad_on_cpu_is_the_reference_and_traces():
+    for fmt in ("int4", "fp8", "nvfp4"):
+        args, global_scale, dense = _format_weights(fmt, 40, 256, "cpu")
+        grad = torch.randn(2, 3, 40)
+        torch.testing.assert_close(packed_input_grad(grad, *args, global_scale, fmt, 256), grad @ dense,
+                                   atol=1e-5, rtol=1e-5)
+        compiled = torch.compile(lambda g: packed_input_grad(g, *args, global_scale, fmt, 256), backend="aot_eager",
+                                 fullgraph=True)
+        assert compiled(grad).shape == (2, 3, 256)
+
+
+@cuda
+@pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
+@pytest.mark.parametrize("m", [5, 33, 256, 1000])
+@pytest.mark.parametrize("rows, cols", [(2048, 2048), (300, 768), (4400, 512), (96, 160)])
+def test_packed_gemm_forward_and_input_grad_equal_the_reference(fmt, m, rows, cols):
+    """The tiled GEMM both ways against dequantize-then-matmul in fp32: its own split choice, an
+    explicit split of the reduction, and through the ops the quantized linear calls."""
+    args, global_scale, dense = _format_weights(fmt, rows, cols, "cuda")
+    x = torch.randn(m, cols, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(m, rows, device="cuda", dtype=torch.bfloat16)
+    assert packed_gemm.unserved_reason(fmt, x, args[0], args[1], cols) is None
+    for forward, a, reference in ((True, x, x.float() @ dense.t()), (False, grad, grad.float() @ dense)):
+        tolerance = dict(atol=1e-2 * reference.abs().max().item(), rtol=1e-2)
+        for split in (None, 1, 4):
+            got = packed_gemm.packed_gemm(fmt, a, *args, cols, global_scale, forward=forward, split=split)
+            torch.testing.assert_close(got.float(), reference, **tolerance)
+        if forward:
+            got = (int4_linear(a, *args, cols) if fmt == "int4"
+                   else fp_linear(a, *args, global_scale, fmt, cols))
+        else:
+            got = packed_input_grad(a, *args, global_scale, fmt, cols)
+        torch.testing.assert_close(got.float(), reference, **tolerance)
+
+
+@cuda
+def test_split_packed_gemm_replays_from_a_cuda_graph():
+    args, _, dense = _format_weights("int4", 2048, 2048, "cuda")
+    x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    reference = x.float() @ dense.t()
+
+    def call():
+        return packed_gemm.packed_gemm("int4", x, *args, 2048, split=4)
+
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(3):  # the arrival counters start from zero on every replay
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), reference, atol=1e-2 * reference.abs().max().item(), rtol=1e-2)
+
+
 @cuda
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
-@pytest.mark.parametrize("rows, cols", [(300, 768), (2048, 2048), (129, 4096)])
+@pytest.mark.parametrize("rows, cols", [(300, 768), (2048, 2048), (129, 4096), (130, 208)])
 def test_fp_dequant_kernel_is_the_reference_bit_for_bit(fmt, rows, cols):
+    """From whole words (``packed_gemm.dequantize``) and, at 208 columns, one thread per weight."""
     weight, scale, global_scale = _fp_weights(fmt, rows, cols, "cuda")
     if fmt == "fp8":  # every subnormal code, both signs, and zero
         codes = weight.view(torch.uint8)
@@ -145,7 +209,7 @@ def test_fp_dequant_kernel_is_the_reference_bit_for_bit(fmt, rows, cols):
     for dtype in (torch.float32, torch.bfloat16):
         torch.testing.assert_close(fp_formats.fp_dequant(weight, scale, global_scale, fmt, cols, dtype),
                                    dequant(fmt, weight, scale, global_scale, dtype), atol=0, rtol=0)
-    x = torch.randn(33, cols, device="cuda", dtype=torch.bfloat16)  # above the few-row GEMV: dequant + cuBLAS
+    x = torch.randn(33, cols, device="cuda", dtype=torch.bfloat16)  # the packed GEMM; at 208 columns dequant + cuBLAS
     want = x.float() @ dequant(fmt, weight, scale, global_scale, torch.float32).t()
     got = fp_linear(x, weight, scale, global_scale, fmt, cols).float()
     torch.testing.assert_close(got, want, atol=1e-2 * want.abs().max().item(), rtol=1e-2)

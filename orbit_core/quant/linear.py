@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orbit_kernels.fp_formats import fp_dequant, fp_linear
-from orbit_kernels.int4 import int4_dequant, int4_linear
+from orbit_kernels.fp_formats import fp_linear
+from orbit_kernels.int4 import int4_linear
+from orbit_kernels.packed_grad import dense_weight, packed_input_grad
 
 
 TENSOR_NAMES = {"int4": ("weight_packed", "weight_scale"), "fp8": ("weight", "weight_scale"),
@@ -27,12 +28,13 @@ def packed_linear(fmt_name: str, in_features: int, x: torch.Tensor, bias: torch.
     return y if bias is None else y + bias
 
 
+def _with_global(tensors: tuple[torch.Tensor, ...]) -> tuple:
+    """(weight, scale, global scale or None) from a format's tensors in ``TENSOR_NAMES`` order."""
+    return tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else None
+
+
 def dequantize(fmt_name: str, in_features: int, dtype: torch.dtype, *tensors: torch.Tensor) -> torch.Tensor:
-    if fmt_name == "int4":
-        return int4_dequant(tensors[0], tensors[1], in_features, dtype)
-    if fmt_name == "fp8":
-        return fp_dequant(tensors[0], tensors[1], None, "fp8", in_features, dtype)
-    return fp_dequant(tensors[0], tensors[1], tensors[2], "nvfp4", in_features, dtype)
+    return dense_weight(fmt_name, *_with_global(tensors), in_features, dtype)
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -40,7 +42,8 @@ class _PackedLinear(torch.autograd.Function):
 
     Autograd would otherwise keep every layer's dequantized ``[out, in]`` weight alive until the
     backward pass, so a packed base would cost as much training memory as a bf16 one. Nothing
-    dequantized is saved here; the base is frozen, so only ``dX = dY W`` is computed. It takes
+    dequantized is saved here; the base is frozen, so only ``dX = dY W`` is computed, by the
+    packed GEMM on a GPU (``orbit::packed_input_grad``). It takes
     tensors and constants only (not the module), so one ``torch.compile`` graph serves every layer.
     """
 
@@ -54,8 +57,8 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         tensors = ctx.saved_tensors  # once: under activation checkpointing a second unpack is an error
-        weight = dequantize(ctx.fmt_name, ctx.in_features, grad_out.dtype, *tensors)
-        return (grad_out @ weight, None, None, None) + (None,) * len(tensors)
+        grad_in = packed_input_grad(grad_out, *_with_global(tensors), ctx.fmt_name, ctx.in_features)
+        return (grad_in, None, None, None) + (None,) * len(tensors)
 
 
 class QuantLinear(nn.Module):

@@ -1,0 +1,114 @@
+"""The tiled packed GEMM (``orbit_kernels.packed_gemm``) forward and backward, against cuBLAS.
+
+For each linear of the Qwen3-1.7B shape, each row count (decode batches and training token
+counts) and each direction (forward ``x W^T``; backward ``dy W``, the input gradient), one JSON
+line per implementation:
+
+* ``bf16_cublas`` (the baseline): cuBLAS on a bf16 weight;
+* ``<fmt>_dequant_cublas``: the format's Triton dequantization, then cuBLAS (what training ran);
+* ``<fmt>_gemm``: the packed GEMM with its default tiles (``packed_gemm.tiles_for``);
+* with ``--sweep``, ``int4_gemm`` with each tile setting in ``CANDIDATES`` as well.
+
+Times come from CUDA-graph replays of ``--calls`` back-to-back calls cycling through enough
+weight copies to overflow L2 (``bench.int4_linear.graph_us``), so they are GPU time per call.
+    python -m bench.packed_gemm --rows 8 32 256 8192 [--sweep]
+
+Results (H200): ``packed_gemm_h200.jsonl`` (every format, the dispatch thresholds
+``packed_gemm.MAX_ROWS`` come from it); ``packed_gemm_sweep_h200.jsonl`` and
+``packed_gemm_sweep_8rows_h200.jsonl`` (the tile sweeps behind ``packed_gemm.tiles_for``; their
+``int4_dequant_cublas`` rows predate ``packed_gemm.dequantize`` and used the one-thread-per-weight
+dequantization, 2-2.5x slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+from bench.int4_linear import L2_BYTES, graph_us, nbytes, random_fp, random_packed
+from bench.rollout_throughput import SHAPES
+from orbit_kernels import packed_gemm
+from orbit_kernels.packed_gemm import Tiles
+from orbit_kernels.packed_grad import dense_weight
+
+CANDIDATES = [Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 128, 4, 3), Tiles(128, 256, 64, 8, 3), Tiles(256, 128, 64, 8, 3),
+              Tiles(16, 128, 128, 4, 4, True), Tiles(32, 128, 128, 4, 4, True), Tiles(64, 128, 128, 4, 3, True),
+              Tiles(128, 128, 64, 4, 3, True), Tiles(128, 128, 64, 8, 3, True), Tiles(256, 128, 64, 8, 3, True),
+              Tiles(128, 256, 64, 8, 3, True)]
+"""Tile settings ``--sweep`` times besides the default (a first sweep dropped those 2x off the best)."""
+
+
+def _weights(fmt: str, n: int, k: int) -> tuple:
+    if fmt == "int4":
+        return (*random_packed(n, k, 128), None)
+    return random_fp(fmt, n, k)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="qwen3-1.7b", choices=sorted(SHAPES))
+    parser.add_argument("--rows", nargs="+", type=int, default=[8, 32, 64, 256, 2048, 8192])
+    parser.add_argument("--formats", nargs="+", default=["int4", "fp8", "nvfp4"])
+    parser.add_argument("--linears", nargs="+", default=["q_proj", "k_proj", "gate_proj", "down_proj"])
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    s = SHAPES[args.shape]
+    h, inter, kv = s["hidden_size"], s["intermediate_size"], s["num_key_value_heads"] * s["head_dim"]
+    q = s["num_attention_heads"] * s["head_dim"]
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "o_proj": (h, q), "gate_proj": (inter, h), "down_proj": (h, inter)}
+    torch.manual_seed(0)
+    turn = iter(range(1 << 30))
+    for name in args.linears:
+        n, k = shapes[name]
+        weights = {fmt: [_weights(fmt, n, k) for _ in range(max(2, -(-4 * L2_BYTES // (n * k // 2))))]
+                   for fmt in args.formats}
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+                 for _ in range(max(2, -(-4 * L2_BYTES // (n * k * 2))))]
+        for rows in args.rows:
+            calls = 50 if rows <= 256 else 10
+            for forward in (True, False):
+                a = torch.randn(rows, k if forward else n, device="cuda", dtype=torch.bfloat16)
+
+                def cublas(w, a=a, forward=forward):
+                    return a @ (w.t() if forward else w)
+
+                impls = {"bf16_cublas": (lambda i: cublas(dense[i % len(dense)]), n * k * 2, None)}
+                for fmt, copies in weights.items():
+                    def dequant_cublas(i, fmt=fmt, copies=copies):
+                        w, sc, gs = copies[i % len(copies)]
+                        return cublas(dense_weight(fmt, w, sc, gs, k, a.dtype))
+
+                    def gemm(i, tiles=None, fmt=fmt, copies=copies, forward=forward, a=a):
+                        w, sc, gs = copies[i % len(copies)]
+                        return packed_gemm.packed_gemm(fmt, a, w, sc, k, gs, forward=forward, tiles=tiles)
+
+                    weight_bytes = nbytes(*copies[0])
+                    impls[f"{fmt}_dequant_cublas"] = (dequant_cublas, weight_bytes, fmt)
+                    impls[f"{fmt}_gemm"] = (gemm, weight_bytes, fmt)
+                    if args.sweep and fmt == "int4":
+                        for t in CANDIDATES:
+                            impls[f"int4_gemm {tuple(t)}"] = (lambda i, t=t, gemm=gemm: gemm(i, t), weight_bytes, fmt)
+                for impl, (call, weight_bytes, fmt) in impls.items():
+                    err = None
+                    try:
+                        if fmt is not None:  # against the format's own dequantize-then-cuBLAS
+                            ref = impls[f"{fmt}_dequant_cublas"][0](0).float()
+                            err = (call(0).float() - ref).abs().max().item() / ref.abs().max().item()
+                        us = graph_us(lambda: call(next(turn)), calls)
+                    except OutOfResources as e:  # a swept tile too large for shared memory
+                        print(json.dumps({"linear": name, "rows": rows, "impl": impl, "error": str(e)}), flush=True)
+                        continue
+                    print(json.dumps({
+                        "bench": "packed_gemm", "shape": args.shape, "linear": name, "out": n, "in": k, "rows": rows,
+                        "direction": "forward" if forward else "backward", "impl": impl, "us_per_call": round(us, 2),
+                        "tflops": round(2 * rows * n * k / us / 1e6, 1),
+                        "weight_gb_s": round(weight_bytes / us / 1e3, 1), "max_rel_err_vs_dequant_cublas": err,
+                        "baseline": "bf16_cublas", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""A tiled GEMM over packed weight codes (int4, nvfp4, fp8 block), in both orientations that adapter
+training needs, and the whole-word dequantization the format ops use above it:
+
+* ``forward``:  ``y[M, out] = x[M, in] @ W^T`` (the linear);
+* ``backward``: ``dx[M, in] = dy[M, out] @ W`` (its input gradient; the base is frozen, so no dW);
+* ``dequantize``: the dense weight, bit-equal to the formats' torch references.
+
+Each GEMM program loads a ``[BLOCK_N, BLOCK_K]`` tile of ``W`` as the stored int32 words, decodes
+it in registers (``packed_gemv._decode``, the same bit tricks), scales it, rounds it to the
+activation dtype and feeds it to ``tl.dot`` (fp32 accumulation). The dense weight is never
+written. The tile holds what the dequantize-then-cuBLAS reference multiplies by, so the two
+differ only in summation order; nvfp4's global scale is divided out of the fp32 accumulator.
+
+A decode-sized batch has too few output tiles to occupy the GPU, so the reduction is split over
+``SPLIT`` programs per tile whose fp32 partials meet in the same launch, as in the GEMV: the last
+program of a tile to arrive (an atomic counter) adds them in a fixed order, so results do not
+depend on timing.
+
+Where it runs is measured, not assumed (``MAX_ROWS``): the GEMM decodes every weight tile once per
+row tile, while ``dequantize`` decodes it once and cuBLAS runs at full tensor-core rate, so above a
+few rows dequantize + cuBLAS wins on an H200.
+
+The references are the formats' dequantize functions followed by ``F.linear`` (forward) or a
+matmul (backward); on the CPU those run instead.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from orbit_kernels import packed_gemv as gemv
+from orbit_kernels._triton import tl, triton
+
+ENABLED = True
+"""Set False to force the references (benchmarks compare the two in one process)."""
+MAX_ROWS = {"int4": 16, "fp8": 0, "nvfp4": 0}
+"""Up to this many rows the format ops run this GEMM (forward, and the input gradient); above,
+the format's dequantization then cuBLAS, which measured faster on an H200 at the Qwen3-1.7B shape
+(``bench/results/packed_gemm_h200.jsonl``, summed over q, k, gate and down_proj). int4 at 8
+rows: GEMM 48.7 us forward / 46.4 backward, dequantize + cuBLAS 50.0 / 48.1; at 32 rows the GEMM
+is 11% slower, at 256 2.1x, at 8192 2.8x (bf16 cuBLAS 91 / 265 us against the GEMM's 245 / 749
+for q / gate_proj). fp8 and nvfp4 lose at every row count: the decode costs more per weight
+there. A tile decoded in the GEMM is decoded once per row tile, a dequantized weight once."""
+TARGET_PROGRAMS = 264
+"""Split the reduction until about this many programs run: two per SM of an H100 (132 SMs)."""
+
+
+class Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    swap: bool = False
+
+
+def tiles_for(rows: int, forward: bool) -> Tiles:
+    """The tile setting for ``rows`` activation rows: the fastest of a sweep summed over q_proj,
+    gate_proj and down_proj at the Qwen3-1.7B shape, per direction and row count (H200,
+    ``bench/results/packed_gemm_sweep_h200.jsonl``; rows 8 from an earlier sweep of 16-row tiles)."""
+    if rows <= 16:
+        return Tiles(16, 128, 128, 4, 4, forward)
+    if rows <= 64:
+        return Tiles(32, 128, 128, 4, 4, True) if forward else Tiles(64, 128, 64, 4, 3)
+    if rows <= 256:
+        return Tiles(64, 128, 128, 4, 3) if forward else Tiles(128, 128, 64, 4, 3, True)
+    return Tiles(128, 128, 64, 4, 3, True)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _weight_tile(w_ptr, s_ptr, gs_ptr, offs_n, k0, n_mask, stride_w, stride_s, FMT: tl.constexpr,
+                     CODES: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr,
+                     HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+        # W[offs_n, k0 : k0 + BLOCK_K] decoded and scaled, in ``dtype``. The words are loaded as they
+        # lie ([BLOCK_N, BLOCK_K / CODES], what the software pipeline stages in shared memory), their
+        # codes unfolded along a third axis and merged into columns: word w, code c is column
+        # CODES * w + c.
+        BITS: tl.constexpr = 32 // CODES
+        BLOCK_W: tl.constexpr = BLOCK_K // CODES
+        offs_w = k0 // CODES + tl.arange(0, BLOCK_W)
+        words = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_w[None, :], mask=n_mask[:, None], other=0)
+        shifts = tl.arange(0, CODES) * BITS
+        value = gemv._decode((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), FMT)
+        if ROW_SCALE:  # the K tile lies inside one scale group: one scale per row
+            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS) * stride_s + k0 // GROUP, mask=n_mask, other=0.0)
+            scale = scale.to(tl.float32)[:, None, None]
+        else:  # a word never straddles two groups (GROUP % CODES == 0)
+            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS)[:, None] * stride_s + (offs_w * CODES // GROUP)[None, :],
+                            mask=n_mask[:, None], other=0.0)
+            scale = scale.to(tl.float32)[:, :, None]
+        if HAS_GLOBAL:  # nvfp4's reference divides the scale first (IEEE division, as torch divides)
+            scale = tl.math.div_rn(scale, tl.load(gs_ptr).to(tl.float32))
+        value = value * scale
+        return tl.reshape(value, (BLOCK_N, BLOCK_K)).to(dtype)
+
+    @triton.jit
+    def _packed_gemm_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, part_ptr, count_ptr, M, N, K, stride_am, stride_w,
+                            stride_s, stride_cm, FMT: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
+                            SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+                            FORWARD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr):
+        # W is [N, K] as stored. forward: C[M, N] = A[M, K] W^T, reducing over K in BLOCK_K steps;
+        # backward: C[M, K] = A[M, N] W, reducing over N in BLOCK_N steps. SWAP computes C^T
+        # instead (W^T... as the dot's first operand): Hopper's wgmma takes its first operand from
+        # registers, where the decoded tile is, and its second from shared memory, where the
+        # activation tile is staged; the other way round the decoded tile must be stored first.
+        dtype = a_ptr.dtype.element_ty
+        if FORWARD:
+            BLOCK_O: tl.constexpr = BLOCK_N
+            out_cols = N
+        else:
+            BLOCK_O: tl.constexpr = BLOCK_K
+            out_cols = K
+        pid, pid_s = tl.program_id(0), tl.program_id(1)
+        # output tiles in groups of GROUP_M row tiles, so programs running together share weight tiles in L2
+        tiles_m, tiles_o = tl.cdiv(M, BLOCK_M), tl.cdiv(out_cols, BLOCK_O)
+        group_size = GROUP_M * tiles_o
+        first_m = (pid // group_size) * GROUP_M
+        rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group_size) % rows_in_group
+        pid_o = (pid % group_size) // rows_in_group
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        m_mask = offs_m < M
+        o_mask = offs_o < out_cols
+        if SWAP:
+            acc = tl.zeros((BLOCK_O, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+        if FORWARD:
+            for k0 in range(pid_s * BLOCK_K, K, SPLIT * BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+                w = _weight_tile(w_ptr, s_ptr, gs_ptr, offs_o, k0, o_mask, stride_w, stride_s, FMT, CODES, GROUP,
+                                 SCALE_ROWS, ROW_SCALE, False, BLOCK_N, BLOCK_K, dtype)
+                if SWAP:
+                    acc = tl.dot(w, tl.trans(a), acc)
+                else:
+                    acc = tl.dot(a, tl.trans(w), acc)
+        else:
+            k0 = pid_o * BLOCK_K
+            for n0 in range(pid_s * BLOCK_N, N, SPLIT * BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < N
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                            other=0.0)
+                w = _weight_tile(w_ptr, s_ptr, gs_ptr, offs_n, k0, n_mask, stride_w, stride_s, FMT, CODES, GROUP,
+                                 SCALE_ROWS, ROW_SCALE, False, BLOCK_N, BLOCK_K, dtype)
+                if SWAP:
+                    acc = tl.dot(tl.trans(w), tl.trans(a), acc)
+                else:
+                    acc = tl.dot(a, w, acc)
+        if SWAP:
+            acc = tl.trans(acc)
+        if HAS_GLOBAL:
+            acc = acc / tl.load(gs_ptr).to(tl.float32)
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_o[None, :]
+        c_mask = m_mask[:, None] & o_mask[None, :]
+        if SPLIT == 1:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        else:
+            offs = offs_m[:, None] * out_cols + offs_o[None, :]
+            tl.store(part_ptr + pid_s * M * out_cols + offs, acc, mask=c_mask)
+            # partials are written before the tile's counter moves (release); the last arrival
+            # sees them all (acquire; .cg reads past this SM's L1)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+                for s in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + s * M * out_cols + offs, mask=c_mask, other=0.0, cache_modifier=".cg")
+                tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+    @triton.jit
+    def _dequant_tiles_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, stride_w, stride_s, stride_o, FMT: tl.constexpr,
+                              CODES: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                              ROW_SCALE: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        n_mask = offs_n < N
+        w = _weight_tile(w_ptr, s_ptr, gs_ptr, offs_n, k0, n_mask, stride_w, stride_s, FMT, CODES, GROUP, SCALE_ROWS,
+                         ROW_SCALE, HAS_GLOBAL, BLOCK_N, BLOCK_K, out_ptr.dtype.element_ty)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + offs_n[:, None] * stride_o + offs_k[None, :], w, mask=n_mask[:, None])
+
+
+MIN_BLOCK_K = 32
+
+
+def shape_reason(fmt: str, weight: torch.Tensor, scale: torch.Tensor, in_features: int) -> str | None:
+    """Why the kernels here cannot decode this weight (None when they can)."""
+    codes, group, _ = gemv.layout(fmt, scale, in_features)
+    if in_features % MIN_BLOCK_K or group % codes:
+        return f"in_features={in_features} or group={group} does not fit the {MIN_BLOCK_K}-column tiles"
+    if not weight.is_contiguous():
+        return "the packed weight is not contiguous"
+    return None
+
+
+def unserved_reason(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int) -> str | None:
+    """Why the GEMM cannot take this call (None when it can)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"activations are {x.dtype}"
+    return shape_reason(fmt, weight, scale, in_features)
+
+
+def _split(tiles: int, steps: int) -> int:
+    """Programs per output tile: up to TARGET_PROGRAMS in all, each keeping two reduction steps."""
+    split = max(1, min(TARGET_PROGRAMS // tiles, steps // 2))
+    return 1 << (split.bit_length() - 1)
+
+
+def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int,
+                global_scale: torch.Tensor | None = None, forward: bool = True,
+                tiles: Tiles | None = None, split: int | None = None) -> torch.Tensor:
+    """``a @ W^T`` (``forward``; ``a [..., in]``) or ``a @ W`` (``a [..., out]``), callers having
+    checked ``unserved_reason``. Tensors as stored, as for ``packed_gemv.packed_gemv``.
+    ``tiles`` and ``split`` override the defaults (benchmarks sweep them)."""
+    out_features = weight.shape[0]
+    inner, outer = (in_features, out_features) if forward else (out_features, in_features)
+    rows = a.numel() // inner
+    flat = a.reshape(rows, inner).contiguous()
+    words = weight.view(torch.int32)
+    codes, group, scale_rows = gemv.layout(fmt, scale, in_features)
+    t = tiles or tiles_for(rows, forward)
+    block_k = next(b for b in (t.block_k, 64, 32) if in_features % b == 0)
+    block_o = t.block_n if forward else block_k
+    out_tiles = triton.cdiv(rows, t.block_m) * triton.cdiv(outer, block_o)
+    steps = triton.cdiv(inner, block_k if forward else t.block_n)
+    split = split or _split(out_tiles, steps)
+    c = torch.empty((rows, outer), dtype=a.dtype, device=a.device)
+    part = count = c  # read only when the reduction is split: fp32 partials and per-tile arrival counters
+    if split > 1:
+        part = torch.empty((split, rows, outer), dtype=torch.float32, device=a.device)
+        count = torch.zeros(out_tiles, dtype=torch.int32, device=a.device)
+    _packed_gemm_kernel[(out_tiles, split)](
+        flat, words, scale, scale if global_scale is None else global_scale, c, part, count, rows, out_features,
+        in_features, flat.stride(0), words.stride(0), scale.stride(0), c.stride(0), FMT=gemv.FORMAT_CODES[fmt],
+        CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, ROW_SCALE=group % block_k == 0,
+        HAS_GLOBAL=global_scale is not None, FORWARD=forward, SPLIT=split, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, num_warps=t.warps, num_stages=t.stages)
+    return c.view(*a.shape[:-1], outer)
+
+
+DEQUANT_TILE = (32, 128)
+"""Rows and columns each program of ``dequantize`` writes."""
+
+
+def dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None,
+               in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[out, in]`` weight in ``dtype``, decoded from whole words as the GEMM decodes its
+    tiles, with the references' arithmetic (bit-equal to them). Callers check ``unserved_reason``
+    (any activation dtype: ``dtype`` is the output's)."""
+    rows = weight.shape[0]
+    words = weight.view(torch.int32)
+    codes, group, scale_rows = gemv.layout(fmt, scale, in_features)
+    block_n = DEQUANT_TILE[0]
+    block_k = next(b for b in (DEQUANT_TILE[1], 64, 32) if in_features % b == 0)
+    out = torch.empty((rows, in_features), dtype=dtype, device=weight.device)
+    _dequant_tiles_kernel[(triton.cdiv(rows, block_n), in_features // block_k)](
+        words, scale, scale if global_scale is None else global_scale, out, rows, words.stride(0), scale.stride(0),
+        out.stride(0), FMT=gemv.FORMAT_CODES[fmt], CODES=codes, GROUP=group, SCALE_ROWS=scale_rows,
+        ROW_SCALE=group % block_k == 0, HAS_GLOBAL=global_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4)
+    return out
