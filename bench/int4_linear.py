@@ -1,6 +1,7 @@
 """Packed-weight linear kernels against bf16 cuBLAS at decode shapes, one JSON line per (shape, rows, impl).
 
-int4 (W4A16 g128) through each of its kernels; fp8 (128x128 blocks) and nvfp4 through the few-row
+int4 (W4A16 g128) through each of its kernels (the split-K and tiled kernels of earlier results
+were replaced by the packed GEMM, ``bench/packed_gemm.py``); fp8 (128x128 blocks) and nvfp4 through the few-row
 packed GEMV, with their torch dequantize-then-cuBLAS references beside them.
 
 Each implementation is captured in a CUDA graph of ``--calls`` back-to-back calls and replayed, so
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from bench.rollout_throughput import SHAPES
 from orbit_kernels import fp_formats
 from orbit_kernels import int4 as int4_kernels
-from orbit_kernels import packed_gemv
+from orbit_kernels import packed_gemm, packed_gemv
 
 
 def random_packed(n: int, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +100,8 @@ def main() -> None:
             if "int4" in args.formats:  # each call(i) multiplies by copy i of the weight
                 impls["int4_dequant_cublas"] = (
                     lambda i: F.linear(x, int4_kernels.int4_dequant(*packs[i % copies], k, x.dtype)), int4_bytes, int4_ref)
-                impls["int4_tiled"] = (lambda i: int4_kernels.fused_int4_linear(x, *packs[i % copies], k), int4_bytes,
-                                       int4_ref)
-                if rows <= int4_kernels.GEMV_MAX_ROWS:
-                    impls["int4_split_k"] = (lambda i: int4_kernels.int4_gemv(x, *packs[i % copies], k), int4_bytes,
-                                             int4_ref)
+                impls["int4_packed_gemm"] = (
+                    lambda i: packed_gemm.packed_gemm("int4", x, *packs[i % copies], k), int4_bytes, int4_ref)
                 if rows <= packed_gemv.MAX_ROWS:
                     impls["int4_packed_gemv"] = (
                         lambda i: packed_gemv.packed_gemv("int4", x, *packs[i % copies], k), int4_bytes, int4_ref)
