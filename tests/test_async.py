@@ -87,6 +87,7 @@ def test_bad_payload_is_refused_before_any_slot_changes(tiny_checkpoint):
         "missing": {k: v for k, v in good.items() if k != name},
         "unexpected": {**good, "model.extra.lora_A": good[name]},
     }
+    prepare(engine, good)  # the payload's names and shapes are now a checked plan: the checks below still run
     for message, state in cases.items():
         with pytest.raises(OrbitError, match=message):
             write_slot(engine, bank, 0, prepare(engine, state), version=1)

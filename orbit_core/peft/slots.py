@@ -10,6 +10,7 @@ payload leaves every slot as it was.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -31,6 +32,8 @@ class SlotBank:
         self.versions = [0] * num_slots
         self.row_slot: torch.Tensor | None = None
         self.used: tuple[int, ...] = (0,)
+        self.targets: dict[tuple, list[torch.Tensor]] = {}
+        """``write_slot``'s views into the slot buffers, by (slot, payload layout)."""
 
     def set_rows(self, row_slot: torch.Tensor | None, used: tuple[int, ...]) -> None:
         """``row_slot`` [rows] names each row's slot; ``used`` lists the slots present (one = no routing)."""
@@ -75,32 +78,58 @@ def attach_slots(model: nn.Module, num_slots: int) -> SlotBank:
     return bank
 
 
-def prepare(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Check a payload against the engine's adapter layers and compute what each slot stores.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+"""Per engine model, the checked plan of each payload signature seen: a sync sends the same names
+and shapes every time, so they are checked against the model once, not on every sync."""
 
-    Raises OrbitError naming the first problem (missing / unexpected tensor, wrong shape, NaN/inf).
-    """
+
+def _plan(model: nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[str, bool, int, list]]:
+    """(layer name, is OFT, OFT blocks, [(leaf, payload key, device)]) for every adapter layer,
+    after checking the payload's names and shapes against the model."""
+    signature = tuple((name, tuple(value.shape)) for name, value in state.items())
+    plans = _PLANS.setdefault(model, {})
+    if signature in plans:
+        return plans[signature]
     layers = dict(adapter_modules(model))
     expected = {f"{name}.{leaf}" for name, layer in layers.items() for leaf in ADAPTER_TENSORS if hasattr(layer, leaf)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
         raise OrbitError(f"adapter payload does not fit the engine ({what})", "trainer and engine must use the same peft settings")
-    _check_finite(state)
-    out: dict[str, dict[str, torch.Tensor]] = {}
+    plan = []
     for name, layer in layers.items():
-        tensors = {}
+        leaves = []
         for leaf in ADAPTER_TENSORS:
             if not hasattr(layer, leaf):
                 continue
-            value = state[f"{name}.{leaf}"]
-            want = getattr(layer, leaf).shape
-            if value.shape != want:
-                raise OrbitError(f"adapter payload: {name}.{leaf} has shape {tuple(value.shape)}, engine expects {tuple(want)}",
-                                 "trainer and engine must use the same peft settings")
-            tensors[leaf] = value.to(getattr(layer, leaf).device, torch.float32)
-        if isinstance(layer, OFTLinear):
-            tensors = {"slot_rotation": cayley_blocks(tensors["oft_skew"], layer.num_blocks)}
+            value, want = state[f"{name}.{leaf}"], getattr(layer, leaf)
+            if value.shape != want.shape:
+                raise OrbitError(f"adapter payload: {name}.{leaf} has shape {tuple(value.shape)}, engine expects "
+                                 f"{tuple(want.shape)}", "trainer and engine must use the same peft settings")
+            leaves.append((leaf, f"{name}.{leaf}", want.device))
+        is_oft = isinstance(layer, OFTLinear)
+        plan.append((name, is_oft, layer.num_blocks if is_oft else 0, leaves))
+    plans[signature] = plan
+    return plan
+
+
+def prepare(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Check a payload against the engine's adapter layers and compute what each slot stores.
+
+    Raises OrbitError naming the first problem (missing / unexpected tensor, wrong shape, NaN/inf).
+    """
+    plan = _plan(model, state)
+    _check_finite(state)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, is_oft, num_blocks, leaves in plan:
+        tensors = {}
+        for leaf, key, device in leaves:
+            value = state[key]
+            if value.device != device or value.dtype != torch.float32:
+                value = value.to(device, torch.float32)
+            tensors[leaf] = value
+        if is_oft:
+            tensors = {"slot_rotation": cayley_blocks(tensors["oft_skew"], num_blocks)}
         else:
             tensors = {"slot_A": tensors["lora_A"], "slot_B": tensors["lora_B"]}
         out[name] = tensors
@@ -124,11 +153,11 @@ def _check_finite(state: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def write_slot(model: nn.Module, bank: SlotBank, slot: int, prepared: dict[str, dict[str, torch.Tensor]], version: int) -> None:
-    layers: dict[str, AdapterLayer] = dict(adapter_modules(model))
-    targets, values = [], []
-    for name, tensors in prepared.items():
-        for buffer, value in tensors.items():
-            targets.append(getattr(layers[name], buffer)[slot])
-            values.append(value)
+    keys = tuple((name, buffer) for name, tensors in prepared.items() for buffer in tensors)
+    targets = bank.targets.get((slot, keys))
+    if targets is None:  # views into the slot buffers, made once per slot and payload layout
+        layers: dict[str, AdapterLayer] = dict(adapter_modules(model))
+        targets = bank.targets[(slot, keys)] = [getattr(layers[name], buffer)[slot] for name, buffer in keys]
+    values = [value for tensors in prepared.values() for value in tensors.values()]
     torch._foreach_copy_(targets, values)  # one multi-tensor copy instead of a launch per tensor
     bank.versions[slot] = version

@@ -30,7 +30,7 @@ def layout_of(state: dict[str, torch.Tensor]) -> tuple[Layout, int]:
     entries, offset = [], 0
     for name, tensor in state.items():
         entries.append((name, tuple(tensor.shape), tensor.dtype, offset))
-        offset += -(-_nbytes(tuple(tensor.shape), tensor.dtype) // ALIGN) * ALIGN  # aligned, so every view's address suits its dtype
+        offset += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN  # aligned, so every view's address suits its dtype
     return tuple(entries), offset
 
 
@@ -52,10 +52,9 @@ def layout_bytes(layout: Layout) -> int:
 
 
 @torch.no_grad()
-def pack(state: dict[str, torch.Tensor], layout: Layout, buffer: torch.Tensor) -> None:
-    views = unpack(buffer, layout)
-    for name, tensor in state.items():
-        views[name].copy_(tensor.detach())
+def pack(state: dict[str, torch.Tensor], views: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into its views of a buffer (``unpack``), as one multi-tensor copy."""
+    torch._foreach_copy_([views[name] for name in state], [tensor.detach() for tensor in state.values()])
 
 
 class SharedAdapterSender:
@@ -64,6 +63,8 @@ class SharedAdapterSender:
     def __init__(self, device: torch.device, buffers: int):
         self.device = torch.device(device)
         self.buffers: list[torch.Tensor | None] = [None] * buffers
+        self.views: list[tuple[Layout, dict[str, torch.Tensor]] | None] = [None] * buffers
+        """Each buffer's views, made again only when the layout changes (a sync makes ~400)."""
         self.last_version: list[int | None] = [None] * buffers
         self.count = 0
 
@@ -82,7 +83,9 @@ class SharedAdapterSender:
             if buffer.device.type == "cpu":
                 buffer.share_memory_()
             self.buffers[index] = buffer
-        pack(state, layout, buffer)
+        if fresh or self.views[index] is None or self.views[index][0] != layout:
+            self.views[index] = (layout, unpack(buffer, layout))
+        pack(state, self.views[index][1])
         if buffer.is_cuda:
             torch.cuda.synchronize(buffer.device)  # the engine reads it from another process
         self.last_version[index] = version
@@ -95,16 +98,23 @@ class SharedAdapterReceiver:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.buffers: dict[int, torch.Tensor] = {}
+        self.local: tuple[Layout, torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     def take(self, index: int, buffer: torch.Tensor | None, layout: Layout) -> tuple[dict[str, torch.Tensor], int]:
+        """The sync's tensors, copied out of the shared buffer into this side's own buffer. They are
+        views into that one buffer, valid until the next ``take`` (the engine takes a sync only
+        once the previous one is written to its slot)."""
         if buffer is not None:
             self.buffers[index] = buffer
         shared = self.buffers[index]
         nbytes = layout_bytes(layout)
-        local = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if self.local is None or self.local[0] != layout:
+            local = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self.local = (layout, local, unpack(local, layout))
+        _, local, views = self.local
         local.copy_(shared[:nbytes])
         for device in {shared.device, local.device}:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the copy is done before the trainer may rewrite the buffer
-        return unpack(local, layout), nbytes
+        return views, nbytes
 
