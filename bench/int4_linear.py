@@ -73,6 +73,14 @@ def graph_us(fn, calls: int) -> float:
 L2_BYTES = 50 << 20
 
 
+def linear_shapes(shape: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear of a decoder layer of ``shape``."""
+    s = SHAPES[shape]
+    h, inter, kv = s["hidden_size"], s["intermediate_size"], s["num_key_value_heads"] * s["head_dim"]
+    q = s["num_attention_heads"] * s["head_dim"]
+    return {"q_proj": (q, h), "k_proj": (kv, h), "o_proj": (h, q), "gate_proj": (inter, h), "down_proj": (h, inter)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="qwen3-1.7b", choices=sorted(SHAPES))
@@ -80,10 +88,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--formats", nargs="+", default=["int4", "fp8", "nvfp4"])
     args = parser.parse_args()
-    s = SHAPES[args.shape]
-    h, inter, kv = s["hidden_size"], s["intermediate_size"], s["num_key_value_heads"] * s["head_dim"]
-    q = s["num_attention_heads"] * s["head_dim"]
-    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "o_proj": (h, q), "gate_proj": (inter, h), "down_proj": (h, inter)}
+    shapes = linear_shapes(args.shape)
     torch.manual_seed(0)
     for name, (n, k) in shapes.items():
         copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))

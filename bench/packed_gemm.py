@@ -28,7 +28,7 @@ import json
 import torch
 from triton.runtime.errors import OutOfResources
 
-from bench.int4_linear import L2_BYTES, graph_us, nbytes, random_fp, random_packed
+from bench.int4_linear import L2_BYTES, graph_us, linear_shapes, nbytes, random_fp, random_packed
 from bench.rollout_throughput import SHAPES
 from orbit_kernels import packed_gemm
 from orbit_kernels.packed_gemm import Tiles
@@ -55,10 +55,7 @@ def main() -> None:
     parser.add_argument("--linears", nargs="+", default=["q_proj", "k_proj", "gate_proj", "down_proj"])
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
-    s = SHAPES[args.shape]
-    h, inter, kv = s["hidden_size"], s["intermediate_size"], s["num_key_value_heads"] * s["head_dim"]
-    q = s["num_attention_heads"] * s["head_dim"]
-    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "o_proj": (h, q), "gate_proj": (inter, h), "down_proj": (h, inter)}
+    shapes = linear_shapes(args.shape)
     torch.manual_seed(0)
     turn = iter(range(1 << 30))
     for name in args.linears:

@@ -160,21 +160,8 @@ if triton is not None:
             acc = acc / tl.load(gs_ptr).to(tl.float32)
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_o[None, :]
         c_mask = m_mask[:, None] & o_mask[None, :]
-        if SPLIT == 1:
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-        else:
-            offs = offs_m[:, None] * out_cols + offs_o[None, :]
-            tl.store(part_ptr + pid_s * M * out_cols + offs, acc, mask=c_mask)
-            # partials are written before the tile's counter moves (release); the last arrival
-            # sees them all (acquire; .cg reads past this SM's L1)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-            if arrived == SPLIT - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-                for s in tl.static_range(SPLIT):
-                    total += tl.load(part_ptr + s * M * out_cols + offs, mask=c_mask, other=0.0, cache_modifier=".cg")
-                tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=c_mask)
-
+        gemv.finish_split(acc, c_ptrs, c_mask, part_ptr, offs_m[:, None] * out_cols + offs_o[None, :], M * out_cols,
+                          count_ptr, pid, pid_s, SPLIT)
 
     @triton.jit
     def _dequant_tiles_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, stride_w, stride_s, stride_o, FMT: tl.constexpr,

@@ -95,20 +95,27 @@ if triton is not None:
             acc = acc / tl.load(gs_ptr).to(tl.float32)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
         y_mask = (rows[:, None] < M) & n_mask[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        finish_split(acc, y_ptrs, y_mask, part_ptr, rows[:, None] * N + offs_n[None, :], ROWS * N, count_ptr, pid_n,
+                     pid_k, SPLIT_K)
+
+    @triton.jit
+    def finish_split(acc, y_ptrs, y_mask, part_ptr, offs, part_stride, count_ptr, tile, split_index,
+                     SPLIT: tl.constexpr):
+        """Store an output tile, or, with the reduction split over SPLIT programs, store this
+        program's fp32 partials and let the tile's last arrival add all of them in a fixed order."""
+        if SPLIT == 1:
+            tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=y_mask)
         else:
-            offs = rows[:, None] * N + offs_n[None, :]
-            tl.store(part_ptr + pid_k * ROWS * N + offs, acc, mask=y_mask)
+            tl.store(part_ptr + split_index * part_stride + offs, acc, mask=y_mask)
             # every thread's partials are written before the tile's counter moves (release), and
             # the last arrival sees all of them (acquire; .cg reads past the SM's own L1)
             tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    total += tl.load(part_ptr + s * ROWS * N + offs, mask=y_mask, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = tl.zeros_like(acc)
+                for s in tl.static_range(SPLIT):
+                    total += tl.load(part_ptr + s * part_stride + offs, mask=y_mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=y_mask)
 
 
 FP8_BLOCK = 128

@@ -96,6 +96,20 @@ def test_fp_linear_on_cpu_is_the_reference_and_traces():
         assert compiled(x).shape == (3, 40)
 
 
+def _replays_equal(call, reference: torch.Tensor, tolerance: dict) -> None:
+    """Capture ``call`` in a CUDA graph and check three replays against ``reference``: a split
+    kernel's arrival counters must start from zero on every replay."""
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out.float(), reference, **tolerance)
+
+
 @cuda
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
@@ -118,15 +132,7 @@ def test_packed_gemv_equals_each_formats_reference(fmt, m, rows, cols):
         return packed_gemv.packed_gemv(fmt, x, *args, cols, None if fmt != "nvfp4" else global_scale)
 
     torch.testing.assert_close(call().float(), reference, **tolerance)
-    call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
-    for _ in range(3):  # the split counters start from zero on every replay
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out.float(), reference, **tolerance)
+    _replays_equal(call, reference, tolerance)
     if fmt != "int4":  # and through the op the quantized linears call
         got = fp_linear(x, weight, scale, global_scale if fmt == "nvfp4" else None, fmt, cols)
         torch.testing.assert_close(got.float(), reference, **tolerance)
@@ -182,18 +188,8 @@ def test_split_packed_gemm_replays_from_a_cuda_graph():
     x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
     reference = x.float() @ dense.t()
 
-    def call():
-        return packed_gemm.packed_gemm("int4", x, *args, 2048, split=4)
-
-    call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
-    for _ in range(3):  # the arrival counters start from zero on every replay
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out.float(), reference, atol=1e-2 * reference.abs().max().item(), rtol=1e-2)
+    _replays_equal(lambda: packed_gemm.packed_gemm("int4", x, *args, 2048, split=4), reference,
+                   dict(atol=1e-2 * reference.abs().max().item(), rtol=1e-2))
 
 
 @cuda
