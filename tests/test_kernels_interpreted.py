@@ -1,0 +1,68 @@
+"""The packed-weight Triton kernels on the CPU, under Triton's interpreter, against the torch
+references: the same checks the GPU tests make, at small shapes, so CI sees a broken kernel.
+
+The interpreter runs in numpy (fp16 activations, no bf16) and ignores the tile and warp settings
+that matter for speed; what it checks is the arithmetic: decoding, scales, masks, the split
+reduction and its arrival counters.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from orbit_kernels import packed_gemm, packed_gemv
+from orbit_kernels._triton import triton
+from orbit_kernels.fp_formats import dequant
+from orbit_kernels.int4 import dequant_int4
+from tests.test_kernels import _format_weights
+
+pytestmark = pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs triton, under its interpreter (no GPU)")
+
+FORMATS = ["int4", "fp8", "nvfp4"]
+
+
+def _reference(fmt: str, args: tuple, global_scale, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    if fmt == "int4":
+        return dequant_int4(*args, (args[0].shape[0], cols), dtype)
+    return dequant(fmt, *args, global_scale, dtype)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows, cols", [(40, 256), (33, 160)])
+def test_dequantize_is_the_reference_bit_for_bit(fmt, rows, cols):
+    args, global_scale, _ = _format_weights(fmt, rows, cols, "cpu")
+    for dtype in (torch.float32, torch.float16):
+        got = packed_gemm.dequantize(fmt, *args, global_scale, cols, dtype)
+        assert torch.equal(got, _reference(fmt, args, global_scale, cols, dtype))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("forward", [True, False])
+def test_packed_gemm_both_ways_equals_the_reference(fmt, forward):
+    rows, cols = 96, 384  # 96 outputs leave a partial 64-row tile; 384 inputs are three 128-column tiles
+    args, global_scale, dense = _format_weights(fmt, rows, cols, "cpu")
+    torch.manual_seed(0)
+    for m in (3, 20):
+        a = torch.randn(m, cols if forward else rows, dtype=torch.float16)
+        reference = a.float() @ (dense.t() if forward else dense)
+        for tiles, split in ((None, None), (packed_gemm.Tiles(16, 32, 64, 4, 2), 2),
+                             (packed_gemm.Tiles(16, 64, 32, 4, 2, True), 1)):
+            got = packed_gemm.packed_gemm(fmt, a, *args, cols, global_scale, forward=forward, tiles=tiles,
+                                          split=split).float()
+            torch.testing.assert_close(got, reference, atol=3e-3 * reference.abs().max().item(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_packed_gemv_with_a_split_reduction_equals_the_reference(fmt):
+    rows, cols = 64, 2048  # few output tiles: K is split over programs that meet through the counters
+    args, global_scale, dense = _format_weights(fmt, rows, cols, "cpu")
+    x = torch.randn(3, cols, dtype=torch.float16)
+    reference = x.float() @ dense.t()
+    words = cols // packed_gemv.layout(fmt, args[1], cols)[0]
+    assert packed_gemv._split(-(-rows // packed_gemv.BLOCK_N), words, packed_gemv.BLOCK_W) > 1
+    got = packed_gemv.packed_gemv(fmt, x, *args, cols, global_scale).float()
+    torch.testing.assert_close(got, reference, atol=3e-3 * reference.abs().max().item(), rtol=1e-2)
