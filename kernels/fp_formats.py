@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from orbit_kernels import packed_gemm as gemm
 from orbit_kernels import packed_gemv as gemv
 from orbit_kernels.packed_gemv import FP8_BLOCK
-from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels._triton import serves
 
 # e2m1 magnitudes by their 3-bit code; bit 3 is the sign
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -63,54 +63,14 @@ def dequant(fmt: str, weight: torch.Tensor, scale: torch.Tensor, global_scale: t
     return dequant_nvfp4(weight, scale, global_scale, dtype)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _dequant_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, rows, cols, stride_w, stride_s, stride_o, FMT: tl.constexpr,
-                        CODES: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # the references' arithmetic exactly: the code's fp32 value times the fp32 scale (nvfp4:
-        # scale / global first), rounded once to the output dtype
-        BITS: tl.constexpr = 32 // CODES
-        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
-        words = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_c[None, :] // CODES, mask=mask, other=0)
-        value = gemv._decode((words >> ((offs_c[None, :] % CODES) * BITS)) & ((1 << BITS) - 1), FMT)
-        scale = tl.load(s_ptr + (offs_r[:, None] // SCALE_ROWS) * stride_s + offs_c[None, :] // GROUP, mask=mask,
-                        other=0.0).to(tl.float32)
-        if HAS_GLOBAL:
-            scale = tl.math.div_rn(scale, tl.load(gs_ptr).to(tl.float32))  # IEEE division, as torch divides
-        tl.store(out_ptr + offs_r[:, None] * stride_o + offs_c[None, :], (value * scale).to(out_ptr.dtype.element_ty),
-                 mask=mask)
-
-
-def _dequant_reason(weight: torch.Tensor, in_features: int) -> str | None:
-    if not weight.is_contiguous() or weight.shape[-1] * weight.element_size() % 4:
-        return "the packed weight is not contiguous whole int32 words"
-    return None
-
-
 @torch.library.custom_op("orbit::fp_dequant", mutates_args=())
 def fp_dequant(weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None, fmt: str,
                in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """Dense ``[out, in]`` from fp8 block or nvfp4 tensors: one Triton pass on a GPU, the torch
     reference (``dequant``) elsewhere."""
-    if not serves(f"{fmt}_dequant", gemv.ENABLED, weight, lambda: _dequant_reason(weight, in_features)):
-        return dequant(fmt, weight, scale, global_scale, dtype)
-    if gemm.shape_reason(fmt, weight, scale, in_features) is None:
+    if serves(f"{fmt}_dequant", gemv.ENABLED, weight, lambda: gemm.dequant_reason(weight)):
         return gemm.dequantize(fmt, weight, scale, global_scale, in_features, dtype)
-    rows = weight.shape[0]  # any other shape: one thread per weight
-    codes, group, scale_rows = gemv.layout(fmt, scale, in_features)
-    words = weight.view(torch.int32)
-    out = torch.empty((rows, in_features), dtype=dtype, device=weight.device)
-    block_r, block_c = 16, 256
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(in_features, block_c))
-    _dequant_kernel[grid](words, scale, scale if global_scale is None else global_scale, out, rows, in_features,
-                          words.stride(0), scale.stride(0), out.stride(0), FMT=gemv.FORMAT_CODES[fmt], CODES=codes,
-                          GROUP=group, SCALE_ROWS=scale_rows,
-                          HAS_GLOBAL=global_scale is not None, BLOCK_R=block_r, BLOCK_C=block_c)
-    return out
+    return dequant(fmt, weight, scale, global_scale, dtype)
 
 
 @fp_dequant.register_fake

@@ -6,8 +6,8 @@ dispatch point (``torch.library.custom_op`` + ``register_fake``) and the plain-t
 (``dequant_int4``, also the CPU path) beside it:
 
 * ``orbit::int4_dequant``: packed -> dense ``[out, in]`` (one Triton pass instead of a chain of
-  elementwise torch kernels: ``packed_gemm.dequantize`` from whole words, or one thread per weight
-  for shapes it does not take); the training path dequantizes with it and calls cuBLAS.
+  elementwise torch kernels: ``packed_gemm.dequantize``, shared with fp8 and nvfp4); the training
+  path dequantizes with it and calls cuBLAS.
 * ``orbit::int4_linear``: ``x @ W^T`` with the weight decoded tile by tile inside the kernel, so a
   decode step reads 0.5 bytes per weight instead of dequantizing the whole matrix first. Up to
   ``packed_gemv.MAX_ROWS`` rows the few-row GEMV shared with fp8 and nvfp4 runs; up to
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from orbit_kernels import packed_gemm, packed_gemv
-from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels._triton import serves, triton
 
 
 def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:
@@ -49,35 +49,11 @@ def _triton_ready(*tensors: torch.Tensor) -> bool:
     return ENABLED and triton is not None and all(t.is_cuda for t in tensors)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _dequant_kernel(packed_ptr, scale_ptr, out_ptr, rows, cols, stride_p, stride_s, stride_o,
-                        GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
-        words = tl.load(packed_ptr + offs_r[:, None] * stride_p + offs_c[None, :] // 8, mask=mask, other=0)
-        q = ((words >> ((offs_c[None, :] % 8) * 4)) & 0xF) - 8
-        scale = tl.load(scale_ptr + offs_r[:, None] * stride_s + offs_c[None, :] // GROUP, mask=mask, other=0.0)
-        value = q.to(tl.float32) * scale.to(tl.float32)
-        tl.store(out_ptr + offs_r[:, None] * stride_o + offs_c[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 @torch.library.custom_op("orbit::int4_dequant", mutates_args=())
 def int4_dequant(packed: torch.Tensor, scale: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    rows = packed.shape[0]
-    if not _triton_ready(packed, scale):
-        return dequant_int4(packed, scale, (rows, in_features), dtype)
-    if packed_gemm.shape_reason("int4", packed, scale, in_features) is None:
+    if serves("int4_dequant", ENABLED, packed, lambda: packed_gemm.dequant_reason(packed)):
         return packed_gemm.dequantize("int4", packed, scale, None, in_features, dtype)
-    group = in_features // scale.shape[1]  # any other shape: one thread per weight
-    out = torch.empty((rows, in_features), dtype=dtype, device=packed.device)
-    block_r, block_c = 16, 256
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(in_features, block_c))
-    _dequant_kernel[grid](packed, scale, out, rows, in_features, packed.stride(0), scale.stride(0), out.stride(0),
-                          GROUP=group, BLOCK_R=block_r, BLOCK_C=block_c)
-    return out
+    return dequant_int4(packed, scale, (packed.shape[0], in_features), dtype)
 
 
 @int4_dequant.register_fake

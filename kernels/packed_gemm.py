@@ -176,6 +176,24 @@ if triton is not None:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         tl.store(out_ptr + offs_n[:, None] * stride_o + offs_k[None, :], w, mask=n_mask[:, None])
 
+    @triton.jit
+    def _dequant_weights_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, rows, cols, stride_w, stride_s, stride_o,
+                                FMT: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                                HAS_GLOBAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # one thread per weight, for shapes the whole-word tiles do not fit; the same arithmetic
+        BITS: tl.constexpr = 32 // CODES
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (offs_r[:, None] < rows) & (offs_c[None, :] < cols)
+        words = tl.load(w_ptr + offs_r[:, None] * stride_w + offs_c[None, :] // CODES, mask=mask, other=0)
+        value = gemv._decode((words >> ((offs_c[None, :] % CODES) * BITS)) & ((1 << BITS) - 1), FMT)
+        scale = tl.load(s_ptr + (offs_r[:, None] // SCALE_ROWS) * stride_s + offs_c[None, :] // GROUP, mask=mask,
+                        other=0.0).to(tl.float32)
+        if HAS_GLOBAL:
+            scale = tl.math.div_rn(scale, tl.load(gs_ptr).to(tl.float32))  # IEEE division, as torch divides
+        tl.store(out_ptr + offs_r[:, None] * stride_o + offs_c[None, :], (value * scale).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
 
 MIN_BLOCK_K = 32
 
@@ -236,23 +254,37 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
 
 
 DEQUANT_TILE = (32, 128)
-"""Rows and columns each program of ``dequantize`` writes."""
+"""Rows and columns each program of ``dequantize`` writes (whole-word tiles)."""
+
+
+def dequant_reason(weight: torch.Tensor) -> str | None:
+    """Why ``dequantize`` cannot read this weight (None when it can)."""
+    if not weight.is_contiguous() or weight.shape[-1] * weight.element_size() % 4:
+        return "the packed weight is not contiguous whole int32 words"
+    return None
 
 
 def dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None,
                in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """The dense ``[out, in]`` weight in ``dtype``, decoded from whole words as the GEMM decodes its
-    tiles, with the references' arithmetic (bit-equal to them). Callers check ``unserved_reason``
-    (any activation dtype: ``dtype`` is the output's)."""
+    """The dense ``[out, in]`` weight in ``dtype`` with the references' arithmetic (bit-equal to
+    them): decoded from whole words as the GEMM decodes its tiles, or, for a shape those tiles do
+    not fit, one thread per weight. Callers check ``dequant_reason``."""
     rows = weight.shape[0]
     words = weight.view(torch.int32)
     codes, group, scale_rows = gemv.layout(fmt, scale, in_features)
+    out = torch.empty((rows, in_features), dtype=dtype, device=weight.device)
+    global_or_any = scale if global_scale is None else global_scale
+    common = dict(FMT=gemv.FORMAT_CODES[fmt], CODES=codes, GROUP=group, SCALE_ROWS=scale_rows,
+                  HAS_GLOBAL=global_scale is not None)
+    if shape_reason(fmt, weight, scale, in_features) is not None:
+        block_r, block_c = 16, 256
+        _dequant_weights_kernel[(triton.cdiv(rows, block_r), triton.cdiv(in_features, block_c))](
+            words, scale, global_or_any, out, rows, in_features, words.stride(0), scale.stride(0), out.stride(0),
+            BLOCK_R=block_r, BLOCK_C=block_c, **common)
+        return out
     block_n = DEQUANT_TILE[0]
     block_k = next(b for b in (DEQUANT_TILE[1], 64, 32) if in_features % b == 0)
-    out = torch.empty((rows, in_features), dtype=dtype, device=weight.device)
     _dequant_tiles_kernel[(triton.cdiv(rows, block_n), in_features // block_k)](
-        words, scale, scale if global_scale is None else global_scale, out, rows, words.stride(0), scale.stride(0),
-        out.stride(0), FMT=gemv.FORMAT_CODES[fmt], CODES=codes, GROUP=group, SCALE_ROWS=scale_rows,
-        ROW_SCALE=group % block_k == 0, HAS_GLOBAL=global_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4)
+        words, scale, global_or_any, out, rows, words.stride(0), scale.stride(0), out.stride(0),
+        ROW_SCALE=group % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **common)
     return out

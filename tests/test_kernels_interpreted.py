@@ -17,7 +17,7 @@ from orbit_kernels import packed_gemm, packed_gemv
 from orbit_kernels._triton import triton
 from orbit_kernels.fp_formats import dequant
 from orbit_kernels.int4 import dequant_int4
-from tests.test_kernels import _format_weights
+from tests.test_kernels import _format_weights, _packed
 
 pytestmark = pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs triton, under its interpreter (no GPU)")
@@ -32,9 +32,13 @@ def _reference(fmt: str, args: tuple, global_scale, cols: int, dtype: torch.dtyp
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows, cols", [(40, 256), (33, 160)])
+@pytest.mark.parametrize("rows, cols", [(40, 256), (33, 160), (30, 208)])
 def test_dequantize_is_the_reference_bit_for_bit(fmt, rows, cols):
-    args, global_scale, _ = _format_weights(fmt, rows, cols, "cpu")
+    """Whole-word tiles, and at 208 columns (int4: 200, groups of 8) one thread per weight."""
+    if fmt == "int4" and cols == 208:
+        args, global_scale, cols = _packed(rows, 200, 8), None, 200
+    else:
+        args, global_scale, _ = _format_weights(fmt, rows, cols, "cpu")
     for dtype in (torch.float32, torch.float16):
         got = packed_gemm.dequantize(fmt, *args, global_scale, cols, dtype)
         assert torch.equal(got, _reference(fmt, args, global_scale, cols, dtype))
