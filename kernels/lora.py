@@ -7,23 +7,27 @@ after casting the fp32 factors, which costs six kernels per linear, and with mix
 per slot and a select. Here a shrink kernel computes ``x @ A[s]^T`` per row in fp32 and an expand
 kernel multiplies by ``B[s]`` and adds into ``y``: two kernels for any mix of slots (the batched
 LoRA of S-LoRA and Punica, for a decode step's few rows). The fp32 accumulation differs from the
-reference only by the activation dtype's rounding of the two intermediate products.
+reference only by the activation dtype's rounding of the two intermediate products. Above
+``KERNEL_MAX_ROWS`` rows, ``lora_tiles`` serves the same op with two tensor-core kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
+from orbit_kernels import lora_tiles
 from orbit_kernels._triton import serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
 MAX_RANK = 128
 KERNEL_MAX_ROWS = 32
-"""Above this many rows the reference's cuBLAS GEMMs win. One H200, Qwen3-1.7B shape, LoRA r16, whole
-decode steps (bench/results/decode_throughput_lora_kernel_h200.jsonl): the kernels were 16-22%
-faster at batch 1 and 8-11% at batch 32, and 3-8% slower at batch 256. Batches 64 and 128 were
-not measured."""
+"""Up to this many rows the row kernels serve; above, the tensor-core tile kernels (``lora_tiles``).
+Before those existed the reference's cuBLAS GEMMs served above 32 rows: one H200, Qwen3-1.7B
+shape, LoRA r16, whole decode steps (bench/results/decode_throughput_lora_kernel_h200.jsonl), the
+row kernels were 16-22% faster than the reference at batch 1 and 8-11% at 32, 3-8% slower at 256."""
+TILES_ENABLED = True
+"""Set False to serve more than ``KERNEL_MAX_ROWS`` rows through the reference (benchmarks)."""
 
 
 def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -81,8 +85,7 @@ if triton is not None:
 
 
 def unserved_reason(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str | None:
-    """Why the kernels cannot take this call (None: they can). More rows than ``KERNEL_MAX_ROWS`` is
-    not one: there the reference is chosen because it is faster."""
+    """Why no kernel can take this call (None: one can)."""
     if x.dim() != 2 or y.dim() != 2:
         return f"x {tuple(x.shape)} and y {tuple(y.shape)} are not [rows, features]"
     if a.shape[1] > MAX_RANK:
@@ -92,8 +95,15 @@ def unserved_reason(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
     return None
 
 
-def _served(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    return x.shape[0] <= KERNEL_MAX_ROWS and serves("lora_add_", ENABLED, x, lambda: unserved_reason(y, x, a, b))
+def _path(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str:
+    """``rows`` (the row kernels), ``tiles`` (the tensor-core kernels) or ``reference``."""
+    if not serves("lora_add_", ENABLED, x, lambda: unserved_reason(y, x, a, b)):
+        return "reference"
+    if x.shape[0] <= KERNEL_MAX_ROWS:
+        return "rows"
+    if TILES_ENABLED and serves("lora_add_ tiles", True, x, lambda: lora_tiles.unserved_reason(x, a, b)):
+        return "tiles"
+    return "reference"
 
 
 def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
@@ -116,8 +126,11 @@ def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r
 def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
               scaling: float) -> None:
     """``y += scaling * (x @ a[s]^T) @ b[s]^T`` per row (no autograd: inference only)."""
-    if _served(y, x, a, b):
+    path = _path(y, x, a, b)
+    if path == "rows":
         launch(y, x, a, b, row_slot, scaling)
+    elif path == "tiles":
+        lora_tiles.launch_tiles(y, x, a, b, row_slot, scaling)
     else:
         lora_add_reference(y, x, a, b, row_slot, scaling)
 

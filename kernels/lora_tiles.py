@@ -1,0 +1,115 @@
+"""LoRA for many rows on tensor cores: the batched ``y += scaling * (x @ A[s]^T) @ B[s]^T`` of
+``orbit::lora_add_`` when a decode step has tens to hundreds of rows.
+
+The row kernels of ``lora.py`` give each row its own programs and multiply on CUDA cores, which is
+right for a few rows and falls behind cuBLAS by a few dozen. The reference's cuBLAS path pays in
+another way: per linear it casts both fp32 factors, runs two GEMMs, scales, adds, and with mixed
+slots runs all of it once per slot and selects (six to fourteen kernels). Here two kernels serve
+any batch and any mix of slots, reading the fp32 factors directly:
+
+* shrink: ``t = x @ A_all^T`` with every slot's ``A`` stacked as ``[slots * r, in]``; programs
+  split the inner dimension and each writes its partial sum, so a 256-row batch still fills the
+  GPU and the result does not depend on timing (no atomics);
+* expand: sums the partials, keeps each row's own slot's columns, rounds ``t`` to the activation
+  dtype as the reference does, and adds ``scaling * t @ B_all^T`` into ``y`` in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orbit_kernels._triton import tl, triton
+
+MAX_STACKED_RANK = 256
+"""Slots times rank a program holds in registers (two slots of rank 128)."""
+
+
+if triton is not None:
+
+    @triton.jit
+    def _shrink_tiles_kernel(x_ptr, a_ptr, part_ptr, M, K, C, k_per_split, stride_xm, stride_ac, stride_ps, stride_pm,
+                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m, split = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_c = tl.arange(0, BLOCK_C)
+        m_mask, c_mask = offs_m < M, offs_c < C
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        k_start = split * k_per_split
+        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            # A^T as [BLOCK_K, BLOCK_C], rounded to the activation dtype as the reference rounds it
+            a = tl.load(a_ptr + offs_c[None, :] * stride_ac + offs_k[:, None], mask=k_mask[:, None] & c_mask[None, :],
+                        other=0.0).to(x.dtype)
+            acc = tl.dot(x, a, acc)
+        tl.store(part_ptr + split * stride_ps + offs_m[:, None] * stride_pm + offs_c[None, :], acc,
+                 mask=m_mask[:, None] & c_mask[None, :])
+
+    @triton.jit
+    def _expand_tiles_kernel(part_ptr, b_ptr, slot_ptr, y_ptr, M, N, C, R, splits, scaling,
+                             stride_ps, stride_pm, stride_bs, stride_bn, stride_ym,
+                             HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = tl.arange(0, BLOCK_C)
+        m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < C
+        t_mask = m_mask[:, None] & c_mask[None, :]
+        if HAS_SLOTS:  # each row keeps the columns of its own slot only
+            slots = tl.load(slot_ptr + offs_m, mask=m_mask, other=-1)
+            t_mask = t_mask & ((offs_c[None, :] // R) == slots[:, None])
+        t = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for split in range(0, splits):
+            t += tl.load(part_ptr + split * stride_ps + offs_m[:, None] * stride_pm + offs_c[None, :], mask=t_mask,
+                         other=0.0)
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        y_mask = m_mask[:, None] & n_mask[None, :]
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        # B_all^T as [BLOCK_C, BLOCK_N]: column c of t is rank c % R of slot c // R
+        b = tl.load(b_ptr + (offs_c[:, None] // R) * stride_bs + offs_n[None, :] * stride_bn + offs_c[:, None] % R,
+                    mask=c_mask[:, None] & n_mask[None, :], other=0.0).to(y.dtype)
+        delta = tl.dot(t.to(y.dtype), b)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta * scaling).to(y.dtype), mask=y_mask)
+
+
+def unserved_reason(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why the tile kernels cannot take this call (None: they can); the row kernels then serve it."""
+    if a.shape[0] * a.shape[1] > MAX_STACKED_RANK:
+        return f"{a.shape[0]} slots of rank {a.shape[1]} over {MAX_STACKED_RANK} stacked"
+    if not a.is_contiguous():
+        return "the slots of A are not one contiguous [slots, rank, in] block"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"activations in {x.dtype} (tensor cores take bf16 or fp16)"
+    return None
+
+
+def splits_for(rows: int, k: int, block_m: int, block_k: int) -> int:
+    """Inner-dimension splits: enough programs to cover the SMs, each still streaming several tiles."""
+    m_tiles = triton.cdiv(rows, block_m)
+    most = max(1, triton.cdiv(k, 4 * block_k))
+    return max(1, min(most, triton.cdiv(128, m_tiles)))
+
+
+def launch_tiles(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
+                 scaling: float, split: int | None = None) -> None:
+    """The two kernels (no dispatch checks). ``a`` [slots, r, in] contiguous, ``b`` [slots, out, r]."""
+    rows, k = x.shape
+    n, r, stacked = b.shape[1], a.shape[1], a.shape[0] * a.shape[1]
+    block_c = max(16, triton.next_power_of_2(stacked))
+    # a [block_k, block_c] tile of A per pipeline stage: keep it within shared memory at 256 stacked ranks
+    block_m, block_k = (16 if rows <= 16 else 32), (128 if block_c <= 64 else 64)
+    split = split or splits_for(rows, k, block_m, block_k)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    part = torch.empty((split, rows, stacked), dtype=torch.float32, device=x.device)
+    _shrink_tiles_kernel[(triton.cdiv(rows, block_m), split)](
+        x, a, part, rows, k, stacked, k_per_split, x.stride(0), a.stride(1), part.stride(0), part.stride(1),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4)
+    slots = row_slot if row_slot is not None else part  # unused pointer when HAS_SLOTS is off
+    block_m, block_n = (16 if rows <= 16 else 64), 64
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+    _expand_tiles_kernel[grid](part, b, slots, y, rows, n, stacked, r, split, scaling, part.stride(0), part.stride(1),
+                               b.stride(0), b.stride(1), y.stride(0), HAS_SLOTS=row_slot is not None,
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
