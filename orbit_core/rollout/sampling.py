@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from orbit_kernels import sampling as sampling_kernel
+
 
 def sample_tokens(
     logits: torch.Tensor,
@@ -21,7 +23,12 @@ def sample_tokens(
     The draw is ``argmax(p / E)`` with ``E ~ Exp(1)`` per token, which picks token ``i`` with
     probability ``p_i`` (the exponential-race form of the Gumbel-max trick). Unlike
     ``torch.multinomial`` it never reads back to the host, so it runs inside a captured CUDA graph.
+    On a GPU without filters one kernel (``orbit::sample_race``) runs the whole race in a single
+    pass over the logits, with a seed drawn from ``generator`` each call.
     """
+    if temperature > 0 and not (top_k and top_k < logits.shape[-1]) and top_p >= 1.0 and sampling_kernel.served(logits):
+        seed = torch.randint(0, 2 ** 31 - 1, (1,), device=logits.device, generator=generator)
+        return sampling_kernel.sample_race(logits, temperature, seed)
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
