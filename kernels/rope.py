@@ -5,6 +5,11 @@ per call: two casts of the tables, a negation, a concatenation, two products and
 step calls it twice per layer. ``orbit::rope`` does it in one pass, rounding each product and the
 sum to the activation dtype as the reference's ops do. Under the Triton interpreter the two agree
 bit for bit; on an H200 some bf16 elements differ by one rounding step (GPU test).
+
+``orbit::rope_kv_write_`` is the decode step's key path in one kernel: it rotates each row's new
+key and stores it, and the row's new value, straight into the KV cache at the row's position.
+Unrolled, that is a rope kernel and two indexed writes per layer (each index_put several
+microseconds even for one row).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from orbit_kernels._triton import serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
+KV_WRITE_ENABLED = True
+"""Set False to run ``rope_kv_write_`` as its reference: a rope kernel and two indexed writes."""
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,6 +58,85 @@ if triton is not None:
         o_row = out_ptr + b * sob + h * soh + s * sos
         tl.store(o_row + offs, out1.to(dtype), mask=mask)
         tl.store(o_row + HALF + offs, out2.to(dtype), mask=mask)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_kv_write_kernel(k_ptr, v_ptr, cos_ptr, sin_ptr, ck_ptr, cv_ptr, pos_ptr, heads,
+                              skb, skh, svb, svh, scb, sc_b, sc_h, sc_p, sv_b, sv_h, sv_p,
+                              HALF: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        h, b = pid % heads, pid // heads
+        pos = tl.load(pos_ptr + b)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < HALF
+        dtype = k_ptr.dtype.element_ty
+        k_row = k_ptr + b * skb + h * skh
+        x1 = tl.load(k_row + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(k_row + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        c_row, s_row = cos_ptr + b * scb, sin_ptr + b * scb
+        c1 = tl.load(c_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        c2 = tl.load(c_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s1 = tl.load(s_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s2 = tl.load(s_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        # the same roundings as _rope_kernel, then the cache's dtype
+        out1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
+        out2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        ck_row = ck_ptr + b * sc_b + h * sc_h + pos * sc_p
+        tl.store(ck_row + offs, out1.to(ck_ptr.dtype.element_ty), mask=mask)
+        tl.store(ck_row + HALF + offs, out2.to(ck_ptr.dtype.element_ty), mask=mask)
+        v_row = v_ptr + b * svb + h * svh
+        cv_row = cv_ptr + b * sv_b + h * sv_h + pos * sv_p
+        full = tl.arange(0, 2 * BLOCK)
+        full_mask = full < 2 * HALF
+        v = tl.load(v_row + full, mask=full_mask, other=0.0)
+        tl.store(cv_row + full, v.to(cv_ptr.dtype.element_ty), mask=full_mask)
+
+
+def rope_kv_write_reference(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            cache_k: torch.Tensor, cache_v: torch.Tensor, write_pos: torch.Tensor) -> None:
+    """k, v: [rows, kv_heads, 1, dim]; cos/sin: [rows, 1, dim]; cache_k/v: [rows, kv_heads, capacity, dim]."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    cache_k[rows, :, write_pos] = apply_rope_reference(k, cos, sin)[:, :, 0].to(cache_k.dtype)
+    cache_v[rows, :, write_pos] = v[:, :, 0].to(cache_v.dtype)
+
+
+def kv_unserved_reason(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, cache_k: torch.Tensor,
+                       cache_v: torch.Tensor) -> str | None:
+    if k.dim() != 4 or k.shape[2] != 1 or v.shape != k.shape or cos.dim() != 3 or cos.shape[1] != 1:
+        return f"k {tuple(k.shape)} is not one decode token per row"
+    if k.shape[-1] % 2:
+        return f"odd head_dim {k.shape[-1]}"
+    if any(t.stride(-1) != 1 for t in (k, v, cos, cache_k, cache_v)):
+        return "head_dim is not contiguous"
+    return None
+
+
+def launch_kv_write(k, v, cos, sin, cache_k, cache_v, write_pos) -> None:
+    """The kernel (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
+    rows, heads, _, dim = k.shape
+    half = dim // 2
+    _rope_kv_write_kernel[(rows * heads,)](
+        k, v, cos, sin, cache_k, cache_v, write_pos, heads, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0), cache_v.stride(1),
+        cache_v.stride(2), HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+
+
+@torch.library.custom_op("orbit::rope_kv_write_", mutates_args=("cache_k", "cache_v"))
+def rope_kv_write_(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+                   cache_v: torch.Tensor, write_pos: torch.Tensor) -> None:
+    """Store ``rope(k)`` and ``v`` of each row's decode token at ``write_pos`` in its cache row."""
+    if serves("rope_kv_write_", ENABLED and KV_WRITE_ENABLED, k, lambda: kv_unserved_reason(k, v, cos, cache_k, cache_v)) and \
+            cos.stride() == sin.stride():
+        launch_kv_write(k, v, cos, sin, cache_k, cache_v, write_pos)
+    else:
+        rope_kv_write_reference(k, v, cos, sin, cache_k, cache_v, write_pos)
+
+
+@rope_kv_write_.register_fake
+def _(k, v, cos, sin, cache_k, cache_v, write_pos):
+    return None
 
 
 def unserved_reason(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str | None:

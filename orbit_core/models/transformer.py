@@ -23,6 +23,7 @@ from orbit_core.models.moe import SparseMoE
 from orbit_core.models.rope import apply_rope, rope_tables
 from orbit_kernels.decode_attention import decode_attention
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
+from orbit_kernels.rope import rope_kv_write_
 
 
 class RMSNorm(nn.Module):
@@ -90,7 +91,16 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q, cos, sin)
+        if decode_mask is not None and use_engine_kernels(x):
+            # the engine's decode: rotate the new key and store it and the value in one kernel, then
+            # split-K attention over each row's live keys only
+            write_pos = decode_mask[0]
+            rope_kv_write_(k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
+            out = decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
+            out = out.view(batch, self.num_heads, 1, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
+            return self.o_proj(out)
+        k = apply_rope(k, cos, sin)
         gqa = self.num_heads != self.num_kv_heads
         if decode_mask is None:
             if cache is not None:
@@ -104,18 +114,14 @@ class Attention(nn.Module):
             rows = torch.arange(batch, device=x.device)
             cache.k[self.layer_idx, rows, :, write_pos] = k[:, :, 0].to(cache.k.dtype)
             cache.v[self.layer_idx, rows, :, write_pos] = v[:, :, 0].to(cache.v.dtype)
-            if use_engine_kernels(x):  # split-K over each row's live keys only
-                out = decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
-                out = out.view(batch, self.num_heads, 1, self.head_dim)
-            else:
-                keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
-                values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
-                # One query token per slot: fold each KV head's query group into the query-length axis,
-                # so attention reads the cache once instead of expanding it per query head.
-                group = self.num_heads // self.num_kv_heads
-                q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
-                out = out.reshape(batch, self.num_heads, 1, self.head_dim)
+            keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
+            values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
+            # One query token per slot: fold each KV head's query group into the query-length axis,
+            # so attention reads the cache once instead of expanding it per query head.
+            group = self.num_heads // self.num_kv_heads
+            q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
+            out = out.reshape(batch, self.num_heads, 1, self.head_dim)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
