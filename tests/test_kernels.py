@@ -7,7 +7,7 @@ import torch
 
 from orbit_kernels import int4
 from orbit_kernels.int4 import dequant_int4, int4_dequant, int4_linear
-from orbit_kernels import lora
+from orbit_kernels import lora, lora_tiles
 from orbit_kernels import fp_formats, packed_gemm, packed_gemv
 from orbit_kernels.packed_grad import packed_input_grad
 from orbit_kernels.fp_formats import dequant, fp_linear
@@ -278,9 +278,13 @@ def test_lora_kernel_equals_the_reference(rows, rank, slots):
         use_a, use_b = (a, b) if row_slot is not None else (a[:1], b[:1])
         y = torch.randn(rows, 1300, device="cuda").to(torch.bfloat16)
         want, reference, dispatched = _lora_fp32(y, x, use_a, use_b, row_slot, 2.0), y.clone(), y.clone()
-        lora.launch(y, x, use_a, use_b, row_slot, 2.0)  # the kernels at every row count
-        lora_add_(dispatched, x, use_a, use_b, row_slot, 2.0)  # above KERNEL_MAX_ROWS, the reference
+        tiles = y.clone()
+        lora.launch(y, x, use_a, use_b, row_slot, 2.0)  # the row kernels at every row count
+        lora_tiles.launch_tiles(tiles, x, use_a, use_b, row_slot, 2.0)  # the tile kernels too
+        lora_add_(dispatched, x, use_a, use_b, row_slot, 2.0)  # above KERNEL_MAX_ROWS, the tile kernels
         torch.testing.assert_close(dispatched.float(), want, atol=5e-2, rtol=2 ** -6)
+        # t rounds to bf16 once, as in the reference; the products accumulate in fp32
+        torch.testing.assert_close(tiles.float(), want, atol=5e-2, rtol=2 ** -6)
         lora_add_reference(reference, x, use_a, use_b, row_slot, 2.0)
         # fp32 accumulation, one rounding to bf16 at the end
         torch.testing.assert_close(y.float(), want, atol=1e-2, rtol=2 ** -7)
@@ -391,3 +395,60 @@ def test_input_gradient_through_the_packed_gemm_matches_the_reference_path(fmt, 
     reference = input_grad()
     torch.testing.assert_close(fused, reference, atol=1e-2 * reference.abs().max().item(), rtol=1e-2)
     assert torch.nn.functional.cosine_similarity(fused.flatten(), reference.flatten(), dim=0) > 0.9999
+
+
+def check_race_sampler(device: str, rows: int, block_v: int = 1024) -> None:
+    """``orbit_kernels.sampling.launch`` against the softmax it samples (a 600-token vocabulary, one
+    token past the first block) and against torch's log-softmax; new seeds give new draws."""
+    from orbit_kernels import sampling
+
+    vocab, temperature = 600, 0.7
+    logits = torch.full((vocab,), -30.0)
+    logits[:5] = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    logits[550] = 1.5
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    batch = logits.to(device, dtype).expand(rows, vocab).contiguous()
+    seed = torch.tensor([1234], device=device)
+    tokens, logprobs = sampling.launch(batch, temperature, seed, block_v=block_v, splits=1)
+    want = torch.log_softmax(batch.float() / temperature, -1)
+    torch.testing.assert_close(logprobs, want.gather(-1, tokens[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+    probs = want[0].exp().cpu()
+    counts = torch.bincount(tokens.cpu(), minlength=vocab).float()
+    top = torch.tensor([0, 1, 2, 3, 4, 550])
+    sd = (rows * probs[top] * (1 - probs[top])).sqrt()  # binomial, token by token
+    assert ((counts[top] - rows * probs[top]).abs() <= 4 * sd + 1).all(), (counts[top], rows * probs[top])
+    assert counts.sum() - counts[top].sum() <= 2  # the -30 logits hold ~1e-13 of the mass each
+    few = batch[:40]
+    assert torch.equal(sampling.launch(few, temperature, seed, block_v=block_v, splits=1)[0], tokens[:40])
+    assert not torch.equal(sampling.launch(few, temperature, seed + 1, block_v=block_v)[0], tokens[:40])
+    # spans of the vocabulary over programs draw the same tokens: one random stream per row
+    for splits in (2, 3):
+        split_tokens, split_logprobs = sampling.launch(few, temperature, seed, block_v=block_v // 2, splits=splits)
+        assert torch.equal(split_tokens, tokens[:40])
+        torch.testing.assert_close(split_logprobs, logprobs[:40], atol=1e-5, rtol=1e-5)
+
+
+@cuda
+def test_race_sampler_kernel_draws_the_softmax():
+    check_race_sampler("cuda", rows=200_000)
+
+
+@cuda
+@pytest.mark.parametrize("rows, dtype", [(1, torch.bfloat16), (256, torch.bfloat16), (7, torch.float32)])
+def test_rope_kv_write_kernel_equals_the_reference(rows, dtype):
+    from orbit_kernels.rope import launch_kv_write, rope_kv_write_reference
+
+    torch.manual_seed(rows)
+    k = torch.randn(rows, 1, 8, 128, device="cuda").to(dtype).transpose(1, 2)
+    v = torch.randn(rows, 1, 8, 128, device="cuda").to(dtype).transpose(1, 2)
+    cos, sin = torch.randn(rows, 1, 128, device="cuda"), torch.randn(rows, 1, 128, device="cuda")
+    write_pos = torch.randint(0, 300, (rows,), device="cuda")
+    want_k = torch.randn(rows + 3, 8, 300, 128, device="cuda").to(dtype)
+    want_v = torch.randn(rows + 3, 8, 300, 128, device="cuda").to(dtype)
+    got_k, got_v = want_k.clone(), want_v.clone()
+    rope_kv_write_reference(k, v, cos, sin, want_k[:rows], want_v[:rows], write_pos)
+    launch_kv_write(k, v, cos, sin, got_k[:rows], got_v[:rows], write_pos)
+    assert torch.equal(got_v, want_v)
+    # as for orbit::rope: where a product rounds one step differently, at most that step's size
+    step = 2 ** -8 * (k.float().abs().max() * 2).item() if dtype == torch.bfloat16 else 1e-5
+    assert (got_k.float() - want_k.float()).abs().max().item() <= 2 * step

@@ -70,3 +70,51 @@ def test_packed_gemv_with_a_split_reduction_equals_the_reference(fmt):
     assert packed_gemv._split(-(-rows // packed_gemv.BLOCK_N), words, packed_gemv.BLOCK_W) > 1
     got = packed_gemv.packed_gemv(fmt, x, *args, cols, global_scale).float()
     torch.testing.assert_close(got, reference, atol=3e-3 * reference.abs().max().item(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [5, 40, 70])
+@pytest.mark.parametrize("rank, slots", [(16, 1), (8, 2), (4, 3)])
+def test_lora_tile_kernels_equal_row_by_row_fp32(rows, rank, slots):
+    """Stacked slots, each row keeping its own slot's columns, with and without an inner split."""
+    from orbit_kernels import lora_tiles
+    from tests.test_kernels import _lora_fp32
+
+    torch.manual_seed(rows + rank)
+    x = torch.randn(rows, 300, dtype=torch.float16)
+    a, b = torch.randn(slots, rank, 300) * 0.05, torch.randn(slots, 130, rank) * 0.05
+    for row_slot in (None, torch.randint(0, slots, (rows,))):
+        use_a, use_b = (a, b) if row_slot is not None else (a[:1], b[:1])
+        y = torch.randn(rows, 130, dtype=torch.float16)
+        want = _lora_fp32(y, x, use_a, use_b, row_slot, 2.0)
+        for split in (1, 3):
+            got = y.clone()
+            lora_tiles.launch_tiles(got, x, use_a, use_b, row_slot, 2.0, split=split)
+            # t is rounded to fp16 once, as the reference rounds it; the rest accumulates in fp32
+            torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2 ** -9)
+
+
+def test_sampling_kernel_draws_the_softmax_and_its_logprobs():
+    """Frequencies of 600 draws against softmax(logits / T) (the GPU test takes 200,000), and each
+    draw's log-probability against torch's log-softmax; the same seed gives the same draws."""
+    from tests.test_kernels import check_race_sampler
+
+    check_race_sampler("cpu", rows=600, block_v=512)
+
+
+def test_rope_kv_write_kernel_is_the_reference_bit_for_bit():
+    """The decode key path: rotated keys and values land at each row's position of its cache row
+    (a row-slice of a bigger cache, as the engine passes it), and nothing else is written."""
+    from orbit_kernels.rope import launch_kv_write, rope_kv_write_reference
+
+    torch.manual_seed(0)
+    rows, heads, capacity, dim = 5, 2, 12, 16
+    k = torch.randn(rows, 1, heads, dim, dtype=torch.float16).transpose(1, 2)  # as the attention's view
+    v = torch.randn(rows, 1, heads, dim, dtype=torch.float16).transpose(1, 2)
+    cos, sin = torch.randn(rows, 1, dim), torch.randn(rows, 1, dim)
+    write_pos = torch.tensor([0, 11, 3, 3, 7])
+    want_k = torch.randn(rows + 2, heads, capacity, dim, dtype=torch.float16)
+    want_v = torch.randn(rows + 2, heads, capacity, dim, dtype=torch.float16)
+    got_k, got_v = want_k.clone(), want_v.clone()
+    rope_kv_write_reference(k, v, cos, sin, want_k[:rows], want_v[:rows], write_pos)
+    launch_kv_write(k, v, cos, sin, got_k[:rows], got_v[:rows], write_pos)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
