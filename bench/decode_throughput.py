@@ -3,7 +3,8 @@
 Random weights in the given shape, 128-token prompts, 128 sampled new tokens, EOS off. Baselines in
 the same process: transformers ``generate`` on the bf16 weights, and for packed bases the same
 engine with the Triton kernels off (``--kernels both``). Rooflines: batch / (bytes read per decode
-step / the measured device-to-device copy bandwidth), once for the resident weights alone and once
+step / the measured device-to-device copy bandwidth, read and written bytes counted: 3.0 TB/s on an
+H100, as in issue 10), once for the resident weights alone and once
 for the weights plus the KV cache a step reads (the mean context over the run).
     python -m bench.decode_throughput --shape qwen3-1.7b --bases bf16 int4 --batches 1 32 256
 """
@@ -32,6 +33,8 @@ from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
 from orbit_kernels import packed_gemv
+from orbit_kernels import rope as rope_kernels
+from orbit_kernels import sampling as sampling_kernel
 
 
 def copy_bandwidth() -> float:
@@ -85,23 +88,43 @@ def build_model(path: str, adapter: str):
     return model.eval()
 
 
-def profile_decode(model, prompts: list[list[int]], batch: int, new: int = 16) -> None:
-    """The GPU kernels of ``new`` graphed decode steps (after a warm-up that captures the graphs)."""
-    engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0)
+def _kernel_times(engine, prompts: list[list[int]], new: int) -> tuple[dict[str, list[float]], float]:
+    """Per kernel name, [total GPU us, launches] of one generate of ``new`` tokens, and its wall seconds."""
     params = SamplingParams(max_new_tokens=new, temperature=1.0)
-    engine.generate(prompts[:batch], params)
+    engine.generate(prompts, params)  # capture and autotune outside the profile
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
-        engine.generate(prompts[:batch], params)
+        engine.generate(prompts, params)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_us = sum(e.time_range.elapsed_us() for e in kernels)
-    print(f"batch {batch}: {new} steps (one prefill), wall {1e3 * wall / new:.2f} ms/step, "
-          f"GPU busy {gpu_us / 1e3 / new:.2f} ms/step, {len(kernels) / new:.0f} kernels/step")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(e.name, [0.0, 0])
+            entry[0] += e.time_range.elapsed_us()
+            entry[1] += 1
+    return totals, wall
+
+
+def profile_decode(model, prompts: list[list[int]], batch: int, steps: int = 16) -> None:
+    """The GPU kernels of one graphed decode step: a generate of ``steps + 1`` tokens minus one of a
+    single token (the prefill and its sampling), divided by ``steps``."""
+    engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0)
+    prefill, wall_prefill = _kernel_times(engine, prompts[:batch], 1)
+    full, wall_full = _kernel_times(engine, prompts[:batch], steps + 1)
+    rows = []
+    for name, (us, calls) in full.items():
+        us0, calls0 = prefill.get(name, (0.0, 0))
+        if calls > calls0:
+            rows.append(((us - us0) / steps, (calls - calls0) / steps, name))
+    rows.sort(reverse=True)
+    busy = sum(r[0] for r in rows)
+    print(f"batch {batch}: per decode step, wall {1e3 * (wall_full - wall_prefill) / steps:.2f} ms, "
+          f"GPU busy {busy / 1e3:.2f} ms, {sum(r[1] for r in rows):.0f} kernels")
+    for us, calls, name in rows[:28]:
+        print(f"{us:9.1f} us {calls:6.1f}x {100 * us / busy:5.1f}%  {name[:110]}")
 
 
 def main() -> None:
@@ -117,6 +140,9 @@ def main() -> None:
                         help="both: also attend through masked SDPA over the whole capacity (the reference)")
     parser.add_argument("--lora-kernel", choices=["on", "both"], default="both",
                         help="both: also run LoRA through the torch reference (six kernels a linear) in the engine")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also run with each of this round's decode kernels off, then all three off: LoRA "
+                             "tiles above 32 rows, one-pass sampling, the fused key rope and KV write")
     parser.add_argument("--packed-gemv", choices=["on", "both"], default="on",
                         help="both: also run int4 decode rows through the split-K tl.dot GEMV (the few-row GEMV off)")
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
@@ -132,7 +158,9 @@ def main() -> None:
         if fmt != "bf16":
             quantize_checkpoint(paths["bf16"], str(root / fmt), fmt, group_size=128, device="cuda")
             paths[fmt] = str(root / fmt)
-    bandwidth = copy_bandwidth() / 2  # bytes read per second
+    # HBM moves this many bytes a second in either direction; a decode step's bytes are nearly all
+    # reads, so they take bytes / bandwidth at best (the issue's roofline: H100 copies at ~3.0 TB/s)
+    bandwidth = copy_bandwidth()
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(10, shape["vocab_size"], (max(args.batches), args.prompt_len), generator=gen).tolist()
     kv_per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * 2
@@ -147,7 +175,7 @@ def main() -> None:
             "roofline_weights_tokens_per_s": round(batch * bandwidth / weight_bytes, 1),
             "roofline_weights_kv_tokens_per_s": round(batch * bandwidth / step_bytes, 1),
             "fraction_of_weights_kv_roofline": round(tokens_per_s * step_bytes / (batch * bandwidth), 4),
-            "resident_weight_bytes": weight_bytes, "read_bandwidth_gb_s": round(bandwidth / 1e9),
+            "resident_weight_bytes": weight_bytes, "copy_bandwidth_gb_s": round(bandwidth / 1e9),
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         }), flush=True)
 
@@ -168,21 +196,31 @@ def main() -> None:
             lora_modes = [True, False] if adapter == "lora" and args.lora_kernel == "both" else [True]
             attention_modes = [True, False] if args.attention_kernel == "both" else [True]
             gemv_modes = [True, False] if base == "int4" and args.packed_gemv == "both" else [True]
-            for kernels_on, lora_on, attention_on, gemv_on in itertools.product(kernel_modes, lora_modes, attention_modes,
-                                                                                  gemv_modes):
+            # (LoRA tiles, one-pass sampling, fused key rope + KV write)
+            round_modes = [(True, True, True)]
+            if args.ablate:
+                round_modes += [(False, True, True), (True, False, True), (True, True, False), (False, False, False)]
+                if adapter != "lora":
+                    round_modes = [m for m in round_modes if m != (False, True, True)]  # no LoRA: tiles do nothing
+            for kernels_on, lora_on, attention_on, gemv_on, (tiles_on, sample_on, kv_on) in itertools.product(
+                    kernel_modes, lora_modes, attention_modes, gemv_modes, round_modes):
                 if gemv_on is False and kernels_on is False:
                     continue
                 int4_kernels.ENABLED, packed_gemv.ENABLED = kernels_on, kernels_on and gemv_on
                 lora_kernels.ENABLED, attention_kernels.ENABLED = lora_on, attention_on
+                lora_kernels.TILES_ENABLED, sampling_kernel.ENABLED, rope_kernels.KV_WRITE_ENABLED = tiles_on, sample_on, kv_on
                 for graphs in graph_modes:
                     for batch in args.batches:
                         seconds = decode_seconds(model, prompts, args.new, batch, graphs)
                         report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "cuda_graph": graphs,
                                 "kernels": "triton" if kernels_on and base != "bf16" else "torch reference",
                                 "lora_kernel": lora_on if adapter == "lora" else None,
+                                "lora_tiles": tiles_on and lora_on if adapter == "lora" else None,
+                                "sample_kernel": sample_on, "kv_write_kernel": kv_on,
                                 "attention_kernel": attention_on, "packed_gemv": kernels_on and gemv_on},
                                batch * args.new / seconds, weight_bytes, batch)
             int4_kernels.ENABLED = packed_gemv.ENABLED = lora_kernels.ENABLED = attention_kernels.ENABLED = True
+            lora_kernels.TILES_ENABLED = sampling_kernel.ENABLED = rope_kernels.KV_WRITE_ENABLED = True
             del model
             gc.collect()
             torch.cuda.empty_cache()
