@@ -243,7 +243,7 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     part = count = c  # read only when the reduction is split: fp32 partials and per-tile arrival counters
     if split > 1:
         part = torch.empty((split, rows, outer), dtype=torch.float32, device=a.device)
-        count = torch.zeros(out_tiles, dtype=torch.int32, device=a.device)
+        count = gemv.arrival_counters(a.device, out_tiles)
     _packed_gemm_kernel[(out_tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, c, part, count, rows, out_features,
         in_features, flat.stride(0), words.stride(0), scale.stride(0), c.stride(0), FMT=gemv.FORMAT_CODES[fmt],

@@ -9,8 +9,9 @@ floats with shifts and bit tricks in registers: no ``tl.dot`` (one row leaves a 
 K is dealt out to ``SPLIT_K`` programs per output tile, because a decode-sized weight has too few
 output tiles to keep every SM streaming. The split partial sums meet inside the same launch: each
 program stores its fp32 partials, and the last program of a tile to arrive (an atomic counter)
-adds them and writes the output. A graphed decode step therefore pays one kernel per linear,
-not a GEMV, a sum and a cast.
+adds them, writes the output and sets the tile's counter back to zero. The counters live in a
+buffer per stream that launches share (``arrival_counters``), so a graphed decode step pays one
+kernel per linear: not a GEMV, a sum and a cast, and no memset of fresh counters before each.
 
 The references are the formats' dequantize functions (``dequant_int4``, ``dequant_nvfp4``,
 ``dequant_fp8_block``) followed by ``F.linear``; on the CPU those run instead.
@@ -35,6 +36,8 @@ summed over q_proj, gate_proj and down_proj at one row (H200, Qwen3-1.7B shape;
 ``bench/packed_gemv_sweep.py``). Taking all eight codes of a word as one [BLOCK_N, BLOCK_W, 8]
 tile instead measured 1.2-2.9x slower (``packed_gemv_sweep_3d_h200.jsonl``)."""
 FORMAT_CODES = {"int4": 0, "nvfp4": 1, "fp8": 2}
+SHARED_COUNTERS = True
+"""Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
 
 if triton is not None:
 
@@ -116,6 +119,33 @@ if triton is not None:
                 for s in tl.static_range(SPLIT):
                     total += tl.load(part_ptr + s * part_stride + offs, mask=y_mask, other=0.0, cache_modifier=".cg")
                 tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=y_mask)
+                # every program of the tile has arrived: zero is what the next launch must find
+                tl.atomic_xchg(count_ptr + tile, 0)
+
+
+_COUNTERS: dict[tuple[str, int, int], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+"""Outgrown counter buffers: a captured CUDA graph may still point at one, so none is freed."""
+
+
+def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for one split launch of ``tiles`` output tiles.
+
+    Launches on one stream share a buffer: they run one after another, and each leaves its
+    counters at zero (the last arrival of a tile resets it). Launches on different streams may run
+    at once, so each stream has its own. Under graph capture the buffer is the capture stream's,
+    and its address is baked into the graph.
+    """
+    if not SHARED_COUNTERS:
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device.type, device.index or 0, stream)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < tiles:
+        if buffer is not None:
+            _RETIRED.append(buffer)
+        buffer = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return buffer
 
 
 FP8_BLOCK = 128
@@ -171,7 +201,7 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     part = count = y  # read only when K is split: then fp32 partials and per-tile arrival counters
     if split > 1:
         part = torch.empty((split, row_bucket, out_features), dtype=torch.float32, device=x.device)
-        count = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+        count = arrival_counters(x.device, tiles)
     _packed_gemv_kernel[(tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, part, count, y, rows, out_features,
         in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), FMT=FORMAT_CODES[fmt],
