@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels import lora_tiles
+from orbit_kernels import lora_groups, lora_tiles
 from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels.lora_groups import group_of, pick
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -47,30 +48,37 @@ def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
 if triton is not None:
 
     @triton.jit
-    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, t_ptr, K, stride_xm, stride_as, stride_ar, stride_tm,
+    def _shrink_kernel(x_ptr, a_ptr, slot_ptr, t_ptr, K, R, stride_xm, stride_as, stride_ar, stride_tm, a_off1, a_off2,
                        HAS_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one program per (row, rank index): a decode step has a row or a few, so a program per row
-        # alone would leave all but a few SMs idle while one streams the whole of A
-        row, r = tl.program_id(0), tl.program_id(1)
+        # one program per (row, rank index, group): a decode step has a row or a few, so a program
+        # per row alone would leave all but a few SMs idle while one streams the whole of A
+        row, r, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         slot = tl.load(slot_ptr + row) if HAS_SLOTS else 0
+        a_row = a_ptr + pick(g, 0, a_off1, a_off2) + slot * stride_as + r * stride_ar
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + slot * stride_as + r * stride_ar + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            a = tl.load(a_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             acc += x * a
-        tl.store(t_ptr + row * stride_tm + r, tl.sum(acc, axis=0))
+        tl.store(t_ptr + row * stride_tm + g * R + r, tl.sum(acc, axis=0))
 
     @triton.jit
     def _expand_kernel(t_ptr, b_ptr, slot_ptr, y_ptr, M, N, R, scaling, stride_tm, stride_bs, stride_bn, stride_ym,
+                       y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2, sym1, sym2,
                        HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        g, first = group_of(tl.program_id(1), start1, start2)
+        N = pick(g, N, n1, n2)
+        stride_bs, stride_ym = pick(g, stride_bs, sbs1, sbs2), pick(g, stride_ym, sym1, sym2)
+        b_ptr += pick(g, 0, b_off1, b_off2)
+        y_ptr += pick(g, 0, y_off1, y_off2)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = (tl.program_id(1) - first) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
         m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
         slots = tl.load(slot_ptr + offs_m, mask=m_mask, other=0) if HAS_SLOTS else tl.zeros((BLOCK_M,), dtype=tl.int64)
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + g * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
                     other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r in range(0, R):
@@ -109,17 +117,27 @@ def _path(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
 def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
            scaling: float) -> None:
     """The two kernels (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
+    launch_groups([y], x, [a], [b], row_slot, scaling)
+
+
+def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
+                  row_slot: torch.Tensor | None, scaling: float) -> None:
+    """The two kernels for up to three linears that read ``x`` (``lora_groups``)."""
     rows, k = x.shape
-    n, r = b.shape[1], a.shape[1]
-    t = torch.empty((rows, r), dtype=torch.float32, device=x.device)
+    groups, r = len(ys), as_[0].shape[1]
+    t = torch.empty((rows, groups * r), dtype=torch.float32, device=x.device)
     slots = row_slot if row_slot is not None else t  # unused pointer when HAS_SLOTS is off
     block_r = max(16, triton.next_power_of_2(r))
-    _shrink_kernel[(rows, r)](x, a, slots, t, k, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
-                              HAS_SLOTS=row_slot is not None, BLOCK_K=512, num_warps=4)
+    a = as_[0]
+    _shrink_kernel[(rows, r, groups)](x, a, slots, t, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
+                                      *lora_groups.offsets(as_), HAS_SLOTS=row_slot is not None, BLOCK_K=512,
+                                      num_warps=4)
     block_m = 16 if rows <= 16 else 32
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, 64))
-    _expand_kernel[grid](t, b, slots, y, rows, n, r, scaling, t.stride(0), b.stride(0), b.stride(1), y.stride(0),
-                         HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4)
+    tiles, group_args = lora_groups.expand_args(ys, bs, 64)
+    y, b = ys[0], bs[0]
+    _expand_kernel[(triton.cdiv(rows, block_m), tiles)](
+        t, b, slots, y, rows, y.shape[1], r, scaling, t.stride(0), b.stride(0), b.stride(1), y.stride(0), *group_args,
+        HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4)
 
 
 @torch.library.custom_op("orbit::lora_add_", mutates_args=("y",))
@@ -137,4 +155,26 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
 @lora_add_.register_fake
 def _(y, x, a, b, row_slot, scaling):
+    return None
+
+
+@torch.library.custom_op("orbit::lora_add_group_", mutates_args=("ys",))
+def lora_add_group_(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
+                    row_slot: torch.Tensor | None, scaling: float) -> None:
+    """``lora_add_`` for up to three linears that read ``x`` (q/k/v, gate/up), in one launch of
+    each kernel (``lora_groups``); ``ys[g] += scaling * (x @ as_[g][s]^T) @ bs[g][s]^T``."""
+    path = _path(ys[0], x, as_[0], bs[0])
+    if path != "reference" and not serves("lora_add_group_", True, x, lambda: lora_groups.unserved_reason(ys, as_, bs)):
+        path = "reference"
+    if path == "rows":
+        launch_groups(ys, x, as_, bs, row_slot, scaling)
+    elif path == "tiles":
+        lora_tiles.launch_tile_groups(ys, x, as_, bs, row_slot, scaling)
+    else:
+        for y, a, b in zip(ys, as_, bs):
+            lora_add_reference(y, x, a, b, row_slot, scaling)
+
+
+@lora_add_group_.register_fake
+def _(ys, x, as_, bs, row_slot, scaling):
     return None

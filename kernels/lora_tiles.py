@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from orbit_kernels import lora_groups
 from orbit_kernels._triton import tl, triton
+from orbit_kernels.lora_groups import group_of, pick
 
 MAX_STACKED_RANK = 256
 """Slots times rank a program holds in registers (two slots of rank 128)."""
@@ -27,12 +29,16 @@ MAX_STACKED_RANK = 256
 if triton is not None:
 
     @triton.jit
-    def _shrink_tiles_kernel(x_ptr, a_ptr, part_ptr, M, K, C, k_per_split, stride_xm, stride_ac, stride_ps, stride_pm,
+    def _shrink_tiles_kernel(x_ptr, a_ptr, part_ptr, M, K, C, R, k_per_split, stride_xm, stride_as, stride_ar,
+                             stride_ps, stride_pm, a_off1, a_off2,
                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_m, split = tl.program_id(0), tl.program_id(1)
+        pid_m, split, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        a_ptr += pick(g, 0, a_off1, a_off2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = tl.arange(0, BLOCK_C)
         m_mask, c_mask = offs_m < M, offs_c < C
+        # column c of t is rank c % R of slot c // R
+        a_cols = a_ptr + (offs_c[None, :] // R) * stride_as + (offs_c[None, :] % R) * stride_ar
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         k_start = split * k_per_split
         for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
@@ -41,19 +47,24 @@ if triton is not None:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0)
             # A^T as [BLOCK_K, BLOCK_C], rounded to the activation dtype as the reference rounds it
-            a = tl.load(a_ptr + offs_c[None, :] * stride_ac + offs_k[:, None], mask=k_mask[:, None] & c_mask[None, :],
-                        other=0.0).to(x.dtype)
+            a = tl.load(a_cols + offs_k[:, None], mask=k_mask[:, None] & c_mask[None, :], other=0.0).to(x.dtype)
             acc = tl.dot(x, a, acc)
-        tl.store(part_ptr + split * stride_ps + offs_m[:, None] * stride_pm + offs_c[None, :], acc,
+        tl.store(part_ptr + split * stride_ps + offs_m[:, None] * stride_pm + g * C + offs_c[None, :], acc,
                  mask=m_mask[:, None] & c_mask[None, :])
 
     @triton.jit
     def _expand_tiles_kernel(part_ptr, b_ptr, slot_ptr, y_ptr, M, N, C, R, splits, scaling,
                              stride_ps, stride_pm, stride_bs, stride_bn, stride_ym,
+                             y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2, sym1, sym2,
                              HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr):
+        g, first = group_of(tl.program_id(1), start1, start2)
+        N = pick(g, N, n1, n2)
+        stride_bs, stride_ym = pick(g, stride_bs, sbs1, sbs2), pick(g, stride_ym, sym1, sym2)
+        b_ptr += pick(g, 0, b_off1, b_off2)
+        y_ptr += pick(g, 0, y_off1, y_off2)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = (tl.program_id(1) - first) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_c = tl.arange(0, BLOCK_C)
         m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < C
         t_mask = m_mask[:, None] & c_mask[None, :]
@@ -62,8 +73,8 @@ if triton is not None:
             t_mask = t_mask & ((offs_c[None, :] // R) == slots[:, None])
         t = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for split in range(0, splits):
-            t += tl.load(part_ptr + split * stride_ps + offs_m[:, None] * stride_pm + offs_c[None, :], mask=t_mask,
-                         other=0.0)
+            t += tl.load(part_ptr + split * stride_ps + offs_m[:, None] * stride_pm + g * C + offs_c[None, :],
+                         mask=t_mask, other=0.0)
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         y_mask = m_mask[:, None] & n_mask[None, :]
         y = tl.load(y_ptrs, mask=y_mask, other=0.0)
@@ -78,8 +89,6 @@ def unserved_reason(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str | 
     """Why the tile kernels cannot take this call (None: they can); the row kernels then serve it."""
     if a.shape[0] * a.shape[1] > MAX_STACKED_RANK:
         return f"{a.shape[0]} slots of rank {a.shape[1]} over {MAX_STACKED_RANK} stacked"
-    if not a.is_contiguous():
-        return "the slots of A are not one contiguous [slots, rank, in] block"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activations in {x.dtype} (tensor cores take bf16 or fp16)"
     return None
@@ -94,22 +103,31 @@ def splits_for(rows: int, k: int, block_m: int, block_k: int) -> int:
 
 def launch_tiles(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
                  scaling: float, split: int | None = None) -> None:
-    """The two kernels (no dispatch checks). ``a`` [slots, r, in] contiguous, ``b`` [slots, out, r]."""
+    """The two kernels (no dispatch checks). ``a`` [slots, r, in], ``b`` [slots, out, r]."""
+    launch_tile_groups([y], x, [a], [b], row_slot, scaling, split)
+
+
+def launch_tile_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
+                       row_slot: torch.Tensor | None, scaling: float, split: int | None = None) -> None:
+    """The two kernels for up to three linears that read ``x`` (``lora_groups``)."""
     rows, k = x.shape
-    n, r, stacked = b.shape[1], a.shape[1], a.shape[0] * a.shape[1]
+    a = as_[0]
+    groups, r, stacked = len(ys), a.shape[1], a.shape[0] * a.shape[1]
     block_c = max(16, triton.next_power_of_2(stacked))
     # a [block_k, block_c] tile of A per pipeline stage: keep it within shared memory at 256 stacked ranks
     block_m, block_k = (16 if rows <= 16 else 32), (128 if block_c <= 64 else 64)
     split = split or splits_for(rows, k, block_m, block_k)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
-    part = torch.empty((split, rows, stacked), dtype=torch.float32, device=x.device)
-    _shrink_tiles_kernel[(triton.cdiv(rows, block_m), split)](
-        x, a, part, rows, k, stacked, k_per_split, x.stride(0), a.stride(1), part.stride(0), part.stride(1),
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4)
+    part = torch.empty((split, rows, groups * stacked), dtype=torch.float32, device=x.device)
+    _shrink_tiles_kernel[(triton.cdiv(rows, block_m), split, groups)](
+        x, a, part, rows, k, stacked, r, k_per_split, x.stride(0), a.stride(0), a.stride(1), part.stride(0),
+        part.stride(1), *lora_groups.offsets(as_), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4)
     slots = row_slot if row_slot is not None else part  # unused pointer when HAS_SLOTS is off
     block_m, block_n = (16 if rows <= 16 else 64), 64
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
-    _expand_tiles_kernel[grid](part, b, slots, y, rows, n, stacked, r, split, scaling, part.stride(0), part.stride(1),
-                               b.stride(0), b.stride(1), y.stride(0), HAS_SLOTS=row_slot is not None,
-                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+    tiles, group_args = lora_groups.expand_args(ys, bs, block_n)
+    y, b = ys[0], bs[0]
+    _expand_tiles_kernel[(triton.cdiv(rows, block_m), tiles)](
+        part, b, slots, y, rows, y.shape[1], stacked, r, split, scaling, part.stride(0), part.stride(1),
+        b.stride(0), b.stride(1), y.stride(0), *group_args, HAS_SLOTS=row_slot is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)

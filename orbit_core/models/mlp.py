@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orbit_core.models.config import DecoderConfig
+from orbit_core.models.projections import project
 
 
 class MLP(nn.Module):
@@ -18,4 +19,5 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(width, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)

@@ -20,6 +20,7 @@ from orbit_core.models.config import QWEN2_FAMILY, DecoderConfig
 from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.mlp import MLP
 from orbit_core.models.moe import SparseMoE
+from orbit_core.models.projections import project
 from orbit_core.models.rope import apply_rope, rope_tables
 from orbit_kernels.decode_attention import decode_attention
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
@@ -85,9 +86,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """decode_mask: ``(write_pos [slots], mask [slots, 1, 1, kv_len])`` in decode mode."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(batch, seq, self.num_heads, self.head_dim)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

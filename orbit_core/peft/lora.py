@@ -9,7 +9,7 @@ from torch import nn
 
 from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
-from orbit_kernels.lora import lora_add_
+from orbit_kernels.lora import lora_add_, lora_add_group_
 
 
 class LoRALinear(AdapterLayer):
@@ -41,22 +41,51 @@ class LoRALinear(AdapterLayer):
             return out + delta.to(out.dtype)
         return out + self.low_rank(self.dropout(x), self.lora_A, self.lora_B).to(out.dtype)
 
+    def _engine_factors(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(A [slots, r, in], B [slots, out, r], each row's slot or None) for the engine's kernels."""
+        if self.slot_bank is None:
+            return self.lora_A[None], self.lora_B[None], None
+        if len(self.slot_bank.used) == 1:
+            slot = self.slot_bank.used[0]
+            return self.slot_A[slot : slot + 1], self.slot_B[slot : slot + 1], None
+        row_slot = self.slot_bank.row_slot
+        if row_slot is None or row_slot.numel() != rows:
+            return None
+        return self.slot_A, self.slot_B, row_slot
+
     def _engine_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
         """The rollout engine's path: both LoRA GEMMs in two kernels, each row reading its own slot."""
         if not out.is_contiguous():  # the kernel adds into the output in place, through a flat view
             return None
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-        if self.slot_bank is None:
-            a, b, row_slot = self.lora_A[None], self.lora_B[None], None
-        elif len(self.slot_bank.used) == 1:
-            slot = self.slot_bank.used[0]
-            a, b, row_slot = self.slot_A[slot : slot + 1], self.slot_B[slot : slot + 1], None
-        else:
-            a, b, row_slot = self.slot_A, self.slot_B, self.slot_bank.row_slot
-            if row_slot is None or row_slot.numel() != flat_x.shape[0]:
-                return None
+        factors = self._engine_factors(flat_x.shape[0])
+        if factors is None:
+            return None
+        a, b, row_slot = factors
         lora_add_(flat_out, flat_x.contiguous(), a, b, row_slot, self.scaling)
         return out
+
+    @staticmethod
+    def engine_group_forward(x: torch.Tensor, linears) -> list[torch.Tensor] | None:
+        """The engine's path for LoRA linears that read the same ``x`` (``models.projections``): the
+        base outputs, then one launch of each LoRA kernel for all of them. None: not applicable
+        (outside the engine, other modules, or settings the linears do not share)."""
+        first = linears[0]
+        if not use_engine_kernels(x) or any(
+                type(m) is not LoRALinear or m.training or not m.enabled or m.fake_quant is not None
+                or m.scaling != first.scaling or m.slot_bank is not first.slot_bank for m in linears):
+            return None
+        flat_x = x.reshape(-1, x.shape[-1]).contiguous()
+        factors = [m._engine_factors(flat_x.shape[0]) for m in linears]
+        if any(f is None for f in factors):
+            return None
+        outs = [m.base(x) for m in linears]
+        if not all(o.is_contiguous() for o in outs):  # the kernels add in place, through flat views
+            return [m(x) for m in linears]
+        flat_outs = [o.view(-1, o.shape[-1]) for o in outs]
+        lora_add_group_(flat_outs, flat_x, [f[0] for f in factors], [f[1] for f in factors], factors[0][2],
+                        first.scaling)
+        return outs
 
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # computed in the activation dtype (bf16 on a GPU base); A and B stay fp32 master weights

@@ -1,0 +1,65 @@
+"""Up to three LoRA linears that read the same input, served by one launch of each LoRA kernel.
+
+q, k and v read one normed hidden state, and so do gate and up. Their LoRA factors share a rank and
+an input width, so one shrink can multiply the input by every group's A, and one expand can add
+each group's update into its own output. The kernels reach groups 1 and 2 through element offsets
+from group 0's tensors (pointers of one dtype, so the difference of two addresses is exact), and an
+expand program finds its group from its output-tile index: a step launches two LoRA kernels per
+group of linears instead of two per linear.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orbit_kernels._triton import tl, triton
+
+MAX_GROUPS = 3
+
+
+def offsets(tensors: list[torch.Tensor]) -> tuple[int, int]:
+    """Element offsets of ``tensors[1]`` and ``tensors[2]`` from ``tensors[0]`` (0 where absent)."""
+    base, size = tensors[0].data_ptr(), tensors[0].element_size()
+    found = [(t.data_ptr() - base) // size for t in tensors[1:]]
+    return tuple(found + [0] * (2 - len(found)))  # type: ignore[return-value]
+
+
+def expand_args(ys: list[torch.Tensor], bs: list[torch.Tensor], block_n: int) -> tuple[int, tuple]:
+    """(output tiles over all groups, the expand kernels' group arguments): the offsets of y and B,
+    each group's width, first tile, and B slot and y row strides."""
+    tiles = [triton.cdiv(y.shape[1], block_n) for y in ys]
+    starts = [sum(tiles[:g]) for g in range(1, len(ys))]
+    total = sum(tiles)
+    pad = lambda values, fill: tuple(values) + (fill,) * (MAX_GROUPS - 1 - len(values))  # noqa: E731
+    return total, (*offsets(ys), *offsets(bs), *pad([y.shape[1] for y in ys[1:]], 0), *pad(starts, total),
+                   *pad([b.stride(0) for b in bs[1:]], 0), *pad([y.stride(0) for y in ys[1:]], 0))
+
+
+def unserved_reason(ys: list[torch.Tensor], as_: list[torch.Tensor], bs: list[torch.Tensor]) -> str | None:
+    """Why these linears cannot share launches (None: they can)."""
+    if not 1 <= len(ys) <= MAX_GROUPS or not len(ys) == len(as_) == len(bs):
+        return f"{len(ys)} outputs for {len(as_)} A and {len(bs)} B (1 to {MAX_GROUPS} groups)"
+    first_a, first_b, first_y = as_[0], bs[0], ys[0]
+    for a, b, y in zip(as_, bs, ys):
+        if y.dim() != 2 or y.stride(-1) != 1:
+            return f"an output {tuple(y.shape)} is not [rows, features] with contiguous features"
+        if a.shape != first_a.shape or a.stride() != first_a.stride() or a.dtype != first_a.dtype:
+            return "the grouped linears' A differ in shape, layout or dtype"
+        if b.shape[0] != first_b.shape[0] or b.shape[2] != first_b.shape[2] or b.stride()[1:] != first_b.stride()[1:] \
+                or b.dtype != first_b.dtype or y.dtype != first_y.dtype or y.shape[0] != first_y.shape[0]:
+            return "the grouped linears' B or outputs differ in rank, layout or dtype"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def group_of(pid_n, start1, start2):
+        """The group of an output tile, and its first tile: groups' tiles are laid end to end."""
+        g = (pid_n >= start1).to(tl.int32) + (pid_n >= start2).to(tl.int32)
+        first = tl.where(g == 0, 0, tl.where(g == 1, start1, start2))
+        return g, first
+
+    @triton.jit
+    def pick(g, value0, value1, value2):
+        return tl.where(g == 0, value0, tl.where(g == 1, value1, value2))
