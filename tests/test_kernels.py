@@ -452,3 +452,27 @@ def test_rope_kv_write_kernel_equals_the_reference(rows, dtype):
     # as for orbit::rope: where a product rounds one step differently, at most that step's size
     step = 2 ** -8 * (k.float().abs().max() * 2).item() if dtype == torch.bfloat16 else 1e-5
     assert (got_k.float() - want_k.float()).abs().max().item() <= 2 * step
+
+
+@cuda
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("slots", [1, 2])
+def test_grouped_lora_kernels_equal_the_reference(rows, slots):
+    """q/k/v-like linears of one input through one launch of each kernel: the row kernels, the
+    tile kernels and the dispatching op, each output against row-by-row fp32."""
+    torch.manual_seed(rows * slots)
+    rank = 16
+    x = torch.randn(rows, 1000, device="cuda").to(torch.bfloat16)
+    stacked_a = torch.randn(slots, 3 * rank, 1000, device="cuda") * 0.05
+    as_ = [stacked_a[:, g * rank:(g + 1) * rank] for g in range(3)]
+    bs = [torch.randn(slots, n, rank, device="cuda") * 0.05 for n in (1300, 600, 600)]
+    row_slot = torch.randint(0, slots, (rows,), device="cuda") if slots > 1 else None
+    ys = [torch.randn(rows, n, device="cuda").to(torch.bfloat16) for n in (1300, 600, 600)]
+    wants = [_lora_fp32(y, x, a, b, row_slot, 2.0) for y, a, b in zip(ys, as_, bs)]
+    for run in (lambda out: lora.launch_groups(out, x, as_, bs, row_slot, 2.0),
+                lambda out: lora_tiles.launch_tile_groups(out, x, as_, bs, row_slot, 2.0),
+                lambda out: lora.lora_add_group_(out, x, as_, bs, row_slot, 2.0)):
+        got = [y.clone() for y in ys]
+        run(got)
+        for g, want in zip(got, wants):
+            torch.testing.assert_close(g.float(), want, atol=5e-2, rtol=2 ** -6)

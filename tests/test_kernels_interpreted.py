@@ -58,6 +58,7 @@ def test_packed_gemm_both_ways_equals_the_reference(fmt, forward):
             got = packed_gemm.packed_gemm(fmt, a, *args, cols, global_scale, forward=forward, tiles=tiles,
                                           split=split).float()
             torch.testing.assert_close(got, reference, atol=3e-3 * reference.abs().max().item(), rtol=1e-2)
+    assert not packed_gemv.arrival_counters(a.device, 1).any()  # left at zero for the next launch
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -68,8 +69,10 @@ def test_packed_gemv_with_a_split_reduction_equals_the_reference(fmt):
     reference = x.float() @ dense.t()
     words = cols // packed_gemv.layout(fmt, args[1], cols)[0]
     assert packed_gemv._split(-(-rows // packed_gemv.BLOCK_N), words, packed_gemv.BLOCK_W) > 1
-    got = packed_gemv.packed_gemv(fmt, x, *args, cols, global_scale).float()
-    torch.testing.assert_close(got, reference, atol=3e-3 * reference.abs().max().item(), rtol=1e-2)
+    for _ in range(2):  # the counters are shared between launches: the first must leave them at zero
+        got = packed_gemv.packed_gemv(fmt, x, *args, cols, global_scale).float()
+        torch.testing.assert_close(got, reference, atol=3e-3 * reference.abs().max().item(), rtol=1e-2)
+    assert not packed_gemv.arrival_counters(x.device, 1).any()
 
 
 @pytest.mark.parametrize("rows", [5, 40, 70])
@@ -118,3 +121,27 @@ def test_rope_kv_write_kernel_is_the_reference_bit_for_bit():
     rope_kv_write_reference(k, v, cos, sin, want_k[:rows], want_v[:rows], write_pos)
     launch_kv_write(k, v, cos, sin, got_k[:rows], got_v[:rows], write_pos)
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("slots", [1, 2])
+def test_grouped_lora_kernels_equal_row_by_row_fp32(rows, slots):
+    """Three linears of one input (q/k/v-like widths 130, 70, 70) in one launch of each kernel,
+    the row kernels and the tile kernels: each output gets its own linear's update only."""
+    from orbit_kernels import lora, lora_tiles
+    from tests.test_kernels import _lora_fp32
+
+    torch.manual_seed(rows + slots)
+    rank, width = 8, 300
+    x = torch.randn(rows, width, dtype=torch.float16)
+    stacked_a = torch.randn(slots, 3 * rank, width) * 0.05  # as the engine may store them: one buffer
+    as_ = [stacked_a[:, g * rank:(g + 1) * rank] for g in range(3)]
+    bs = [torch.randn(slots, n, rank) * 0.05 for n in (130, 70, 70)]
+    row_slot = torch.randint(0, slots, (rows,)) if slots > 1 else None
+    ys = [torch.randn(rows, n, dtype=torch.float16) for n in (130, 70, 70)]
+    wants = [_lora_fp32(y, x, a, b, row_slot, 2.0) for y, a, b in zip(ys, as_, bs)]
+    for launch in (lora.launch_groups, lora_tiles.launch_tile_groups):
+        got = [y.clone() for y in ys]
+        launch(got, x, as_, bs, row_slot, 2.0)
+        for g, want in zip(got, wants):
+            torch.testing.assert_close(g.float(), want, atol=2e-3, rtol=2 ** -9)
