@@ -23,6 +23,7 @@ import torch
 
 from bench.base_memory import write_random_checkpoint
 from bench.rollout_throughput import SHAPES, NoEosTokenizer
+from orbit_core.models import projections
 from orbit_core.peft.lora import apply_lora
 from orbit_core.peft.oft import apply_oft
 from orbit_core.policy import load_base
@@ -35,6 +36,16 @@ from orbit_kernels import lora as lora_kernels
 from orbit_kernels import packed_gemv
 from orbit_kernels import rope as rope_kernels
 from orbit_kernels import sampling as sampling_kernel
+
+
+ROUND_KERNELS = {
+    "lora_tiles": (lora_kernels, "TILES_ENABLED"),  # LoRA above 32 rows on tensor cores (else the reference)
+    "sample_kernel": (sampling_kernel, "ENABLED"),  # one-pass sampling (else the torch race)
+    "kv_write_kernel": (rope_kernels, "KV_WRITE_ENABLED"),  # key rope + KV write in one kernel
+    "lora_groups": (projections, "GROUPED"),  # q/k/v and gate/up share LoRA launches
+    "shared_counters": (packed_gemv, "SHARED_COUNTERS"),  # split GEMV counters reset in-kernel (else a memset)
+}
+"""This round's decode changes, each switchable for ``--ablate``."""
 
 
 def copy_bandwidth() -> float:
@@ -59,18 +70,23 @@ def resident_bytes(model) -> int:
     return total
 
 
-def decode_seconds(model, prompts: list[list[int]], new: int, batch: int, cuda_graph: bool) -> float:
+def decode_seconds(model, prompts: list[list[int]], new: int, batch: int, cuda_graph: bool,
+                   repeats: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` timed generates, after one warm-up generate."""
     engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0, cuda_graph=cuda_graph)
     params = SamplingParams(max_new_tokens=new, temperature=1.0)
     # warm-up at the measured length: graph capture, autotuning, and every Triton specialization the
     # growing context reaches (a 4-token warm-up left them to the measured run of the first config)
     engine.generate(prompts[:batch], params)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = engine.generate(prompts[:batch], params)
-    torch.cuda.synchronize()
-    assert all(len(c.token_ids) == new for c in out)
-    return time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = engine.generate(prompts[:batch], params)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        assert all(len(c.token_ids) == new for c in out)
+    return times
 
 
 def build_model(path: str, adapter: str):
@@ -140,9 +156,10 @@ def main() -> None:
                         help="both: also attend through masked SDPA over the whole capacity (the reference)")
     parser.add_argument("--lora-kernel", choices=["on", "both"], default="both",
                         help="both: also run LoRA through the torch reference (six kernels a linear) in the engine")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed generates per configuration; tokens_per_s is their median")
     parser.add_argument("--ablate", action="store_true",
-                        help="also run with each of this round's decode kernels off, then all three off: LoRA "
-                             "tiles above 32 rows, one-pass sampling, the fused key rope and KV write")
+                        help="also run with each of ROUND_KERNELS off in turn, then all of them off")
     parser.add_argument("--packed-gemv", choices=["on", "both"], default="on",
                         help="both: also run int4 decode rows through the split-K tl.dot GEMV (the few-row GEMV off)")
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
@@ -196,31 +213,32 @@ def main() -> None:
             lora_modes = [True, False] if adapter == "lora" and args.lora_kernel == "both" else [True]
             attention_modes = [True, False] if args.attention_kernel == "both" else [True]
             gemv_modes = [True, False] if base == "int4" and args.packed_gemv == "both" else [True]
-            # (LoRA tiles, one-pass sampling, fused key rope + KV write)
-            round_modes = [(True, True, True)]
+            ablations = [{}]
             if args.ablate:
-                round_modes += [(False, True, True), (True, False, True), (True, True, False), (False, False, False)]
-                if adapter != "lora":
-                    round_modes = [m for m in round_modes if m != (False, True, True)]  # no LoRA: tiles do nothing
-            for kernels_on, lora_on, attention_on, gemv_on, (tiles_on, sample_on, kv_on) in itertools.product(
-                    kernel_modes, lora_modes, attention_modes, gemv_modes, round_modes):
+                names = [n for n in ROUND_KERNELS if adapter == "lora" or n not in ("lora_tiles", "lora_groups")]
+                ablations += [{n: False} for n in names] + [{n: False for n in names}]
+            for kernels_on, lora_on, attention_on, gemv_on, off in itertools.product(
+                    kernel_modes, lora_modes, attention_modes, gemv_modes, ablations):
                 if gemv_on is False and kernels_on is False:
                     continue
                 int4_kernels.ENABLED, packed_gemv.ENABLED = kernels_on, kernels_on and gemv_on
                 lora_kernels.ENABLED, attention_kernels.ENABLED = lora_on, attention_on
-                lora_kernels.TILES_ENABLED, sampling_kernel.ENABLED, rope_kernels.KV_WRITE_ENABLED = tiles_on, sample_on, kv_on
+                for name, (module, attr) in ROUND_KERNELS.items():
+                    setattr(module, attr, off.get(name, True))
                 for graphs in graph_modes:
                     for batch in args.batches:
-                        seconds = decode_seconds(model, prompts, args.new, batch, graphs)
+                        times = decode_seconds(model, prompts, args.new, batch, graphs, args.repeats)
+                        seconds = sorted(times)[len(times) // 2]
                         report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "cuda_graph": graphs,
                                 "kernels": "triton" if kernels_on and base != "bf16" else "torch reference",
                                 "lora_kernel": lora_on if adapter == "lora" else None,
-                                "lora_tiles": tiles_on and lora_on if adapter == "lora" else None,
-                                "sample_kernel": sample_on, "kv_write_kernel": kv_on,
-                                "attention_kernel": attention_on, "packed_gemv": kernels_on and gemv_on},
+                                **{name: off.get(name, True) for name in ROUND_KERNELS},
+                                "attention_kernel": attention_on, "packed_gemv": kernels_on and gemv_on,
+                                "repeats_tokens_per_s": [round(batch * args.new / t, 1) for t in times]},
                                batch * args.new / seconds, weight_bytes, batch)
             int4_kernels.ENABLED = packed_gemv.ENABLED = lora_kernels.ENABLED = attention_kernels.ENABLED = True
-            lora_kernels.TILES_ENABLED = sampling_kernel.ENABLED = rope_kernels.KV_WRITE_ENABLED = True
+            for module, attr in ROUND_KERNELS.values():
+                setattr(module, attr, True)
             del model
             gc.collect()
             torch.cuda.empty_cache()

@@ -75,7 +75,7 @@ def main() -> None:
             set_dequant_chunk(model, chunk)
             GROUPED_MM["impl"] = impl
             torch.cuda.reset_peak_memory_stats()
-            seconds = decode_seconds(model, prompts, args.new, batch, cuda_graph=False)
+            seconds, = decode_seconds(model, prompts, args.new, batch, cuda_graph=False)
             print(json.dumps({**common, "measure": "decode", "grouped_mm": impl, "dequant_chunk_experts": chunk,
                               "batch": batch,
                               "prompt_len": args.prompt_len, "new_tokens": args.new,
