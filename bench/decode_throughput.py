@@ -104,43 +104,45 @@ def build_model(path: str, adapter: str):
     return model.eval()
 
 
-def _kernel_times(engine, prompts: list[list[int]], new: int) -> tuple[dict[str, list[float]], float]:
-    """Per kernel name, [total GPU us, launches] of one generate of ``new`` tokens, and its wall seconds."""
-    params = SamplingParams(max_new_tokens=new, temperature=1.0)
-    engine.generate(prompts, params)  # capture and autotune outside the profile
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
-        engine.generate(prompts, params)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    totals: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            entry = totals.setdefault(e.name, [0.0, 0])
-            entry[0] += e.time_range.elapsed_us()
-            entry[1] += 1
-    return totals, wall
-
-
-def profile_decode(model, prompts: list[list[int]], batch: int, steps: int = 16) -> None:
-    """The GPU kernels of one graphed decode step: a generate of ``steps + 1`` tokens minus one of a
-    single token (the prefill and its sampling), divided by ``steps``."""
+def profile_decode(model, prompts: list[list[int]], batch: int, new: int, context: int) -> None:
+    """The GPU time and kernels of one graphed decode step at ``batch`` rows: the engine's captured
+    graph replayed alone (no prefill, no host work) with every row's context at ``context`` keys,
+    timed with CUDA events over 20 replays and profiled over 10."""
     engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0)
-    prefill, wall_prefill = _kernel_times(engine, prompts[:batch], 1)
-    full, wall_full = _kernel_times(engine, prompts[:batch], steps + 1)
-    rows = []
-    for name, (us, calls) in full.items():
-        us0, calls0 = prefill.get(name, (0.0, 0))
-        if calls > calls0:
-            rows.append(((us - us0) / steps, (calls - calls0) / steps, name))
-    rows.sort(reverse=True)
-    busy = sum(r[0] for r in rows)
-    print(f"batch {batch}: per decode step, wall {1e3 * (wall_full - wall_prefill) / steps:.2f} ms, "
-          f"GPU busy {busy / 1e3:.2f} ms, {sum(r[1] for r in rows):.0f} kernels")
-    for us, calls, name in rows[:28]:
-        print(f"{us:9.1f} us {calls:6.1f}x {100 * us / busy:5.1f}%  {name[:110]}")
+    params = SamplingParams(max_new_tokens=new, temperature=1.0)
+    engine.generate(prompts[:batch], params)  # captures the graphs
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate(prompts[:batch], params)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / new
+    loop = engine.loop
+    graph = next(g for (rows, _), g in loop.graphed.graphs.items() if rows == batch)
+    loop.lengths[:batch] = context  # every row finished: replays recompute the step, record nothing
+    for _ in range(3):
+        graph.replay()
+    first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    first.record()
+    for _ in range(20):
+        graph.replay()
+    last.record()
+    torch.cuda.synchronize()
+    replay_ms = first.elapsed_time(last) / 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us()
+            entry[1] += 1
+    busy = sum(us for us, _ in totals.values()) / 10
+    print(f"batch {batch}: engine {1e3 * wall:.2f} ms a step (prefill included), graph replay {replay_ms:.2f} ms "
+          f"at {context} keys, kernels busy {busy / 1e3:.2f} ms, {sum(c for _, c in totals.values()) / 10:.0f} kernels")
+    for name, (us, calls) in sorted(totals.items(), key=lambda item: -item[1][0])[:22]:
+        print(f"{us / 10:9.1f} us {calls / 10:6.1f}x  {name[:100]}")
 
 
 def main() -> None:
@@ -165,7 +167,7 @@ def main() -> None:
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
                         help="both: also decode eagerly (rollout.cuda_graph=false), the launch-bound baseline")
     parser.add_argument("--hf", action="store_true", help="also time transformers generate (bf16)")
-    parser.add_argument("--profile", nargs="+", help="BASE:ADAPTER:BATCH ..., e.g. int4:lora:1: print the decode kernels instead")
+    parser.add_argument("--profile", nargs="+", help="BASE:ADAPTER:BATCH ..., e.g. int4:lora:1: time and list the kernels of one replayed decode step instead")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     root = Path(tempfile.mkdtemp())
@@ -200,7 +202,8 @@ def main() -> None:
         for spec in args.profile:
             base, adapter, batch = spec.split(":")
             print(f"== {spec}")
-            profile_decode(build_model(paths[base], adapter), prompts, int(batch))
+            profile_decode(build_model(paths[base], adapter), prompts, int(batch), args.new,
+                           int(mean_context))
             gc.collect()
             torch.cuda.empty_cache()
         return
