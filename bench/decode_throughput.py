@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.base_memory import write_random_checkpoint
+from bench.int4_linear import replay_ms
 from bench.rollout_throughput import SHAPES, NoEosTokenizer
 from orbit_core.models import projections
 from orbit_core.peft.lora import apply_lora
@@ -121,13 +122,7 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
     loop.lengths[:batch] = context  # every row finished: replays recompute the step, record nothing
     for _ in range(3):
         graph.replay()
-    first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    first.record()
-    for _ in range(20):
-        graph.replay()
-    last.record()
-    torch.cuda.synchronize()
-    replay_ms = first.elapsed_time(last) / 20
+    step_ms = replay_ms(graph, 20)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             graph.replay()
@@ -139,7 +134,7 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
             entry[0] += event.time_range.elapsed_us()
             entry[1] += 1
     busy = sum(us for us, _ in totals.values()) / 10
-    print(f"batch {batch}: engine {1e3 * wall:.2f} ms a step (prefill included), graph replay {replay_ms:.2f} ms "
+    print(f"batch {batch}: engine {1e3 * wall:.2f} ms a step (prefill included), graph replay {step_ms:.2f} ms "
           f"at {context} keys, kernels busy {busy / 1e3:.2f} ms, {sum(c for _, c in totals.values()) / 10:.0f} kernels")
     for name, (us, calls) in sorted(totals.items(), key=lambda item: -item[1][0])[:22]:
         print(f"{us / 10:9.1f} us {calls / 10:6.1f}x  {name[:100]}")

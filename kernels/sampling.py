@@ -25,13 +25,19 @@ ENABLED = True
 """Set False to force the torch reference (tests and benchmarks compare the two in one process)."""
 
 
+def race(logprobs: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exponential race in torch over [rows, vocab] log-probabilities: ``argmax(p / E)`` with
+    ``E ~ Exp(1)`` picks token ``i`` with probability ``p_i``. (tokens, their log-probabilities)."""
+    # a draw of exactly 0 would make a filtered token's 0 / 0 a NaN, which argmax would pick
+    draws = torch.empty_like(logprobs).exponential_(generator=generator).clamp_min_(1e-30)
+    tokens = (logprobs.exp() / draws).argmax(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
 def sample_race_reference(logits: torch.Tensor, temperature: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The exponential race in torch, its draws from a generator seeded with ``seed``."""
     generator = torch.Generator(logits.device).manual_seed(int(seed.reshape(-1)[0]))
-    logprobs = torch.log_softmax(logits.float() / temperature, -1)
-    race = torch.empty_like(logprobs).exponential_(generator=generator).clamp_min_(1e-30)
-    tokens = (logprobs - race.log()).argmax(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+    return race(torch.log_softmax(logits.float() / temperature, -1), generator)
 
 
 if triton is not None:

@@ -24,7 +24,7 @@ from orbit_core.models.projections import project
 from orbit_core.models.rope import apply_rope, rope_tables
 from orbit_kernels.decode_attention import decode_attention
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
-from orbit_kernels.rope import rope_kv_write_
+from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference
 
 
 class RMSNorm(nn.Module):
@@ -94,36 +94,32 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = apply_rope(q, cos, sin)
-        if decode_mask is not None and use_engine_kernels(x):
-            # the engine's decode: rotate the new key and store it and the value in one kernel, then
-            # split-K attention over each row's live keys only
-            write_pos = decode_mask[0]
-            rope_kv_write_(k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
-            out = decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
-            out = out.view(batch, self.num_heads, 1, self.head_dim).transpose(1, 2).reshape(batch, seq, -1)
-            return self.o_proj(out)
-        k = apply_rope(k, cos, sin)
-        gqa = self.num_heads != self.num_kv_heads
         if decode_mask is None:
+            k = apply_rope(k, cos, sin)
             if cache is not None:
                 cache.k[self.layer_idx, slots, :, :seq] = k.to(cache.k.dtype)
                 cache.v[self.layer_idx, slots, :, :seq] = v.to(cache.v.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
         else:
             # decode: one new token per slot; positions come in through the mask's width.
             write_pos, decode_mask = decode_mask
-            kv_len = decode_mask.shape[-1]
-            rows = torch.arange(batch, device=x.device)
-            cache.k[self.layer_idx, rows, :, write_pos] = k[:, :, 0].to(cache.k.dtype)
-            cache.v[self.layer_idx, rows, :, write_pos] = v[:, :, 0].to(cache.v.dtype)
-            keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
-            values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
-            # One query token per slot: fold each KV head's query group into the query-length axis,
-            # so attention reads the cache once instead of expanding it per query head.
-            group = self.num_heads // self.num_kv_heads
-            q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
-            out = out.reshape(batch, self.num_heads, 1, self.head_dim)
+            engine = use_engine_kernels(x)
+            # rotate each new key and store it and its value at the row's position (one kernel in the engine)
+            write = rope_kv_write_ if engine else rope_kv_write_reference
+            write(k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
+            if engine:  # split-K over each row's live keys only
+                out = decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
+                out = out.view(batch, self.num_heads, 1, self.head_dim)
+            else:
+                kv_len = decode_mask.shape[-1]
+                keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
+                values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
+                # One query token per slot: fold each KV head's query group into the query-length axis,
+                # so attention reads the cache once instead of expanding it per query head.
+                group = self.num_heads // self.num_kv_heads
+                q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
+                out = out.reshape(batch, self.num_heads, 1, self.head_dim)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 

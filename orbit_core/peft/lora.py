@@ -79,9 +79,7 @@ class LoRALinear(AdapterLayer):
         factors = [m._engine_factors(flat_x.shape[0]) for m in linears]
         if any(f is None for f in factors):
             return None
-        outs = [m.base(x) for m in linears]
-        if not all(o.is_contiguous() for o in outs):  # the kernels add in place, through flat views
-            return [m(x) for m in linears]
+        outs = [m.base(x).contiguous() for m in linears]  # the kernels add in place, through flat views
         flat_outs = [o.view(-1, o.shape[-1]) for o in outs]
         lora_add_group_(flat_outs, flat_x, [f[0] for f in factors], [f[1] for f in factors], factors[0][2],
                         first.scaling)

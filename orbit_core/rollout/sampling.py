@@ -44,8 +44,4 @@ def sample_tokens(
         drop = (probs.cumsum(-1) - probs) >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
-    logprobs = torch.log_softmax(filtered, -1)
-    # a draw of exactly 0 would make a filtered token's 0 / 0 a NaN, which argmax would pick
-    race = torch.empty_like(logprobs).exponential_(generator=generator).clamp_min_(1e-30)
-    tokens = (logprobs.exp() / race).argmax(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+    return sampling_kernel.race(torch.log_softmax(filtered, -1), generator)
