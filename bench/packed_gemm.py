@@ -7,7 +7,8 @@ line per implementation:
 * ``bf16_cublas`` (the baseline): cuBLAS on a bf16 weight;
 * ``<fmt>_dequant_cublas``: the format's Triton dequantization, then cuBLAS (what training ran);
 * ``<fmt>_gemm``: the packed GEMM with its default tiles (``packed_gemm.tiles_for``);
-* with ``--sweep``, ``int4_gemm`` with each tile setting in ``CANDIDATES`` as well.
+* with ``--sweep``, ``int4_gemm`` with each tile setting in ``CANDIDATES`` as well (``--sweep
+  unpack``: ``UNPACKED``), at each reduction split of ``--splits``.
 
 Times come from CUDA-graph replays of ``--calls`` back-to-back calls cycling through enough
 weight copies to overflow L2 (``bench.int4_linear.graph_us``), so they are GPU time per call.
@@ -39,6 +40,10 @@ CANDIDATES = [Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 128, 4, 3), Tiles(128, 25
               Tiles(128, 128, 64, 4, 3, True), Tiles(128, 128, 64, 8, 3, True), Tiles(256, 128, 64, 8, 3, True),
               Tiles(128, 256, 64, 8, 3, True)]
 """Tile settings ``--sweep`` times besides the default (a first sweep dropped those 2x off the best)."""
+UNPACKED = [Tiles(bm, bn, bk, w, st, swap, u) for u in (1, 2) for bm, bn, bk, w, st, swap in (
+    (16, 128, 128, 4, 4, True), (32, 128, 128, 4, 4, True), (32, 64, 128, 4, 3, True), (64, 128, 128, 4, 3, True),
+    (64, 128, 64, 4, 3, False), (128, 128, 64, 4, 3, True), (32, 128, 64, 4, 4, True), (64, 64, 128, 4, 3, True))]
+"""``--sweep unpack``: the default and swept settings with the other unpackings (``Tiles.unpack``)."""
 
 
 def _weights(fmt: str, n: int, k: int) -> tuple:
@@ -53,7 +58,10 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[8, 32, 64, 256, 2048, 8192])
     parser.add_argument("--formats", nargs="+", default=["int4", "fp8", "nvfp4"])
     parser.add_argument("--linears", nargs="+", default=["q_proj", "k_proj", "gate_proj", "down_proj"])
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", nargs="?", const="tiles", choices=["tiles", "unpack"])
+    parser.add_argument("--splits", nargs="+", type=int, default=[0],
+                        help="reduction splits to sweep (0: the default rule, packed_gemm._split)")
+    parser.add_argument("--directions", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
     args = parser.parse_args()
     shapes = linear_shapes(args.shape)
     torch.manual_seed(0)
@@ -66,7 +74,7 @@ def main() -> None:
                  for _ in range(max(2, -(-4 * L2_BYTES // (n * k * 2))))]
         for rows in args.rows:
             calls = 50 if rows <= 256 else 10
-            for forward in (True, False):
+            for forward in (d == "forward" for d in args.directions):
                 a = torch.randn(rows, k if forward else n, device="cuda", dtype=torch.bfloat16)
 
                 def cublas(w, a=a, forward=forward):
@@ -78,16 +86,19 @@ def main() -> None:
                         w, sc, gs = copies[i % len(copies)]
                         return cublas(dense_weight(fmt, w, sc, gs, k, a.dtype))
 
-                    def gemm(i, tiles=None, fmt=fmt, copies=copies, forward=forward, a=a):
+                    def gemm(i, tiles=None, split=None, fmt=fmt, copies=copies, forward=forward, a=a):
                         w, sc, gs = copies[i % len(copies)]
-                        return packed_gemm.packed_gemm(fmt, a, w, sc, k, gs, forward=forward, tiles=tiles)
+                        return packed_gemm.packed_gemm(fmt, a, w, sc, k, gs, forward=forward, tiles=tiles,
+                                                       split=split)
 
                     weight_bytes = nbytes(*copies[0])
                     impls[f"{fmt}_dequant_cublas"] = (dequant_cublas, weight_bytes, fmt)
                     impls[f"{fmt}_gemm"] = (gemm, weight_bytes, fmt)
                     if args.sweep and fmt == "int4":
-                        for t in CANDIDATES:
-                            impls[f"int4_gemm {tuple(t)}"] = (lambda i, t=t, gemm=gemm: gemm(i, t), weight_bytes, fmt)
+                        for t in CANDIDATES if args.sweep == "tiles" else UNPACKED:
+                            for split in args.splits:
+                                impls[f"int4_gemm {tuple(t)}" + (f" split {split}" if split else "")] = (
+                                    lambda i, t=t, s=split, gemm=gemm: gemm(i, t, s or None), weight_bytes, fmt)
                 for impl, (call, weight_bytes, fmt) in impls.items():
                     err = None
                     try:
