@@ -7,8 +7,8 @@ line per implementation:
 * ``bf16_cublas`` (the baseline): cuBLAS on a bf16 weight;
 * ``<fmt>_dequant_cublas``: the format's Triton dequantization, then cuBLAS (what training ran);
 * ``<fmt>_gemm``: the packed GEMM with its default tiles (``packed_gemm.tiles_for``);
-* with ``--sweep``, ``int4_gemm`` with each tile setting in ``CANDIDATES`` as well (``--sweep
-  unpack``: ``UNPACKED``), at each reduction split of ``--splits``.
+* with ``--sweep``, ``int4_gemm`` with each tile setting in ``CANDIDATES`` as well at each
+  reduction split of ``--splits``.
 
 Times come from CUDA-graph replays of ``--calls`` back-to-back calls cycling through enough
 weight copies to overflow L2 (``bench.int4_linear.graph_us``), so they are GPU time per call.
@@ -40,10 +40,6 @@ CANDIDATES = [Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 128, 4, 3), Tiles(128, 25
               Tiles(128, 128, 64, 4, 3, True), Tiles(128, 128, 64, 8, 3, True), Tiles(256, 128, 64, 8, 3, True),
               Tiles(128, 256, 64, 8, 3, True)]
 """Tile settings ``--sweep`` times besides the default (a first sweep dropped those 2x off the best)."""
-UNPACKED = [Tiles(bm, bn, bk, w, st, swap, u) for u in (1, 2) for bm, bn, bk, w, st, swap in (
-    (16, 128, 128, 4, 4, True), (32, 128, 128, 4, 4, True), (32, 64, 128, 4, 3, True), (64, 128, 128, 4, 3, True),
-    (64, 128, 64, 4, 3, False), (128, 128, 64, 4, 3, True), (32, 128, 64, 4, 4, True), (64, 64, 128, 4, 3, True))]
-"""``--sweep unpack``: the default and swept settings with the other unpackings (``Tiles.unpack``)."""
 
 
 def _weights(fmt: str, n: int, k: int) -> tuple:
@@ -58,7 +54,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[8, 32, 64, 256, 2048, 8192])
     parser.add_argument("--formats", nargs="+", default=["int4", "fp8", "nvfp4"])
     parser.add_argument("--linears", nargs="+", default=["q_proj", "k_proj", "gate_proj", "down_proj"])
-    parser.add_argument("--sweep", nargs="?", const="tiles", choices=["tiles", "unpack"])
+    parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--splits", nargs="+", type=int, default=[0],
                         help="reduction splits to sweep (0: the default rule, packed_gemm._split)")
     parser.add_argument("--directions", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
@@ -95,7 +91,7 @@ def main() -> None:
                     impls[f"{fmt}_dequant_cublas"] = (dequant_cublas, weight_bytes, fmt)
                     impls[f"{fmt}_gemm"] = (gemm, weight_bytes, fmt)
                     if args.sweep and fmt == "int4":
-                        for t in CANDIDATES if args.sweep == "tiles" else UNPACKED:
+                        for t in CANDIDATES:
                             for split in args.splits:
                                 impls[f"int4_gemm {tuple(t)}" + (f" split {split}" if split else "")] = (
                                     lambda i, t=t, s=split, gemm=gemm: gemm(i, t, s or None), weight_bytes, fmt)

@@ -42,25 +42,25 @@ the format's dequantization then cuBLAS, which measured faster on an H200 at the
 rows: GEMM 48.7 us forward / 46.4 backward, dequantize + cuBLAS 50.0 / 48.1; at 32 rows the GEMM
 is 11% slower, at 256 2.1x, at 8192 2.8x (bf16 cuBLAS 91 / 265 us against the GEMM's 245 / 749
 for q / gate_proj). fp8 and nvfp4 lose at every row count: the decode costs more per weight
-there. A tile decoded in the GEMM is decoded once per row tile, a dequantized weight once."""
+there. A tile decoded in the GEMM is decoded once per row tile, a dequantized weight once.
+
+Two other ways of unpacking were tried and removed (commit 6c53c3c): one ``tl.dot`` per code
+position over the loaded words (no reshape), and loading each column's own word (repeats from L1)
+and shifting it by its own amount; and reduction splits of 8 to 32. At 16-256 rows none beat
+this kernel or dequantize + cuBLAS, and every int4 GEMM stayed 1.5-3.4x slower than bf16 cuBLAS
+(``packed_gemm_unpack_h200.jsonl``, ``packed_gemm_per_code_splits_h200.jsonl``,
+``packed_gemm_tiles_splits_h200.jsonl``)."""
 TARGET_PROGRAMS = 264
 """Split the reduction until about this many programs run: two per SM of an H100 (132 SMs)."""
 
 
 class Tiles(NamedTuple):
-    """A GEMM launch setting. ``swap`` computes ``C^T``, the decoded weight tile as the dot's first
-    operand (on Hopper, from registers). ``unpack`` (forward only) says how codes become a tile:
-    0 unfolds each loaded word into a ``[block_n, block_k / codes, codes]`` tile and reshapes it
-    to ``[block_n, block_k]`` (a layout change); 1 takes one dot per code position of the words
-    (``block_k / codes >= 16``); 2 loads every column's word (each word ``codes`` times, the
-    repeats from L1) and shifts each column by its own amount."""
     block_m: int
     block_n: int
     block_k: int
     warps: int
     stages: int
     swap: bool = False
-    unpack: int = 0
 
 
 def tiles_for(rows: int, forward: bool) -> Tiles:
@@ -105,35 +105,11 @@ if triton is not None:
         return tl.reshape(value, (BLOCK_N, BLOCK_K)).to(dtype)
 
     @triton.jit
-    def _gathered_tile(w_ptr, s_ptr, offs_n, k0, n_mask, stride_w, stride_s, FMT: tl.constexpr, CODES: tl.constexpr,
-                       GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
-                       dtype: tl.constexpr):
-        BITS: tl.constexpr = 32 // CODES
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        words = tl.load(w_ptr + offs_n[:, None] * stride_w + (offs_k // CODES)[None, :], mask=n_mask[:, None], other=0)
-        value = gemv._decode((words >> ((offs_k % CODES) * BITS)[None, :]) & ((1 << BITS) - 1), FMT)
-        if ROW_SCALE:
-            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS) * stride_s + k0 // GROUP, mask=n_mask, other=0.0)
-            scale = scale.to(tl.float32)[:, None]
-        else:
-            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS)[:, None] * stride_s + (offs_k // GROUP)[None, :],
-                            mask=n_mask[:, None], other=0.0).to(tl.float32)
-        return (value * scale).to(dtype)
-
-    @triton.jit
-    def _code_tile(words, scale, c, FMT: tl.constexpr, CODES: tl.constexpr, dtype: tl.constexpr):
-        # code c of every loaded word, decoded and scaled: a [BLOCK_N, BLOCK_K / CODES] tile in the
-        # words' own layout, the weights of columns CODES * w + c (no reshape)
-        BITS: tl.constexpr = 32 // CODES
-        return (gemv._decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT) * scale).to(dtype)
-
-    @triton.jit
     def _packed_gemm_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, part_ptr, count_ptr, M, N, K, stride_am, stride_w,
                             stride_s, stride_cm, FMT: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
                             SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                             FORWARD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
-                            UNPACK: tl.constexpr):
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr):
         # W is [N, K] as stored. forward: C[M, N] = A[M, K] W^T, reducing over K in BLOCK_K steps;
         # backward: C[M, K] = A[M, N] W, reducing over N in BLOCK_N steps. SWAP computes C^T
         # instead (W^T... as the dot's first operand): Hopper's wgmma takes its first operand from
@@ -162,39 +138,12 @@ if triton is not None:
             acc = tl.zeros((BLOCK_O, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-        if FORWARD and UNPACK == 1:
-            # CODES dots per K step, one per code position, each over BLOCK_K / CODES columns
-            # spaced CODES apart, so the decoded tile never changes layout (see ``Tiles``)
-            BLOCK_W: tl.constexpr = BLOCK_K // CODES
-            offs_w = tl.arange(0, BLOCK_W)
-            for k0 in range(pid_s * BLOCK_K, K, SPLIT * BLOCK_K):
-                cols = k0 + offs_w * CODES
-                words = tl.load(w_ptr + offs_o[:, None] * stride_w + (k0 // CODES + offs_w)[None, :],
-                                mask=o_mask[:, None], other=0)
-                if ROW_SCALE:
-                    scale = tl.load(s_ptr + (offs_o // SCALE_ROWS) * stride_s + k0 // GROUP, mask=o_mask, other=0.0)
-                    scale = scale.to(tl.float32)[:, None]
-                else:
-                    scale = tl.load(s_ptr + (offs_o // SCALE_ROWS)[:, None] * stride_s + (cols // GROUP)[None, :],
-                                    mask=o_mask[:, None], other=0.0).to(tl.float32)
-                for c in tl.static_range(CODES):
-                    w = _code_tile(words, scale, c, FMT, CODES, dtype)
-                    a = tl.load(a_ptr + offs_m[:, None] * stride_am + (cols + c)[None, :], mask=m_mask[:, None],
-                                other=0.0)
-                    if SWAP:
-                        acc = tl.dot(w, tl.trans(a), acc)
-                    else:
-                        acc = tl.dot(a, tl.trans(w), acc)
-        elif FORWARD:
+        if FORWARD:
             for k0 in range(pid_s * BLOCK_K, K, SPLIT * BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None], other=0.0)
-                if UNPACK == 2:
-                    w = _gathered_tile(w_ptr, s_ptr, offs_o, k0, o_mask, stride_w, stride_s, FMT, CODES, GROUP,
-                                       SCALE_ROWS, ROW_SCALE, BLOCK_K, dtype)
-                else:
-                    w = _weight_tile(w_ptr, s_ptr, gs_ptr, offs_o, k0, o_mask, stride_w, stride_s, FMT, CODES, GROUP,
-                                     SCALE_ROWS, ROW_SCALE, False, BLOCK_N, BLOCK_K, dtype)
+                w = _weight_tile(w_ptr, s_ptr, gs_ptr, offs_o, k0, o_mask, stride_w, stride_s, FMT, CODES, GROUP,
+                                 SCALE_ROWS, ROW_SCALE, False, BLOCK_N, BLOCK_K, dtype)
                 if SWAP:
                     acc = tl.dot(w, tl.trans(a), acc)
                 else:
@@ -307,8 +256,7 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         in_features, flat.stride(0), words.stride(0), scale.stride(0), c.stride(0), FMT=gemv.FORMAT_CODES[fmt],
         CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, ROW_SCALE=group % block_k == 0,
         HAS_GLOBAL=global_scale is not None, FORWARD=forward, SPLIT=split, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, UNPACK=(t.unpack if forward and (t.unpack != 1 or block_k // codes >= 16) else 0),
-        num_warps=t.warps, num_stages=t.stages)
+        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, num_warps=t.warps, num_stages=t.stages)
     return c.view(*a.shape[:-1], outer)
 
 
