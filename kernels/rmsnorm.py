@@ -5,7 +5,9 @@ graph) launches seven elementwise and reduction kernels; a decode step runs four
 so in a graphed step the norms alone were about a fifth of all launches. ``orbit::rms_norm`` is one
 dispatch point (``torch.library.custom_op`` + ``register_fake``). It normalizes in fp32, rounds to
 the input dtype, then multiplies by the weight and rounds to the promoted dtype, as the reference
-does, so the two differ only in the order of the fp32 sum of squares.
+does, so the two differ only in the order of the fp32 sum of squares. ``orbit::add_rms_norm`` also
+takes the residual add before the norm (``h = x + delta``, then the norm of ``h``): the engine's
+forward joins each sublayer's residual add to the norm that follows it, one launch instead of two.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from orbit_kernels._triton import serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
+ADD_FUSED = True
+"""Set False to run ``add_rms_norm`` as an add and then the norm kernel (benchmarks compare)."""
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,11 +31,20 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, cols, stride_x, stride_y, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, d_ptr, h_ptr, w_ptr, y_ptr, cols, inner, stride_outer, stride_inner, stride_y, eps,
+                         RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        # input row r sits at (r // inner) * stride_outer + (r % inner) * stride_inner: the heads of
+        # a column slice (q or k of a fused q/k/v output) are read in place
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < cols
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        x_row = x_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:  # h = x + d (rows laid out as y's), rounded as the unfused add rounds: the new residual
+            d = tl.load(d_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+            h = (x + d).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + row * stride_y + offs, h, mask=mask)
+            x = h.to(tl.float32)
         scale = tl.rsqrt(tl.sum(x * x, axis=0) / cols + eps)
         normed = (x * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -58,15 +71,75 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x / rms(x))`` over the last dimension (no autograd: inference only)."""
     if not _served(x, weight):
         return rms_norm_reference(x, weight, eps)
+    return launch(x, weight, eps)
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The kernel (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
     cols = x.shape[-1]
-    flat = x.reshape(-1, cols)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    out = torch.empty(flat.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    if flat.shape[0]:
-        _rms_norm_kernel[(flat.shape[0],)](flat, weight, out, cols, flat.stride(0), out.stride(0), eps,
-                                           BLOCK=triton.next_power_of_2(cols), num_warps=4 if cols <= 4096 else 8)
+    rows = x.numel() // cols
+    src, inner, stride_outer, stride_inner = row_layout(x)
+    out = torch.empty((rows, cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if rows:
+        _rms_norm_kernel[(rows,)](src, src, src, weight, out, cols, inner, stride_outer, stride_inner, out.stride(0),
+                                  eps, RESIDUAL=False, BLOCK=triton.next_power_of_2(cols),
+                                  num_warps=4 if cols <= 4096 else 8)
     return out.view(*x.shape[:-1], cols)
+
+
+def launch_add(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_rms_norm``'s kernel (no dispatch checks)."""
+    cols = x.shape[-1]
+    flat_x, flat_d = x.reshape(-1, cols).contiguous(), delta.reshape(-1, cols).contiguous()
+    h = torch.empty_like(flat_x)
+    out = torch.empty(flat_x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if flat_x.shape[0]:
+        _rms_norm_kernel[(flat_x.shape[0],)](flat_x, flat_d, h, weight, out, cols, 1, cols, 0, cols, eps,
+                                             RESIDUAL=True, BLOCK=triton.next_power_of_2(cols),
+                                             num_warps=4 if cols <= 4096 else 8)
+    return h.view(x.shape), out.view(x.shape)
+
+
+def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x + delta
+    return h, rms_norm_reference(h, weight, eps)
+
+
+@torch.library.custom_op("orbit::add_rms_norm", mutates_args=())
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, rms_norm(h))`` with ``h = x + delta``: a residual add and the norm after it in one
+    kernel (no autograd: inference only). Both outputs round as the unfused ops do."""
+    if not _served(x, weight) or delta.shape != x.shape or delta.dtype != x.dtype:
+        return add_rms_norm_reference(x, delta, weight, eps)
+    if not ADD_FUSED:
+        h = x + delta
+        return h, launch(h, weight, eps)
+    return launch_add(x, delta, weight, eps)
+
+
+@add_rms_norm.register_fake
+def _(x, delta, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, inner rows, outer stride, inner stride) that reach every row of ``x``: rows laid
+    at one stride, or ``[..., heads, cols]`` whose leading dimensions merge (a column slice of a
+    wider output), or else a contiguous copy."""
+    cols = x.shape[-1]
+    if x.stride(-1) == 1:
+        for shape in [(-1, cols)] + ([(-1, x.shape[-2], cols)] if x.dim() >= 3 else []):
+            try:  # a view exists exactly when the dimensions merge
+                grid = x.view(shape)
+            except RuntimeError:
+                continue
+            if grid.dim() == 2:
+                return grid, 1, grid.stride(0), 0
+            return grid, grid.shape[1], grid.stride(0), grid.stride(1)
+    flat = x.reshape(-1, cols).contiguous()
+    return flat, 1, flat.stride(0), 0
 
 
 @rms_norm.register_fake

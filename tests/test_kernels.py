@@ -230,6 +230,41 @@ def test_rms_norm_dispatch_on_cpu_is_the_reference_and_traces():
 
 
 @cuda
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (256, 1, 2048), (3, 5, 1000)])
+def test_add_rms_norm_kernel_equals_the_unfused_add_and_norm(shape):
+    from orbit_kernels.rmsnorm import add_rms_norm, add_rms_norm_reference
+
+    x = (torch.randn(shape, device="cuda") * 3).to(torch.bfloat16)
+    delta = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    w = (torch.rand(shape[-1], device="cuda") + 0.5).to(torch.bfloat16)
+    (h, normed), (want_h, want_normed) = add_rms_norm(x, delta, w, 1e-6), add_rms_norm_reference(x, delta, w, 1e-6)
+    assert torch.equal(h, want_h)
+    torch.testing.assert_close(normed.float(), want_normed.float(), atol=1e-6, rtol=2 ** -7)
+
+
+def test_silu_mul_on_cpu_is_the_reference_and_traces():
+    from orbit_kernels.silu_mul import silu_mul
+
+    gate, up = torch.randn(2, 3, 40), torch.randn(2, 3, 40)
+    torch.testing.assert_close(silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
+    compiled = torch.compile(lambda g, u: silu_mul(g, u), backend="aot_eager", fullgraph=True)
+    assert compiled(gate, up).shape == (2, 3, 40)
+
+
+@cuda
+@pytest.mark.parametrize("rows, cols", [(1, 6144), (256, 6144), (7, 100)])
+def test_silu_mul_kernel_equals_the_reference(rows, cols):
+    """Separate tensors and the halves of one fused gate/up output, against ``F.silu(g) * u``."""
+    from orbit_kernels.silu_mul import silu_mul, silu_mul_reference
+
+    fused = (torch.randn(rows, 1, 2 * cols, device="cuda") * 4).to(torch.bfloat16)
+    for gate, up in (fused.split(cols, dim=-1), [h.contiguous() for h in fused.split(cols, dim=-1)]):
+        got, want = silu_mul(gate, up), silu_mul_reference(gate, up)
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=2 ** -7)  # one bf16 rounding
+
+
+@cuda
 @pytest.mark.parametrize("shape", [(1, 1, 2048), (256, 1, 128), (3, 7, 16, 128), (5, 1000)])
 @pytest.mark.parametrize("dtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
                                            (torch.bfloat16, torch.float32)])
@@ -240,10 +275,12 @@ def test_rms_norm_kernel_equals_the_reference(shape, dtype, wdtype):
     assert got.dtype == want.dtype
     # only the fp32 sum of squares is ordered differently: at most one rounding step of the output
     torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
-    if x.dim() >= 3:  # rows that are not contiguous in memory
-        x_strided = x.transpose(0, 1)
-        torch.testing.assert_close(rms_norm(x_strided, w, 1e-6).float(), rms_norm_reference(x_strided, w, 1e-6).float(),
-                                   atol=1e-6, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
+    if x.dim() >= 3:  # rows that are not contiguous in memory; heads of a column slice of a wider output
+        wide = torch.cat([x, x.flip(-2)], dim=-2).flatten(-2)
+        for x_strided in (x.transpose(0, 1), wide[..., :x.shape[-2] * x.shape[-1]].view(x.shape)):
+            torch.testing.assert_close(rms_norm(x_strided, w, 1e-6).float(),
+                                       rms_norm_reference(x_strided, w, 1e-6).float(),
+                                       atol=1e-6, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
 
 
 def _lora_fp32(y, x, a, b, row_slot, scaling):

@@ -121,6 +121,27 @@ def test_rope_kv_write_kernel_is_the_reference_bit_for_bit():
     rope_kv_write_reference(k, v, cos, sin, want_k[:rows], want_v[:rows], write_pos)
     launch_kv_write(k, v, cos, sin, got_k[:rows], got_v[:rows], write_pos)
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    # k and v as column slices of one fused q/k/v output, as the engine's fused projection gives them
+    qkv = torch.randn(rows, 1, 4 * heads * dim, dtype=torch.float16)
+    k, v = (qkv[..., start:start + heads * dim].view(rows, 1, heads, dim).transpose(1, 2)
+            for start in (2 * heads * dim, 3 * heads * dim))
+    rope_kv_write_reference(k, v, cos, sin, want_k[:rows], want_v[:rows], write_pos)
+    launch_kv_write(k, v, cos, sin, got_k[:rows], got_v[:rows], write_pos)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+def test_rms_norm_kernel_reads_rows_in_place_and_equals_the_reference():
+    """Contiguous rows, and the heads of a column slice of a wider output (Qwen3's q/k norm on a
+    fused q/k/v projection), which the kernel reads without a copy."""
+    from orbit_kernels.rmsnorm import launch, rms_norm_reference, row_layout
+
+    torch.manual_seed(0)
+    w = torch.rand(64) + 0.5
+    wide = torch.randn(3, 1, 6 * 64) * 3
+    heads = wide[..., 64:4 * 64].view(3, 1, 3, 64)
+    assert row_layout(heads)[1:] == (3, 6 * 64, 64)  # no copy
+    for x in (torch.randn(5, 64) * 3, heads, heads.transpose(0, 2)):
+        torch.testing.assert_close(launch(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [3, 40])
@@ -145,3 +166,25 @@ def test_grouped_lora_kernels_equal_row_by_row_fp32(rows, slots):
         launch(got, x, as_, bs, row_slot, 2.0)
         for g, want in zip(got, wants):
             torch.testing.assert_close(g.float(), want, atol=2e-3, rtol=2 ** -9)
+
+
+def test_silu_mul_kernel_reads_column_slices_and_equals_the_reference():
+    """Gate and up as two tensors, and as the two halves of one fused gate/up output."""
+    from orbit_kernels.silu_mul import BLOCK, launch, silu_mul_reference
+
+    torch.manual_seed(0)
+    fused = torch.randn(3, 2, 2 * (BLOCK + 40), dtype=torch.float16) * 4  # a ragged second block
+    halves = fused.split(BLOCK + 40, dim=-1)
+    for gate, up in (halves, (halves[0].contiguous(), halves[1].contiguous())):
+        torch.testing.assert_close(launch(gate, up), silu_mul_reference(gate, up), atol=1e-3, rtol=2 ** -9)
+
+
+def test_add_rms_norm_kernel_equals_the_unfused_add_and_norm():
+    from orbit_kernels.rmsnorm import add_rms_norm_reference, launch_add
+
+    torch.manual_seed(0)
+    x, delta = torch.randn(4, 1, 96, dtype=torch.float16) * 3, torch.randn(4, 1, 96, dtype=torch.float16)
+    w = (torch.rand(96) + 0.5).to(torch.float16)
+    (h, normed), (want_h, want_normed) = launch_add(x, delta, w, 1e-6), add_rms_norm_reference(x, delta, w, 1e-6)
+    assert torch.equal(h, want_h)  # the residual rounds as the unfused add does
+    torch.testing.assert_close(normed, want_normed, atol=1e-3, rtol=2 ** -9)

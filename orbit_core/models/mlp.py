@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from orbit_core.models.config import DecoderConfig
+from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.projections import project
+from orbit_kernels.silu_mul import silu_mul
 
 
 class MLP(nn.Module):
@@ -20,4 +22,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)
+        if use_engine_kernels(x):  # one kernel, reading gate and up in place (column slices when fused)
+            return self.down_proj(silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)

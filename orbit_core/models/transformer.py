@@ -23,7 +23,7 @@ from orbit_core.models.moe import SparseMoE
 from orbit_core.models.projections import project
 from orbit_core.models.rope import apply_rope, rope_tables
 from orbit_kernels.decode_attention import decode_attention
-from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
+from orbit_kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
 from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference
 
 
@@ -197,6 +197,24 @@ class DecoderLM(nn.Module):
         """Precompute the rope tables so decode steps do no host-side work."""
         self._rope(torch.tensor([length - 1], device=device))
 
+    def _engine_layers(self, x, cos, sin, cache, slots, decode_mask) -> torch.Tensor:
+        """The layers as the rollout engine runs them: each residual add joined to the norm after it
+        (``orbit::add_rms_norm``), the same arithmetic as ``DecoderLayer.forward`` in fewer launches."""
+        layers = self.model.layers
+        if not len(layers):
+            return x
+        normed = layers[0].input_layernorm(x)
+        for i, layer in enumerate(layers):
+            norm = layer.post_attention_layernorm
+            x, normed = add_rms_norm(x, layer.self_attn(normed, cos, sin, cache, slots, decode_mask), norm.weight,
+                                     norm.eps)
+            out = layer.mlp(normed)
+            if i + 1 == len(layers):
+                return x + out
+            norm = layers[i + 1].input_layernorm
+            x, normed = add_rms_norm(x, out, norm.weight, norm.eps)
+        return x
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -223,13 +241,16 @@ class DecoderLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         training = self.training and torch.is_grad_enabled() and cache is None
         recompute = self.activation_checkpointing if training else "none"
-        for layer in self.model.layers:
-            if recompute == "full":  # keep each layer's input, recompute the rest (compiled or not) in backward
-                x = checkpoint(self.training_layer_call, layer, x, cos, sin, False, use_reentrant=False)
-            elif training:
-                x = self.training_layer_call(layer, x, cos, sin, recompute == "selective")
-            else:
-                x = layer(x, cos, sin, cache, slots, decode_mask)
+        if not training and use_engine_kernels(x):
+            x = self._engine_layers(x, cos, sin, cache, slots, decode_mask)
+        else:
+            for layer in self.model.layers:
+                if recompute == "full":  # keep each layer's input, recompute the rest (compiled or not) in backward
+                    x = checkpoint(self.training_layer_call, layer, x, cos, sin, False, use_reentrant=False)
+                elif training:
+                    x = self.training_layer_call(layer, x, cos, sin, recompute == "selective")
+                else:
+                    x = layer(x, cos, sin, cache, slots, decode_mask)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index]
         hidden = self.model.norm(x)

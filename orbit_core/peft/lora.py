@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from orbit_core.models.engine_forward import use_engine_kernels
+from orbit_core.models.projections import base_outputs
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
 from orbit_kernels.lora import lora_add_, lora_add_group_
 
@@ -79,7 +80,8 @@ class LoRALinear(AdapterLayer):
         factors = [m._engine_factors(flat_x.shape[0]) for m in linears]
         if any(f is None for f in factors):
             return None
-        outs = [m.base(x).contiguous() for m in linears]  # the kernels add in place, through flat views
+        # the kernels add in place, through flat views: of one fused base call, or of each base's output
+        outs = base_outputs(x, [m.base for m in linears]) or [m.base(x).contiguous() for m in linears]
         flat_outs = [o.view(-1, o.shape[-1]) for o in outs]
         lora_add_group_(flat_outs, flat_x, [f[0] for f in factors], [f[1] for f in factors], factors[0][2],
                         first.scaling)

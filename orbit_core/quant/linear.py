@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -95,6 +97,13 @@ class QuantLinear(nn.Module):
     def packed_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x W^T + b`` through the format's kernel (fused for decode-sized inputs)."""
         return packed_linear(self.fmt_name, self.in_features, x, bias, *self._tensors())
+
+    def linear_with(self, tensors: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> x W^T + b`` in this linear's format for other tensors of it (``tensor_names``
+        order, then the bias or None): a fused group's (``models.projections``)."""
+        fmt_name, in_features, bias = self.fmt_name, self.in_features, tensors[-1]
+        return lambda x: packed_linear(fmt_name, in_features, x, None if bias is None else bias.to(x.dtype),
+                                       *tensors[:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from orbit_core.models.projections import fuse_projections
 from orbit_core.models.transformer import DecoderLM
 from orbit_core.rollout.decode_loop import DecodeLoop, Request
 from orbit_core.rollout.types import Completion, SamplingParams
@@ -17,6 +18,8 @@ class BuiltinEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        if self.device.type == "cuda":  # one base GEMM per q/k/v and gate/up group (models.projections)
+            fuse_projections(model)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.loop = DecodeLoop(model, tokenizer, self.generator, max_running, cuda_graph=cuda_graph)
 
