@@ -35,7 +35,9 @@ from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
 from orbit_kernels import packed_gemv
+from orbit_kernels import rmsnorm
 from orbit_kernels import rope as rope_kernels
+from orbit_kernels import silu_mul
 from orbit_kernels import sampling as sampling_kernel
 
 
@@ -45,8 +47,12 @@ ROUND_KERNELS = {
     "kv_write_kernel": (rope_kernels, "KV_WRITE_ENABLED"),  # key rope + KV write in one kernel
     "lora_groups": (projections, "GROUPED"),  # q/k/v and gate/up share LoRA launches
     "shared_counters": (packed_gemv, "SHARED_COUNTERS"),  # split GEMV counters reset in-kernel (else a memset)
+    "fused_projections": (projections, "FUSED"),  # one base call per q/k/v and gate/up group (else one per linear)
+    "silu_mul_kernel": (silu_mul, "ENABLED"),  # silu(gate) * up in one kernel (else two)
+    "add_norm_kernel": (rmsnorm, "ADD_FUSED"),  # residual add joined to the next norm (else an add, then the norm)
 }
-"""This round's decode changes, each switchable for ``--ablate``."""
+"""The decode changes of the last two rounds (the first five from the round before), each
+switchable for ``--ablate``."""
 
 
 def copy_bandwidth() -> float:
@@ -155,8 +161,9 @@ def main() -> None:
                         help="both: also run LoRA through the torch reference (six kernels a linear) in the engine")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed generates per configuration; tokens_per_s is their median")
-    parser.add_argument("--ablate", action="store_true",
-                        help="also run with each of ROUND_KERNELS off in turn, then all of them off")
+    parser.add_argument("--ablate", nargs="*", choices=sorted(ROUND_KERNELS),
+                        help="also run with each of these ROUND_KERNELS (none named: all) off in turn, "
+                             "then all of them off")
     parser.add_argument("--packed-gemv", choices=["on", "both"], default="on",
                         help="both: also run int4 decode rows through the split-K tl.dot GEMV (the few-row GEMV off)")
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
@@ -212,11 +219,13 @@ def main() -> None:
             attention_modes = [True, False] if args.attention_kernel == "both" else [True]
             gemv_modes = [True, False] if base == "int4" and args.packed_gemv == "both" else [True]
             ablations = [{}]
-            if args.ablate:
-                names = [n for n in ROUND_KERNELS if adapter == "lora" or n not in ("lora_tiles", "lora_groups")]
-                ablations += [{n: False} for n in names] + [{n: False for n in names}]
-            for kernels_on, lora_on, attention_on, gemv_on, off in itertools.product(
-                    kernel_modes, lora_modes, attention_modes, gemv_modes, ablations):
+            if args.ablate is not None:
+                names = [n for n in args.ablate or ROUND_KERNELS
+                         if adapter == "lora" or n not in ("lora_tiles", "lora_groups")]
+                ablations += [{n: False} for n in names] + ([{n: False for n in names}] if len(names) > 1 else [])
+                ablations.append({})  # everything on again, last: shows whether the order of runs matters
+            for order, (kernels_on, lora_on, attention_on, gemv_on, off) in enumerate(itertools.product(
+                    kernel_modes, lora_modes, attention_modes, gemv_modes, ablations)):
                 if gemv_on is False and kernels_on is False:
                     continue
                 int4_kernels.ENABLED, packed_gemv.ENABLED = kernels_on, kernels_on and gemv_on
@@ -227,7 +236,8 @@ def main() -> None:
                     for batch in args.batches:
                         times = decode_seconds(model, prompts, args.new, batch, graphs, args.repeats)
                         seconds = sorted(times)[len(times) // 2]
-                        report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "cuda_graph": graphs,
+                        report({"impl": "orbit_builtin", "base": base, "adapter": adapter, "run_order": order,
+                                "cuda_graph": graphs,
                                 "kernels": "triton" if kernels_on and base != "bf16" else "torch reference",
                                 "lora_kernel": lora_on if adapter == "lora" else None,
                                 **{name: off.get(name, True) for name in ROUND_KERNELS},

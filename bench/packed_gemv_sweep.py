@@ -5,13 +5,16 @@ the weights cycled past the L2 cache (``bench.int4_linear.graph_us``), on q_proj
 down_proj of the Qwen3-1.7B shape. One JSON line per (linear, setting); the last line per linear
 is cuBLAS on the bf16 weight, the baseline. ``packed_gemv.BLOCK_N / BLOCK_W / NUM_WARPS`` were
 set from this sweep (``bench/results/packed_gemv_sweep_h200.jsonl``, from the script this one
-was written from, before the baseline line was added; this version has not run on a GPU yet). ``packed_gemv_sweep_3d_h200.jsonl`` is a one-off run of a variant that unpacked
-all eight codes of a word as a third tensor dimension, since removed from the kernel.
-    python -m bench.packed_gemv_sweep
+was written from, before the baseline line was added). ``packed_gemv_sweep_3d_h200.jsonl`` is a
+one-off run of a variant that unpacked all eight codes of a word as a third tensor dimension, since
+removed from the kernel. ``packed_gemv_sweep_fused_h200.jsonl`` adds the engine's fused q/k/v and
+gate/up shapes, pipeline stages and program targets.
+    python -m bench.packed_gemv_sweep [--shapes qkv gate_up q down] [--stages 1 3] [--targets 528 1056]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 
@@ -22,23 +25,39 @@ from bench.int4_linear import L2_BYTES, graph_us, random_fp, random_packed
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import packed_gemv
 
-SHAPES = {"q": (2048, 2048), "gate": (6144, 2048), "down": (2048, 6144)}
+SHAPES = {"q": (2048, 2048), "gate": (6144, 2048), "down": (2048, 6144), "qkv": (4096, 2048),
+          "gate_up": (12288, 2048)}
+"""Linears of the Qwen3-1.7B shape; qkv and gate_up are the engine's fused groups (``models.projections``)."""
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="+", default=["q", "gate", "down"], choices=sorted(SHAPES))
+    parser.add_argument("--formats", nargs="+", default=["int4", "fp8"], choices=["int4", "fp8"])
+    parser.add_argument("--block-n", nargs="+", type=int, default=[8, 16, 32])
+    parser.add_argument("--block-w", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--stages", nargs="+", type=int, default=[packed_gemv.NUM_STAGES])
+    parser.add_argument("--targets", nargs="+", type=int, default=[packed_gemv.TARGET_PROGRAMS])
+    args = parser.parse_args()
     torch.manual_seed(0)
-    for name, (n, k) in SHAPES.items():
+    for name in args.shapes:
+        n, k = SHAPES[name]
         packs = [random_packed(n, k, 128) for _ in range(max(2, -(-4 * L2_BYTES // (n * k // 2))))]
-        fp8 = [random_fp("fp8", n, k) for _ in range(max(2, -(-4 * L2_BYTES // (n * k))))]
+        fp8 = [random_fp("fp8", n, k) for _ in range(max(2, -(-4 * L2_BYTES // (n * k))))] if "fp8" in args.formats else []
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        for bn, bw, warps in itertools.product((8, 16, 32), (32, 64, 128), (4, 8)):
+        for bn, bw, warps, stages, target in itertools.product(args.block_n, args.block_w, args.warps, args.stages,
+                                                              args.targets):
             packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = bn, bw, warps
+            packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = stages, target
             turn = iter(range(1 << 30))
-            int4_us = graph_us(lambda: packed_gemv.packed_gemv("int4", x, *packs[next(turn) % len(packs)], k), 50)
-            fp8_us = graph_us(lambda: packed_gemv.packed_gemv("fp8", x, *fp8[next(turn) % len(fp8)][:2], k), 50)
-            print(json.dumps({"shape": name, "rows": 1, "bn": bn, "bw": bw, "warps": warps,
-                              "target": packed_gemv.TARGET_PROGRAMS, "int4_us": round(int4_us, 2),
-                              "fp8_us": round(fp8_us, 2)}), flush=True)
+            row = {"shape": name, "rows": 1, "bn": bn, "bw": bw, "warps": warps, "stages": stages, "target": target}
+            row["int4_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
+                "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)
+            if fp8:
+                row["fp8_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
+                    "fp8", x, *fp8[next(turn) % len(fp8)][:2], k), 50), 2)
+            print(json.dumps(row), flush=True)
         copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
         dense = [int4_kernels.dequant_int4(w, s, (n, k), torch.bfloat16) for w, s in packs[:copies]]
         turn = iter(range(1 << 30))

@@ -35,6 +35,8 @@ BLOCK_N, BLOCK_W, NUM_WARPS = 8, 128, 4
 summed over q_proj, gate_proj and down_proj at one row (H200, Qwen3-1.7B shape;
 ``bench/packed_gemv_sweep.py``). Taking all eight codes of a word as one [BLOCK_N, BLOCK_W, 8]
 tile instead measured 1.2-2.9x slower (``packed_gemv_sweep_3d_h200.jsonl``)."""
+NUM_STAGES = 3
+"""Software-pipeline stages of the K loop (Triton's default; a sweep setting)."""
 FORMAT_CODES = {"int4": 0, "nvfp4": 1, "fp8": 2}
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
@@ -206,5 +208,5 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         flat, words, scale, scale if global_scale is None else global_scale, part, count, y, rows, out_features,
         in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), FMT=FORMAT_CODES[fmt],
         ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, HAS_GLOBAL=global_scale is not None,
-        SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=NUM_WARPS)
+        SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y.view(*x.shape[:-1], out_features)
