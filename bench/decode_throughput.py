@@ -114,7 +114,8 @@ def build_model(path: str, adapter: str):
 def profile_decode(model, prompts: list[list[int]], batch: int, new: int, context: int) -> None:
     """The GPU time and kernels of one graphed decode step at ``batch`` rows: the engine's captured
     graph replayed alone (no prefill, no host work) with every row's context at ``context`` keys,
-    timed with CUDA events over 20 replays and profiled over 10."""
+    timed with CUDA events over 20 replays and profiled over 10; and the wall time of a 1-token
+    generate (the prefill, eager, and one sampled token)."""
     engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0)
     params = SamplingParams(max_new_tokens=new, temperature=1.0)
     engine.generate(prompts[:batch], params)  # captures the graphs
@@ -123,6 +124,13 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
     engine.generate(prompts[:batch], params)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / new
+    one = SamplingParams(max_new_tokens=1, temperature=1.0)  # the prefill and its one sampled token
+    engine.generate(prompts[:batch], one)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate(prompts[:batch], one)
+    torch.cuda.synchronize()
+    prefill = time.perf_counter() - start
     loop = engine.loop
     graph = next(g for (rows, _), g in loop.graphed.graphs.items() if rows == batch)
     loop.lengths[:batch] = context  # every row finished: replays recompute the step, record nothing
@@ -140,7 +148,8 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
             entry[0] += event.time_range.elapsed_us()
             entry[1] += 1
     busy = sum(us for us, _ in totals.values()) / 10
-    print(f"batch {batch}: engine {1e3 * wall:.2f} ms a step (prefill included), graph replay {step_ms:.2f} ms "
+    print(f"batch {batch}: engine {1e3 * wall:.2f} ms a step (prefill included; a 1-token generate, the prefill "
+          f"alone, takes {1e3 * prefill:.1f} ms), graph replay {step_ms:.2f} ms "
           f"at {context} keys, kernels busy {busy / 1e3:.2f} ms, {sum(c for _, c in totals.values()) / 10:.0f} kernels")
     for name, (us, calls) in sorted(totals.items(), key=lambda item: -item[1][0])[:22]:
         print(f"{us / 10:9.1f} us {calls / 10:6.1f}x  {name[:100]}")
