@@ -17,7 +17,7 @@ import torch
 
 from orbit_kernels import lora_groups, lora_tiles
 from orbit_kernels._triton import serves, tl, triton
-from orbit_kernels.lora_groups import group_of, pick
+from orbit_kernels.lora_groups import expand_view, pick
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -68,13 +68,9 @@ if triton is not None:
     def _expand_kernel(t_ptr, b_ptr, slot_ptr, y_ptr, M, N, R, scaling, stride_tm, stride_bs, stride_bn, stride_ym,
                        y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2, sym1, sym2,
                        HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        g, first = group_of(tl.program_id(1), start1, start2)
-        N = pick(g, N, n1, n2)
-        stride_bs, stride_ym = pick(g, stride_bs, sbs1, sbs2), pick(g, stride_ym, sym1, sym2)
-        b_ptr += pick(g, 0, b_off1, b_off2)
-        y_ptr += pick(g, 0, y_off1, y_off2)
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = (tl.program_id(1) - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+        g, y_ptr, b_ptr, N, stride_bs, stride_ym, offs_m, offs_n = expand_view(
+            y_ptr, b_ptr, N, stride_bs, stride_ym, y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2,
+            sym1, sym2, BLOCK_M, BLOCK_N)
         offs_r = tl.arange(0, BLOCK_R)
         m_mask, n_mask, r_mask = offs_m < M, offs_n < N, offs_r < R
         slots = tl.load(slot_ptr + offs_m, mask=m_mask, other=0) if HAS_SLOTS else tl.zeros((BLOCK_M,), dtype=tl.int64)

@@ -63,3 +63,14 @@ if triton is not None:
     @triton.jit
     def pick(g, value0, value1, value2):
         return tl.where(g == 0, value0, tl.where(g == 1, value1, value2))
+
+    @triton.jit
+    def expand_view(y_ptr, b_ptr, N, stride_bs, stride_ym, y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2,
+                    sbs1, sbs2, sym1, sym2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """What an expand program (grid: row tiles x output tiles of all groups) works on: its group,
+        that group's y and B, width, B slot and y row strides, and its row and column offsets."""
+        g, first = group_of(tl.program_id(1), start1, start2)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (tl.program_id(1) - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return (g, y_ptr + pick(g, 0, y_off1, y_off2), b_ptr + pick(g, 0, b_off1, b_off2), pick(g, N, n1, n2),
+                pick(g, stride_bs, sbs1, sbs2), pick(g, stride_ym, sym1, sym2), offs_m, offs_n)

@@ -20,7 +20,7 @@ import torch
 
 from orbit_kernels import lora_groups
 from orbit_kernels._triton import tl, triton
-from orbit_kernels.lora_groups import group_of, pick
+from orbit_kernels.lora_groups import expand_view, pick
 
 MAX_STACKED_RANK = 256
 """Slots times rank a program holds in registers (two slots of rank 128)."""
@@ -58,13 +58,9 @@ if triton is not None:
                              y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2, sym1, sym2,
                              HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr):
-        g, first = group_of(tl.program_id(1), start1, start2)
-        N = pick(g, N, n1, n2)
-        stride_bs, stride_ym = pick(g, stride_bs, sbs1, sbs2), pick(g, stride_ym, sym1, sym2)
-        b_ptr += pick(g, 0, b_off1, b_off2)
-        y_ptr += pick(g, 0, y_off1, y_off2)
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = (tl.program_id(1) - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+        g, y_ptr, b_ptr, N, stride_bs, stride_ym, offs_m, offs_n = expand_view(
+            y_ptr, b_ptr, N, stride_bs, stride_ym, y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2,
+            sym1, sym2, BLOCK_M, BLOCK_N)
         offs_c = tl.arange(0, BLOCK_C)
         m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < C
         t_mask = m_mask[:, None] & c_mask[None, :]
