@@ -74,6 +74,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return launch(x, weight, eps)
 
 
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
 def launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The kernel (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
     cols = x.shape[-1]
@@ -82,9 +87,13 @@ def launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty((rows, cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if rows:
         _rms_norm_kernel[(rows,)](src, src, src, weight, out, cols, inner, stride_outer, stride_inner, out.stride(0),
-                                  eps, RESIDUAL=False, BLOCK=triton.next_power_of_2(cols),
-                                  num_warps=4 if cols <= 4096 else 8)
+                                  eps, RESIDUAL=False, **_block(cols))
     return out.view(*x.shape[:-1], cols)
+
+
+def _block(cols: int) -> dict:
+    """One program a row: the whole row in one block."""
+    return dict(BLOCK=triton.next_power_of_2(cols), num_warps=4 if cols <= 4096 else 8)
 
 
 def launch_add(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,8 +104,7 @@ def launch_add(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: 
     out = torch.empty(flat_x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if flat_x.shape[0]:
         _rms_norm_kernel[(flat_x.shape[0],)](flat_x, flat_d, h, weight, out, cols, 1, cols, 0, cols, eps,
-                                             RESIDUAL=True, BLOCK=triton.next_power_of_2(cols),
-                                             num_warps=4 if cols <= 4096 else 8)
+                                             RESIDUAL=True, **_block(cols))
     return h.view(x.shape), out.view(x.shape)
 
 
@@ -141,7 +149,3 @@ def row_layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     flat = x.reshape(-1, cols).contiguous()
     return flat, 1, flat.stride(0), 0
 
-
-@rms_norm.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))

@@ -62,6 +62,8 @@ def test_linears_that_cannot_share_a_buffer_are_left_alone(checkpoints):
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     weights = [attn.q_proj.weight, mlp.down_proj.weight]
     assert not fuse([attn.q_proj, mlp.down_proj])  # inputs of 128 and 256
+    packed = load_base(checkpoints["int4"]).model.layers[0].self_attn
+    assert not fuse([attn.q_proj, packed.k_proj]) and not fuse([packed.q_proj, attn.k_proj])  # two kinds
     attn.k_proj.weight.requires_grad_(True)
     assert not fuse([attn.q_proj, attn.k_proj, attn.v_proj])  # a trained weight keeps its own tensor
     assert attn.q_proj.weight is weights[0] and mlp.down_proj.weight is weights[1]

@@ -66,6 +66,9 @@ def fuse(bases: Sequence[nn.Module]) -> bool:
         return False
     if _record(bases) is not None:  # fused already (a second engine on the same model)
         return True
+    if any(type(b) is not type(first) or _tensor_names(b) != names or b.in_features != first.in_features
+           for b in bases):
+        return False
     columns = []
     for name in names:
         parts = [getattr(b, name) for b in bases]
@@ -74,9 +77,6 @@ def fuse(bases: Sequence[nn.Module]) -> bool:
                 return False
             continue
         columns.append((name, parts))
-    for base in bases:
-        if type(base) is not type(first) or _tensor_names(base) != names or base.in_features != first.in_features:
-            return False
     for _, parts in columns:
         if len({(p.dtype, p.device, p.shape[1:]) for p in parts}) > 1 or any(p.requires_grad for p in parts):
             return False

@@ -201,18 +201,17 @@ class DecoderLM(nn.Module):
         """The layers as the rollout engine runs them: each residual add joined to the norm after it
         (``orbit::add_rms_norm``), the same arithmetic as ``DecoderLayer.forward`` in fewer launches."""
         layers = self.model.layers
-        if not len(layers):
-            return x
         normed = layers[0].input_layernorm(x)
         for i, layer in enumerate(layers):
             norm = layer.post_attention_layernorm
             x, normed = add_rms_norm(x, layer.self_attn(normed, cos, sin, cache, slots, decode_mask), norm.weight,
                                      norm.eps)
             out = layer.mlp(normed)
-            if i + 1 == len(layers):
-                return x + out
-            norm = layers[i + 1].input_layernorm
-            x, normed = add_rms_norm(x, out, norm.weight, norm.eps)
+            if i + 1 < len(layers):
+                norm = layers[i + 1].input_layernorm
+                x, normed = add_rms_norm(x, out, norm.weight, norm.eps)
+            else:
+                x = x + out
         return x
 
     def forward(
