@@ -183,6 +183,41 @@ def test_reading_finished_rows_every_few_steps_changes_no_completion(tiny_checkp
         torch.testing.assert_close(torch.tensor(deferred.logprobs), torch.tensor(every_step.logprobs), atol=1e-5, rtol=0)
 
 
+def test_deferred_checks_stop_decoding_where_the_length_limit_ends_every_row(tiny_checkpoint):
+    """Reading finished rows every 4 steps must not run steps past ``max_new_tokens``: the host
+    knows when a row reaches it, so the loop checks there (EOS is unknown to it; see above)."""
+    model, tok = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    model.config = dataclasses.replace(model.config, eos_token_ids=())
+    tok.eos_token_id = None  # no row ends early: every one runs to the limit
+    for max_new in (1, 6, 9):
+        engine = BuiltinEngine(model, tok, max_running=4, seed=3)
+        engine.loop.check_every = 4
+        out = engine.generate(_prompts(tok)[:4], SamplingParams(max_new_tokens=max_new, temperature=1.0))
+        assert [len(c.token_ids) for c in out] == [max_new] * 4
+        assert {c.finish_reason for c in out} == {"length"}
+        assert engine.loop.decode_steps == max_new - 1  # the prefill samples the first token
+
+
+def test_generate_runs_without_dropout_and_puts_each_modules_mode_back(tiny_checkpoint):
+    model, tok = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    apply_lora(model, 4, 8, 0.5, ["all-linear"])  # dropout 0.5: a module left training would show in the logprobs
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.train()
+    model.model.layers[0].eval()  # a mixed state, as a trainer freezing part of a model leaves it
+    modes = {name: m.training for name, m in model.named_modules()}
+    engine = BuiltinEngine(model, tok, max_running=4, seed=3)
+    c = engine.generate(_prompts(tok)[:1], SamplingParams(max_new_tokens=5, temperature=1.0))[0]
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    model.eval()
+    ids = torch.tensor([c.prompt_ids + c.token_ids])
+    with torch.no_grad():
+        expected = token_logprobs(model(ids[:, :-1]), ids[:, 1:], 1.0)[0, len(c.prompt_ids) - 1:]
+    torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=2e-5, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_capture_survives_an_earlier_engines_garbage(tiny_checkpoint, monkeypatch):
     """An engine dropped while its loop and graphs still reference each other is cyclic garbage. A

@@ -7,8 +7,10 @@ Requests may be added while the loop runs (the engine process streams them in). 
   * a decode step is all tensor ops, sampling and the EOS / length / stop-trigger checks included,
     so on a GPU the whole step replays as one CUDA graph; finished rows are flagged on the device
     and the host reads the flags every ``check_every`` steps (a row may run a few steps past its
-    end; those tokens are dropped). Stop strings are decoded only for rows that sampled a token
-    that can complete one.
+    end; those tokens are dropped), and at the step where a row reaches ``max_new_tokens``, which
+    the host knows without asking. Stop strings are decoded only for rows that sampled a token
+    that can complete one;
+  * finished rows come back to the host in one transfer per check, not a few per row.
 With a ``SlotBank`` (engine copy of the adapter), each row remembers the adapter slot it was
 admitted under and keeps it to the end: a sequence never mixes adapter versions.
 """
@@ -89,6 +91,9 @@ class DecodeLoop:
         self.active_slot = 0
         self.slot_refs = [0] * (bank.num_slots if bank else 1)
         self.since_check = 0
+        self.decode_steps = 0
+        self.row_due: dict[int, int] = {}
+        """The decode step (``decode_steps``) at which each busy row reaches ``max_new_tokens``."""
         self._token_text: list[str] | None = None
         self._triggers: dict[tuple[str, ...], torch.Tensor] = {}
 
@@ -112,6 +117,7 @@ class DecodeLoop:
         """Drop everything in flight (after an error mid-generation)."""
         self.pending.clear()
         self.busy_rows = {}
+        self.row_due = {}
         self.slot_refs = [0] * len(self.slot_refs)
         self.cache = self.graphed = None
 
@@ -179,6 +185,7 @@ class DecodeLoop:
         self.row_slot_host: dict[int, int] = {}
         self.row_version: dict[int, int] = {}
         self.scanned: dict[int, int] = {}
+        self.row_due = {}
         self.max_len = 0
         self.since_check = 0
         self.refresh_versions()
@@ -199,13 +206,18 @@ class DecodeLoop:
         if self.pending and self.free and self._fits(self.pending[0]):
             self._admit()
             # eager loops check every step, so a sequence that ends at its first token ends here
-            return self._check() if self.check_every == 1 else []
+            return self._check() if self.check_every == 1 or self._due() else []
         if self.busy_rows:
             self._decode()
+            self.decode_steps += 1
             self.since_check += 1
-            if self.since_check >= self.check_every:
+            if self.since_check >= self.check_every or self._due():
                 return self._check()
         return []
+
+    def _due(self) -> bool:
+        """Whether some row has reached ``max_new_tokens`` (decoding on would only waste steps)."""
+        return min(self.row_due.values(), default=self.decode_steps + 1) <= self.decode_steps
 
     def _fits(self, request: Request) -> bool:
         return round_up(len(request.prompt), PREFILL_BUCKET) + self.params.max_new_tokens + 1 <= self.cache.capacity
@@ -240,6 +252,7 @@ class DecodeLoop:
             self.row_slot_host[row] = self.active_slot
             self.row_version[row] = version
             self.scanned[row] = 0
+            self.row_due[row] = self.decode_steps + self.params.max_new_tokens - 1  # the prefill sampled one
         self.slot_refs[self.active_slot] += len(admitted)
         self.max_len = max(self.max_len, int(prompt_lengths.max()))
         p = self.params
@@ -316,14 +329,12 @@ class DecodeLoop:
         self.since_check = 0
         hi = max(self.busy_rows) + 1
         flags = torch.stack([self.finished[:hi], self.stop_seen[:hi]]).cpu()
-        out = []
+        ending: list[tuple[int, int | None]] = []
         for row in flags.any(0).nonzero().flatten().tolist():
             stop_at = self._stop_position(row, bool(flags[0, row])) if flags[1, row] else None
-            if stop_at is not None:
-                out.append(self._complete(row, stop_at))
-            elif flags[0, row]:
-                out.append(self._complete(row, None))
-        return out
+            if stop_at is not None or flags[0, row]:
+                ending.append((row, stop_at))
+        return self._complete(ending) if ending else []
 
     def _stop_position(self, row: int, finished: bool) -> int | None:
         """Tokens up to the first one whose text completes a stop string (None: no stop yet).
@@ -341,32 +352,45 @@ class DecodeLoop:
                 return end + 1
         return None
 
-    def _complete(self, row: int, stop_at: int | None) -> tuple[Request, Completion]:
+    def _complete(self, ending: list[tuple[int, int | None]]) -> list[tuple[Request, Completion]]:
+        """Complete each ``(row, stop_at)`` (``stop_at``: tokens kept up to a stop string, None for EOS
+        or the length limit), reading all their records back in one transfer per record kind."""
         p = self.params
-        count = int(self.n_generated[row]) if stop_at is None else stop_at
-        token_ids = self.out_tokens[row, :count].tolist()
-        logprobs = self.out_logprobs[row, :count].tolist()
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        if stop_at is not None:
-            reason = "stop"
-            text = text[: min(text.find(s) for s in p.stop if s in text)]
-        elif token_ids and token_ids[-1] in self.eos_list:
-            reason = "eos"
-        else:
-            reason = "length"
-        request = self.busy_rows.pop(row)
-        completion = Completion(request.prompt_index, request.sample_index, list(request.prompt), token_ids, logprobs,
-                                text, reason, self.row_version.pop(row))
-        if p.topk_ids:
-            completion.extra["topk_ids"] = self.out_topk[row, :count].tolist()
-        if self.audit:
-            completion.extra["token_versions"] = self.out_versions[row, :count].tolist()
-        if self.moe:  # every position the trainer will feed: the prompt and all but the last sampled token
-            # a copy: on the CPU, .cpu() would return a view the row's next sequence overwrites
-            completion.routing = self.routing[row, : len(request.prompt) + count - 1].to("cpu", copy=True)
-        self.slot_refs[self.row_slot_host.pop(row)] -= 1
-        self.scanned.pop(row, None)
-        self.active[row] = False
-        self.finished[row] = False
-        heapq.heappush(self.free, row)
-        return request, completion
+        rows = [row for row, _ in ending]
+        index = torch.tensor(rows, device=self.device)
+        generated = self.n_generated[index].tolist()
+        counts = [n if stop_at is None else stop_at for n, (_, stop_at) in zip(generated, ending)]
+        width = max(counts)
+        tokens = self.out_tokens[index, :width].tolist()
+        logprobs = self.out_logprobs[index, :width].tolist()
+        topk = self.out_topk[index, :width].tolist() if p.topk_ids else None
+        versions = self.out_versions[index, :width].tolist() if self.audit else None
+        out = []
+        for i, ((row, stop_at), count) in enumerate(zip(ending, counts)):
+            token_ids = tokens[i][:count]
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            if stop_at is not None:
+                reason = "stop"
+                text = text[: min(text.find(s) for s in p.stop if s in text)]
+            elif token_ids and token_ids[-1] in self.eos_list:
+                reason = "eos"
+            else:
+                reason = "length"
+            request = self.busy_rows.pop(row)
+            completion = Completion(request.prompt_index, request.sample_index, list(request.prompt), token_ids,
+                                    logprobs[i][:count], text, reason, self.row_version.pop(row))
+            if topk is not None:
+                completion.extra["topk_ids"] = topk[i][:count]
+            if versions is not None:
+                completion.extra["token_versions"] = versions[i][:count]
+            if self.moe:  # every position the trainer will feed: the prompt and all but the last sampled token
+                # a copy: on the CPU, .cpu() would return a view the row's next sequence overwrites
+                completion.routing = self.routing[row, : len(request.prompt) + count - 1].to("cpu", copy=True)
+            self.slot_refs[self.row_slot_host.pop(row)] -= 1
+            self.scanned.pop(row, None)
+            self.row_due.pop(row, None)
+            heapq.heappush(self.free, row)
+            out.append((request, completion))
+        self.active[index] = False
+        self.finished[index] = False
+        return out

@@ -40,8 +40,11 @@ class BuiltinEngine:
         requests = [Request(p, s, prompts[p]) for p in range(len(prompts)) for s in range(params.n)]
         if not requests:
             return []
-        was_training = self.model.training
-        self.model.eval()
+        # generation runs without dropout; each module's mode is put back as it was (train()/eval() on
+        # the root would set every module's, through a slow setattr each: milliseconds a call)
+        training = [m for m in self.model.modules() if m.training]
+        for m in training:
+            m.training = False
         results: dict[int, Completion] = {}
         try:
             self.loop.submit(requests, params)
@@ -52,5 +55,6 @@ class BuiltinEngine:
             self.loop.reset()
             raise
         finally:
-            self.model.train(was_training)
+            for m in training:
+                m.training = True
         return [results[i] for i in sorted(results)]
