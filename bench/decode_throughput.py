@@ -50,9 +50,11 @@ ROUND_KERNELS = {
     "fused_projections": (projections, "FUSED"),  # one base call per q/k/v and gate/up group (else one per linear)
     "silu_mul_kernel": (silu_mul, "ENABLED"),  # silu(gate) * up in one kernel (else two)
     "add_norm_kernel": (rmsnorm, "ADD_FUSED"),  # residual add joined to the next norm (else an add, then the norm)
+    "attention_tuned": (attention_kernels, "TUNED"),  # attention launch by rows (else chunks of 256, 4 warps)
+    "lora_gemm_prefill": (lora_kernels, "GEMM_ENABLED"),  # LoRA of 2,048+ rows by cuBLAS (else the tile kernels)
 }
-"""The decode changes of the last two rounds (the first five from the round before), each
-switchable for ``--ablate``."""
+"""The decode changes of the last three rounds (the first five from two rounds ago, the next three
+from the round before), each switchable for ``--ablate``."""
 
 
 def copy_bandwidth() -> float:

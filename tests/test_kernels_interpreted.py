@@ -188,3 +188,20 @@ def test_add_rms_norm_kernel_equals_the_unfused_add_and_norm():
     (h, normed), (want_h, want_normed) = launch_add(x, delta, w, 1e-6), add_rms_norm_reference(x, delta, w, 1e-6)
     assert torch.equal(h, want_h)  # the residual rounds as the unfused add does
     torch.testing.assert_close(normed, want_normed, atol=1e-3, rtol=2 ** -9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_over_any_chunking_equals_the_reference(dtype):
+    """Each row's keys up to its length, in chunks ending mid-block, in one chunk, or past the length."""
+    from orbit_kernels import decode_attention as attention
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, capacity, dim = 3, 4, 2, 40, 64
+    q = torch.randn(rows, heads, dim).to(dtype)
+    k = torch.randn(rows + 1, kv_heads, capacity, dim).to(dtype)[:rows]  # a row slice, as the engine passes
+    v = torch.randn(rows + 1, kv_heads, capacity, dim).to(dtype)[:rows]
+    lengths = torch.tensor([0, capacity - 1, 17])
+    want = attention.decode_attention_reference(q.float(), k.float(), v.float(), lengths)
+    for config in (attention.Config(), attention.Config(16, 16), attention.Config(32, 16), attention.Config(8, 16)):
+        got = attention.launch(q, k, v, lengths, config).float()
+        torch.testing.assert_close(got, want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)

@@ -81,7 +81,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache | None,
-        slots: torch.Tensor | None,
+        slots: torch.Tensor | slice | None,
         decode_mask: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         """decode_mask: ``(write_pos [slots], mask [slots, 1, 1, kv_len])`` in decode mode."""
@@ -219,7 +219,7 @@ class DecoderLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        slots: torch.Tensor | None = None,
+        slots: torch.Tensor | slice | None = None,
         decode_mask: torch.Tensor | None = None,
         last_index: torch.Tensor | None = None,
         return_hidden: bool = False,

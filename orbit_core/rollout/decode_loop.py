@@ -236,8 +236,12 @@ class DecodeLoop:
         rows = torch.tensor(admitted, device=self.device)
         if self.bank is not None:
             self.bank.set_rows(None, (self.active_slot,))
+        # consecutive rows (a fresh batch always is) write the cache through a slice: a plain copy,
+        # where a row index costs an indexed write several times slower
+        lo, hi = admitted[0], admitted[-1] + 1
+        slots = slice(lo, hi) if admitted == list(range(lo, hi)) else rows
         with self._trace() as traces, engine_forward():
-            logits = self.model(tokens.to(self.device), cache=self.cache, slots=rows, last_index=prompt_lengths - 1)
+            logits = self.model(tokens.to(self.device), cache=self.cache, slots=slots, last_index=prompt_lengths - 1)
         if traces is not None:
             self.routing[rows, :width] = stack_trace(traces).view(len(ids), width, len(self.moe), -1).to(torch.int16)
         self.lengths[rows] = prompt_lengths
