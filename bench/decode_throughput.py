@@ -51,10 +51,12 @@ ROUND_KERNELS = {
     "silu_mul_kernel": (silu_mul, "ENABLED"),  # silu(gate) * up in one kernel (else two)
     "add_norm_kernel": (rmsnorm, "ADD_FUSED"),  # residual add joined to the next norm (else an add, then the norm)
     "attention_tuned": (attention_kernels, "TUNED"),  # attention launch by rows (else chunks of 256, 4 warps)
-    "lora_gemm_prefill": (lora_kernels, "GEMM_ENABLED"),  # LoRA of 2,048+ rows by cuBLAS (else the tile kernels)
 }
 """The decode changes of the last three rounds (the first five from two rounds ago, the next three
-from the round before), each switchable for ``--ablate``."""
+from the round before), each switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
+also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
+the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
+about half the memory bound, no better than the tile kernels), so it was removed."""
 
 
 def copy_bandwidth() -> float:

@@ -29,13 +29,6 @@ shape, LoRA r16, whole decode steps (bench/results/decode_throughput_lora_kernel
 row kernels were 16-22% faster than the reference at batch 1 and 8-11% at 32, 3-8% slower at 256."""
 TILES_ENABLED = True
 """Set False to serve more than ``KERNEL_MAX_ROWS`` rows through the reference (benchmarks)."""
-GEMM_MIN_ROWS = 2048
-"""From this many rows of one slot (a prefill), two cuBLAS GEMMs per linear serve instead of the tile
-kernels: the shrink, and the expand added into ``y`` by the GEMM's own epilogue (``addmm_``), so
-``y`` is read and written once. At a 256-prompt prefill of 128 tokens (32,768 rows) the tile
-kernels reached about 40% (shrink) and 65% (expand) of the memory bound on an H200."""
-GEMM_ENABLED = True
-"""Set False to serve prefills through the tile kernels too (benchmarks)."""
 
 
 def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -106,14 +99,12 @@ def unserved_reason(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
     return None
 
 
-def _path(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None) -> str:
-    """``rows`` (the row kernels), ``gemm`` (cuBLAS), ``tiles`` (the tensor-core kernels) or ``reference``."""
+def _path(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str:
+    """``rows`` (the row kernels), ``tiles`` (the tensor-core kernels) or ``reference``."""
     if not serves("lora_add_", ENABLED, x, lambda: unserved_reason(y, x, a, b)):
         return "reference"
     if x.shape[0] <= KERNEL_MAX_ROWS:
         return "rows"
-    if GEMM_ENABLED and x.shape[0] >= GEMM_MIN_ROWS and row_slot is None:
-        return "gemm"
     if TILES_ENABLED and serves("lora_add_ tiles", True, x, lambda: lora_tiles.unserved_reason(x, a, b)):
         return "tiles"
     return "reference"
@@ -145,26 +136,12 @@ def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tenso
         HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4)
 
 
-def launch_gemm_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
-                       scaling: float) -> None:
-    """One slot's LoRA through cuBLAS: one shrink GEMM for every linear that reads ``x``, then each
-    linear's expand accumulated into its ``y`` in place (a column view of a fused output is fine:
-    cuBLAS takes its row stride). ``t`` rounds to the activation dtype, as in the reference."""
-    a = torch.cat([a_[0] for a_ in as_]) if len(as_) > 1 else as_[0][0]
-    t = x @ a.to(x.dtype).t()
-    r = as_[0].shape[1]
-    for g, (y, b) in enumerate(zip(ys, bs)):
-        y.addmm_(t[:, g * r:(g + 1) * r], b[0].to(x.dtype).t(), alpha=scaling)
-
-
 @torch.library.custom_op("orbit::lora_add_", mutates_args=("y",))
 def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
               scaling: float) -> None:
     """``y += scaling * (x @ a[s]^T) @ b[s]^T`` per row (no autograd: inference only)."""
-    path = _path(y, x, a, b, row_slot)
-    if path == "gemm":
-        launch_gemm_groups([y], x, [a], [b], scaling)
-    elif path == "rows":
+    path = _path(y, x, a, b)
+    if path == "rows":
         launch(y, x, a, b, row_slot, scaling)
     elif path == "tiles":
         lora_tiles.launch_tiles(y, x, a, b, row_slot, scaling)
@@ -182,12 +159,10 @@ def lora_add_group_(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Ten
                     row_slot: torch.Tensor | None, scaling: float) -> None:
     """``lora_add_`` for up to three linears that read ``x`` (q/k/v, gate/up), in one launch of
     each kernel (``lora_groups``); ``ys[g] += scaling * (x @ as_[g][s]^T) @ bs[g][s]^T``."""
-    path = _path(ys[0], x, as_[0], bs[0], row_slot)
+    path = _path(ys[0], x, as_[0], bs[0])
     if path != "reference" and not serves("lora_add_group_", True, x, lambda: lora_groups.unserved_reason(ys, as_, bs)):
         path = "reference"
-    if path == "gemm":
-        launch_gemm_groups(ys, x, as_, bs, scaling)
-    elif path == "rows":
+    if path == "rows":
         launch_groups(ys, x, as_, bs, row_slot, scaling)
     elif path == "tiles":
         lora_tiles.launch_tile_groups(ys, x, as_, bs, row_slot, scaling)

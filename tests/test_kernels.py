@@ -303,26 +303,6 @@ def test_lora_dispatch_on_cpu_is_the_reference():
         torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
 
 
-def test_prefill_lora_through_gemms_adds_into_column_views_of_a_fused_output():
-    """The prefill path (``launch_gemm_groups``: a shrink GEMM, then each expand accumulated in place)
-    on q/k/v-like column slices of one output, against row-by-row fp32; columns outside stay put."""
-    torch.manual_seed(0)
-    rank, widths = 4, (40, 12, 12)
-    x = torch.randn(9, 32)
-    stacked = torch.randn(1, 3 * rank, 32)
-    as_ = [stacked[:, g * rank:(g + 1) * rank] for g in range(3)]
-    bs = [torch.randn(1, n, rank) for n in widths]
-    fused = torch.randn(9, sum(widths) + 5)  # five columns past the group: another linear's
-    starts = (0, 40, 52)
-    ys = [fused[:, s:s + n] for s, n in zip(starts, widths)]
-    wants = [_lora_fp32(y, x, a, b, None, 0.5) for y, a, b in zip(ys, as_, bs)]
-    untouched = fused[:, 64:].clone()
-    lora.launch_gemm_groups(ys, x, as_, bs, 0.5)
-    for y, want in zip(ys, wants):
-        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(fused[:, 64:], untouched)
-
-
 @cuda
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 @pytest.mark.parametrize("rank, slots", [(16, 1), (8, 2), (64, 3)])
@@ -514,11 +494,9 @@ def test_rope_kv_write_kernel_equals_the_reference(rows, dtype):
 @cuda
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 @pytest.mark.parametrize("slots", [1, 2])
-def test_grouped_lora_kernels_equal_the_reference(rows, slots, monkeypatch):
+def test_grouped_lora_kernels_equal_the_reference(rows, slots):
     """q/k/v-like linears of one input through one launch of each kernel: the row kernels, the
-    tile kernels, the prefill's GEMMs (from 64 rows here) and the dispatching op, each output
-    against row-by-row fp32."""
-    monkeypatch.setattr(lora, "GEMM_MIN_ROWS", 64)
+    tile kernels and the dispatching op, each output against row-by-row fp32."""
     torch.manual_seed(rows * slots)
     rank = 16
     x = torch.randn(rows, 1000, device="cuda").to(torch.bfloat16)
@@ -530,9 +508,7 @@ def test_grouped_lora_kernels_equal_the_reference(rows, slots, monkeypatch):
     wants = [_lora_fp32(y, x, a, b, row_slot, 2.0) for y, a, b in zip(ys, as_, bs)]
     for run in (lambda out: lora.launch_groups(out, x, as_, bs, row_slot, 2.0),
                 lambda out: lora_tiles.launch_tile_groups(out, x, as_, bs, row_slot, 2.0),
-                lambda out: lora.lora_add_group_(out, x, as_, bs, row_slot, 2.0),
-                lambda out: lora.launch_gemm_groups(out, x, as_, bs, 2.0) if row_slot is None else
-                lora.launch_groups(out, x, as_, bs, row_slot, 2.0)):
+                lambda out: lora.lora_add_group_(out, x, as_, bs, row_slot, 2.0)):
         got = [y.clone() for y in ys]
         run(got)
         for g, want in zip(got, wants):
