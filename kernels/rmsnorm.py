@@ -31,24 +31,26 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, d_ptr, h_ptr, w_ptr, y_ptr, cols, inner, stride_outer, stride_inner, stride_y, eps,
-                         RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, d_ptr, h_ptr, w_ptr, y_ptr, n_rows, cols, inner, stride_outer, stride_inner, stride_y,
+                         eps, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
         # input row r sits at (r // inner) * stride_outer + (r % inner) * stride_inner: the heads of
-        # a column slice (q or k of a fused q/k/v output) are read in place
-        row = tl.program_id(0)
+        # a column slice (q or k of a fused q/k/v output) are read in place. ROWS rows a program:
+        # a prefill's q/k norms have hundreds of thousands of rows of a head's width
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         offs = tl.arange(0, BLOCK)
-        mask = offs < cols
-        x_row = x_ptr + (row // inner) * stride_outer + (row % inner) * stride_inner
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        mask = (rows < n_rows)[:, None] & (offs < cols)[None, :]
+        x_rows = x_ptr + (rows // inner) * stride_outer + (rows % inner) * stride_inner
+        x = tl.load(x_rows[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        y_offs = rows[:, None] * stride_y + offs[None, :]
         if RESIDUAL:  # h = x + d (rows laid out as y's), rounded as the unfused add rounds: the new residual
-            d = tl.load(d_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(d_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
             h = (x + d).to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + row * stride_y + offs, h, mask=mask)
+            tl.store(h_ptr + y_offs, h, mask=mask)
             x = h.to(tl.float32)
-        scale = tl.rsqrt(tl.sum(x * x, axis=0) / cols + eps)
-        normed = (x * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + offs, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+        scale = tl.rsqrt(tl.sum(x * x, axis=1) / cols + eps)
+        normed = (x * scale[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=offs < cols, other=0.0).to(tl.float32)
+        tl.store(y_ptr + y_offs, (w[None, :] * normed).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def unserved_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
@@ -79,32 +81,43 @@ def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
-def launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def launch(x: torch.Tensor, weight: torch.Tensor, eps: float, rows_per_program: int | None = None) -> torch.Tensor:
     """The kernel (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
     cols = x.shape[-1]
     rows = x.numel() // cols
     src, inner, stride_outer, stride_inner = row_layout(x)
     out = torch.empty((rows, cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if rows:
-        _rms_norm_kernel[(rows,)](src, src, src, weight, out, cols, inner, stride_outer, stride_inner, out.stride(0),
-                                  eps, RESIDUAL=False, **_block(cols))
+        block = _block(rows, cols, rows_per_program)
+        _rms_norm_kernel[(triton.cdiv(rows, block["ROWS"]),)](
+            src, src, src, weight, out, rows, cols, inner, stride_outer, stride_inner, out.stride(0), eps,
+            RESIDUAL=False, **block)
     return out.view(*x.shape[:-1], cols)
 
 
-def _block(cols: int) -> dict:
-    """One program a row: the whole row in one block."""
-    return dict(BLOCK=triton.next_power_of_2(cols), num_warps=4 if cols <= 4096 else 8)
+def _block(rows: int, cols: int, rows_per_program: int | None = None) -> dict:
+    """The whole row in one block; rows shorter than 2,048 share a program, up to 2,048 values a
+    program, once there are enough rows to give each SM several programs anyway."""
+    block = triton.next_power_of_2(cols)
+    if rows_per_program is None:
+        rows_per_program = 1
+        while rows_per_program * block < 2048 and rows >= 2048 * rows_per_program:
+            rows_per_program *= 2
+    return dict(BLOCK=block, ROWS=rows_per_program, num_warps=4 if rows_per_program * block <= 4096 else 8)
 
 
-def launch_add(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_add(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+               rows_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``add_rms_norm``'s kernel (no dispatch checks)."""
     cols = x.shape[-1]
     flat_x, flat_d = x.reshape(-1, cols).contiguous(), delta.reshape(-1, cols).contiguous()
     h = torch.empty_like(flat_x)
     out = torch.empty(flat_x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    if flat_x.shape[0]:
-        _rms_norm_kernel[(flat_x.shape[0],)](flat_x, flat_d, h, weight, out, cols, 1, cols, 0, cols, eps,
-                                             RESIDUAL=True, **_block(cols))
+    rows = flat_x.shape[0]
+    if rows:
+        block = _block(rows, cols, rows_per_program)
+        _rms_norm_kernel[(triton.cdiv(rows, block["ROWS"]),)](flat_x, flat_d, h, weight, out, rows, cols, 1, cols, 0,
+                                                             cols, eps, RESIDUAL=True, **block)
     return h.view(x.shape), out.view(x.shape)
 
 

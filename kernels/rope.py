@@ -35,29 +35,31 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 if triton is not None:
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, sxb, sxh, sxs, scb, scs, sob, soh, sos,
-                     HALF: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        s = pid % seq
-        h = (pid // seq) % heads
-        b = pid // (seq * heads)
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, heads, seq, sxb, sxh, sxs, scb, scs, sob, soh, sos,
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        # ROWS (batch, head, position) rows a program: a prefill has hundreds of thousands
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        s = r % seq
+        h = (r // seq) % heads
+        b = r // (seq * heads)
         offs = tl.arange(0, BLOCK)
-        mask = offs < HALF
+        mask = (r < n_rows)[:, None] & (offs < HALF)[None, :]
         dtype = out_ptr.dtype.element_ty
-        x_row = x_ptr + b * sxb + h * sxh + s * sxs
-        x1 = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_row + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        c_row, s_row = cos_ptr + b * scb + s * scs, sin_ptr + b * scb + s * scs
-        c1 = tl.load(c_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        c2 = tl.load(c_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s1 = tl.load(s_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s2 = tl.load(s_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        x_row = (x_ptr + b * sxb + h * sxh + s * sxs)[:, None] + offs[None, :]
+        x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
+        c_row = (cos_ptr + b * scb + s * scs)[:, None] + offs[None, :]
+        s_row = (sin_ptr + b * scb + s * scs)[:, None] + offs[None, :]
+        c1 = tl.load(c_row, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        c2 = tl.load(c_row + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s1 = tl.load(s_row, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s2 = tl.load(s_row + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
         # round each product and the sum as the reference's separate ops in the activation dtype do
         out1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
         out2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
-        o_row = out_ptr + b * sob + h * soh + s * sos
-        tl.store(o_row + offs, out1.to(dtype), mask=mask)
-        tl.store(o_row + HALF + offs, out2.to(dtype), mask=mask)
+        o_row = (out_ptr + b * sob + h * soh + s * sos)[:, None] + offs[None, :]
+        tl.store(o_row, out1.to(dtype), mask=mask)
+        tl.store(o_row + HALF, out2.to(dtype), mask=mask)
 
 
 if triton is not None:
@@ -154,14 +156,20 @@ def _served(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     return serves("rope", ENABLED, x, lambda: unserved_reason(x, cos, sin))
 
 
-def launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows_per_program: int | None = None) -> torch.Tensor:
     """The kernel (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
     batch, heads, seq, dim = x.shape
     out = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device).transpose(1, 2)
-    half = dim // 2
-    _rope_kernel[(batch * heads * seq,)](x, cos, sin, out, heads, seq, x.stride(0), x.stride(1), x.stride(2),
-                                         cos.stride(0), cos.stride(1), out.stride(0), out.stride(1), out.stride(2),
-                                         HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+    half, rows = dim // 2, batch * heads * seq
+    block = triton.next_power_of_2(half)
+    if rows_per_program is None:  # one row a program for a decode step; a prefill's rows in tiles
+        rows_per_program = 1
+        while rows_per_program * block < 1024 and rows >= 2048 * rows_per_program:
+            rows_per_program *= 2
+    warps = max(1, min(4, rows_per_program * block // 256))
+    _rope_kernel[(triton.cdiv(rows, rows_per_program),)](
+        x, cos, sin, out, rows, heads, seq, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), HALF=half, BLOCK=block, ROWS=rows_per_program, num_warps=warps)
     return out
 
 

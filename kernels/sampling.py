@@ -7,8 +7,9 @@ The torch reference (``sample_tokens`` in ``orbit_core.rollout.sampling``) reads
 draws, a clamp, exp and a divide, then the argmax. At 256 rows of a 152k vocabulary that is most of
 a millisecond a decode step. The kernel reads each row once: an online log-sum-exp for the
 log-probability and, in the same loop, the exponential race ``argmax(z_i - log E_i)`` with
-``E_i = -log U_i`` from Triton's Philox stream, keyed by a per-step seed the caller draws from its
-torch generator (so a captured CUDA graph advances it on every replay, as the reference's draws do).
+``E_i = -log U_i`` from Triton's Philox stream (four uniforms per call), keyed by a per-step seed
+the caller draws from its torch generator (so a captured CUDA graph advances it on every replay,
+as the reference's draws do).
 A few rows split the vocabulary over programs; a second kernel combines each row's spans.
 
 The same distribution as the reference, with other random numbers: the tokens differ draw by
@@ -44,11 +45,15 @@ if triton is not None:
 
     @triton.jit
     def _race_part_kernel(logits_ptr, seed_ptr, part_ptr, V, span, stride_row, temperature,
-                          BLOCK_V: tl.constexpr):
+                          SCALED: tl.constexpr, BLOCK_V: tl.constexpr):
         """One program per (row, vocabulary span): the span's max, sum of exp below it, and race winner."""
         row, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         seed = tl.load(seed_ptr)
         offs = tl.arange(0, BLOCK_V)
+        # one Philox call gives four uniforms, token 4c + j taking the j-th of counter c (the generator
+        # is most of the kernel's arithmetic); counters depend on the token alone, not on the spans
+        quads = tl.arange(0, BLOCK_V // 4)
+        row_counter = row * tl.cdiv(V, 4)
         run_max = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
         best_key = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
@@ -59,14 +64,16 @@ if triton is not None:
             idx = v0 + offs
             mask = (idx < V) & (idx < start + span)
             z = tl.load(logits_ptr + row * stride_row + idx, mask=mask, other=float("-inf")).to(tl.float32)
-            z = z / temperature
+            if SCALED:
+                z = z / temperature
             # lane-wise online log-sum-exp; lanes still at -inf keep a zero sum
             new_max = tl.maximum(run_max, z)
             safe = tl.where(new_max == float("-inf"), 0.0, new_max)
             run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(z - safe)
             run_max = new_max
             # E = -log U with U in [0, 1): key = z - log E; U = 0 gives E = inf, a key of -inf
-            u = tl.rand(seed, row * V + idx)
+            u0, u1, u2, u3 = tl.rand4x(seed, row_counter + v0 // 4 + quads)
+            u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
             key = tl.where(mask, z - tl.log(-tl.log(u)), float("-inf"))
             better = key > best_key
             best_key = tl.where(better, key, best_key)
@@ -146,7 +153,7 @@ def launch(logits: torch.Tensor, temperature: float, seed: torch.Tensor, block_v
     tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _race_part_kernel[(rows, splits)](logits, seed, part, vocab, span, logits.stride(0), temperature,
-                                      BLOCK_V=block_v, num_warps=4)
+                                      SCALED=temperature != 1.0, BLOCK_V=block_v, num_warps=4)
     _race_finish_kernel[(rows,)](part, tokens, logprobs, splits, BLOCK_S=max(16, triton.next_power_of_2(splits)),
                                  num_warps=1)
     return tokens, logprobs

@@ -230,7 +230,7 @@ def test_rms_norm_dispatch_on_cpu_is_the_reference_and_traces():
 
 
 @cuda
-@pytest.mark.parametrize("shape", [(1, 1, 2048), (256, 1, 2048), (3, 5, 1000)])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (256, 1, 2048), (3, 5, 1000), (4096, 1, 256)])
 def test_add_rms_norm_kernel_equals_the_unfused_add_and_norm(shape):
     from orbit_kernels.rmsnorm import add_rms_norm, add_rms_norm_reference
 
@@ -265,7 +265,7 @@ def test_silu_mul_kernel_equals_the_reference(rows, cols):
 
 
 @cuda
-@pytest.mark.parametrize("shape", [(1, 1, 2048), (256, 1, 128), (3, 7, 16, 128), (5, 1000)])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (256, 1, 128), (3, 7, 16, 128), (5, 1000), (64, 128, 16, 128)])
 @pytest.mark.parametrize("dtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
                                            (torch.bfloat16, torch.float32)])
 def test_rms_norm_kernel_equals_the_reference(shape, dtype, wdtype):
@@ -339,7 +339,7 @@ def test_rope_dispatch_on_cpu_is_the_reference():
 
 
 @cuda
-@pytest.mark.parametrize("batch, heads, seq", [(256, 16, 1), (3, 8, 37)])
+@pytest.mark.parametrize("batch, heads, seq", [(256, 16, 1), (3, 8, 37), (64, 16, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rope_kernel_equals_the_reference(batch, heads, seq, dtype):
     # laid out as the attention's q: [batch, seq, heads, dim] viewed as [batch, heads, seq, dim]
@@ -458,6 +458,10 @@ def check_race_sampler(device: str, rows: int, block_v: int = 1024) -> None:
     few = batch[:40]
     assert torch.equal(sampling.launch(few, temperature, seed, block_v=block_v, splits=1)[0], tokens[:40])
     assert not torch.equal(sampling.launch(few, temperature, seed + 1, block_v=block_v)[0], tokens[:40])
+    # at temperature 1 the kernel skips the division
+    plain_tokens, plain_logprobs = sampling.launch(few, 1.0, seed, block_v=block_v, splits=1)
+    plain_want = torch.log_softmax(few.float(), -1).gather(-1, plain_tokens[:, None])[:, 0]
+    torch.testing.assert_close(plain_logprobs, plain_want, atol=1e-5, rtol=1e-5)
     # spans of the vocabulary over programs draw the same tokens: one random stream per row
     for splits in (2, 3):
         split_tokens, split_logprobs = sampling.launch(few, temperature, seed, block_v=block_v // 2, splits=splits)

@@ -141,7 +141,9 @@ def test_rms_norm_kernel_reads_rows_in_place_and_equals_the_reference():
     heads = wide[..., 64:4 * 64].view(3, 1, 3, 64)
     assert row_layout(heads)[1:] == (3, 6 * 64, 64)  # no copy
     for x in (torch.randn(5, 64) * 3, heads, heads.transpose(0, 2)):
-        torch.testing.assert_close(launch(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), atol=1e-6, rtol=1e-5)
+        for rows_per_program in (None, 2, 4):  # several rows a program, as a prefill's head norms take them
+            torch.testing.assert_close(launch(x, w, 1e-6, rows_per_program), rms_norm_reference(x, w, 1e-6),
+                                       atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [3, 40])
@@ -185,9 +187,11 @@ def test_add_rms_norm_kernel_equals_the_unfused_add_and_norm():
     torch.manual_seed(0)
     x, delta = torch.randn(4, 1, 96, dtype=torch.float16) * 3, torch.randn(4, 1, 96, dtype=torch.float16)
     w = (torch.rand(96) + 0.5).to(torch.float16)
-    (h, normed), (want_h, want_normed) = launch_add(x, delta, w, 1e-6), add_rms_norm_reference(x, delta, w, 1e-6)
-    assert torch.equal(h, want_h)  # the residual rounds as the unfused add does
-    torch.testing.assert_close(normed, want_normed, atol=1e-3, rtol=2 ** -9)
+    want_h, want_normed = add_rms_norm_reference(x, delta, w, 1e-6)
+    for rows_per_program in (None, 4):
+        h, normed = launch_add(x, delta, w, 1e-6, rows_per_program)
+        assert torch.equal(h, want_h)  # the residual rounds as the unfused add does
+        torch.testing.assert_close(normed, want_normed, atol=1e-3, rtol=2 ** -9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -205,3 +209,17 @@ def test_decode_attention_over_any_chunking_equals_the_reference(dtype):
     for config in (attention.Config(), attention.Config(16, 16), attention.Config(32, 16), attention.Config(8, 16)):
         got = attention.launch(q, k, v, lengths, config).float()
         torch.testing.assert_close(got, want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+
+
+def test_rope_kernel_over_row_tiles_is_the_reference_bit_for_bit():
+    """One row a program (a decode step) and tiles of rows (a prefill), on the attention's
+    transposed view, a ragged last tile included."""
+    from orbit_kernels.rope import apply_rope_reference, launch
+
+    torch.manual_seed(0)
+    batch, seq, heads, dim = 2, 5, 3, 16
+    x = torch.randn(batch, seq, heads, dim, dtype=torch.float16).transpose(1, 2)
+    cos, sin = torch.randn(batch, seq, dim), torch.randn(batch, seq, dim)
+    want = apply_rope_reference(x, cos, sin)
+    for rows_per_program in (None, 1, 4, 8):
+        assert torch.equal(launch(x, cos, sin, rows_per_program), want)
