@@ -51,9 +51,12 @@ ROUND_KERNELS = {
     "silu_mul_kernel": (silu_mul, "ENABLED"),  # silu(gate) * up in one kernel (else two)
     "add_norm_kernel": (rmsnorm, "ADD_FUSED"),  # residual add joined to the next norm (else an add, then the norm)
     "attention_tuned": (attention_kernels, "TUNED"),  # attention launch by rows (else chunks of 256, 4 warps)
+    "philox_four": (sampling_kernel, "FOUR_PER_CALL"),  # four uniforms per Philox call (else one)
+    "norm_rows": (rmsnorm, "MULTI_ROW"),  # several short rows per norm program (else one)
+    "rope_rows": (rope_kernels, "MULTI_ROW"),  # several rows per rope program (else one)
 }
 """The decode changes of the last three rounds (the first five from two rounds ago, the next three
-from the round before), each switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
+from the round before, the last four from this one), each switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
 about half the memory bound, no better than the tile kernels), so it was removed."""

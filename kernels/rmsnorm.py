@@ -20,6 +20,8 @@ ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
 ADD_FUSED = True
 """Set False to run ``add_rms_norm`` as an add and then the norm kernel (benchmarks compare)."""
+MULTI_ROW = True
+"""Set False for one row a program at any row count, as before (benchmarks compare)."""
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,7 +103,7 @@ def _block(rows: int, cols: int, rows_per_program: int | None = None) -> dict:
     block = triton.next_power_of_2(cols)
     if rows_per_program is None:
         rows_per_program = 1
-        while rows_per_program * block < 2048 and rows >= 2048 * rows_per_program:
+        while MULTI_ROW and rows_per_program * block < 2048 and rows >= 2048 * rows_per_program:
             rows_per_program *= 2
     return dict(BLOCK=block, ROWS=rows_per_program, num_warps=4 if rows_per_program * block <= 4096 else 8)
 

@@ -22,6 +22,8 @@ ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
 KV_WRITE_ENABLED = True
 """Set False to run ``rope_kv_write_`` as its reference: a rope kernel and two indexed writes."""
+MULTI_ROW = True
+"""Set False for one row a program at any row count, as before (benchmarks compare)."""
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -164,7 +166,7 @@ def launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows_per_progr
     block = triton.next_power_of_2(half)
     if rows_per_program is None:  # one row a program for a decode step; a prefill's rows in tiles
         rows_per_program = 1
-        while rows_per_program * block < 1024 and rows >= 2048 * rows_per_program:
+        while MULTI_ROW and rows_per_program * block < 1024 and rows >= 2048 * rows_per_program:
             rows_per_program *= 2
     warps = max(1, min(4, rows_per_program * block // 256))
     _rope_kernel[(triton.cdiv(rows, rows_per_program),)](

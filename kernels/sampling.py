@@ -24,6 +24,8 @@ from orbit_kernels._triton import serves, tl, triton
 
 ENABLED = True
 """Set False to force the torch reference (tests and benchmarks compare the two in one process)."""
+FOUR_PER_CALL = True
+"""Set False to draw one uniform per Philox call, as the kernel did before (benchmarks compare)."""
 
 
 def race(logprobs: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +47,7 @@ if triton is not None:
 
     @triton.jit
     def _race_part_kernel(logits_ptr, seed_ptr, part_ptr, V, span, stride_row, temperature,
-                          SCALED: tl.constexpr, BLOCK_V: tl.constexpr):
+                          SCALED: tl.constexpr, FOUR: tl.constexpr, BLOCK_V: tl.constexpr):
         """One program per (row, vocabulary span): the span's max, sum of exp below it, and race winner."""
         row, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         seed = tl.load(seed_ptr)
@@ -72,8 +74,11 @@ if triton is not None:
             run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(z - safe)
             run_max = new_max
             # E = -log U with U in [0, 1): key = z - log E; U = 0 gives E = inf, a key of -inf
-            u0, u1, u2, u3 = tl.rand4x(seed, row_counter + v0 // 4 + quads)
-            u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
+            if FOUR:
+                u0, u1, u2, u3 = tl.rand4x(seed, row_counter + v0 // 4 + quads)
+                u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))
+            else:
+                u = tl.rand(seed, row * V + idx)
             key = tl.where(mask, z - tl.log(-tl.log(u)), float("-inf"))
             better = key > best_key
             best_key = tl.where(better, key, best_key)
@@ -153,7 +158,8 @@ def launch(logits: torch.Tensor, temperature: float, seed: torch.Tensor, block_v
     tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _race_part_kernel[(rows, splits)](logits, seed, part, vocab, span, logits.stride(0), temperature,
-                                      SCALED=temperature != 1.0, BLOCK_V=block_v, num_warps=4)
+                                      SCALED=temperature != 1.0, FOUR=FOUR_PER_CALL, BLOCK_V=block_v,
+                                      num_warps=4)
     _race_finish_kernel[(rows,)](part, tokens, logprobs, splits, BLOCK_S=max(16, triton.next_power_of_2(splits)),
                                  num_warps=1)
     return tokens, logprobs

@@ -239,7 +239,7 @@ def test_add_rms_norm_kernel_equals_the_unfused_add_and_norm(shape):
     w = (torch.rand(shape[-1], device="cuda") + 0.5).to(torch.bfloat16)
     (h, normed), (want_h, want_normed) = add_rms_norm(x, delta, w, 1e-6), add_rms_norm_reference(x, delta, w, 1e-6)
     assert torch.equal(h, want_h)
-    torch.testing.assert_close(normed.float(), want_normed.float(), atol=1e-6, rtol=2 ** -7)
+    _assert_rounding_steps(normed, want_normed)
 
 
 def test_silu_mul_on_cpu_is_the_reference_and_traces():
@@ -273,14 +273,23 @@ def test_rms_norm_kernel_equals_the_reference(shape, dtype, wdtype):
     w = (torch.rand(shape[-1], device="cuda") + 0.5).to(wdtype)
     got, want = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
     assert got.dtype == want.dtype
-    # only the fp32 sum of squares is ordered differently: at most one rounding step of the output
-    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
+    _assert_rounding_steps(got, want, dtype)
     if x.dim() >= 3:  # rows that are not contiguous in memory; heads of a column slice of a wider output
         wide = torch.cat([x, x.flip(-2)], dim=-2).flatten(-2)
         for x_strided in (x.transpose(0, 1), wide[..., :x.shape[-2] * x.shape[-1]].view(x.shape)):
-            torch.testing.assert_close(rms_norm(x_strided, w, 1e-6).float(),
-                                       rms_norm_reference(x_strided, w, 1e-6).float(),
-                                       atol=1e-6, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
+            _assert_rounding_steps(rms_norm(x_strided, w, 1e-6), rms_norm_reference(x_strided, w, 1e-6), dtype)
+
+
+def _assert_rounding_steps(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
+    """The kernel orders the fp32 sum of squares differently, so the normalized value may round one
+    step apart, and the product with the weight then rounds again: within two steps everywhere,
+    within one step nearly everywhere (a wrong row or index is off by the values themselves)."""
+    if dtype != torch.bfloat16:  # the input's dtype: where the normalized value rounds
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=1e-5)
+        return
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=2 ** -6)
+    one_step = torch.isclose(got.float(), want.float(), atol=1e-6, rtol=2 ** -7)
+    assert one_step.float().mean().item() > 1 - 1e-4
 
 
 def _lora_fp32(y, x, a, b, row_slot, scaling):
