@@ -272,14 +272,16 @@ def dequant_reason(weight: torch.Tensor) -> str | None:
 
 
 def dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None,
-               in_features: int, dtype: torch.dtype) -> torch.Tensor:
+               in_features: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense ``[out, in]`` weight in ``dtype`` with the references' arithmetic (bit-equal to
     them): decoded from whole words as the GEMM decodes its tiles, or, for a shape those tiles do
-    not fit, one thread per weight. Callers check ``dequant_reason``."""
+    not fit, one thread per weight. Into ``out`` ([rows, in_features], rows contiguous) when given.
+    Callers check ``dequant_reason``."""
     rows = weight.shape[0]
     words = weight.view(torch.int32)
     codes, group, scale_rows = gemv.layout(fmt, scale, in_features)
-    out = torch.empty((rows, in_features), dtype=dtype, device=weight.device)
+    if out is None:
+        out = torch.empty((rows, in_features), dtype=dtype, device=weight.device)
     global_or_any = scale if global_scale is None else global_scale
     common = dict(FMT=gemv.FORMAT_CODES[fmt], CODES=codes, GROUP=group, SCALE_ROWS=scale_rows,
                   HAS_GLOBAL=global_scale is not None)
