@@ -6,6 +6,8 @@ one optimizer step per batch, random rewards, no KL term. Orbit runs its real lo
 (``run_training``, colocated sync) on the bf16 base and on the int4 base quantized from it; TRL
 (the baseline) runs on the bf16 weights with transformers ``generate``. The first ``--warmup`` steps
 of each run are left out. Peak memory is ``torch.cuda.max_memory_allocated`` over the whole run.
+Orbit runs keep ``rollout.keep_cache=auto`` (the engine keeps its KV cache through training once a
+training phase has shown room for it) unless the run name ends in ``-release``.
     python -m bench.grpo_step --steps 4
 One JSON line per run.
 """
@@ -44,14 +46,16 @@ def write_prompts(path: Path, count: int) -> Path:
     return path
 
 
-def orbit_run(name: str, model_path: str, data: Path, out: Path, steps: int, warmup: int, extra: dict) -> dict:
+def orbit_run(name: str, model_path: str, data: Path, out: Path, steps: int, warmup: int, extra: dict,
+              keep_cache: str = "auto") -> dict:
     from orbit_core.config.loader import build_config
-    from orbit_core.train import Callbacks, run_training
+    from orbit_core.train import Callbacks, backends, run_training
 
     raw = {
         "model": {"path": model_path, "dtype": "bfloat16", "device": "cuda"},
         "data": {"train_path": str(data), "max_prompt_len": PROMPT_LEN, "apply_chat_template": "false"},
-        "rollout": {"batch_size": PROMPTS, "n_samples_per_prompt": SAMPLES, "max_new_tokens": NEW, "max_running": 256},
+        "rollout": {"batch_size": PROMPTS, "n_samples_per_prompt": SAMPLES, "max_new_tokens": NEW, "max_running": 256,
+                    "keep_cache": keep_cache},
         "rl": {"reward": "bench.grpo_step:random_reward", "reward_workers": 0},
         "peft": {"rank": 16, "alpha": 32, "target_modules": ["all-linear"]},
         "train": {"steps": steps, "global_batch_size": PROMPTS * SAMPLES, "micro_batch_size": MICRO, "lr": 1e-5,
@@ -60,8 +64,14 @@ def orbit_run(name: str, model_path: str, data: Path, out: Path, steps: int, war
     }
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    made = []
+    factory = backends.ROLLOUT_BACKENDS["builtin"]
+    backends.ROLLOUT_BACKENDS["builtin"] = lambda *a, **k: made.append(factory(*a, **k)) or made[-1]
     start = time.perf_counter()
-    result = run_training(build_config(raw), Callbacks(on_message=lambda m: None))
+    try:
+        result = run_training(build_config(raw), Callbacks(on_message=lambda m: None))
+    finally:
+        backends.ROLLOUT_BACKENDS["builtin"] = factory
     wall = time.perf_counter() - start
     rows = [r for r in result.metrics if "time/step_s" in r][warmup:]
     moe = {"experts_dequantized_per_step": mean(r["moe/experts_dequantized"] for r in rows)} \
@@ -69,7 +79,8 @@ def orbit_run(name: str, model_path: str, data: Path, out: Path, steps: int, war
     return {**moe, "step_s": mean(r["time/step_s"] for r in rows), "rollout_s": mean(r["time/rollout_s"] for r in rows),
             "train_s": mean(r["time/train_s"] for r in rows), "reward_s": mean(r["time/reward_s"] for r in rows),
             "response_len_mean": mean(r["response_len/mean"] for r in rows),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_s": wall}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "wall_s": wall,
+            "keep_cache": keep_cache, "cache_kept_at_end": made[-1].keep}
 
 
 def trl_run(model_path: str, data: Path, out: Path, steps: int, warmup: int) -> dict:
@@ -139,7 +150,9 @@ def main() -> None:
                         help="a BIG_SHAPES model is written directly in packed int4 (orbit int4 runs only)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--runs", nargs="+", default=["orbit-bf16", "orbit-int4", "orbit-int4-ac", "trl"])
+    parser.add_argument("--runs", nargs="+", default=["orbit-bf16", "orbit-int4", "orbit-int4-ac", "trl"],
+                        help="orbit-BASE[-ac][-release]: -ac checkpoints activations, -release sets "
+                             "rollout.keep_cache=false (the engine gives its cache back every step)")
     args = parser.parse_args()
     from orbit_core.quant import quantize_checkpoint
 
@@ -166,8 +179,9 @@ def main() -> None:
             impl, base, extra = "trl GRPOTrainer + peft (transformers generate)", "bf16", {}
         else:
             base = run.split("-")[1]
-            extra = {"activation_checkpointing": "full"} if run.endswith("-ac") else {}
-            numbers = orbit_run(run, paths[base], data, root, args.steps, args.warmup, extra)
+            extra = {"activation_checkpointing": "full"} if "-ac" in run else {}
+            keep = "false" if run.endswith("-release") else "auto"
+            numbers = orbit_run(run, paths[base], data, root, args.steps, args.warmup, extra, keep)
             impl = "orbit (run_training, colocated sync, builtin engine)"
         print(json.dumps({"bench": "grpo_step", "run": run, "impl": impl, "base": base, "shape": args.shape,
                           "prompts": PROMPTS, "samples": SAMPLES, "prompt_len": PROMPT_LEN, "max_new_tokens": NEW,

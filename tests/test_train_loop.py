@@ -88,3 +88,28 @@ def test_the_loop_builds_its_backends_from_the_registries(tmp_path, tiny_checkpo
     recipe = small_recipe(tmp_path, tiny_checkpoint, train={"steps": 1}, eval={"enabled": False})
     run_training(load_recipe(str(recipe)), _quiet())
     assert built == ["torch", "builtin"]
+
+
+def test_keeping_the_engine_cache_through_training_changes_no_result(tmp_path, tiny_checkpoint, monkeypatch):
+    """``rollout.keep_cache``: the colocated engine keeps its KV cache while the trainer runs (true),
+    or gives it back (false; ``auto`` on a CPU). The runs are otherwise the same, step for step."""
+    from orbit_core.train import backends
+    from orbit_core.train.rollout_driver import room_to_keep
+
+    made = []
+    factory = backends.ROLLOUT_BACKENDS["builtin"]
+    monkeypatch.setitem(backends.ROLLOUT_BACKENDS, "builtin", lambda *a, **k: made.append(factory(*a, **k)) or made[-1])
+    runs = {}
+    for keep in ("true", "false", "auto"):
+        recipe = small_recipe(tmp_path / keep, tiny_checkpoint, train={"steps": 3}, eval={"enabled": False},
+                              rollout={"keep_cache": keep})
+        runs[keep] = run_training(load_recipe(str(recipe)), _quiet()).metrics
+        kept = made[-1].engine.cache_bytes()
+        assert (kept > 0) == (keep == "true"), (keep, kept)
+    columns = [k for k in runs["true"][0] if k.startswith(("reward/", "response_len/", "loss", "train/")) and "_s" not in k]
+    assert "reward/mean" in columns and len(columns) > 3, columns
+    for keep in ("false", "auto"):
+        assert [[row[c] for c in columns] for row in runs[keep]] == [[row[c] for c in columns] for row in runs["true"]]
+    gib = 2 ** 30
+    assert room_to_keep(20 * gib, 80 * gib, 4 * gib) and not room_to_keep(10 * gib, 80 * gib, 4 * gib)
+    assert not room_to_keep(80 * gib, 80 * gib, 0)  # nothing was released: nothing to keep

@@ -32,8 +32,13 @@ class BuiltinEngine:
         self.loop.version = version
 
     def release(self) -> None:
-        """Give the KV cache back (a colocated engine does this while the trainer runs)."""
+        """Give the KV cache back (a colocated engine may do this while the trainer runs)."""
         self.loop.release()
+
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache now allocated (0 when released)."""
+        cache = self.loop.cache
+        return 0 if cache is None else 2 * cache.k.numel() * cache.k.element_size()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:

@@ -97,7 +97,7 @@ def _builtin_rollouts(config: RecipeConfig, policy: PolicyModel, engine: Builtin
 
     if config.rollout.placement == "non-colocated":
         return start_remote_rollouts(config, policy, spec, start_step, log)
-    return ColocatedRollouts(engine, spec)
+    return ColocatedRollouts(engine, spec, config.rollout.keep_cache)
 
 
 def _sglang_rollouts(config: RecipeConfig, policy: PolicyModel, engine: BuiltinEngine, spec, start_step: int,

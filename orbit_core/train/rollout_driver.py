@@ -1,7 +1,7 @@
 """Where a step's rollouts come from, and how the new adapter reaches the engine.
 
 ``ColocatedRollouts``: sync, in-process. The engine generates with the live model (the sync is
-free), then gives its KV cache back so the trainer has the memory.
+free), then gives its KV cache back so the trainer has the memory, or keeps it (``keep_cache``).
 ``RemoteRollouts``: an engine process. In sync mode batch ``t`` is submitted after adapter
 ``t-1`` is active. In async mode batches run ``max_staleness`` steps ahead: batch ``t+1+S`` is
 submitted right after adapter ``t`` is pushed, and the engine's push barrier makes every sample
@@ -54,10 +54,24 @@ def staleness_counts(step: int, versions: list[int]) -> Counter:
     return Counter((step - 1) - v for v in versions)
 
 
+KEEP_MARGIN = 0.1
+"""``keep_cache=auto`` keeps the cache when training left free at least the cache plus this share
+of the device's memory."""
+
+
+def room_to_keep(free: int, total: int, cache: int) -> bool:
+    """Whether a cache of ``cache`` bytes fits beside training that left ``free`` of ``total`` bytes."""
+    return cache > 0 and free >= cache + KEEP_MARGIN * total
+
+
 class ColocatedRollouts:
-    def __init__(self, engine: BuiltinEngine, spec: RoundSpec):
+    def __init__(self, engine: BuiltinEngine, spec: RoundSpec, keep_cache: str = "auto"):
         self.engine, self.spec = engine, spec
         self.parity_engine = engine
+        self.keep_cache = keep_cache
+        self.keep = keep_cache == "true"
+        """Keep the cache through the next training phase."""
+        self.released_bytes = 0
 
     def begin(self, start_step: int) -> None:
         self.engine.adapter_version = start_step
@@ -65,12 +79,19 @@ class ColocatedRollouts:
     def collect(self, step: int) -> StepRollouts:
         s = self.spec
         out = collect_groups(self.engine, s.rewards, s.take, s.encode, s.params, s.batch_size, s.filter_zero_signal, s.max_rounds)
-        self.engine.release()
+        if not self.keep:
+            self.released_bytes = self.engine.cache_bytes()
+            self.engine.release()
         out.extra.update(rollout_s=out.generate_s, idle_s=0.0, staleness=staleness_counts(step, _versions(out)))
         return out
 
     def publish(self, version: int, adapter_state: dict[str, torch.Tensor]) -> dict:
         self.engine.adapter_version = version  # it generates with the live weights: nothing moves
+        if self.keep_cache == "auto" and not self.keep and self.engine.device.type == "cuda":
+            # the trainer's high-water mark stays reserved by the caching allocator: what is still
+            # free now is what the cache could have had beside it
+            free, total = torch.cuda.mem_get_info(self.engine.device)
+            self.keep = room_to_keep(free, total, self.released_bytes)
         return {"sync/bytes": 0, "sync/ms": 0.0}
 
     def data_state(self, step: int) -> dict:
