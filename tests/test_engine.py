@@ -104,12 +104,14 @@ def test_cuda_engine_logprobs_equal_fresh_forward(tiny_checkpoint):
     apply_lora(model, 4, 8, 0.0, ["all-linear"])
     model.to("cuda")
     engine = BuiltinEngine(model, tok, max_running=4, seed=0)
-    completions = engine.generate(_prompts(tok), SamplingParams(max_new_tokens=10, temperature=1.0, n=3))
-    for c in completions:
-        ids = torch.tensor([c.prompt_ids + c.token_ids], device="cuda")
-        with torch.no_grad():
-            expected = token_logprobs(model(ids[:, :-1]), ids[:, 1:])[0, len(c.prompt_ids) - 1 :].cpu()
-        torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+    for _ in range(2):  # the second time, prefill shapes seen before replay captured graphs
+        completions = engine.generate(_prompts(tok), SamplingParams(max_new_tokens=10, temperature=1.0, n=3))
+        for c in completions:
+            ids = torch.tensor([c.prompt_ids + c.token_ids], device="cuda")
+            with torch.no_grad():
+                expected = token_logprobs(model(ids[:, :-1]), ids[:, 1:])[0, len(c.prompt_ids) - 1 :].cpu()
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
+    assert engine.loop.graphed.prefills and not engine.loop.graphed.prefill_failed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -142,6 +144,7 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_checkpoint, temperature, ada
         runs = {graphs: engine.generate(_prompts(tok), params) for graphs, engine in engines.items()}
         graphed = engines[True].loop.graphed
         assert graphed is not None and graphed.graphs and not graphed.failed
+        assert bool(graphed.prefills) == bool(update)  # a prefill shape is captured when it comes again
         for g, e in zip(runs[True], runs[False]):
             assert g.token_ids == e.token_ids
             torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-4, rtol=0)

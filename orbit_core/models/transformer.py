@@ -178,8 +178,11 @@ class DecoderLM(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = int(positions.max().item()) + 1 if positions.numel() else 1
+    def _rope(self, positions: torch.Tensor, needed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at ``positions``; ``needed`` (the table length they need) when the caller knows it,
+        else read back from the device (a sync, which a captured graph cannot hold)."""
+        if needed is None:
+            needed = int(positions.max().item()) + 1 if positions.numel() else 1
         if needed > self._rope_len:
             length = max(needed, 2 * self._rope_len, 256)
             c = self.config
@@ -230,13 +233,15 @@ class DecoderLM(nn.Module):
         ``return_hidden`` also returns the final normed hidden states (what a value head reads);
         ``hidden_only`` returns just those, for a trainer that applies the lm_head in chunks.
         """
+        known_length = None  # the rope table length positions need, when the host knows it
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            known_length = input_ids.shape[1]
         if decode_mask is not None:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             decode_mask = (positions[:, 0], decode_mask)
         else:
-            cos, sin = self._rope(positions)
+            cos, sin = self._rope(positions, known_length)
         x = self.model.embed_tokens(input_ids)
         training = self.training and torch.is_grad_enabled() and cache is None
         recompute = self.activation_checkpointing if training else "none"

@@ -240,8 +240,16 @@ class DecodeLoop:
         # where a row index costs an indexed write several times slower
         lo, hi = admitted[0], admitted[-1] + 1
         slots = slice(lo, hi) if admitted == list(range(lo, hi)) else rows
-        with self._trace() as traces, engine_forward():
-            logits = self.model(tokens.to(self.device), cache=self.cache, slots=slots, last_index=prompt_lengths - 1)
+        logits = None
+        if self.use_graphs and isinstance(slots, slice):
+            if self.graphed is None:
+                self.graphed = GraphedDecode(self, self.cache.k.device)
+            logits = self.graphed.prefill(tokens, prompt_lengths - 1, slots, self.active_slot)
+        if logits is None:
+            with self._trace() as traces, engine_forward():
+                logits = self.model(tokens.to(self.device), cache=self.cache, slots=slots, last_index=prompt_lengths - 1)
+        else:
+            traces = None  # graphs are off for MoE models, whose routing is traced
         if traces is not None:
             self.routing[rows, :width] = stack_trace(traces).view(len(ids), width, len(self.moe), -1).to(torch.int16)
         self.lengths[rows] = prompt_lengths
