@@ -29,6 +29,7 @@ from orbit_core.peft.lora import apply_lora
 from orbit_core.peft.oft import apply_oft
 from orbit_core.policy import load_base
 from orbit_core.quant import quantize_checkpoint
+from orbit_core.rollout import cuda_graphs
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
@@ -54,9 +55,10 @@ ROUND_KERNELS = {
     "philox_four": (sampling_kernel, "FOUR_PER_CALL"),  # four uniforms per Philox call (else one)
     "norm_rows": (rmsnorm, "MULTI_ROW"),  # several short rows per norm program (else one)
     "rope_rows": (rope_kernels, "MULTI_ROW"),  # several rows per rope program (else one)
+    "prefill_graphs": (cuda_graphs, "PREFILL_GRAPHS"),  # small prefills replay captured graphs (else eager)
 }
 """The decode changes of the last three rounds (the first five from two rounds ago, the next three
-from the round before, the last four from this one), each switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
+from the round before, the last five from this one), each switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
 about half the memory bound, no better than the tile kernels), so it was removed."""
@@ -90,8 +92,10 @@ def decode_seconds(model, prompts: list[list[int]], new: int, batch: int, cuda_g
     engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0, cuda_graph=cuda_graph)
     params = SamplingParams(max_new_tokens=new, temperature=1.0)
     # warm-up at the measured length: graph capture, autotuning, and every Triton specialization the
-    # growing context reaches (a 4-token warm-up left them to the measured run of the first config)
-    engine.generate(prompts[:batch], params)
+    # growing context reaches (a 4-token warm-up left them to the measured run of the first config);
+    # twice, since a prefill shape is captured the second time it comes
+    for _ in range(2):
+        engine.generate(prompts[:batch], params)
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -132,7 +136,8 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
     torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / new
     one = SamplingParams(max_new_tokens=1, temperature=1.0)  # the prefill and its one sampled token
-    engine.generate(prompts[:batch], one)
+    for _ in range(2):  # a prefill shape is captured the second time it comes
+        engine.generate(prompts[:batch], one)
     torch.cuda.synchronize()
     start = time.perf_counter()
     engine.generate(prompts[:batch], one)

@@ -49,6 +49,8 @@ PREFILL_MAX_TOKENS = 2048
 """Rows times padded width of the largest prefill captured; larger ones keep the GPU busy anyway."""
 PREFILL_MAX_GRAPHS = 32
 """Prefill shapes captured per cache allocation; later new shapes run eagerly."""
+PREFILL_GRAPHS = True
+"""Set False to prefill eagerly always (benchmarks compare the two in one process)."""
 
 
 class _Prefill(NamedTuple):
@@ -141,7 +143,7 @@ class GraphedDecode:
         or None: run it eagerly (too large, first sighting of its shape, or capture unavailable).
         ``tokens`` [rows, width] on the host; ``last_index`` [rows] on the device."""
         key = (rows.start, rows.stop, tokens.shape[1], slot)
-        if self.failed or self.prefill_failed or tokens.numel() > PREFILL_MAX_TOKENS:
+        if not PREFILL_GRAPHS or self.failed or self.prefill_failed or tokens.numel() > PREFILL_MAX_TOKENS:
             return None
         self._check_current()
         if key not in self.prefills:
