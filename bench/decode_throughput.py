@@ -282,7 +282,7 @@ def main() -> None:
                                         max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
             times = []
             with torch.no_grad():
-                run(4)
+                run(args.new)  # warm-up at the measured length: a first run grows the allocator's pool
                 for _ in range(args.repeats):
                     torch.cuda.synchronize()
                     start = time.perf_counter()
