@@ -13,27 +13,18 @@ import argparse
 import gc
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from bench.base_memory import write_random_checkpoint
 from bench.decode_throughput import build_model
-from bench.rollout_throughput import SHAPES, NoEosTokenizer
+from bench.rollout_throughput import SHAPES, NoEosTokenizer, timed
 from orbit_core.quant import quantize_checkpoint
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 
 ROWS, PROMPT_LEN, NEW = 128, 64, 128
-
-
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
