@@ -1,7 +1,9 @@
 """Decode throughput of the builtin engine by base precision, adapter and batch size, one JSON line each.
 
 Random weights in the given shape, 128-token prompts, 128 sampled new tokens, EOS off. Baselines in
-the same process: transformers ``generate`` on the bf16 weights, and for packed bases the same
+the same process: transformers ``generate`` on the bf16 weights (after a warm-up run at the
+measured length: its first run there is 2-2.7x slower, the allocator growing its pool; results
+before ``decode_throughput_prefill_graphs_h200.jsonl`` timed that cold run), and for packed bases the same
 engine with the Triton kernels off (``--kernels both``). Rooflines: batch / (bytes read per decode
 step / the measured device-to-device copy bandwidth, read and written bytes counted: 3.0 TB/s on an
 H100, as in issue 10), once for the resident weights alone and once
