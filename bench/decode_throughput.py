@@ -130,13 +130,6 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
     timed with CUDA events over 20 replays and profiled over 10; and the wall time of a 1-token
     generate (the prefill, eager, and one sampled token)."""
     engine = BuiltinEngine(model, NoEosTokenizer(), max_running=batch, seed=0)
-    params = SamplingParams(max_new_tokens=new, temperature=1.0)
-    engine.generate(prompts[:batch], params)  # captures the graphs
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    engine.generate(prompts[:batch], params)
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / new
     one = SamplingParams(max_new_tokens=1, temperature=1.0)  # the prefill and its one sampled token
     for _ in range(2):  # a prefill shape is captured the second time it comes
         engine.generate(prompts[:batch], one)
@@ -145,6 +138,15 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
     engine.generate(prompts[:batch], one)
     torch.cuda.synchronize()
     prefill = time.perf_counter() - start
+    # then the measured length (new sampling parameters: a new cache, so its graphs come after)
+    params = SamplingParams(max_new_tokens=new, temperature=1.0)
+    for _ in range(2):  # captures the decode graphs, then the prefill's
+        engine.generate(prompts[:batch], params)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.generate(prompts[:batch], params)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / new
     loop = engine.loop
     graph = next(g for (rows, _), g in loop.graphed.graphs.items() if rows == batch)
     loop.lengths[:batch] = context  # every row finished: replays recompute the step, record nothing
