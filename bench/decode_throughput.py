@@ -38,6 +38,7 @@ from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
 from orbit_kernels import packed_gemv
+from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels import rmsnorm
 from orbit_kernels import rope as rope_kernels
 from orbit_kernels import silu_mul
@@ -58,9 +59,10 @@ ROUND_KERNELS = {
     "norm_rows": (rmsnorm, "MULTI_ROW"),  # several short rows per norm program (else one)
     "rope_rows": (rope_kernels, "MULTI_ROW"),  # several rows per rope program (else one)
     "prefill_graphs": (cuda_graphs, "PREFILL_GRAPHS"),  # small prefills replay captured graphs (else eager)
+    "qk_fused": (qk_kernels, "ENABLED"),  # decode q/k norms, rope and KV write in one kernel (else four)
 }
 """The decode changes of the last three rounds (the first five from two rounds ago, the next three
-from the round before, the last five from this one), each switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
+from the round before, the last six from this one), each switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
 about half the memory bound, no better than the tile kernels), so it was removed."""

@@ -526,3 +526,34 @@ def test_grouped_lora_kernels_equal_the_reference(rows, slots):
         run(got)
         for g, want in zip(got, wants):
             torch.testing.assert_close(g.float(), want, atol=5e-2, rtol=2 ** -6)
+
+
+@cuda
+@pytest.mark.parametrize("rows", [1, 256])
+@pytest.mark.parametrize("norm", [True, False])
+def test_decode_qk_kernel_equals_the_unfused_kernels_and_reference(rows, norm):
+    """The engine's decode q/k path in one kernel against the torch reference, at the Qwen3-1.7B
+    head shape, from column views of a fused q/k/v output into a row slice of a bigger cache."""
+    from orbit_kernels.qk_rope import decode_qk_, decode_qk_reference
+
+    torch.manual_seed(rows)
+    heads, kv_heads, dim, capacity = 16, 8, 128, 300
+    qkv = (torch.randn(rows, 1, (heads + 2 * kv_heads) * dim, device="cuda") * 3).to(torch.bfloat16)
+    q = qkv[..., :heads * dim].view(rows, 1, heads, dim)
+    k = qkv[..., heads * dim:(heads + kv_heads) * dim].view(rows, 1, kv_heads, dim)
+    v = qkv[..., (heads + kv_heads) * dim:].view(rows, 1, kv_heads, dim)
+    weights = [(torch.rand(dim, device="cuda") + 0.5).to(torch.bfloat16) for _ in range(2)] if norm else [None, None]
+    angles = torch.rand(rows, 1, dim, device="cuda") * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    write_pos = torch.randint(0, capacity, (rows,), device="cuda")
+    want_k = torch.randn(rows + 2, kv_heads, capacity, dim, device="cuda").to(torch.bfloat16)
+    want_v = torch.randn_like(want_k)
+    got_k, got_v = want_k.clone(), want_v.clone()
+    want_q = decode_qk_reference(q, k, v, *weights, 1e-6, cos, sin, want_k[:rows], want_v[:rows], write_pos)
+    got_q = decode_qk_(q, k, v, *weights, 1e-6, cos, sin, got_k[:rows], got_v[:rows], write_pos)
+    assert torch.equal(got_v, want_v)
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        # a reordered fp32 sum of squares, then the norm's and rope's roundings: a few bf16 steps at most
+        step = 2 ** -8 * 8 * (want.float().abs().max()).item()
+        assert (got.float() - want.float()).abs().max().item() <= step
+        assert torch.isclose(got.float(), want.float(), atol=1e-2, rtol=2 ** -7).float().mean() > 0.99

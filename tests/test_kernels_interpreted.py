@@ -223,3 +223,31 @@ def test_rope_kernel_over_row_tiles_is_the_reference_bit_for_bit():
     want = apply_rope_reference(x, cos, sin)
     for rows_per_program in (None, 1, 4, 8):
         assert torch.equal(launch(x, cos, sin, rows_per_program), want)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_decode_qk_kernel_equals_the_unfused_reference(norm):
+    """Qwen3's q/k norms (or none), rope on both, the key and value stored at each row's position:
+    q, k and v as column views of one fused q/k/v output, the cache a row slice of a bigger one."""
+    from orbit_kernels.qk_rope import decode_qk_reference, launch
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, dim, capacity = 3, 4, 2, 16, 9
+    qkv = torch.randn(rows, 1, (heads + 2 * kv_heads) * dim, dtype=torch.float16) * 3
+    q = qkv[..., :heads * dim].view(rows, 1, heads, dim)
+    k = qkv[..., heads * dim:(heads + kv_heads) * dim].view(rows, 1, kv_heads, dim)
+    v = qkv[..., (heads + kv_heads) * dim:].view(rows, 1, kv_heads, dim)
+    weights = [(torch.rand(dim) + 0.5).to(torch.float16) for _ in range(2)] if norm else [None, None]
+    cos, sin = torch.randn(rows, 1, dim), torch.randn(rows, 1, dim)
+    write_pos = torch.tensor([0, 8, 3])
+    want_k = torch.randn(rows + 2, kv_heads, capacity, dim, dtype=torch.float16)
+    want_v = torch.randn(rows + 2, kv_heads, capacity, dim, dtype=torch.float16)
+    got_k, got_v = want_k.clone(), want_v.clone()
+    want_q = decode_qk_reference(q, k, v, *weights, 1e-6, cos, sin, want_k[:rows], want_v[:rows], write_pos)
+    got_q = launch(q, k, v, *weights, 1e-6, cos, sin, got_k[:rows], got_v[:rows], write_pos)
+    assert got_q.shape == want_q.shape == (rows, heads, 1, dim)
+    # the fp32 sum of squares in another order: at most a rounding step of the normed value
+    close = dict(atol=2e-3, rtol=2 ** -9) if norm else dict(atol=0, rtol=0)
+    torch.testing.assert_close(got_q, want_q, **close)
+    torch.testing.assert_close(got_k, want_k, **close)
+    assert torch.equal(got_v, want_v)

@@ -22,7 +22,9 @@ from orbit_core.models.mlp import MLP
 from orbit_core.models.moe import SparseMoE
 from orbit_core.models.projections import project
 from orbit_core.models.rope import apply_rope, rope_tables
+from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels.decode_attention import decode_attention
+from orbit_kernels.qk_rope import decode_qk_
 from orbit_kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
 from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference
 
@@ -90,6 +92,14 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
+        if decode_mask is not None and qk_kernels.ENABLED and use_engine_kernels(x):
+            # the engine's decode: q/k norms, rope and the KV write in one kernel, then attention
+            write_pos, norm = decode_mask[0], self.q_norm is not None
+            q = decode_qk_(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                           self.q_norm.eps if norm else 0.0, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
+                           write_pos)
+            out = decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
+            return self.o_proj(out.view(batch, seq, self.num_heads * self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

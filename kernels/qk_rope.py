@@ -1,0 +1,134 @@
+"""A decode step's whole query/key path in one kernel, beside its reference: Qwen3's per-head
+RMSNorm of q and k, rope on both, and the new key and value stored in the KV cache at each row's
+position. Unfused that is four kernels a layer (the q norm, the k norm, rope of q, and
+``rope_kv_write_``): 112 of the 626 kernels of a batch-1 Qwen3-1.7B step, each a few microseconds
+of launch and tail for a few kilobytes of work. One program takes one (row, head): the query heads
+first, then the KV heads. Every product and sum rounds as the unfused kernels round them (the norm
+as ``orbit::rms_norm``, rope as ``orbit::rope``), so the two differ only in the order of the fp32
+sum of squares. Models without q/k norms (Llama, Qwen2) take the same kernel without the norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels.rmsnorm import rms_norm_reference
+from orbit_kernels.rope import apply_rope_reference, rope_kv_write_reference
+
+ENABLED = True
+"""Set False to run the four unfused kernels (benchmarks compare the two in one process)."""
+
+
+def decode_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+                        k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                        cache_k: torch.Tensor, cache_v: torch.Tensor, write_pos: torch.Tensor) -> torch.Tensor:
+    """q [rows, 1, heads, dim], k and v [rows, 1, kv_heads, dim] as projected; cos/sin [rows, 1, dim];
+    cache_k/v [rows, kv_heads, capacity, dim]. Writes the rotated key and the value at ``write_pos``
+    and returns the normed, rotated q as [rows, heads, 1, dim]."""
+    if q_weight is not None:
+        q, k = rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    rope_kv_write_reference(k, v, cos, sin, cache_k, cache_v, write_pos)
+    return apply_rope_reference(q, cos, sin)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _norm_rope(x_ptr, w_ptr, c_row, s_row, offs, mask, eps, NORM: tl.constexpr, HALF: tl.constexpr):
+        """One head: its two halves normed (when NORM) and rotated, in the activation dtype's roundings."""
+        dtype = x_ptr.dtype.element_ty
+        x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            scale = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+            w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+            x1 = (w1 * (x1 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            x2 = (w2 * (x2 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        c1 = tl.load(c_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        c2 = tl.load(c_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s1 = tl.load(s_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s2 = tl.load(s_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        out1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
+        out2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        return out1, out2
+
+    @triton.jit
+    def _decode_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, ck_ptr, cv_ptr, pos_ptr,
+                          eps, heads, kv_heads, sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, sc_r, so_r, so_h,
+                          sck_r, sck_h, sck_p, scv_r, scv_h, scv_p,
+                          NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        row, head = pid // (heads + kv_heads), pid % (heads + kv_heads)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < HALF
+        c_row, s_row = cos_ptr + row * sc_r, sin_ptr + row * sc_r
+        if head < heads:
+            out1, out2 = _norm_rope(q_ptr + row * sq_r + head * sq_h, qw_ptr, c_row, s_row, offs, mask, eps, NORM, HALF)
+            dst = out_ptr + row * so_r + head * so_h
+            tl.store(dst + offs, out1, mask=mask)
+            tl.store(dst + HALF + offs, out2, mask=mask)
+        else:
+            kv = head - heads
+            pos = tl.load(pos_ptr + row)
+            out1, out2 = _norm_rope(k_ptr + row * sk_r + kv * sk_h, kw_ptr, c_row, s_row, offs, mask, eps, NORM, HALF)
+            dst = ck_ptr + row * sck_r + kv * sck_h + pos * sck_p
+            tl.store(dst + offs, out1.to(ck_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF + offs, out2.to(ck_ptr.dtype.element_ty), mask=mask)
+            full = tl.arange(0, 2 * BLOCK)
+            full_mask = full < 2 * HALF
+            value = tl.load(v_ptr + row * sv_r + kv * sv_h + full, mask=full_mask, other=0.0)
+            tl.store(cv_ptr + row * scv_r + kv * scv_h + pos * scv_p + full, value.to(cv_ptr.dtype.element_ty),
+                     mask=full_mask)
+
+
+def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+                    k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+                    cache_v: torch.Tensor) -> str | None:
+    """Why the kernel cannot take this call (None: it can)."""
+    if q.dim() != 4 or q.shape[1] != 1 or k.shape[1] != 1 or v.shape != k.shape or cos.dim() != 3 or cos.shape[1] != 1:
+        return f"q {tuple(q.shape)}, k {tuple(k.shape)} are not one decode token per row"
+    if q.shape[-1] % 2:
+        return f"odd head_dim {q.shape[-1]}"
+    if (q_weight is None) != (k_weight is None) or any(
+            w is not None and (w.dtype != q.dtype or not w.is_contiguous()) for w in (q_weight, k_weight)):
+        return "the q and k norm weights are not both there in the activation dtype"
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos, cache_k, cache_v)) or cos.stride() != sin.stride():
+        return "head_dim is not contiguous, or cos and sin are laid out differently"
+    return None
+
+
+def launch(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_pos) -> torch.Tensor:
+    """The kernel (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
+    rows, _, heads, dim = q.shape
+    kv_heads, half = k.shape[2], dim // 2
+    out = torch.empty((rows, 1, heads, dim), dtype=q.dtype, device=q.device)
+    norm = q_weight is not None
+    _decode_qk_kernel[(rows * (heads + kv_heads),)](
+        q, k, v, q_weight if norm else q, k_weight if norm else q, cos, sin, out, cache_k, cache_v, write_pos, eps,
+        heads, kv_heads, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0),
+        out.stride(0), out.stride(2), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0),
+        cache_v.stride(1), cache_v.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+    return out.transpose(1, 2)
+
+
+def served(q, k, v, q_weight, k_weight, cos, sin, cache_k, cache_v) -> bool:
+    return serves("decode_qk_", ENABLED, q,
+                  lambda: unserved_reason(q, k, v, q_weight, k_weight, cos, sin, cache_k, cache_v))
+
+
+@torch.library.custom_op("orbit::decode_qk_", mutates_args=("cache_k", "cache_v"))
+def decode_qk_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+               k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+               cache_v: torch.Tensor, write_pos: torch.Tensor) -> torch.Tensor:
+    """``decode_qk_reference`` in one kernel where it serves (inference only)."""
+    if served(q, k, v, q_weight, k_weight, cos, sin, cache_k, cache_v):
+        return launch(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_pos).contiguous()
+    return decode_qk_reference(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_pos).contiguous()
+
+
+@decode_qk_.register_fake
+def _(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_pos):
+    return q.new_empty((q.shape[0], q.shape[2], 1, q.shape[3]))
