@@ -25,7 +25,7 @@ import torch
 
 from bench.base_memory import write_random_checkpoint
 from bench.int4_linear import replay_ms
-from bench.rollout_throughput import SHAPES, NoEosTokenizer
+from bench.rollout_throughput import SHAPES, NoEosTokenizer, timed
 from orbit_core.models import projections
 from orbit_core.peft.lora import apply_lora
 from orbit_core.peft.oft import apply_oft
@@ -135,20 +135,12 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
     one = SamplingParams(max_new_tokens=1, temperature=1.0)  # the prefill and its one sampled token
     for _ in range(2):  # a prefill shape is captured the second time it comes
         engine.generate(prompts[:batch], one)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    engine.generate(prompts[:batch], one)
-    torch.cuda.synchronize()
-    prefill = time.perf_counter() - start
+    prefill = timed(lambda: engine.generate(prompts[:batch], one))
     # then the measured length (new sampling parameters: a new cache, so its graphs come after)
     params = SamplingParams(max_new_tokens=new, temperature=1.0)
     for _ in range(2):  # captures the decode graphs, then the prefill's
         engine.generate(prompts[:batch], params)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    engine.generate(prompts[:batch], params)
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / new
+    wall = timed(lambda: engine.generate(prompts[:batch], params)) / new
     loop = engine.loop
     graph = next(g for (rows, _), g in loop.graphed.graphs.items() if rows == batch)
     loop.lengths[:batch] = context  # every row finished: replays recompute the step, record nothing
@@ -286,15 +278,9 @@ def main() -> None:
             ids = torch.tensor(prompts[:batch], device="cuda")
             run = lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
                                         max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-            times = []
             with torch.no_grad():
                 run(args.new)  # warm-up at the measured length: a first run grows the allocator's pool
-                for _ in range(args.repeats):
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    run(args.new)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
+                times = [timed(lambda: run(args.new)) for _ in range(args.repeats)]
             seconds = sorted(times)[len(times) // 2]
             report({"impl": "hf_generate", "base": "bf16", "adapter": "none", "kernels": "-",
                     "repeats_tokens_per_s": [round(batch * args.new / t, 1) for t in times]},

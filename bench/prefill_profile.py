@@ -13,14 +13,13 @@ import io
 import pstats
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from bench.base_memory import write_random_checkpoint
 from bench.decode_throughput import build_model
-from bench.rollout_throughput import SHAPES, NoEosTokenizer
+from bench.rollout_throughput import SHAPES, NoEosTokenizer, timed
 from orbit_core.quant import quantize_checkpoint
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
@@ -43,13 +42,7 @@ def main() -> None:
         run = lambda: engine.generate(prompts[:batch], one)  # noqa: E731
         for _ in range(2):
             run()
-        torch.cuda.synchronize()
-        walls = []
-        for _ in range(3):
-            start = time.perf_counter()
-            run()
-            torch.cuda.synchronize()
-            walls.append(time.perf_counter() - start)
+        walls = [timed(run) for _ in range(3)]
         print(f"== {spec}: 1-token generate {[round(1e3 * w, 1) for w in walls]} ms", flush=True)
         profiler = cProfile.Profile()
         profiler.enable()
