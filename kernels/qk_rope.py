@@ -14,7 +14,7 @@ import torch
 
 from orbit_kernels._triton import serves, tl, triton
 from orbit_kernels.rmsnorm import rms_norm_reference
-from orbit_kernels.rope import apply_rope_reference, rope_kv_write_reference
+from orbit_kernels.rope import apply_rope_reference, rope_kv_write_reference, rotate_halves
 
 ENABLED = True
 """Set False to run the four unfused kernels (benchmarks compare the two in one process)."""
@@ -47,13 +47,7 @@ if triton is not None:
             w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
             x1 = (w1 * (x1 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             x2 = (w2 * (x2 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        c1 = tl.load(c_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        c2 = tl.load(c_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s1 = tl.load(s_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s2 = tl.load(s_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        out1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
-        out2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
-        return out1, out2
+        return rotate_halves(x1, x2, c_row + offs, s_row + offs, mask, x_ptr, HALF)
 
     @triton.jit
     def _decode_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, ck_ptr, cv_ptr, pos_ptr,

@@ -37,6 +37,20 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 if triton is not None:
 
     @triton.jit
+    def rotate_halves(x1, x2, c_ptrs, s_ptrs, mask, like_ptr, HALF: tl.constexpr):
+        """Rope of a head's two fp32 halves, with the tables' halves at ``c_ptrs`` / ``s_ptrs``:
+        each product and the sum rounded to the dtype ``like_ptr`` points at, as the reference's
+        separate ops in that dtype round them."""
+        dtype = like_ptr.dtype.element_ty
+        c1 = tl.load(c_ptrs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        c2 = tl.load(c_ptrs + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s1 = tl.load(s_ptrs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        s2 = tl.load(s_ptrs + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        out1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
+        out2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        return out1, out2
+
+    @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, heads, seq, sxb, sxh, sxs, scb, scs, sob, soh, sos,
                      HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
         # ROWS (batch, head, position) rows a program: a prefill has hundreds of thousands
@@ -46,22 +60,15 @@ if triton is not None:
         b = r // (seq * heads)
         offs = tl.arange(0, BLOCK)
         mask = (r < n_rows)[:, None] & (offs < HALF)[None, :]
-        dtype = out_ptr.dtype.element_ty
         x_row = (x_ptr + b * sxb + h * sxh + s * sxs)[:, None] + offs[None, :]
         x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
         c_row = (cos_ptr + b * scb + s * scs)[:, None] + offs[None, :]
         s_row = (sin_ptr + b * scb + s * scs)[:, None] + offs[None, :]
-        c1 = tl.load(c_row, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        c2 = tl.load(c_row + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s1 = tl.load(s_row, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s2 = tl.load(s_row + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        # round each product and the sum as the reference's separate ops in the activation dtype do
-        out1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
-        out2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+        out1, out2 = rotate_halves(x1, x2, c_row, s_row, mask, out_ptr, HALF)
         o_row = (out_ptr + b * sob + h * soh + s * sos)[:, None] + offs[None, :]
-        tl.store(o_row, out1.to(dtype), mask=mask)
-        tl.store(o_row + HALF, out2.to(dtype), mask=mask)
+        tl.store(o_row, out1, mask=mask)
+        tl.store(o_row + HALF, out2, mask=mask)
 
 
 if triton is not None:
@@ -75,18 +82,10 @@ if triton is not None:
         pos = tl.load(pos_ptr + b)
         offs = tl.arange(0, BLOCK)
         mask = offs < HALF
-        dtype = k_ptr.dtype.element_ty
         k_row = k_ptr + b * skb + h * skh
         x1 = tl.load(k_row + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(k_row + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        c_row, s_row = cos_ptr + b * scb, sin_ptr + b * scb
-        c1 = tl.load(c_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        c2 = tl.load(c_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s1 = tl.load(s_row + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s2 = tl.load(s_row + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        # the same roundings as _rope_kernel, then the cache's dtype
-        out1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
-        out2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        out1, out2 = rotate_halves(x1, x2, cos_ptr + b * scb + offs, sin_ptr + b * scb + offs, mask, k_ptr, HALF)
         ck_row = ck_ptr + b * sc_b + h * sc_h + pos * sc_p
         tl.store(ck_row + offs, out1.to(ck_ptr.dtype.element_ty), mask=mask)
         tl.store(ck_row + HALF + offs, out2.to(ck_ptr.dtype.element_ty), mask=mask)

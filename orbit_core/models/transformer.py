@@ -92,13 +92,8 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
-        if decode_mask is not None and qk_kernels.ENABLED and use_engine_kernels(x):
-            # the engine's decode: q/k norms, rope and the KV write in one kernel, then attention
-            write_pos, norm = decode_mask[0], self.q_norm is not None
-            q = decode_qk_(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
-                           self.q_norm.eps if norm else 0.0, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
-                           write_pos)
-            out = decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
+        if decode_mask is not None and use_engine_kernels(x):
+            out = self._engine_decode(q, k, v, cos, sin, cache, decode_mask[0])
             return self.o_proj(out.view(batch, seq, self.num_heads * self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -111,27 +106,38 @@ class Attention(nn.Module):
                 cache.v[self.layer_idx, slots, :, :seq] = v.to(cache.v.dtype)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
         else:
-            # decode: one new token per slot; positions come in through the mask's width.
+            # decode, the reference: one new token per slot; positions come in through the mask's width
             write_pos, decode_mask = decode_mask
-            engine = use_engine_kernels(x)
-            # rotate each new key and store it and its value at the row's position (one kernel in the engine)
-            write = rope_kv_write_ if engine else rope_kv_write_reference
-            write(k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
-            if engine:  # split-K over each row's live keys only
-                out = decode_attention(q[:, :, 0], cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
-                out = out.view(batch, self.num_heads, 1, self.head_dim)
-            else:
-                kv_len = decode_mask.shape[-1]
-                keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
-                values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
-                # One query token per slot: fold each KV head's query group into the query-length axis,
-                # so attention reads the cache once instead of expanding it per query head.
-                group = self.num_heads // self.num_kv_heads
-                q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
-                out = out.reshape(batch, self.num_heads, 1, self.head_dim)
+            rope_kv_write_reference(k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
+            kv_len = decode_mask.shape[-1]
+            keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
+            values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
+            # One query token per slot: fold each KV head's query group into the query-length axis,
+            # so attention reads the cache once instead of expanding it per query head.
+            group = self.num_heads // self.num_kv_heads
+            q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
+            out = out.reshape(batch, self.num_heads, 1, self.head_dim)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+
+    def _engine_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, cache: KVCache, write_pos: torch.Tensor) -> torch.Tensor:
+        """The rollout engine's decode step from the projected ``[rows, 1, heads, dim]`` q, k, v:
+        store the new key and value, attend over each row's live keys only; ``[rows, heads, dim]``."""
+        cache_k, cache_v = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        if qk_kernels.ENABLED:  # q/k norms, rope and the KV write in one kernel
+            norm = self.q_norm is not None
+            q = decode_qk_(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                           self.q_norm.eps if norm else 0.0, cos, sin, cache_k, cache_v, write_pos)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q = apply_rope(q, cos, sin)
+            rope_kv_write_(k, v, cos, sin, cache_k, cache_v, write_pos)
+        return decode_attention(q[:, :, 0], cache_k, cache_v, write_pos)
 
 
 class DecoderLayer(nn.Module):

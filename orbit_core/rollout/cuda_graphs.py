@@ -78,35 +78,44 @@ class GraphedDecode:
     def _oft_versions(self) -> tuple:
         return tuple(m.live_version() for m in self.oft)
 
+    def _warm_up(self, fn, times: int) -> None:
+        """Run ``fn`` on a side stream before capture: the allocator, autotuned kernels and lazily
+        built tables settle outside the graph."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(times):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _record(self, graph: torch.cuda.CUDAGraph, pool, fn):
+        """Capture ``fn`` into ``graph`` (allocations from ``pool``); returns what ``fn`` returned."""
+        # No garbage collection during capture: an earlier engine's loop and graphs form a cycle,
+        # and destroying its CUDA graphs mid-capture invalidates this one (seen as the engine
+        # falling back to eager decoding, 8x slower). torch.cuda.graph no longer collects first.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            # torch.cuda.graph's default capture stream is made once per process, on the device
+            # current at the first capture; a later capture for another GPU would launch outside it
+            with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(self.device)):
+                return fn()
+        finally:
+            if collecting:
+                gc.enable()
+
     def _capture(self, rows: int, used: tuple[int, ...]) -> None:
         loop = self.loop
         saved = {name: getattr(loop, name).clone() for name in STATE}
         generator = loop.generator
         try:
             loop.generator = torch.Generator(self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up: allocator, autotuned kernels, lazily built tables
-                for _ in range(2):
-                    loop.decode_rows(rows, used, graphed=True)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._warm_up(lambda: loop.decode_rows(rows, used, graphed=True), times=2)
             loop.generator = generator
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(loop.generator)
-            # No garbage collection during capture: an earlier engine's loop and graphs form a cycle,
-            # and destroying its CUDA graphs mid-capture invalidates this one (seen as the engine
-            # falling back to eager decoding, 8x slower). torch.cuda.graph no longer collects first.
-            gc.collect()
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                # torch.cuda.graph's default capture stream is made once per process, on the device
-                # current at the first capture; a later capture for another GPU would launch outside it
-                with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(self.device)):
-                    loop.decode_rows(rows, used, graphed=True)
-            finally:
-                if collecting:
-                    gc.enable()
+            self._record(graph, self.pool, lambda: loop.decode_rows(rows, used, graphed=True))
         finally:
             loop.generator = generator
             for name, value in saved.items():
@@ -175,21 +184,9 @@ class GraphedDecode:
             with engine_forward():
                 return loop.model(static_tokens, cache=loop.cache, slots=rows, last_index=static_last)
 
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up (the keys and values it writes are the ones replay writes)
-            forward()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._warm_up(forward, times=1)  # the keys and values it writes are the ones replay writes
         graph = torch.cuda.CUDAGraph()
-        gc.collect()  # as in _capture: no collection while capturing
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            with torch.cuda.graph(graph, pool=self.prefill_pool, stream=torch.cuda.Stream(self.device)):
-                logits = forward()
-        finally:
-            if collecting:
-                gc.enable()
+        logits = self._record(graph, self.prefill_pool, forward)
         return _Prefill(graph, static_tokens, static_last, logits)
 
     def replay(self, rows: int, used: tuple[int, ...]) -> bool:

@@ -242,9 +242,7 @@ class DecodeLoop:
         slots = slice(lo, hi) if admitted == list(range(lo, hi)) else rows
         logits = None
         if self.use_graphs and isinstance(slots, slice):
-            if self.graphed is None:
-                self.graphed = GraphedDecode(self, self.cache.k.device)
-            logits = self.graphed.prefill(tokens, prompt_lengths - 1, slots, self.active_slot)
+            logits = self._graphs().prefill(tokens, prompt_lengths - 1, slots, self.active_slot)
         if logits is None:
             with self._trace() as traces, engine_forward():
                 logits = self.model(tokens.to(self.device), cache=self.cache, slots=slots, last_index=prompt_lengths - 1)
@@ -282,11 +280,15 @@ class DecodeLoop:
     def _decode(self) -> None:
         rows = row_bucket(max(self.busy_rows) + 1, self.cache.k.shape[1])
         used = tuple(s for s, n in enumerate(self.slot_refs) if n > 0) if self.bank is not None else (0,)
-        if self.use_graphs and self.graphed is None:
-            self.graphed = GraphedDecode(self, self.cache.k.device)
-        if not (self.use_graphs and self.graphed.replay(rows, used or (0,))):
+        if not (self.use_graphs and self._graphs().replay(rows, used or (0,))):
             self.decode_rows(rows, used, graphed=False)
         self.max_len += 1
+
+    def _graphs(self) -> GraphedDecode:
+        """The loop's CUDA graphs, made at first use (the cache's device is known by then)."""
+        if self.graphed is None:
+            self.graphed = GraphedDecode(self, self.cache.k.device)
+        return self.graphed
 
     def decode_rows(self, rows: int, used: tuple[int, ...], graphed: bool) -> None:
         """One decode step over rows ``[0, rows)``: forward, sample, record, flag finished rows.
