@@ -37,7 +37,7 @@ from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
-from orbit_kernels import packed_gemv
+from orbit_kernels import packed_gemv, packed_lora
 from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels import rmsnorm
 from orbit_kernels import rope as rope_kernels
@@ -60,9 +60,12 @@ ROUND_KERNELS = {
     "rope_rows": (rope_kernels, "MULTI_ROW"),  # several rows per rope program (else one)
     "prefill_graphs": (cuda_graphs, "PREFILL_GRAPHS"),  # small prefills replay captured graphs (else eager)
     "qk_fused": (qk_kernels, "ENABLED"),  # decode q/k norms, rope and KV write in one kernel (else four)
+    "packed_lora": (packed_lora, "ENABLED"),  # packed GEMV with the LoRA expand in its epilogue (else apart)
+    "lora_few_rows": (lora_kernels, "FEW_ROWS"),  # up to 4 rows: expand over all groups' columns (else 16-row tiles)
 }
-"""The decode changes of the last three rounds (the first five from two rounds ago, the next three
-from the round before, the last six from this one), each switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
+"""The decode changes of the last four rounds (the first five from three rounds ago, the next three
+from the round after, the next six from the round after that, the last two from this one), each
+switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
 about half the memory bound, no better than the tile kernels), so it was removed."""
@@ -240,7 +243,7 @@ def main() -> None:
             ablations = [{}]
             if args.ablate is not None:
                 names = [n for n in args.ablate or ROUND_KERNELS
-                         if adapter == "lora" or n not in ("lora_tiles", "lora_groups")]
+                         if adapter == "lora" or n not in ("lora_tiles", "lora_groups", "packed_lora", "lora_few_rows")]
                 ablations += [{n: False} for n in names] + ([{n: False for n in names}] if len(names) > 1 else [])
                 ablations.append({})  # everything on again, last: shows whether the order of runs matters
             for order, (kernels_on, lora_on, attention_on, gemv_on, off) in enumerate(itertools.product(

@@ -27,6 +27,12 @@ KERNEL_MAX_ROWS = 32
 Before those existed the reference's cuBLAS GEMMs served above 32 rows: one H200, Qwen3-1.7B
 shape, LoRA r16, whole decode steps (bench/results/decode_throughput_lora_kernel_h200.jsonl), the
 row kernels were 16-22% faster than the reference at batch 1 and 8-11% at 32, 3-8% slower at 256."""
+FEW_ROWS = True
+"""Set False to expand a few rows with the kernel for up to ``KERNEL_MAX_ROWS`` (benchmarks compare)."""
+FEW_ROWS_MAX, FEW_ROWS_BLOCK_N = 4, 64
+"""Up to this many rows the expand takes all groups' columns end to end, ``FEW_ROWS_BLOCK_N`` a
+program, each reading whole rank rows of ``B``; the general expand pads rows to 16 and reads one
+rank column of ``B`` at a time (strided), 429 us for 112 launches at batch 1 on an H200."""
 TILES_ENABLED = True
 """Set False to serve more than ``KERNEL_MAX_ROWS`` rows through the reference (benchmarks)."""
 
@@ -88,6 +94,48 @@ if triton is not None:
         tl.store(y_ptrs, (y + acc * scaling).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1, n12,
+                   sbs0, sbs1, sbs2, HAS_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr):
+        """``sum_r t[m, g R + r] * B_g[slot(m), n - start_g, r]`` for rows ``rows`` and output
+        columns ``offs_n`` of groups laid end to end (group 1 starts at ``n1``, group 2 at ``n12``):
+        a LoRA expand for a few rows, for a kernel that holds those rows' base outputs."""
+        g = (offs_n >= n1).to(tl.int32) + (offs_n >= n12).to(tl.int32)
+        start = pick(g, 0, n1, n12)
+        b_cols = pick(g, 0, b_off1, b_off2) + (offs_n - start) * stride_bn
+        slot_stride = pick(g, sbs0, sbs1, sbs2)
+        m_mask = rows < M
+        slots = tl.load(slot_ptr + rows, mask=m_mask, other=0) if HAS_SLOTS else tl.zeros_like(rows)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask = m_mask[:, None, None] & (offs_n < N)[None, :, None] & (offs_r < R)[None, None, :]
+        t = tl.load(t_ptr + rows[:, None, None] * stride_tm + (g * R)[None, :, None] + offs_r[None, None, :],
+                    mask=mask, other=0.0)
+        b = tl.load(b_ptr + slots[:, None, None] * slot_stride[None, :, None] + b_cols[None, :, None]
+                    + offs_r[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        return tl.sum(t * b, axis=2)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expand_rows_kernel(t_ptr, b_ptr, slot_ptr, y_ptr, M, N, R, scaling, stride_tm, stride_bn, b_off1, b_off2,
+                            y_off1, y_off2, n1, n12, sbs0, sbs1, sbs2, sym0, sym1, sym2,
+                            HAS_SLOTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        # the columns of all groups laid end to end; B is read a whole rank row at a time (contiguous)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.arange(0, ROWS)
+        delta = rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1,
+                           n12, sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R)
+        g = (offs_n >= n1).to(tl.int32) + (offs_n >= n12).to(tl.int32)
+        columns = pick(g, 0, y_off1, y_off2) + offs_n - pick(g, 0, n1, n12)
+        y_ptrs = y_ptr + rows[:, None] * pick(g, sym0, sym1, sym2)[None, :] + columns[None, :]
+        mask = (rows < M)[:, None] & (offs_n < N)[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (y + delta * scaling).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def unserved_reason(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str | None:
     """Why no kernel can take this call (None: one can)."""
     if x.dim() != 2 or y.dim() != 2:
@@ -116,18 +164,36 @@ def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r
     launch_groups([y], x, [a], [b], row_slot, scaling)
 
 
-def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
-                  row_slot: torch.Tensor | None, scaling: float) -> None:
-    """The two kernels for up to three linears that read ``x`` (``lora_groups``)."""
+def shrink(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | None) -> torch.Tensor:
+    """fp32 ``t [rows, groups * r]``: ``x @ as_[g][s]^T`` for each group ``g`` and row slot ``s``."""
     rows, k = x.shape
-    groups, r = len(ys), as_[0].shape[1]
+    groups, r = len(as_), as_[0].shape[1]
     t = torch.empty((rows, groups * r), dtype=torch.float32, device=x.device)
     slots = row_slot if row_slot is not None else t  # unused pointer when HAS_SLOTS is off
-    block_r = max(16, triton.next_power_of_2(r))
     a = as_[0]
     _shrink_kernel[(rows, r, groups)](x, a, slots, t, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
                                       *lora_groups.offsets(as_), HAS_SLOTS=row_slot is not None, BLOCK_K=512,
                                       num_warps=4)
+    return t
+
+
+def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
+                  row_slot: torch.Tensor | None, scaling: float) -> None:
+    """The two kernels for up to three linears that read ``x`` (``lora_groups``)."""
+    rows, r = x.shape[0], as_[0].shape[1]
+    t = shrink(x, as_, row_slot)
+    slots = row_slot if row_slot is not None else t  # unused pointer when HAS_SLOTS is off
+    block_r = max(16, triton.next_power_of_2(r))
+    if FEW_ROWS and rows <= FEW_ROWS_MAX:
+        widths = [y.shape[1] for y in ys] + [0] * (3 - len(ys))
+        pad = lambda values: list(values) + [0] * (3 - len(values))  # noqa: E731
+        y_strides, b_strides = pad([y.stride(0) for y in ys]), pad([b.stride(0) for b in bs])
+        _expand_rows_kernel[(triton.cdiv(sum(widths), FEW_ROWS_BLOCK_N),)](
+            t, bs[0], slots, ys[0], rows, sum(widths), r, scaling, t.stride(0), bs[0].stride(1), *lora_groups.offsets(bs),
+            *lora_groups.offsets(ys), widths[0], widths[0] + widths[1], *b_strides, *y_strides,
+            HAS_SLOTS=row_slot is not None, ROWS=triton.next_power_of_2(rows), BLOCK_N=FEW_ROWS_BLOCK_N,
+            BLOCK_R=block_r, num_warps=4)
+        return
     block_m = 16 if rows <= 16 else 32
     tiles, group_args = lora_groups.expand_args(ys, bs, 64)
     y, b = ys[0], bs[0]

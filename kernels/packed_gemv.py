@@ -19,8 +19,11 @@ The references are the formats' dequantize functions (``dequant_int4``, ``dequan
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from orbit_kernels import lora_groups
 from orbit_kernels._triton import tl, triton
 
 ENABLED = True
@@ -42,6 +45,7 @@ SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
 
 if triton is not None:
+    from orbit_kernels.lora import rows_delta
 
     @triton.jit
     def _decode(codes, FMT: tl.constexpr):
@@ -67,9 +71,13 @@ if triton is not None:
 
     @triton.jit
     def _packed_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, part_ptr, count_ptr, y_ptr, M, N, K, stride_xm, stride_w,
-                            stride_s, stride_ym, FMT: tl.constexpr, ROWS: tl.constexpr, CODES: tl.constexpr,
+                            stride_s, stride_ym, t_ptr, b_ptr, slot_ptr, bias_ptr, scaling, R, stride_tm, stride_bn,
+                            b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2,
+                            FMT: tl.constexpr, ROWS: tl.constexpr, CODES: tl.constexpr,
                             GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-                            SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                            SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                            LORA: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            BLOCK_R: tl.constexpr):
         # Everything stays in the [BLOCK_N, BLOCK_W] layout of the loaded words: code c of every word
         # is taken at once, times the activations of column ``CODES * w + c``, and summed into a
         # [ROWS, BLOCK_N, BLOCK_W] accumulator; one reduction over words at the very end.
@@ -98,6 +106,12 @@ if triton is not None:
         acc = tl.sum(acc, axis=2)
         if HAS_GLOBAL:
             acc = acc / tl.load(gs_ptr).to(tl.float32)
+        if LORA:
+            if pid_k == 0:  # the LoRA update and the bias join one split's partials: the tile's sum has them once
+                acc += scaling * rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1,
+                                            b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R)
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
         y_mask = (rows[:, None] < M) & n_mask[None, :]
         finish_split(acc, y_ptrs, y_mask, part_ptr, rows[:, None] * N + offs_n[None, :], ROWS * N, count_ptr, pid_n,
@@ -180,9 +194,37 @@ def _split(tiles: int, k_words: int, block_w: int) -> int:
     return 1 << (split.bit_length() - 1)
 
 
+class LoRAEpilogue(NamedTuple):
+    """A LoRA update for ``packed_gemv`` to add to its output (``packed_lora``): ``t`` fp32
+    ``[rows, groups * r]`` from the shrink, each group's ``B [slots, out_g, r]`` (their outputs laid
+    end to end make the weight's rows), each row's slot or None, the scaling, and the linears' bias."""
+    t: torch.Tensor
+    bs: list[torch.Tensor]
+    row_slot: torch.Tensor | None
+    scaling: float
+    bias: torch.Tensor | None
+
+
+def _epilogue_args(lora: LoRAEpilogue | None, y: torch.Tensor) -> tuple[tuple, dict]:
+    """The kernel's LoRA arguments (unused placeholders when ``lora`` is None)."""
+    if lora is None:
+        return (y, y, y, y, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), dict(LORA=False, HAS_SLOTS=False, HAS_BIAS=False,
+                                                                        BLOCK_R=16)
+    bs, r = lora.bs, lora.bs[0].shape[2]
+    widths = [b.shape[1] for b in bs] + [0] * (3 - len(bs))
+    offsets = lora_groups.offsets(bs)
+    slot_strides = [b.stride(0) for b in bs] + [0] * (3 - len(bs))
+    args = (lora.t, bs[0], y if lora.row_slot is None else lora.row_slot, y if lora.bias is None else lora.bias,
+            lora.scaling, r, lora.t.stride(0), bs[0].stride(1), *offsets, widths[0], widths[0] + widths[1],
+            *slot_strides)
+    return args, dict(LORA=True, HAS_SLOTS=lora.row_slot is not None, HAS_BIAS=lora.bias is not None,
+                      BLOCK_R=max(16, triton.next_power_of_2(r)))
+
+
 def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int,
-                global_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., in] @ W^T`` for up to ``MAX_ROWS`` rows (callers check ``unserved_reason`` first).
+                global_scale: torch.Tensor | None = None, lora: LoRAEpilogue | None = None) -> torch.Tensor:
+    """``x [..., in] @ W^T`` for up to ``MAX_ROWS`` rows (callers check ``unserved_reason`` first),
+    plus ``lora``'s update and bias when given.
 
     ``weight`` as stored: int4 ``weight_packed`` int32 ``[out, in/8]``; nvfp4 ``weight_packed``
     uint8 ``[out, in/2]``; fp8 ``weight`` e4m3 ``[out, in]``. ``scale`` as stored (fp8: one per
@@ -204,9 +246,10 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     if split > 1:
         part = torch.empty((split, row_bucket, out_features), dtype=torch.float32, device=x.device)
         count = arrival_counters(x.device, tiles)
+    lora_args, lora_flags = _epilogue_args(lora, y)
     _packed_gemv_kernel[(tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, part, count, y, rows, out_features,
-        in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), FMT=FORMAT_CODES[fmt],
+        in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), *lora_args, FMT=FORMAT_CODES[fmt],
         ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, HAS_GLOBAL=global_scale is not None,
-        SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y.view(*x.shape[:-1], out_features)

@@ -251,3 +251,31 @@ def test_decode_qk_kernel_equals_the_unfused_reference(norm):
     torch.testing.assert_close(got_q, want_q, **close)
     torch.testing.assert_close(got_k, want_k, **close)
     assert torch.equal(got_v, want_v)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows, slots, widths, bias", [(1, 1, (64, 32, 32), False), (3, 2, (64, 32, 32), True),
+                                                        (2, 2, (128,), True)])
+def test_packed_gemv_with_the_lora_epilogue_equals_row_by_row_fp32(fmt, rows, slots, widths, bias):
+    """A fused q/k/v-like group and a single linear: every output gets its own linear's update,
+    for its row's slot, once, with K split over programs (the update joins one split's partials)."""
+    from orbit_kernels import packed_lora
+    from tests.test_kernels import _lora_fp32
+
+    torch.manual_seed(rows + slots)
+    cols, rank = 2048, 8
+    args, global_scale, dense = _format_weights(fmt, sum(widths), cols, "cpu")
+    assert packed_gemv._split(-(-sum(widths) // packed_gemv.BLOCK_N), cols // packed_gemv.layout(fmt, args[1], cols)[0],
+                              packed_gemv.BLOCK_W) > 1
+    x = torch.randn(rows, cols, dtype=torch.float16)
+    stacked_a = torch.randn(slots, len(widths) * rank, cols) * 0.02  # the engine's slot bank: one buffer
+    as_ = [stacked_a[:, g * rank:(g + 1) * rank] for g in range(len(widths))]
+    bs = [torch.randn(slots, n, rank) * 0.05 for n in widths]
+    row_slot = torch.randint(0, slots, (rows,)) if slots > 1 else None
+    b = torch.randn(sum(widths), dtype=torch.float16) if bias else None
+    base = x.float() @ dense.t() + (0 if b is None else b.float())
+    want = torch.cat([_lora_fp32(part, x, a, bb, row_slot, 2.0)
+                      for part, a, bb in zip(base.split(widths, dim=-1), as_, bs)], dim=-1)
+    got = packed_lora.launch(x, *args, global_scale, b, fmt, cols, as_, bs, row_slot, 2.0).float()
+    torch.testing.assert_close(got, want, atol=3e-3 * want.abs().max().item(), rtol=1e-2)
+    assert not packed_gemv.arrival_counters(x.device, 1).any()

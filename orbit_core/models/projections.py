@@ -138,6 +138,34 @@ def base_outputs(x: torch.Tensor, bases: Sequence[nn.Module]) -> list[torch.Tens
     return list(record.forward(x).split(record.widths, dim=-1))
 
 
+class PackedParts(NamedTuple):
+    """What one packed base call of a linear or a fused group runs on, for a kernel that takes the
+    format's tensors as stored (``orbit::packed_lora_linear``)."""
+    fmt: str
+    in_features: int
+    weight: torch.Tensor
+    scale: torch.Tensor
+    global_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def packed_parts(bases: Sequence[nn.Module]) -> PackedParts | None:
+    """A single packed linear's tensors, or a fused group's (None: not packed, or not fused)."""
+    first = bases[0]
+    fmt = getattr(first, "fmt_name", None)
+    if fmt is None:
+        return None
+    if len(bases) == 1:
+        tensors = tuple(getattr(first, name) for name in first.tensor_names) + (first.bias,)
+    else:
+        record = _record(bases) if FUSED else None
+        if record is None:
+            return None
+        tensors = record.tensors
+    return PackedParts(fmt, first.in_features, tensors[0], tensors[1], tensors[2] if fmt == "nvfp4" else None,
+                       tensors[-1])
+
+
 def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
     grouped = getattr(type(linears[0]), "engine_group_forward", None)
     if GROUPED and grouped is not None and len(linears) > 1:

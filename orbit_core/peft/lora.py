@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from orbit_core.models.engine_forward import use_engine_kernels
-from orbit_core.models.projections import base_outputs
+from orbit_core.models.projections import base_outputs, packed_parts
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
+from orbit_kernels import packed_gemv, packed_lora
 from orbit_kernels.lora import lora_add_, lora_add_group_
 
 
@@ -30,10 +31,15 @@ class LoRALinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and self.fake_quant is not None:
             return self.fake_quant_forward(x)
+        engine = self.enabled and not self.training and use_engine_kernels(x)
+        if engine:
+            fused = self._engine_packed(x, [self], [self._engine_factors(x.numel() // x.shape[-1])])
+            if fused is not None:
+                return fused[0]
         out = self.base(x)
         if not self.enabled:
             return out
-        if use_engine_kernels(x) and not self.training:
+        if engine:
             served = self._engine_add(x, out)
             if served is not None:
                 return served
@@ -80,12 +86,30 @@ class LoRALinear(AdapterLayer):
         factors = [m._engine_factors(flat_x.shape[0]) for m in linears]
         if any(f is None for f in factors):
             return None
+        fused = LoRALinear._engine_packed(x, linears, factors)
+        if fused is not None:
+            return fused
         # the kernels add in place, through flat views: of one fused base call, or of each base's output
         outs = base_outputs(x, [m.base for m in linears]) or [m.base(x).contiguous() for m in linears]
         flat_outs = [o.view(-1, o.shape[-1]) for o in outs]
         lora_add_group_(flat_outs, flat_x, [f[0] for f in factors], [f[1] for f in factors], factors[0][2],
                         first.scaling)
         return outs
+
+    @staticmethod
+    def _engine_packed(x: torch.Tensor, linears, factors) -> list[torch.Tensor] | None:
+        """A few rows through packed bases: the base GEMV with the LoRA expand in its epilogue
+        (``orbit::packed_lora_linear``), each linear's output a column view. None: not served."""
+        parts = packed_parts([m.base for m in linears])
+        if parts is None or any(f is None for f in factors) or x.numel() // x.shape[-1] > packed_gemv.MAX_ROWS:
+            return None
+        as_, bs, row_slot = [f[0] for f in factors], [f[1] for f in factors], factors[0][2]
+        if not packed_lora.served(x, parts.weight, parts.scale, parts.bias, parts.fmt, parts.in_features, as_, bs,
+                                  row_slot):
+            return None
+        y = packed_lora.packed_lora_linear(x, parts.weight, parts.scale, parts.global_scale, parts.bias, parts.fmt,
+                                           parts.in_features, as_, bs, row_slot, linears[0].scaling)
+        return list(y.split([m.base.out_features for m in linears], dim=-1))
 
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # computed in the activation dtype (bf16 on a GPU base); A and B stay fp32 master weights
