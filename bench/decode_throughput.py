@@ -62,9 +62,10 @@ ROUND_KERNELS = {
     "qk_fused": (qk_kernels, "ENABLED"),  # decode q/k norms, rope and KV write in one kernel (else four)
     "packed_lora": (packed_lora, "ENABLED"),  # packed GEMV with the LoRA expand in its epilogue (else apart)
     "lora_few_rows": (lora_kernels, "FEW_ROWS"),  # up to 4 rows: expand over all groups' columns (else 16-row tiles)
+    "wide_shrink": (lora_kernels, "WIDE_SHRINK"),  # LoRA shrink in 2,048-column steps (else 512)
 }
 """The decode changes of the last four rounds (the first five from three rounds ago, the next three
-from the round after, the next six from the round after that, the last two from this one), each
+from the round after, the next six from the round after that, the last three from this one), each
 switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
@@ -243,7 +244,7 @@ def main() -> None:
             ablations = [{}]
             if args.ablate is not None:
                 names = [n for n in args.ablate or ROUND_KERNELS
-                         if adapter == "lora" or n not in ("lora_tiles", "lora_groups", "packed_lora", "lora_few_rows")]
+                         if adapter == "lora" or n not in ("lora_tiles", "lora_groups", "packed_lora", "lora_few_rows", "wide_shrink")]
                 ablations += [{n: False} for n in names] + ([{n: False for n in names}] if len(names) > 1 else [])
                 ablations.append({})  # everything on again, last: shows whether the order of runs matters
             for order, (kernels_on, lora_on, attention_on, gemv_on, off) in enumerate(itertools.product(

@@ -33,6 +33,8 @@ FEW_ROWS_MAX, FEW_ROWS_BLOCK_N = 4, 64
 """Up to this many rows the expand takes all groups' columns end to end, ``FEW_ROWS_BLOCK_N`` a
 program, each reading whole rank rows of ``B``; the general expand pads rows to 16 and reads one
 rank column of ``B`` at a time (strided), 429 us for 112 launches at batch 1 on an H200."""
+WIDE_SHRINK = True
+"""Set False for the shrink's old 512-column steps (a 2,048-wide row takes four; benchmarks compare)."""
 TILES_ENABLED = True
 """Set False to serve more than ``KERNEL_MAX_ROWS`` rows through the reference (benchmarks)."""
 
@@ -172,8 +174,8 @@ def shrink(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | No
     slots = row_slot if row_slot is not None else t  # unused pointer when HAS_SLOTS is off
     a = as_[0]
     _shrink_kernel[(rows, r, groups)](x, a, slots, t, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
-                                      *lora_groups.offsets(as_), HAS_SLOTS=row_slot is not None, BLOCK_K=512,
-                                      num_warps=4)
+                                      *lora_groups.offsets(as_), HAS_SLOTS=row_slot is not None,
+                                      BLOCK_K=min(triton.next_power_of_2(k), 2048) if WIDE_SHRINK else 512, num_warps=4)
     return t
 
 
