@@ -63,9 +63,10 @@ ROUND_KERNELS = {
     "packed_lora": (packed_lora, "ENABLED"),  # packed GEMV with the LoRA expand in its epilogue (else apart)
     "lora_few_rows": (lora_kernels, "FEW_ROWS"),  # up to 4 rows: expand over all groups' columns (else 16-row tiles)
     "wide_shrink": (lora_kernels, "WIDE_SHRINK"),  # LoRA shrink in 2,048-column steps (else 512)
+    "x_split": (packed_gemv, "X_SPLIT"),  # packed GEMV: a step's activations in one load, split in registers
 }
 """The decode changes of the last four rounds (the first five from three rounds ago, the next three
-from the round after, the next six from the round after that, the last three from this one), each
+from the round after, the next six from the round after that, the last four from this one), each
 switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at

@@ -9,6 +9,9 @@ was written from, before the baseline line was added). ``packed_gemv_sweep_3d_h2
 one-off run of a variant that unpacked all eight codes of a word as a third tensor dimension, since
 removed from the kernel. ``packed_gemv_sweep_fused_h200.jsonl`` adds the engine's fused q/k/v and
 gate/up shapes, pipeline stages and program targets.
+``--x-split 0 1 --rows 1 4`` compares the two ways of reading the activations
+(``packed_gemv.X_SPLIT``; ``packed_gemv_x_split_h200.jsonl``). ``packed_gemv_group_scale_h200.jsonl``
+is a run with a ``--group-scale`` switch for a variant since removed (see ``packed_gemv.X_SPLIT``).
     python -m bench.packed_gemv_sweep [--shapes qkv gate_up q down] [--stages 1 3] [--targets 528 1056]
 """
 
@@ -39,32 +42,37 @@ def main() -> None:
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--stages", nargs="+", type=int, default=[packed_gemv.NUM_STAGES])
     parser.add_argument("--targets", nargs="+", type=int, default=[packed_gemv.TARGET_PROGRAMS])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1], help="activation rows (1 to packed_gemv.MAX_ROWS)")
+    parser.add_argument("--x-split", nargs="+", type=int, default=[int(packed_gemv.X_SPLIT)], choices=[0, 1],
+                        help="packed_gemv.X_SPLIT settings: 1 loads a step's activations once and splits them")
     args = parser.parse_args()
     torch.manual_seed(0)
     for name in args.shapes:
         n, k = SHAPES[name]
         packs = [random_packed(n, k, 128) for _ in range(max(2, -(-4 * L2_BYTES // (n * k // 2))))]
         fp8 = [random_fp("fp8", n, k) for _ in range(max(2, -(-4 * L2_BYTES // (n * k))))] if "fp8" in args.formats else []
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        for bn, bw, warps, stages, target in itertools.product(args.block_n, args.block_w, args.warps, args.stages,
-                                                              args.targets):
-            packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = bn, bw, warps
-            packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = stages, target
+        for rows in args.rows:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            for bn, bw, warps, stages, target, x_split in itertools.product(
+                    args.block_n, args.block_w, args.warps, args.stages, args.targets, args.x_split):
+                packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = bn, bw, warps
+                packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = stages, target
+                packed_gemv.X_SPLIT = bool(x_split)
+                turn = iter(range(1 << 30))
+                row = {"shape": name, "rows": rows, "bn": bn, "bw": bw, "warps": warps, "stages": stages,
+                       "target": target, "x_split": bool(x_split)}
+                row["int4_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
+                    "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)
+                if fp8:
+                    row["fp8_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
+                        "fp8", x, *fp8[next(turn) % len(fp8)][:2], k), 50), 2)
+                print(json.dumps(row), flush=True)
+            copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
+            dense = [int4_kernels.dequant_int4(w, s, (n, k), torch.bfloat16) for w, s in packs[:copies]]
             turn = iter(range(1 << 30))
-            row = {"shape": name, "rows": 1, "bn": bn, "bw": bw, "warps": warps, "stages": stages, "target": target}
-            row["int4_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
-                "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)
-            if fp8:
-                row["fp8_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
-                    "fp8", x, *fp8[next(turn) % len(fp8)][:2], k), 50), 2)
-            print(json.dumps(row), flush=True)
-        copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
-        dense = [int4_kernels.dequant_int4(w, s, (n, k), torch.bfloat16) for w, s in packs[:copies]]
-        turn = iter(range(1 << 30))
-        print(json.dumps({"shape": name, "rows": 1, "impl": "bf16_cublas (baseline)",
-                          "us": round(graph_us(lambda: F.linear(x, dense[next(turn) % len(dense)]), 50), 2),
-                          "device": torch.cuda.get_device_name()}), flush=True)
-
+            print(json.dumps({"shape": name, "rows": rows, "impl": "bf16_cublas (baseline)",
+                              "us": round(graph_us(lambda: F.linear(x, dense[next(turn) % len(dense)]), 50), 2),
+                              "device": torch.cuda.get_device_name()}), flush=True)
 
 if __name__ == "__main__":
     main()

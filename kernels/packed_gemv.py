@@ -4,7 +4,9 @@ A decode step multiplies one to four activation rows by each weight, so the weig
 whole cost. The kernel reads the weight as int32 words of ``CODES`` codes (eight nibbles for
 int4 and nvfp4, four bytes for fp8), in the checkpoint's own layout, and turns the codes into
 floats with shifts and bit tricks in registers: no ``tl.dot`` (one row leaves a tensor-core tile
-15/16 empty) and no reshape of the unpacked tile (a layout change through shared memory).
+15/16 empty) and no reshape of the unpacked tile (a layout change through shared memory). The
+activations of a K step come in one contiguous load, dealt out to the code positions by register
+splits (``X_SPLIT``).
 
 K is dealt out to ``SPLIT_K`` programs per output tile, because a decode-sized weight has too few
 output tiles to keep every SM streaming. The split partial sums meet inside the same launch: each
@@ -41,6 +43,15 @@ tile instead measured 1.2-2.9x slower (``packed_gemv_sweep_3d_h200.jsonl``)."""
 NUM_STAGES = 3
 """Software-pipeline stages of the K loop (Triton's default; a sweep setting)."""
 FORMAT_CODES = {"int4": 0, "nvfp4": 1, "fp8": 2}
+X_SPLIT = True
+"""Load a K step's activations once, contiguously, and deal them out to the codes with register
+splits; False: one strided load per code position, as before. int4 on an H200 with the default
+tiles (``packed_gemv_x_split_h200.jsonl``, against False in the same run): 5-7% faster at one
+row, 22-26% at four (q/k/v 11.21 -> 8.58 us, gate/up 29.14 -> 21.61, down 16.18 -> 12.61); fp8
+within 3% either way. Scaling once per (row, scale group) of a step instead of once per word, on
+top of this, was tried and removed: int4 3.5% faster summed over the four linears at one row, 2.7%
+at four (down_proj 5% slower there), fp8 17-21% slower at four rows on three of the four
+(``packed_gemv_group_scale_h200.jsonl``)."""
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
 
@@ -70,6 +81,12 @@ if triton is not None:
             return tl.where((codes & 0x78) == 0, sign * (codes & 7).to(tl.float32) * 0.001953125, normal)
 
     @triton.jit
+    def _code_product(tile, words, x, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr):
+        """``tile`` plus code ``c`` of every word times its activations ``x [ROWS, words]``."""
+        w = _decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT)
+        return tile + w[None, :, :] * x.to(tl.float32)[:, None, :]
+
+    @triton.jit
     def _packed_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, part_ptr, count_ptr, y_ptr, M, N, K, stride_xm, stride_w,
                             stride_s, stride_ym, t_ptr, b_ptr, slot_ptr, bias_ptr, scaling, R, stride_tm, stride_bn,
                             b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2,
@@ -77,7 +94,7 @@ if triton is not None:
                             GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                             SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                             LORA: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            BLOCK_R: tl.constexpr):
+                            BLOCK_R: tl.constexpr, X_SPLIT: tl.constexpr):
         # Everything stays in the [BLOCK_N, BLOCK_W] layout of the loaded words: code c of every word
         # is taken at once, times the activations of column ``CODES * w + c``, and summed into a
         # [ROWS, BLOCK_N, BLOCK_W] accumulator; one reduction over words at the very end.
@@ -98,10 +115,38 @@ if triton is not None:
             scale = tl.load(s_ptr + (offs_n // SCALE_ROWS)[:, None] * stride_s + (cols // GROUP)[None, :],
                             mask=n_mask[:, None], other=0.0).to(tl.float32)
             tile = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
-            for c in tl.static_range(CODES):
-                w = _decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT)
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + (cols + c)[None, :], mask=x_mask, other=0.0)
-                tile += w[None, :, :] * x.to(tl.float32)[:, None, :]
+            if X_SPLIT:
+                # the step's activations in one contiguous load, dealt out to the codes in registers
+                xk = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :],
+                             mask=(rows[:, None] < M) & (tl.arange(0, BLOCK_K)[None, :] < BLOCK_K), other=0.0)
+                if CODES == 8:  # column 8w + 4a + 2b + c
+                    s0, s1 = tl.split(tl.reshape(xk, (ROWS, BLOCK_W, 2, 2, 2)))
+                    s00, s01 = tl.split(s0)
+                    s10, s11 = tl.split(s1)
+                    x0, x4 = tl.split(s00)
+                    x2, x6 = tl.split(s01)
+                    x1, x5 = tl.split(s10)
+                    x3, x7 = tl.split(s11)
+                    tile = _code_product(tile, words, x0, 0, BITS, FMT)
+                    tile = _code_product(tile, words, x1, 1, BITS, FMT)
+                    tile = _code_product(tile, words, x2, 2, BITS, FMT)
+                    tile = _code_product(tile, words, x3, 3, BITS, FMT)
+                    tile = _code_product(tile, words, x4, 4, BITS, FMT)
+                    tile = _code_product(tile, words, x5, 5, BITS, FMT)
+                    tile = _code_product(tile, words, x6, 6, BITS, FMT)
+                    tile = _code_product(tile, words, x7, 7, BITS, FMT)
+                else:  # four codes a word: column 4w + 2b + c
+                    s0, s1 = tl.split(tl.reshape(xk, (ROWS, BLOCK_W, 2, 2)))
+                    x0, x2 = tl.split(s0)
+                    x1, x3 = tl.split(s1)
+                    tile = _code_product(tile, words, x0, 0, BITS, FMT)
+                    tile = _code_product(tile, words, x1, 1, BITS, FMT)
+                    tile = _code_product(tile, words, x2, 2, BITS, FMT)
+                    tile = _code_product(tile, words, x3, 3, BITS, FMT)
+            else:
+                for c in tl.static_range(CODES):
+                    x = tl.load(x_ptr + rows[:, None] * stride_xm + (cols + c)[None, :], mask=x_mask, other=0.0)
+                    tile = _code_product(tile, words, x, c, BITS, FMT)
             acc += tile * scale[None, :, :]
         acc = tl.sum(acc, axis=2)
         if HAS_GLOBAL:
@@ -251,5 +296,6 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         flat, words, scale, scale if global_scale is None else global_scale, part, count, y, rows, out_features,
         in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), *lora_args, FMT=FORMAT_CODES[fmt],
         ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, HAS_GLOBAL=global_scale is not None,
-        SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags, X_SPLIT=X_SPLIT, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
     return y.view(*x.shape[:-1], out_features)

@@ -62,7 +62,11 @@ def test_packed_gemm_both_ways_equals_the_reference(fmt, forward):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_packed_gemv_with_a_split_reduction_equals_the_reference(fmt):
+@pytest.mark.parametrize("x_split", [True, False])
+def test_packed_gemv_with_a_split_reduction_equals_the_reference(fmt, x_split, monkeypatch):
+    """Both ways of reading the activations: one load a step dealt out by register splits, and a
+    strided load per code position."""
+    monkeypatch.setattr(packed_gemv, "X_SPLIT", x_split)
     rows, cols = 64, 2048  # few output tiles: K is split over programs that meet through the counters
     args, global_scale, dense = _format_weights(fmt, rows, cols, "cpu")
     x = torch.randn(3, cols, dtype=torch.float16)
