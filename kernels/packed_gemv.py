@@ -87,6 +87,14 @@ if triton is not None:
         return tile + w[None, :, :] * x.to(tl.float32)[:, None, :]
 
     @triton.jit
+    def _four_codes(tile, words, xa, xb, xc, xd, FIRST: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr):
+        """``_code_product`` for codes ``FIRST`` to ``FIRST + 3``, with their activations in order."""
+        tile = _code_product(tile, words, xa, FIRST, BITS, FMT)
+        tile = _code_product(tile, words, xb, FIRST + 1, BITS, FMT)
+        tile = _code_product(tile, words, xc, FIRST + 2, BITS, FMT)
+        return _code_product(tile, words, xd, FIRST + 3, BITS, FMT)
+
+    @triton.jit
     def _packed_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, part_ptr, count_ptr, y_ptr, M, N, K, stride_xm, stride_w,
                             stride_s, stride_ym, t_ptr, b_ptr, slot_ptr, bias_ptr, scaling, R, stride_tm, stride_bn,
                             b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2,
@@ -127,22 +135,13 @@ if triton is not None:
                     x2, x6 = tl.split(s01)
                     x1, x5 = tl.split(s10)
                     x3, x7 = tl.split(s11)
-                    tile = _code_product(tile, words, x0, 0, BITS, FMT)
-                    tile = _code_product(tile, words, x1, 1, BITS, FMT)
-                    tile = _code_product(tile, words, x2, 2, BITS, FMT)
-                    tile = _code_product(tile, words, x3, 3, BITS, FMT)
-                    tile = _code_product(tile, words, x4, 4, BITS, FMT)
-                    tile = _code_product(tile, words, x5, 5, BITS, FMT)
-                    tile = _code_product(tile, words, x6, 6, BITS, FMT)
-                    tile = _code_product(tile, words, x7, 7, BITS, FMT)
+                    tile = _four_codes(tile, words, x0, x1, x2, x3, 0, BITS, FMT)
+                    tile = _four_codes(tile, words, x4, x5, x6, x7, 4, BITS, FMT)
                 else:  # four codes a word: column 4w + 2b + c
                     s0, s1 = tl.split(tl.reshape(xk, (ROWS, BLOCK_W, 2, 2)))
                     x0, x2 = tl.split(s0)
                     x1, x3 = tl.split(s1)
-                    tile = _code_product(tile, words, x0, 0, BITS, FMT)
-                    tile = _code_product(tile, words, x1, 1, BITS, FMT)
-                    tile = _code_product(tile, words, x2, 2, BITS, FMT)
-                    tile = _code_product(tile, words, x3, 3, BITS, FMT)
+                    tile = _four_codes(tile, words, x0, x1, x2, x3, 0, BITS, FMT)
             else:
                 for c in tl.static_range(CODES):
                     x = tl.load(x_ptr + rows[:, None] * stride_xm + (cols + c)[None, :], mask=x_mask, other=0.0)
