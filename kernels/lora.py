@@ -32,7 +32,9 @@ FEW_ROWS = True
 FEW_ROWS_MAX, FEW_ROWS_BLOCK_N = 4, 64
 """Up to this many rows the expand takes all groups' columns end to end, ``FEW_ROWS_BLOCK_N`` a
 program, each reading whole rank rows of ``B``; the general expand pads rows to 16 and reads one
-rank column of ``B`` at a time (strided), 429 us for 112 launches at batch 1 on an H200."""
+rank column of ``B`` at a time (strided), 429 us for 112 launches at batch 1 on an H200. Taking
+this kernel up to 32 rows (8 columns a program at 32) measured 5% slower at batch 8 than the
+general expand, and no faster at 32 (``decode_throughput_few_rows_32_h200.jsonl``)."""
 WIDE_SHRINK = True
 """Set False for the shrink's old 512-column steps (a 2,048-wide row takes four; benchmarks compare)."""
 TILES_ENABLED = True

@@ -150,7 +150,7 @@ def test_rms_norm_kernel_reads_rows_in_place_and_equals_the_reference():
                                        atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("rows", [3, 12, 40])
 @pytest.mark.parametrize("slots", [1, 2])
 def test_grouped_lora_kernels_equal_row_by_row_fp32(rows, slots):
     """Three linears of one input (q/k/v-like widths 130, 70, 70) in one launch of each kernel,
