@@ -17,7 +17,7 @@ import torch
 
 from orbit_kernels import lora_groups, lora_tiles
 from orbit_kernels._triton import serves, tl, triton
-from orbit_kernels.lora_groups import expand_view, pick
+from orbit_kernels.lora_groups import expand_view, group_of, pick
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -106,8 +106,7 @@ if triton is not None:
         """``sum_r t[m, g R + r] * B_g[slot(m), n - start_g, r]`` for rows ``rows`` and output
         columns ``offs_n`` of groups laid end to end (group 1 starts at ``n1``, group 2 at ``n12``):
         a LoRA expand for a few rows, for a kernel that holds those rows' base outputs."""
-        g = (offs_n >= n1).to(tl.int32) + (offs_n >= n12).to(tl.int32)
-        start = pick(g, 0, n1, n12)
+        g, start = group_of(offs_n, n1, n12)
         b_cols = pick(g, 0, b_off1, b_off2) + (offs_n - start) * stride_bn
         slot_stride = pick(g, sbs0, sbs1, sbs2)
         m_mask = rows < M
@@ -132,8 +131,8 @@ if triton is not None:
         rows = tl.arange(0, ROWS)
         delta = rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1,
                            n12, sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R)
-        g = (offs_n >= n1).to(tl.int32) + (offs_n >= n12).to(tl.int32)
-        columns = pick(g, 0, y_off1, y_off2) + offs_n - pick(g, 0, n1, n12)
+        g, start = group_of(offs_n, n1, n12)
+        columns = pick(g, 0, y_off1, y_off2) + offs_n - start
         y_ptrs = y_ptr + rows[:, None] * pick(g, sym0, sym1, sym2)[None, :] + columns[None, :]
         mask = (rows < M)[:, None] & (offs_n < N)[None, :]
         y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)

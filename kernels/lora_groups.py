@@ -39,15 +39,25 @@ def unserved_reason(ys: list[torch.Tensor], as_: list[torch.Tensor], bs: list[to
     """Why these linears cannot share launches (None: they can)."""
     if not 1 <= len(ys) <= MAX_GROUPS or not len(ys) == len(as_) == len(bs):
         return f"{len(ys)} outputs for {len(as_)} A and {len(bs)} B (1 to {MAX_GROUPS} groups)"
-    first_a, first_b, first_y = as_[0], bs[0], ys[0]
-    for a, b, y in zip(as_, bs, ys):
+    first_y = ys[0]
+    for y in ys:
         if y.dim() != 2 or y.stride(-1) != 1:
             return f"an output {tuple(y.shape)} is not [rows, features] with contiguous features"
+        if y.dtype != first_y.dtype or y.shape[0] != first_y.shape[0]:
+            return "the grouped linears' outputs differ in rows or dtype"
+    return factors_reason(as_, bs)
+
+
+def factors_reason(as_: list[torch.Tensor], bs: list[torch.Tensor]) -> str | None:
+    """Why grouped linears' LoRA factors cannot be reached from the first's through offsets (None:
+    they can): every ``A`` alike, every ``B`` alike but in width."""
+    first_a, first_b = as_[0], bs[0]
+    for a, b in zip(as_, bs):
         if a.shape != first_a.shape or a.stride() != first_a.stride() or a.dtype != first_a.dtype:
             return "the grouped linears' A differ in shape, layout or dtype"
-        if b.shape[0] != first_b.shape[0] or b.shape[2] != first_b.shape[2] or b.stride()[1:] != first_b.stride()[1:] \
-                or b.dtype != first_b.dtype or y.dtype != first_y.dtype or y.shape[0] != first_y.shape[0]:
-            return "the grouped linears' B or outputs differ in rank, layout or dtype"
+        if b.dim() != 3 or b.shape[0] != first_b.shape[0] or b.shape[2] != first_b.shape[2] \
+                or b.stride()[1:] != first_b.stride()[1:] or b.dtype != first_b.dtype:
+            return "the grouped linears' B differ in slots, rank, layout or dtype"
     return None
 
 
@@ -55,7 +65,8 @@ if triton is not None:
 
     @triton.jit
     def group_of(pid_n, start1, start2):
-        """The group of an output tile, and its first tile: groups' tiles are laid end to end."""
+        """The group of an index and where that group starts, with the groups laid end to end: of an
+        output tile (starts in tiles), or of an output column (starts in columns)."""
         g = (pid_n >= start1).to(tl.int32) + (pid_n >= start2).to(tl.int32)
         first = tl.where(g == 0, 0, tl.where(g == 1, start1, start2))
         return g, first

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels import lora, packed_gemv
+from orbit_kernels import lora, lora_groups, packed_gemv
 from orbit_kernels._triton import serves
 from orbit_kernels.packed_grad import dense_weight
 
@@ -49,15 +49,16 @@ def unserved_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     why = packed_gemv.unserved_reason(fmt, x, weight, scale, in_features)
     if why is not None:
         return why
-    if not 1 <= len(as_) == len(bs) <= 3:
-        return f"{len(as_)} A and {len(bs)} B (1 to 3 linears)"
+    if not 1 <= len(as_) == len(bs) <= lora_groups.MAX_GROUPS:
+        return f"{len(as_)} A and {len(bs)} B (1 to {lora_groups.MAX_GROUPS} linears)"
+    why = lora_groups.factors_reason(as_, bs)
+    if why is not None:
+        return why
     a0, b0 = as_[0], bs[0]
-    if a0.shape[1] > lora.MAX_RANK or any(a.shape != a0.shape or a.stride() != a0.stride() or a.dtype != a0.dtype
-                                          for a in as_):
-        return "the linears' A differ in shape, layout or dtype, or the rank is over the kernel's"
-    if any(b.dim() != 3 or b.shape[2] != a0.shape[1] or b.stride()[1:] != b0.stride()[1:] or b.dtype != b0.dtype
-           for b in bs) or a0.stride(-1) != 1 or b0.stride(-1) != 1:
-        return "the linears' B differ in rank, layout or dtype, or a factor's last dimension is not contiguous"
+    if a0.shape[1] > lora.MAX_RANK or b0.shape[2] != a0.shape[1]:
+        return f"rank {a0.shape[1]} (B's {b0.shape[2]}) is not one the kernel takes (up to {lora.MAX_RANK})"
+    if a0.stride(-1) != 1 or b0.stride(-1) != 1:
+        return "a LoRA factor's last dimension is not contiguous"
     if sum(b.shape[1] for b in bs) != weight.shape[0]:
         return f"the B widths sum to {sum(b.shape[1] for b in bs)}, not the weight's {weight.shape[0]} rows"
     if bias is not None and (bias.shape != (weight.shape[0],) or not bias.is_contiguous()):

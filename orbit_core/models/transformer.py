@@ -121,7 +121,6 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
-
     def _engine_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, cache: KVCache, write_pos: torch.Tensor) -> torch.Tensor:
         """The rollout engine's decode step from the projected ``[rows, 1, heads, dim]`` q, k, v:

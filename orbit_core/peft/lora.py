@@ -33,7 +33,7 @@ class LoRALinear(AdapterLayer):
             return self.fake_quant_forward(x)
         engine = self.enabled and not self.training and use_engine_kernels(x)
         if engine:
-            fused = self._engine_packed(x, [self], [self._engine_factors(x.numel() // x.shape[-1])])
+            fused = self._engine_packed(x, [self])
             if fused is not None:
                 return fused[0]
         out = self.base(x)
@@ -97,11 +97,16 @@ class LoRALinear(AdapterLayer):
         return outs
 
     @staticmethod
-    def _engine_packed(x: torch.Tensor, linears, factors) -> list[torch.Tensor] | None:
+    def _engine_packed(x: torch.Tensor, linears, factors: list | None = None) -> list[torch.Tensor] | None:
         """A few rows through packed bases: the base GEMV with the LoRA expand in its epilogue
-        (``orbit::packed_lora_linear``), each linear's output a column view. None: not served."""
-        parts = packed_parts([m.base for m in linears])
-        if parts is None or any(f is None for f in factors) or x.numel() // x.shape[-1] > packed_gemv.MAX_ROWS:
+        (``orbit::packed_lora_linear``), each linear's output a column view. None: not served.
+        ``factors``: the linears' ``_engine_factors``, when the caller has them."""
+        rows = x.numel() // x.shape[-1]
+        parts = packed_parts([m.base for m in linears]) if rows <= packed_gemv.MAX_ROWS else None
+        if parts is None:
+            return None
+        factors = factors or [m._engine_factors(rows) for m in linears]
+        if any(f is None for f in factors):
             return None
         as_, bs, row_slot = [f[0] for f in factors], [f[1] for f in factors], factors[0][2]
         if not packed_lora.served(x, parts.weight, parts.scale, parts.bias, parts.fmt, parts.in_features, as_, bs,
