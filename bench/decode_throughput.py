@@ -37,7 +37,7 @@ from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
-from orbit_kernels import packed_gemv, packed_lora
+from orbit_kernels import packed_gemm, packed_gemv, packed_lora
 from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels import rmsnorm
 from orbit_kernels import rope as rope_kernels
@@ -64,10 +64,12 @@ ROUND_KERNELS = {
     "lora_few_rows": (lora_kernels, "FEW_ROWS"),  # up to 4 rows: expand over all groups' columns (else 16-row tiles)
     "wide_shrink": (lora_kernels, "WIDE_SHRINK"),  # LoRA shrink in 2,048-column steps (else 512)
     "x_split": (packed_gemv, "X_SPLIT"),  # packed GEMV: a step's activations in one load, split in registers
+    "gemm_x_split": (packed_gemm, "X_SPLIT"),  # packed GEMM to 32 rows: a dot per code position (else 16 rows, unfolded)
 }
-"""The decode changes of the last four rounds (the first five from three rounds ago, the next three
-from the round after, the next six from the round after that, the last four from this one), each
-switchable for ``--ablate``. ``decode_throughput_round3_h200.jsonl``
+"""The decode changes of the last five rounds (the first five from four rounds ago, the next three
+from the round after, the next six from the round after that, the next four from the round after
+that, ``gemm_x_split`` from this one), each switchable for ``--ablate``
+(``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32). ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
 about half the memory bound, no better than the tile kernels), so it was removed."""

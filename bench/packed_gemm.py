@@ -8,7 +8,8 @@ line per implementation:
 * ``<fmt>_dequant_cublas``: the format's Triton dequantization, then cuBLAS (what training ran);
 * ``<fmt>_gemm``: the packed GEMM with its default tiles (``packed_gemm.tiles_for``);
 * with ``--sweep``, ``int4_gemm`` with each tile setting in ``CANDIDATES`` as well at each
-  reduction split of ``--splits``.
+  reduction split of ``--splits``; with ``--sweep --x-split``, every format's GEMM with each
+  setting in ``X_SPLIT_CANDIDATES`` (the first ``--candidates`` of them), forward.
 
 Times come from CUDA-graph replays of ``--calls`` back-to-back calls cycling through enough
 weight copies to overflow L2 (``bench.int4_linear.graph_us``), so they are GPU time per call.
@@ -18,7 +19,10 @@ Results (H200): ``packed_gemm_h200.jsonl`` (every format, the dispatch threshold
 ``packed_gemm.MAX_ROWS`` come from it); ``packed_gemm_sweep_h200.jsonl`` and
 ``packed_gemm_sweep_8rows_h200.jsonl`` (the tile sweeps behind ``packed_gemm.tiles_for``; their
 ``int4_dequant_cublas`` rows predate ``packed_gemm.dequantize`` and used the one-thread-per-weight
-dequantization, 2-2.5x slower).
+dequantization, 2-2.5x slower); ``packed_gemm_x_split_h200.jsonl`` and
+``packed_gemm_x_split_formats_h200.jsonl`` (the forward's one dot per code position,
+``packed_gemm.X_SPLIT``: int4 at 16-256 rows, and every format at 8-32; in the second the default
+``<fmt>_gemm`` rows already take the x-split tiles).
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ CANDIDATES = [Tiles(64, 128, 64, 4, 3), Tiles(64, 128, 128, 4, 3), Tiles(128, 25
               Tiles(128, 128, 64, 4, 3, True), Tiles(128, 128, 64, 8, 3, True), Tiles(256, 128, 64, 8, 3, True),
               Tiles(128, 256, 64, 8, 3, True)]
 """Tile settings ``--sweep`` times besides the default (a first sweep dropped those 2x off the best)."""
+X_SPLIT_CANDIDATES = [Tiles(16, 128, 128, 4, 4, True, True), Tiles(32, 128, 128, 4, 4, True, True),
+                      Tiles(32, 128, 256, 4, 3, True, True), Tiles(64, 128, 128, 4, 3, True, True),
+                      Tiles(64, 128, 256, 8, 3, True, True), Tiles(64, 64, 256, 4, 3, True, True),
+                      Tiles(128, 128, 128, 8, 3, True, True), Tiles(64, 256, 128, 8, 3, True, True),
+                      Tiles(64, 128, 128, 4, 3, False, True), Tiles(128, 128, 128, 8, 3, False, True)]
+"""With ``--sweep --x-split``: one dot per code position, the activations dealt out in registers."""
 
 
 def _weights(fmt: str, n: int, k: int) -> tuple:
@@ -55,6 +65,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["int4", "fp8", "nvfp4"])
     parser.add_argument("--linears", nargs="+", default=["q_proj", "k_proj", "gate_proj", "down_proj"])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--x-split", action="store_true",
+                        help="sweep X_SPLIT_CANDIDATES instead (forward only), for every format")
+    parser.add_argument("--candidates", type=int, default=None, help="sweep only the first this many candidates")
     parser.add_argument("--splits", nargs="+", type=int, default=[0],
                         help="reduction splits to sweep (0: the default rule, packed_gemm._split)")
     parser.add_argument("--directions", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
@@ -90,10 +103,10 @@ def main() -> None:
                     weight_bytes = nbytes(*copies[0])
                     impls[f"{fmt}_dequant_cublas"] = (dequant_cublas, weight_bytes, fmt)
                     impls[f"{fmt}_gemm"] = (gemm, weight_bytes, fmt)
-                    if args.sweep and fmt == "int4":
-                        for t in CANDIDATES:
+                    if args.sweep and (fmt == "int4" or args.x_split):
+                        for t in (X_SPLIT_CANDIDATES if args.x_split else CANDIDATES)[:args.candidates]:
                             for split in args.splits:
-                                impls[f"int4_gemm {tuple(t)}" + (f" split {split}" if split else "")] = (
+                                impls[f"{fmt}_gemm {tuple(t)}" + (f" split {split}" if split else "")] = (
                                     lambda i, t=t, s=split, gemm=gemm: gemm(i, t, s or None), weight_bytes, fmt)
                 for impl, (call, weight_bytes, fmt) in impls.items():
                     err = None

@@ -2,7 +2,7 @@
 the linear's dispatch point.
 
 All take the tensors exactly as compressed-tensors stores them. ``orbit::fp_linear`` runs the
-few-row packed GEMV (``packed_gemv``) or, up to ``packed_gemm.MAX_ROWS`` rows, the tiled packed
+few-row packed GEMV (``packed_gemv``) or, up to ``packed_gemm.forward_max_rows`` rows, the tiled packed
 GEMM on a GPU; larger inputs are dequantized by ``orbit::fp_dequant`` (one Triton pass, the
 reference's arithmetic) and multiplied by cuBLAS. On the CPU the references run.
 """
@@ -86,7 +86,7 @@ def fp_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, global
     if rows <= gemv.MAX_ROWS and serves(f"{fmt}_gemv", gemv.ENABLED, x,
                                         lambda: gemv.unserved_reason(fmt, x, weight, scale, in_features)):
         return gemv.packed_gemv(fmt, x, weight, scale, in_features, global_scale)
-    if rows <= gemm.MAX_ROWS[fmt] and serves(f"{fmt}_gemm", gemm.ENABLED, x,
+    if rows <= gemm.forward_max_rows(fmt) and serves(f"{fmt}_gemm", gemm.ENABLED, x,
                                                 lambda: gemm.unserved_reason(fmt, x, weight, scale, in_features)):
         return gemm.packed_gemm(fmt, x, weight, scale, in_features, global_scale)
     return F.linear(x, fp_dequant(weight, scale, global_scale, fmt, in_features, x.dtype))

@@ -11,7 +11,7 @@ dispatch point (``torch.library.custom_op`` + ``register_fake``) and the plain-t
 * ``orbit::int4_linear``: ``x @ W^T`` with the weight decoded tile by tile inside the kernel, so a
   decode step reads 0.5 bytes per weight instead of dequantizing the whole matrix first. Up to
   ``packed_gemv.MAX_ROWS`` rows the few-row GEMV shared with fp8 and nvfp4 runs; up to
-  ``packed_gemm.MAX_ROWS`` the tiled GEMM shared with them; above, dequantize and cuBLAS.
+  ``packed_gemm.forward_max_rows`` the tiled GEMM shared with them; above, dequantize and cuBLAS.
 
 On the CPU, for dtypes other than bf16/fp16, or for a shape a kernel does not serve, the reference
 runs (and the shape is logged once); a kernel never returns numbers the reference would not.
@@ -71,7 +71,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_f
     if rows <= packed_gemv.MAX_ROWS and serves("int4_gemv", packed_gemv.ENABLED, x,
                                                lambda: packed_gemv.unserved_reason("int4", x, packed, scale, in_features)):
         return packed_gemv.packed_gemv("int4", x, packed, scale, in_features)
-    if rows <= packed_gemm.MAX_ROWS["int4"] and serves(
+    if rows <= packed_gemm.forward_max_rows("int4") and serves(
             "int4_gemm", packed_gemm.ENABLED, x, lambda: packed_gemm.unserved_reason("int4", x, packed, scale, in_features)):
         return packed_gemm.packed_gemm("int4", x, packed, scale, in_features)
     return F.linear(x, int4_dequant(packed, scale, in_features, x.dtype))

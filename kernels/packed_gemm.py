@@ -36,7 +36,8 @@ from orbit_kernels._triton import tl, triton
 ENABLED = True
 """Set False to force the references (benchmarks compare the two in one process)."""
 MAX_ROWS = {"int4": 16, "fp8": 0, "nvfp4": 0}
-"""Up to this many rows the format ops run this GEMM (forward, and the input gradient); above,
+"""Up to this many rows the format ops run this GEMM (the input gradient, and the forward without
+``X_SPLIT``); above,
 the format's dequantization then cuBLAS, which measured faster on an H200 at the Qwen3-1.7B shape
 (``bench/results/packed_gemm_h200.jsonl``, summed over q, k, gate and down_proj). int4 at 8
 rows: GEMM 48.7 us forward / 46.4 backward, dequantize + cuBLAS 50.0 / 48.1; at 32 rows the GEMM
@@ -50,6 +51,19 @@ and shifting it by its own amount; and reduction splits of 8 to 32. At 16-256 ro
 this kernel or dequantize + cuBLAS, and every int4 GEMM stayed 1.5-3.4x slower than bf16 cuBLAS
 (``packed_gemm_unpack_h200.jsonl``, ``packed_gemm_per_code_splits_h200.jsonl``,
 ``packed_gemm_tiles_splits_h200.jsonl``)."""
+X_SPLIT = True
+"""Forward: one ``tl.dot`` per code position on the words as loaded, the activations of a K step
+in one contiguous load dealt out to the code positions by register splits (as the GEMV reads
+them), instead of unfolding the decoded words into a ``[BLOCK_N, BLOCK_K]`` tile (a layout
+change through shared memory). H200, int4, q/gate/down_proj at the Qwen3-1.7B shape
+(``packed_gemm_x_split_h200.jsonl``, one process): 16 rows 7.74 / 12.48 / 12.53 us against the
+unfolding GEMM's 9.22 / 15.64 / 14.92; 32 rows 9.30 / 13.93 / 15.51 against dequantize + cuBLAS's
+9.58 / 15.52 / 17.93; at 64 rows dequantize + cuBLAS wins again (44.3 us summed against 52.0). bf16
+cuBLAS stays ahead at every row count (25.98 us summed at 16 rows, 26.97 at 32). (The per-code
+dots tried in 6c53c3c loaded each code position's activations with a strided global load.)"""
+X_SPLIT_MAX_ROWS = {"int4": 32, "fp8": 0, "nvfp4": 0}
+"""With ``X_SPLIT``, the forward runs this GEMM up to this many rows (``MAX_ROWS`` stays the input
+gradient's, and the forward's without it)."""
 TARGET_PROGRAMS = 264
 """Split the reduction until about this many programs run: two per SM of an H100 (132 SMs)."""
 
@@ -61,12 +75,15 @@ class Tiles(NamedTuple):
     warps: int
     stages: int
     swap: bool = False
+    x_split: bool = False
 
 
 def tiles_for(rows: int, forward: bool) -> Tiles:
     """The tile setting for ``rows`` activation rows: the fastest of a sweep summed over q_proj,
     gate_proj and down_proj at the Qwen3-1.7B shape, per direction and row count (H200,
     ``bench/results/packed_gemm_sweep_h200.jsonl``; rows 8 from an earlier sweep of 16-row tiles)."""
+    if forward and X_SPLIT and rows <= 32:  # the x-split sweep (``X_SPLIT``)
+        return Tiles(16 if rows <= 16 else 32, 128, 128, 4, 4, True, True)
     if rows <= 16:
         return Tiles(16, 128, 128, 4, 4, forward)
     if rows <= 64:
@@ -105,11 +122,31 @@ if triton is not None:
         return tl.reshape(value, (BLOCK_N, BLOCK_K)).to(dtype)
 
     @triton.jit
+    def _code_dot(acc, words, scale, x, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, SWAP: tl.constexpr):
+        # code c of every loaded word, decoded and scaled in the words' own layout (no reshape),
+        # times its activations ``x [BLOCK_M, BLOCK_W]`` (columns ``CODES * w + c``)
+        w = (gemv._decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT) * scale).to(x.dtype)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        return acc
+
+    @triton.jit
+    def _four_code_dots(acc, words, scale, xa, xb, xc, xd, FIRST: tl.constexpr, BITS: tl.constexpr,
+                        FMT: tl.constexpr, SWAP: tl.constexpr):
+        acc = _code_dot(acc, words, scale, xa, FIRST, BITS, FMT, SWAP)
+        acc = _code_dot(acc, words, scale, xb, FIRST + 1, BITS, FMT, SWAP)
+        acc = _code_dot(acc, words, scale, xc, FIRST + 2, BITS, FMT, SWAP)
+        return _code_dot(acc, words, scale, xd, FIRST + 3, BITS, FMT, SWAP)
+
+    @triton.jit
     def _packed_gemm_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, part_ptr, count_ptr, M, N, K, stride_am, stride_w,
                             stride_s, stride_cm, FMT: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
                             SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                             FORWARD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr):
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+                            X_SPLIT: tl.constexpr):
         # W is [N, K] as stored. forward: C[M, N] = A[M, K] W^T, reducing over K in BLOCK_K steps;
         # backward: C[M, K] = A[M, N] W, reducing over N in BLOCK_N steps. SWAP computes C^T
         # instead (W^T... as the dot's first operand): Hopper's wgmma takes its first operand from
@@ -138,7 +175,32 @@ if triton is not None:
             acc = tl.zeros((BLOCK_O, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-        if FORWARD:
+        if FORWARD and X_SPLIT:
+            # one dot per code position on the words as loaded; the activations of the step come
+            # in one contiguous load and are dealt out to the code positions in registers
+            BITS: tl.constexpr = 32 // CODES
+            BLOCK_W: tl.constexpr = BLOCK_K // CODES
+            offs_w = tl.arange(0, BLOCK_W)
+            for k0 in range(pid_s * BLOCK_K, K, SPLIT * BLOCK_K):
+                words = tl.load(w_ptr + offs_o[:, None] * stride_w + (k0 // CODES + offs_w)[None, :],
+                                mask=o_mask[:, None], other=0)
+                if ROW_SCALE:
+                    scale = tl.load(s_ptr + (offs_o // SCALE_ROWS) * stride_s + k0 // GROUP, mask=o_mask, other=0.0)
+                    scale = scale.to(tl.float32)[:, None]
+                else:  # a word never straddles two groups (GROUP % CODES == 0)
+                    scale = tl.load(s_ptr + (offs_o // SCALE_ROWS)[:, None] * stride_s
+                                    + ((k0 + offs_w * CODES) // GROUP)[None, :], mask=o_mask[:, None],
+                                    other=0.0).to(tl.float32)
+                a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + tl.arange(0, BLOCK_K))[None, :],
+                            mask=m_mask[:, None], other=0.0)
+                if CODES == 8:
+                    a0, a1, a2, a3, a4, a5, a6, a7 = gemv.deal8(a, BLOCK_M, BLOCK_W)
+                    acc = _four_code_dots(acc, words, scale, a0, a1, a2, a3, 0, BITS, FMT, SWAP)
+                    acc = _four_code_dots(acc, words, scale, a4, a5, a6, a7, 4, BITS, FMT, SWAP)
+                else:
+                    a0, a1, a2, a3 = gemv.deal4(a, BLOCK_M, BLOCK_W)
+                    acc = _four_code_dots(acc, words, scale, a0, a1, a2, a3, 0, BITS, FMT, SWAP)
+        elif FORWARD:
             for k0 in range(pid_s * BLOCK_K, K, SPLIT * BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_mask[:, None], other=0.0)
@@ -205,6 +267,11 @@ if triton is not None:
 MIN_BLOCK_K = 32
 
 
+def forward_max_rows(fmt: str) -> int:
+    """Up to how many rows the format's forward runs this GEMM (above: dequantize, then cuBLAS)."""
+    return X_SPLIT_MAX_ROWS[fmt] if X_SPLIT else MAX_ROWS[fmt]
+
+
 def shape_reason(fmt: str, weight: torch.Tensor, scale: torch.Tensor, in_features: int) -> str | None:
     """Why the kernels here cannot decode this weight (None when they can)."""
     codes, group, _ = gemv.layout(fmt, scale, in_features)
@@ -256,7 +323,8 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         in_features, flat.stride(0), words.stride(0), scale.stride(0), c.stride(0), FMT=gemv.FORMAT_CODES[fmt],
         CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, ROW_SCALE=group % block_k == 0,
         HAS_GLOBAL=global_scale is not None, FORWARD=forward, SPLIT=split, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, num_warps=t.warps, num_stages=t.stages)
+        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, X_SPLIT=t.x_split and forward and block_k // codes >= 16,
+        num_warps=t.warps, num_stages=t.stages)
     return c.view(*a.shape[:-1], outer)
 
 

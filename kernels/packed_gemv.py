@@ -84,6 +84,27 @@ if triton is not None:
             return tl.where((codes & 0x78) == 0, sign * (codes & 7).to(tl.float32) * 0.001953125, normal)
 
     @triton.jit
+    def deal8(xk, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """``xk [ROWS, 8 * BLOCK_W]`` dealt out by register splits to the eight code positions of
+        a word: piece ``c`` holds columns ``8w + c`` (column 8w + 4a + 2b + c, split on a, b, c)."""
+        s0, s1 = tl.split(tl.reshape(xk, (ROWS, BLOCK_W, 2, 2, 2)))
+        s00, s01 = tl.split(s0)
+        s10, s11 = tl.split(s1)
+        x0, x4 = tl.split(s00)
+        x2, x6 = tl.split(s01)
+        x1, x5 = tl.split(s10)
+        x3, x7 = tl.split(s11)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def deal4(xk, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """``deal8`` for four codes a word: piece ``c`` holds columns ``4w + c``."""
+        s0, s1 = tl.split(tl.reshape(xk, (ROWS, BLOCK_W, 2, 2)))
+        x0, x2 = tl.split(s0)
+        x1, x3 = tl.split(s1)
+        return x0, x1, x2, x3
+
+    @triton.jit
     def _code_product(tile, words, x, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr):
         """``tile`` plus code ``c`` of every word times its activations ``x [ROWS, words]``."""
         w = _decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT)
@@ -130,20 +151,12 @@ if triton is not None:
                 # the step's activations in one contiguous load, dealt out to the codes in registers
                 xk = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :],
                              mask=(rows[:, None] < M) & (tl.arange(0, BLOCK_K)[None, :] < BLOCK_K), other=0.0)
-                if CODES == 8:  # column 8w + 4a + 2b + c
-                    s0, s1 = tl.split(tl.reshape(xk, (ROWS, BLOCK_W, 2, 2, 2)))
-                    s00, s01 = tl.split(s0)
-                    s10, s11 = tl.split(s1)
-                    x0, x4 = tl.split(s00)
-                    x2, x6 = tl.split(s01)
-                    x1, x5 = tl.split(s10)
-                    x3, x7 = tl.split(s11)
+                if CODES == 8:
+                    x0, x1, x2, x3, x4, x5, x6, x7 = deal8(xk, ROWS, BLOCK_W)
                     tile = _four_codes(tile, words, x0, x1, x2, x3, 0, BITS, FMT)
                     tile = _four_codes(tile, words, x4, x5, x6, x7, 4, BITS, FMT)
-                else:  # four codes a word: column 4w + 2b + c
-                    s0, s1 = tl.split(tl.reshape(xk, (ROWS, BLOCK_W, 2, 2)))
-                    x0, x2 = tl.split(s0)
-                    x1, x3 = tl.split(s1)
+                else:
+                    x0, x1, x2, x3 = deal4(xk, ROWS, BLOCK_W)
                     tile = _four_codes(tile, words, x0, x1, x2, x3, 0, BITS, FMT)
             else:
                 for c in tl.static_range(CODES):

@@ -160,7 +160,7 @@ def test_input_grad_on_cpu_is_the_reference_and_traces():
 
 @cuda
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
-@pytest.mark.parametrize("m", [5, 33, 256, 1000])
+@pytest.mark.parametrize("m", [5, 20, 33, 256, 1000])
 @pytest.mark.parametrize("rows, cols", [(2048, 2048), (300, 768), (4400, 512), (96, 160)])
 def test_packed_gemm_forward_and_input_grad_equal_the_reference(fmt, m, rows, cols):
     """The tiled GEMM both ways against dequantize-then-matmul in fp32: its own split choice, an

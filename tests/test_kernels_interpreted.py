@@ -47,6 +47,8 @@ def test_dequantize_is_the_reference_bit_for_bit(fmt, rows, cols):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("forward", [True, False])
 def test_packed_gemm_both_ways_equals_the_reference(fmt, forward):
+    """Default and swept tiles, split and not, swapped and not, and (forward) one dot per code
+    position with the activations dealt out in registers."""
     rows, cols = 96, 384  # 96 outputs leave a partial 64-row tile; 384 inputs are three 128-column tiles
     args, global_scale, dense = _format_weights(fmt, rows, cols, "cpu")
     torch.manual_seed(0)
@@ -54,7 +56,9 @@ def test_packed_gemm_both_ways_equals_the_reference(fmt, forward):
         a = torch.randn(m, cols if forward else rows, dtype=torch.float16)
         reference = a.float() @ (dense.t() if forward else dense)
         for tiles, split in ((None, None), (packed_gemm.Tiles(16, 32, 64, 4, 2), 2),
-                             (packed_gemm.Tiles(16, 64, 32, 4, 2, True), 1)):
+                             (packed_gemm.Tiles(16, 64, 32, 4, 2, True), 1),
+                             (packed_gemm.Tiles(16, 32, 128, 4, 2, True, True), 2),
+                             (packed_gemm.Tiles(16, 64, 128, 4, 2, False, True), 1)):
             got = packed_gemm.packed_gemm(fmt, a, *args, cols, global_scale, forward=forward, tiles=tiles,
                                           split=split).float()
             torch.testing.assert_close(got, reference, atol=3e-3 * reference.abs().max().item(), rtol=1e-2)
