@@ -101,23 +101,43 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _delta_pointers(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1,
+                        n12, sbs0, sbs1, sbs2, HAS_SLOTS: tl.constexpr):
+        # [rows, columns] pointers to rank 0 of each row's t for the column's group and of
+        # B_g[slot(row), column], and where both exist
+        g, start = group_of(offs_n, n1, n12)
+        b_cols = pick(g, 0, b_off1, b_off2) + (offs_n - start) * stride_bn
+        m_mask = rows < M
+        slots = tl.load(slot_ptr + rows, mask=m_mask, other=0) if HAS_SLOTS else tl.zeros_like(rows)
+        t_ptrs = t_ptr + rows[:, None] * stride_tm + (g * R)[None, :]
+        b_ptrs = b_ptr + slots[:, None] * pick(g, sbs0, sbs1, sbs2)[None, :] + b_cols[None, :]
+        return t_ptrs, b_ptrs, m_mask[:, None] & (offs_n < N)[None, :]
+
+    @triton.jit
     def rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1, n12,
                    sbs0, sbs1, sbs2, HAS_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr):
         """``sum_r t[m, g R + r] * B_g[slot(m), n - start_g, r]`` for rows ``rows`` and output
         columns ``offs_n`` of groups laid end to end (group 1 starts at ``n1``, group 2 at ``n12``):
         a LoRA expand for a few rows, for a kernel that holds those rows' base outputs."""
-        g, start = group_of(offs_n, n1, n12)
-        b_cols = pick(g, 0, b_off1, b_off2) + (offs_n - start) * stride_bn
-        slot_stride = pick(g, sbs0, sbs1, sbs2)
-        m_mask = rows < M
-        slots = tl.load(slot_ptr + rows, mask=m_mask, other=0) if HAS_SLOTS else tl.zeros_like(rows)
+        t_ptrs, b_ptrs, mask = _delta_pointers(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn,
+                                               b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS)
         offs_r = tl.arange(0, BLOCK_R)
-        mask = m_mask[:, None, None] & (offs_n < N)[None, :, None] & (offs_r < R)[None, None, :]
-        t = tl.load(t_ptr + rows[:, None, None] * stride_tm + (g * R)[None, :, None] + offs_r[None, None, :],
-                    mask=mask, other=0.0)
-        b = tl.load(b_ptr + slots[:, None, None] * slot_stride[None, :, None] + b_cols[None, :, None]
-                    + offs_r[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        mask = mask[:, :, None] & (offs_r < R)[None, None, :]
+        t = tl.load(t_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0)
+        b = tl.load(b_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0).to(tl.float32)
         return tl.sum(t * b, axis=2)
+
+    @triton.jit
+    def rows_delta_by_rank(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1,
+                           n12, sbs0, sbs1, sbs2, HAS_SLOTS: tl.constexpr):
+        """``rows_delta`` one rank at a time, for a row tile whose ``[rows, columns, rank]``
+        product would not fit in registers (the packed GEMM's 16 and 32 rows)."""
+        t_ptrs, b_ptrs, mask = _delta_pointers(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn,
+                                               b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS)
+        delta = tl.load(t_ptrs, mask=mask, other=0.0) * tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+        for r in range(1, R):
+            delta += tl.load(t_ptrs + r, mask=mask, other=0.0) * tl.load(b_ptrs + r, mask=mask, other=0.0).to(tl.float32)
+        return delta
 
 
 if triton is not None:

@@ -94,6 +94,7 @@ def tiles_for(rows: int, forward: bool) -> Tiles:
 
 
 if triton is not None:
+    from orbit_kernels.lora import rows_delta_by_rank
 
     @triton.jit
     def _weight_tile(w_ptr, s_ptr, gs_ptr, offs_n, k0, n_mask, stride_w, stride_s, FMT: tl.constexpr,
@@ -142,7 +143,9 @@ if triton is not None:
 
     @triton.jit
     def _packed_gemm_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, part_ptr, count_ptr, M, N, K, stride_am, stride_w,
-                            stride_s, stride_cm, FMT: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
+                            stride_s, stride_cm, t_ptr, b_ptr, slot_ptr, bias_ptr, scaling, R, stride_tm, stride_bn,
+                            b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, LORA: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, FMT: tl.constexpr, CODES: tl.constexpr, GROUP: tl.constexpr,
                             SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                             FORWARD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
@@ -227,6 +230,12 @@ if triton is not None:
             acc = tl.trans(acc)
         if HAS_GLOBAL:
             acc = acc / tl.load(gs_ptr).to(tl.float32)
+        if LORA:  # forward only (``packed_lora``)
+            if pid_s == 0:  # the LoRA update and the bias join one split's partials: the tile's sum has them once
+                acc += scaling * rows_delta_by_rank(t_ptr, b_ptr, slot_ptr, offs_m, offs_o, M, N, R, stride_tm,
+                                                    stride_bn, b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS)
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[None, :]
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_o[None, :]
         c_mask = m_mask[:, None] & o_mask[None, :]
         gemv.finish_split(acc, c_ptrs, c_mask, part_ptr, offs_m[:, None] * out_cols + offs_o[None, :], M * out_cols,
@@ -297,10 +306,13 @@ def _split(tiles: int, steps: int) -> int:
 
 def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int,
                 global_scale: torch.Tensor | None = None, forward: bool = True,
-                tiles: Tiles | None = None, split: int | None = None) -> torch.Tensor:
+                tiles: Tiles | None = None, split: int | None = None,
+                lora: gemv.LoRAEpilogue | None = None) -> torch.Tensor:
     """``a @ W^T`` (``forward``; ``a [..., in]``) or ``a @ W`` (``a [..., out]``), callers having
-    checked ``unserved_reason``. Tensors as stored, as for ``packed_gemv.packed_gemv``.
-    ``tiles`` and ``split`` override the defaults (benchmarks sweep them)."""
+    checked ``unserved_reason``. Tensors as stored, as for ``packed_gemv.packed_gemv``; the forward
+    adds ``lora``'s update and bias when given. ``tiles`` and ``split`` override the defaults
+    (benchmarks sweep them)."""
+    assert lora is None or forward, "the LoRA epilogue is the forward's"
     out_features = weight.shape[0]
     inner, outer = (in_features, out_features) if forward else (out_features, in_features)
     rows = a.numel() // inner
@@ -318,9 +330,12 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     if split > 1:
         part = torch.empty((split, rows, outer), dtype=torch.float32, device=a.device)
         count = gemv.arrival_counters(a.device, out_tiles)
+    lora_args, lora_flags = gemv.epilogue_args(lora, c)
+    lora_flags.pop("BLOCK_R")  # the GEMM's expand goes one rank at a time
     _packed_gemm_kernel[(out_tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, c, part, count, rows, out_features,
-        in_features, flat.stride(0), words.stride(0), scale.stride(0), c.stride(0), FMT=gemv.FORMAT_CODES[fmt],
+        in_features, flat.stride(0), words.stride(0), scale.stride(0), c.stride(0), *lora_args, **lora_flags,
+        FMT=gemv.FORMAT_CODES[fmt],
         CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, ROW_SCALE=group % block_k == 0,
         HAS_GLOBAL=global_scale is not None, FORWARD=forward, SPLIT=split, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, X_SPLIT=t.x_split and forward and block_k // codes >= 16,

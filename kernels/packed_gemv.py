@@ -265,7 +265,7 @@ class LoRAEpilogue(NamedTuple):
     bias: torch.Tensor | None
 
 
-def _epilogue_args(lora: LoRAEpilogue | None, y: torch.Tensor) -> tuple[tuple, dict]:
+def epilogue_args(lora: LoRAEpilogue | None, y: torch.Tensor) -> tuple[tuple, dict]:
     """The kernel's LoRA arguments (unused placeholders when ``lora`` is None)."""
     if lora is None:
         return (y, y, y, y, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), dict(LORA=False, HAS_SLOTS=False, HAS_BIAS=False,
@@ -306,7 +306,7 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     if split > 1:
         part = torch.empty((split, row_bucket, out_features), dtype=torch.float32, device=x.device)
         count = arrival_counters(x.device, tiles)
-    lora_args, lora_flags = _epilogue_args(lora, y)
+    lora_args, lora_flags = epilogue_args(lora, y)
     _packed_gemv_kernel[(tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, part, count, y, rows, out_features,
         in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), *lora_args, FMT=FORMAT_CODES[fmt],

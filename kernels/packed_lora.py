@@ -1,10 +1,11 @@
-"""A packed linear and its LoRA update in one GEMV, for the few rows of a decode step.
+"""A packed linear and its LoRA update in one kernel, for the rows of a decode step: the few-row
+GEMV, or above its rows the packed GEMM while the forward runs it (``max_rows``).
 
 At batch 1 the LoRA expand cost as much as a kernel of real work: on an H200, int4 Qwen3-1.7B
 shape, 112 expand launches took 429 us of a 2.66 ms step to add a rank-16 update to outputs the
 GEMV had just written (``decode_graph_replay_profile_round_h200.txt``). ``orbit::packed_lora_linear``
 runs the shrink as before (``lora.shrink``: ``t = x @ A[s]^T`` per row, fp32), then the packed GEMV
-with the expand in its epilogue: the program that owns an output tile adds
+(or GEMM) with the expand in its epilogue: the program that owns an output tile adds
 ``scaling * t @ B[s]^T`` and the bias to its fp32 sum before the one rounding to the activation
 dtype. Two kernels a linear, or a fused group of linears (q/k/v, gate/up), instead of three.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels import lora, lora_groups, packed_gemv
+from orbit_kernels import lora, lora_groups, packed_gemm, packed_gemv
 from orbit_kernels._triton import serves
 from orbit_kernels.packed_grad import dense_weight
 
@@ -39,14 +40,38 @@ def packed_lora_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     return y
 
 
+GEMM_MAX_ROWS = 8
+"""Above the GEMV's rows, the packed GEMM takes the update in its epilogue up to this many rows
+(and while the forward runs it at all). The epilogue adds one rank at a time
+(``lora.rows_delta_by_rank``), in the program that also holds the first split's partials. H200,
+int4 + LoRA r16 decode, against the shrink-GEMM-expand path in the same process
+(``decode_throughput_gemm_lora_epilogue_h200.jsonl``): 2,952 / 2,969 tok/s against 2,858 at
+batch 8, but 4,894 against 5,322 at 16 and 5,303 against 8,939 at 32. With this cap
+(``decode_throughput_gemm_lora_cap8_h200.jsonl``): 2,982 / 2,957 against 2,867 at batch 8, 16 and
+32 rows unchanged."""
+
+
+def max_rows(fmt: str) -> int:
+    """Up to this many rows a ``fmt`` base takes the update in its epilogue: the GEMV's few rows,
+    then the packed GEMM's to ``GEMM_MAX_ROWS`` while the forward runs it
+    (``packed_gemm.forward_max_rows``)."""
+    return max(packed_gemv.MAX_ROWS, min(GEMM_MAX_ROWS, packed_gemm.forward_max_rows(fmt)))
+
+
+def most_rows() -> int:
+    """``max_rows`` of the format that takes the most."""
+    return max(max_rows(fmt) for fmt in packed_gemv.FORMAT_CODES)
+
+
 def unserved_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                     fmt: str, in_features: int, as_: list[torch.Tensor], bs: list[torch.Tensor],
                     row_slot: torch.Tensor | None) -> str | None:
     """Why the kernels cannot take this call (None: they can)."""
     rows = x.numel() // in_features
-    if rows > packed_gemv.MAX_ROWS:
-        return f"{rows} rows (the GEMV takes up to {packed_gemv.MAX_ROWS})"
-    why = packed_gemv.unserved_reason(fmt, x, weight, scale, in_features)
+    if rows > max_rows(fmt):
+        return f"{rows} rows (the GEMV takes up to {packed_gemv.MAX_ROWS}, the GEMM up to {max_rows(fmt)})"
+    kernel = packed_gemv if rows <= packed_gemv.MAX_ROWS else packed_gemm
+    why = kernel.unserved_reason(fmt, x, weight, scale, in_features)
     if why is not None:
         return why
     if not 1 <= len(as_) == len(bs) <= lora_groups.MAX_GROUPS:
@@ -69,7 +94,8 @@ def unserved_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 
 
 def served(x, weight, scale, bias, fmt, in_features, as_, bs, row_slot) -> bool:
-    return serves("packed_lora_linear", ENABLED and packed_gemv.ENABLED and lora.ENABLED, x,
+    kernel = packed_gemv if x.numel() // in_features <= packed_gemv.MAX_ROWS else packed_gemm
+    return serves("packed_lora_linear", ENABLED and kernel.ENABLED and lora.ENABLED, x,
                   lambda: unserved_reason(x, weight, scale, bias, fmt, in_features, as_, bs, row_slot))
 
 
@@ -78,7 +104,10 @@ def launch(x, weight, scale, global_scale, bias, fmt, in_features, as_, bs, row_
     flat = x.reshape(-1, in_features).contiguous()
     t = lora.shrink(flat, as_, row_slot)
     epilogue = packed_gemv.LoRAEpilogue(t, bs, row_slot, scaling, bias)
-    y = packed_gemv.packed_gemv(fmt, flat, weight, scale, in_features, global_scale, epilogue)
+    if flat.shape[0] <= packed_gemv.MAX_ROWS:
+        y = packed_gemv.packed_gemv(fmt, flat, weight, scale, in_features, global_scale, epilogue)
+    else:
+        y = packed_gemm.packed_gemm(fmt, flat, weight, scale, in_features, global_scale, lora=epilogue)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

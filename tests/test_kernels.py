@@ -561,10 +561,12 @@ def test_decode_qk_kernel_equals_the_unfused_kernels_and_reference(rows, norm):
 
 @cuda
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
-@pytest.mark.parametrize("rows, slots", [(1, 1), (3, 2), (4, 2)])
+@pytest.mark.parametrize("rows, slots", [(1, 1), (3, 2), (4, 2), (8, 3), (16, 2)])
 def test_packed_lora_linear_equals_row_by_row_fp32(fmt, rows, slots):
-    """The GEMV with the LoRA expand in its epilogue, through the op, at the Qwen3-1.7B fused q/k/v
-    shape with a bias, also replayed from a CUDA graph: each output gets its own linear's update."""
+    """The GEMV (to 4 rows) or the packed GEMM (int4 to 8) with the LoRA expand in its epilogue,
+    through the op, at the Qwen3-1.7B fused q/k/v shape with a bias, also replayed from a CUDA
+    graph: each output gets its own linear's update. Where neither kernel serves (16 rows; fp8 and
+    nvfp4 above 4), the op's reference."""
     from orbit_kernels import packed_lora
 
     torch.manual_seed(rows * slots)
@@ -580,7 +582,7 @@ def test_packed_lora_linear_equals_row_by_row_fp32(fmt, rows, slots):
     base = flat.float() @ dense.t() + bias.float()
     want = torch.cat([_lora_fp32(part, flat, a, b, row_slot, 2.0)
                       for part, a, b in zip(base.split(widths, dim=-1), as_, bs)], dim=-1)
-    assert packed_lora.served(x, *args, bias, fmt, cols, as_, bs, row_slot)
+    assert packed_lora.served(x, *args, bias, fmt, cols, as_, bs, row_slot) == (rows <= packed_lora.max_rows(fmt))
     tolerance = dict(atol=1e-2 * want.abs().max().item(), rtol=1e-2)
 
     def call():

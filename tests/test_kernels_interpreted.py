@@ -263,10 +263,12 @@ def test_decode_qk_kernel_equals_the_unfused_reference(norm):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows, slots, widths, bias", [(1, 1, (64, 32, 32), False), (3, 2, (64, 32, 32), True),
-                                                        (2, 2, (128,), True)])
-def test_packed_gemv_with_the_lora_epilogue_equals_row_by_row_fp32(fmt, rows, slots, widths, bias):
-    """A fused q/k/v-like group and a single linear: every output gets its own linear's update,
-    for its row's slot, once, with K split over programs (the update joins one split's partials)."""
+                                                        (2, 2, (128,), True), (12, 2, (64, 32, 32), True),
+                                                        (20, 3, (128,), False)])
+def test_packed_kernels_with_the_lora_epilogue_equal_row_by_row_fp32(fmt, rows, slots, widths, bias):
+    """A fused q/k/v-like group and a single linear, through the GEMV (up to 4 rows) and the packed
+    GEMM (12 and 20 rows): every output gets its own linear's update, for its row's slot, once,
+    with K split over programs (the update joins one split's partials)."""
     from orbit_kernels import packed_lora
     from tests.test_kernels import _lora_fp32
 

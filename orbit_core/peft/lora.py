@@ -10,7 +10,7 @@ from torch import nn
 from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.projections import base_outputs, packed_parts
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
-from orbit_kernels import packed_gemv, packed_lora
+from orbit_kernels import packed_lora
 from orbit_kernels.lora import lora_add_, lora_add_group_
 
 
@@ -98,12 +98,12 @@ class LoRALinear(AdapterLayer):
 
     @staticmethod
     def _engine_packed(x: torch.Tensor, linears, factors: list | None = None) -> list[torch.Tensor] | None:
-        """A few rows through packed bases: the base GEMV with the LoRA expand in its epilogue
+        """Decode rows through packed bases: the base GEMV or GEMM with the LoRA expand in its epilogue
         (``orbit::packed_lora_linear``), each linear's output a column view. None: not served.
         ``factors``: the linears' ``_engine_factors``, when the caller has them."""
         rows = x.numel() // x.shape[-1]
-        parts = packed_parts([m.base for m in linears]) if rows <= packed_gemv.MAX_ROWS else None
-        if parts is None:
+        parts = packed_parts([m.base for m in linears]) if rows <= packed_lora.most_rows() else None
+        if parts is None or rows > packed_lora.max_rows(parts.fmt):
             return None
         factors = factors or [m._engine_factors(rows) for m in linears]
         if any(f is None for f in factors):
