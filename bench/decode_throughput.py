@@ -65,10 +65,11 @@ ROUND_KERNELS = {
     "wide_shrink": (lora_kernels, "WIDE_SHRINK"),  # LoRA shrink in 2,048-column steps (else 512)
     "x_split": (packed_gemv, "X_SPLIT"),  # packed GEMV: a step's activations in one load, split in registers
     "gemm_x_split": (packed_gemm, "X_SPLIT"),  # packed GEMM to 32 rows: a dot per code position (else 16 rows, unfolded)
+    "gemm_narrow_tiles": (packed_gemm, "NARROW_TILES"),  # x-split GEMM: 64-column tiles, 4 programs per SM
 }
 """The decode changes of the last five rounds (the first five from four rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
-that, ``gemm_x_split`` from this one), each switchable for ``--ablate``
+that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from this one), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32). ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at

@@ -9,7 +9,7 @@ line per implementation:
 * ``<fmt>_gemm``: the packed GEMM with its default tiles (``packed_gemm.tiles_for``);
 * with ``--sweep``, ``int4_gemm`` with each tile setting in ``CANDIDATES`` as well at each
   reduction split of ``--splits``; with ``--sweep --x-split``, every format's GEMM with each
-  setting in ``X_SPLIT_CANDIDATES`` (the first ``--candidates`` of them), forward.
+  setting in ``X_SPLIT_CANDIDATES`` (those ``--candidates`` names), forward.
 
 Times come from CUDA-graph replays of ``--calls`` back-to-back calls cycling through enough
 weight copies to overflow L2 (``bench.int4_linear.graph_us``), so they are GPU time per call.
@@ -48,7 +48,10 @@ X_SPLIT_CANDIDATES = [Tiles(16, 128, 128, 4, 4, True, True), Tiles(32, 128, 128,
                       Tiles(32, 128, 256, 4, 3, True, True), Tiles(64, 128, 128, 4, 3, True, True),
                       Tiles(64, 128, 256, 8, 3, True, True), Tiles(64, 64, 256, 4, 3, True, True),
                       Tiles(128, 128, 128, 8, 3, True, True), Tiles(64, 256, 128, 8, 3, True, True),
-                      Tiles(64, 128, 128, 4, 3, False, True), Tiles(128, 128, 128, 8, 3, False, True)]
+                      Tiles(64, 128, 128, 4, 3, False, True), Tiles(128, 128, 128, 8, 3, False, True),
+                      Tiles(16, 64, 128, 4, 4, True, True), Tiles(32, 64, 128, 4, 4, True, True),
+                      Tiles(16, 64, 256, 4, 3, True, True), Tiles(16, 128, 128, 4, 5, True, True),
+                      Tiles(16, 32, 128, 2, 4, True, True)]
 """With ``--sweep --x-split``: one dot per code position, the activations dealt out in registers."""
 
 
@@ -67,7 +70,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--x-split", action="store_true",
                         help="sweep X_SPLIT_CANDIDATES instead (forward only), for every format")
-    parser.add_argument("--candidates", type=int, default=None, help="sweep only the first this many candidates")
+    parser.add_argument("--candidates", type=int, nargs="+", default=None,
+                        help="sweep only these candidates (indices into the list swept)")
     parser.add_argument("--splits", nargs="+", type=int, default=[0],
                         help="reduction splits to sweep (0: the default rule, packed_gemm._split)")
     parser.add_argument("--directions", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
@@ -104,7 +108,8 @@ def main() -> None:
                     impls[f"{fmt}_dequant_cublas"] = (dequant_cublas, weight_bytes, fmt)
                     impls[f"{fmt}_gemm"] = (gemm, weight_bytes, fmt)
                     if args.sweep and (fmt == "int4" or args.x_split):
-                        for t in (X_SPLIT_CANDIDATES if args.x_split else CANDIDATES)[:args.candidates]:
+                        swept = X_SPLIT_CANDIDATES if args.x_split else CANDIDATES
+                        for t in (swept if args.candidates is None else [swept[i] for i in args.candidates]):
                             for split in args.splits:
                                 impls[f"{fmt}_gemm {tuple(t)}" + (f" split {split}" if split else "")] = (
                                     lambda i, t=t, s=split, gemm=gemm: gemm(i, t, s or None), weight_bytes, fmt)

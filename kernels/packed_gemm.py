@@ -66,6 +66,15 @@ X_SPLIT_MAX_ROWS = {"int4": 32, "fp8": 0, "nvfp4": 0}
 gradient's, and the forward's without it)."""
 TARGET_PROGRAMS = 264
 """Split the reduction until about this many programs run: two per SM of an H100 (132 SMs)."""
+NARROW_TILES = True
+"""The x-split forward in 64-column tiles, its reduction split until about four programs per SM
+run (``packed_gemv.TARGET_PROGRAMS``); False: 128-column tiles and ``TARGET_PROGRAMS``. H200,
+int4, q/gate/down_proj, one process (``packed_gemm_x_split_splits_h200.jsonl``, each split
+measured): 16 rows 6.96 / 10.17 / 11.52 us (split 8 / 4 / 16, what this rule picks) against
+7.77 / 12.42 / 12.52 with 128 columns; 32 rows 7.77 / 11.91 / 13.24 against 9.27 / 13.89 / 15.50.
+bf16 cuBLAS: 5.78 / 8.94 / 11.37 and 6.18 / 9.25 / 11.66. Decoding, int4 + LoRA r16, against
+False in the same process (``decode_throughput_gemm_narrow_tiles_h200.jsonl``): 3,185 tok/s
+against 2,963 at batch 8, 5,587 against 5,340 at 16, 9,533 against 9,003 at 32."""
 
 
 class Tiles(NamedTuple):
@@ -82,8 +91,8 @@ def tiles_for(rows: int, forward: bool) -> Tiles:
     """The tile setting for ``rows`` activation rows: the fastest of a sweep summed over q_proj,
     gate_proj and down_proj at the Qwen3-1.7B shape, per direction and row count (H200,
     ``bench/results/packed_gemm_sweep_h200.jsonl``; rows 8 from an earlier sweep of 16-row tiles)."""
-    if forward and X_SPLIT and rows <= 32:  # the x-split sweep (``X_SPLIT``)
-        return Tiles(16 if rows <= 16 else 32, 128, 128, 4, 4, True, True)
+    if forward and X_SPLIT and rows <= 32:  # the x-split sweeps (``X_SPLIT``, ``NARROW_TILES``)
+        return Tiles(16 if rows <= 16 else 32, 64 if NARROW_TILES else 128, 128, 4, 4, True, True)
     if rows <= 16:
         return Tiles(16, 128, 128, 4, 4, forward)
     if rows <= 64:
@@ -298,9 +307,9 @@ def unserved_reason(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torc
     return shape_reason(fmt, weight, scale, in_features)
 
 
-def _split(tiles: int, steps: int) -> int:
-    """Programs per output tile: up to TARGET_PROGRAMS in all, each keeping two reduction steps."""
-    split = max(1, min(TARGET_PROGRAMS // tiles, steps // 2))
+def _split(tiles: int, steps: int, target: int = TARGET_PROGRAMS) -> int:
+    """Programs per output tile: up to ``target`` in all, each keeping two reduction steps."""
+    split = max(1, min(target // tiles, steps // 2))
     return 1 << (split.bit_length() - 1)
 
 
@@ -324,7 +333,8 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     block_o = t.block_n if forward else block_k
     out_tiles = triton.cdiv(rows, t.block_m) * triton.cdiv(outer, block_o)
     steps = triton.cdiv(inner, block_k if forward else t.block_n)
-    split = split or _split(out_tiles, steps)
+    narrow = t.x_split and forward and NARROW_TILES
+    split = split or _split(out_tiles, steps, gemv.TARGET_PROGRAMS if narrow else TARGET_PROGRAMS)
     c = torch.empty((rows, outer), dtype=a.dtype, device=a.device)
     part = count = c  # read only when the reduction is split: fp32 partials and per-tile arrival counters
     if split > 1:
