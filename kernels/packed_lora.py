@@ -48,7 +48,9 @@ int4 + LoRA r16 decode, against the shrink-GEMM-expand path in the same process
 (``decode_throughput_gemm_lora_epilogue_h200.jsonl``): 2,952 / 2,969 tok/s against 2,858 at
 batch 8, but 4,894 against 5,322 at 16 and 5,303 against 8,939 at 32. With this cap
 (``decode_throughput_gemm_lora_cap8_h200.jsonl``): 2,982 / 2,957 against 2,867 at batch 8, 16 and
-32 rows unchanged."""
+32 rows unchanged. Tried again to 32 rows with the GEMM's 64-column tiles
+(``decode_throughput_gemm_lora_epilogue_narrow_h200.jsonl``): still slower, 5,394 / 5,449 against
+5,633 at 16 and 6,564 / 6,561 against 9,519 at 32."""
 
 
 def max_rows(fmt: str) -> int:
