@@ -106,6 +106,20 @@ if triton is not None:
     from orbit_kernels.lora import rows_delta_by_rank
 
     @triton.jit
+    def _word_scales(s_ptr, offs_n, offs_w, k0, n_mask, stride_s, CODES: tl.constexpr, GROUP: tl.constexpr,
+                     SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr):
+        """fp32 scales of rows ``offs_n`` for the words ``offs_w`` of the K tile at ``k0``: ``[rows, 1]``
+        when the tile lies inside one scale group, else ``[rows, words]`` (a word never straddles
+        two groups: GROUP % CODES == 0)."""
+        if ROW_SCALE:
+            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS) * stride_s + k0 // GROUP, mask=n_mask, other=0.0)
+            scale = scale[:, None]
+        else:
+            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS)[:, None] * stride_s + (offs_w * CODES // GROUP)[None, :],
+                            mask=n_mask[:, None], other=0.0)
+        return scale.to(tl.float32)
+
+    @triton.jit
     def _weight_tile(w_ptr, s_ptr, gs_ptr, offs_n, k0, n_mask, stride_w, stride_s, FMT: tl.constexpr,
                      CODES: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr,
                      HAS_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
@@ -119,13 +133,8 @@ if triton is not None:
         words = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_w[None, :], mask=n_mask[:, None], other=0)
         shifts = tl.arange(0, CODES) * BITS
         value = gemv._decode((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), FMT)
-        if ROW_SCALE:  # the K tile lies inside one scale group: one scale per row
-            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS) * stride_s + k0 // GROUP, mask=n_mask, other=0.0)
-            scale = scale.to(tl.float32)[:, None, None]
-        else:  # a word never straddles two groups (GROUP % CODES == 0)
-            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS)[:, None] * stride_s + (offs_w * CODES // GROUP)[None, :],
-                            mask=n_mask[:, None], other=0.0)
-            scale = scale.to(tl.float32)[:, :, None]
+        scale = _word_scales(s_ptr, offs_n, offs_w, k0, n_mask, stride_s, CODES, GROUP, SCALE_ROWS,
+                             ROW_SCALE)[:, :, None]
         if HAS_GLOBAL:  # nvfp4's reference divides the scale first (IEEE division, as torch divides)
             scale = tl.math.div_rn(scale, tl.load(gs_ptr).to(tl.float32))
         value = value * scale
@@ -192,17 +201,10 @@ if triton is not None:
             # in one contiguous load and are dealt out to the code positions in registers
             BITS: tl.constexpr = 32 // CODES
             BLOCK_W: tl.constexpr = BLOCK_K // CODES
-            offs_w = tl.arange(0, BLOCK_W)
             for k0 in range(pid_s * BLOCK_K, K, SPLIT * BLOCK_K):
-                words = tl.load(w_ptr + offs_o[:, None] * stride_w + (k0 // CODES + offs_w)[None, :],
-                                mask=o_mask[:, None], other=0)
-                if ROW_SCALE:
-                    scale = tl.load(s_ptr + (offs_o // SCALE_ROWS) * stride_s + k0 // GROUP, mask=o_mask, other=0.0)
-                    scale = scale.to(tl.float32)[:, None]
-                else:  # a word never straddles two groups (GROUP % CODES == 0)
-                    scale = tl.load(s_ptr + (offs_o // SCALE_ROWS)[:, None] * stride_s
-                                    + ((k0 + offs_w * CODES) // GROUP)[None, :], mask=o_mask[:, None],
-                                    other=0.0).to(tl.float32)
+                offs_w = k0 // CODES + tl.arange(0, BLOCK_W)
+                words = tl.load(w_ptr + offs_o[:, None] * stride_w + offs_w[None, :], mask=o_mask[:, None], other=0)
+                scale = _word_scales(s_ptr, offs_o, offs_w, k0, o_mask, stride_s, CODES, GROUP, SCALE_ROWS, ROW_SCALE)
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + tl.arange(0, BLOCK_K))[None, :],
                             mask=m_mask[:, None], other=0.0)
                 if CODES == 8:
