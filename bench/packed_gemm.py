@@ -22,7 +22,9 @@ Results (H200): ``packed_gemm_h200.jsonl`` (every format, the dispatch threshold
 dequantization, 2-2.5x slower); ``packed_gemm_x_split_h200.jsonl`` and
 ``packed_gemm_x_split_formats_h200.jsonl`` (the forward's one dot per code position,
 ``packed_gemm.X_SPLIT``: int4 at 16-256 rows, and every format at 8-32; in the second the default
-``<fmt>_gemm`` rows already take the x-split tiles).
+``<fmt>_gemm`` rows already take the x-split tiles); ``packed_gemm_x_split_splits_h200.jsonl`` (the
+x-split tiles at 16 and 32 rows, each at reduction splits 2, 4, 16 and the default rule, behind
+``packed_gemm.NARROW_TILES``).
 """
 
 from __future__ import annotations
