@@ -71,7 +71,7 @@ def unserved_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     """Why the kernels cannot take this call (None: they can)."""
     rows = x.numel() // in_features
     if rows > max_rows(fmt):
-        return f"{rows} rows (the GEMV takes up to {packed_gemv.MAX_ROWS}, the GEMM up to {max_rows(fmt)})"
+        return f"{rows} rows (the kernels take up to {max_rows(fmt)} on a {fmt} base)"
     kernel = packed_gemv if rows <= packed_gemv.MAX_ROWS else packed_gemm
     why = kernel.unserved_reason(fmt, x, weight, scale, in_features)
     if why is not None:
