@@ -335,8 +335,9 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     block_o = t.block_n if forward else block_k
     out_tiles = triton.cdiv(rows, t.block_m) * triton.cdiv(outer, block_o)
     steps = triton.cdiv(inner, block_k if forward else t.block_n)
-    narrow = t.x_split and forward and NARROW_TILES
-    split = split or _split(out_tiles, steps, gemv.TARGET_PROGRAMS if narrow else TARGET_PROGRAMS)
+    x_split_tiles = t.x_split and forward
+    split = split or _split(out_tiles, steps,
+                            gemv.TARGET_PROGRAMS if x_split_tiles and NARROW_TILES else TARGET_PROGRAMS)
     c = torch.empty((rows, outer), dtype=a.dtype, device=a.device)
     part = count = c  # read only when the reduction is split: fp32 partials and per-tile arrival counters
     if split > 1:
@@ -350,7 +351,7 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         FMT=gemv.FORMAT_CODES[fmt],
         CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, ROW_SCALE=group % block_k == 0,
         HAS_GLOBAL=global_scale is not None, FORWARD=forward, SPLIT=split, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, X_SPLIT=t.x_split and forward and block_k // codes >= 16,
+        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, X_SPLIT=x_split_tiles and block_k // codes >= 16,
         num_warps=t.warps, num_stages=t.stages)
     return c.view(*a.shape[:-1], outer)
 

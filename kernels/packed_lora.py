@@ -60,9 +60,9 @@ def max_rows(fmt: str) -> int:
     return max(packed_gemv.MAX_ROWS, min(GEMM_MAX_ROWS, packed_gemm.forward_max_rows(fmt)))
 
 
-def most_rows() -> int:
-    """``max_rows`` of the format that takes the most."""
-    return max(max_rows(fmt) for fmt in packed_gemv.FORMAT_CODES)
+def _kernel(rows: int):
+    """The module whose kernel takes ``rows`` rows: the GEMV's few, else the packed GEMM."""
+    return packed_gemv if rows <= packed_gemv.MAX_ROWS else packed_gemm
 
 
 def unserved_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -72,8 +72,7 @@ def unserved_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     rows = x.numel() // in_features
     if rows > max_rows(fmt):
         return f"{rows} rows (the kernels take up to {max_rows(fmt)} on a {fmt} base)"
-    kernel = packed_gemv if rows <= packed_gemv.MAX_ROWS else packed_gemm
-    why = kernel.unserved_reason(fmt, x, weight, scale, in_features)
+    why = _kernel(rows).unserved_reason(fmt, x, weight, scale, in_features)
     if why is not None:
         return why
     if not 1 <= len(as_) == len(bs) <= lora_groups.MAX_GROUPS:
@@ -96,8 +95,7 @@ def unserved_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 
 
 def served(x, weight, scale, bias, fmt, in_features, as_, bs, row_slot) -> bool:
-    kernel = packed_gemv if x.numel() // in_features <= packed_gemv.MAX_ROWS else packed_gemm
-    return serves("packed_lora_linear", ENABLED and kernel.ENABLED and lora.ENABLED, x,
+    return serves("packed_lora_linear", ENABLED and _kernel(x.numel() // in_features).ENABLED and lora.ENABLED, x,
                   lambda: unserved_reason(x, weight, scale, bias, fmt, in_features, as_, bs, row_slot))
 
 
@@ -106,7 +104,7 @@ def launch(x, weight, scale, global_scale, bias, fmt, in_features, as_, bs, row_
     flat = x.reshape(-1, in_features).contiguous()
     t = lora.shrink(flat, as_, row_slot)
     epilogue = packed_gemv.LoRAEpilogue(t, bs, row_slot, scaling, bias)
-    if flat.shape[0] <= packed_gemv.MAX_ROWS:
+    if _kernel(flat.shape[0]) is packed_gemv:
         y = packed_gemv.packed_gemv(fmt, flat, weight, scale, in_features, global_scale, epilogue)
     else:
         y = packed_gemm.packed_gemm(fmt, flat, weight, scale, in_features, global_scale, lora=epilogue)

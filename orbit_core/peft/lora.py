@@ -102,8 +102,11 @@ class LoRALinear(AdapterLayer):
         (``orbit::packed_lora_linear``), each linear's output a column view. None: not served.
         ``factors``: the linears' ``_engine_factors``, when the caller has them."""
         rows = x.numel() // x.shape[-1]
-        parts = packed_parts([m.base for m in linears]) if rows <= packed_lora.most_rows() else None
-        if parts is None or rows > packed_lora.max_rows(parts.fmt):
+        fmt = getattr(linears[0].base, "fmt_name", None)  # packed bases name their format
+        if fmt is None or rows > packed_lora.max_rows(fmt):
+            return None
+        parts = packed_parts([m.base for m in linears])
+        if parts is None:
             return None
         factors = factors or [m._engine_factors(rows) for m in linears]
         if any(f is None for f in factors):
