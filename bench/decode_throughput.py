@@ -26,7 +26,7 @@ import torch
 from bench.base_memory import write_random_checkpoint
 from bench.int4_linear import replay_ms
 from bench.rollout_throughput import SHAPES, NoEosTokenizer, timed
-from orbit_core.models import projections
+from orbit_core.models import dequant_ahead, projections
 from orbit_core.peft.lora import apply_lora
 from orbit_core.peft.oft import apply_oft
 from orbit_core.policy import load_base
@@ -66,11 +66,13 @@ ROUND_KERNELS = {
     "x_split": (packed_gemv, "X_SPLIT"),  # packed GEMV: a step's activations in one load, split in registers
     "gemm_x_split": (packed_gemm, "X_SPLIT"),  # packed GEMM to 32 rows: a dot per code position (else 16 rows, unfolded)
     "gemm_narrow_tiles": (packed_gemm, "NARROW_TILES"),  # x-split GEMM: 64-column tiles, 4 programs per SM
+    "dequant_ahead": (dequant_ahead, "ENABLED"),  # above the packed kernels' rows: next layer dequantized aside
 }
-"""The decode changes of the last five rounds (the first five from four rounds ago, the next three
+"""The decode changes of the last six rounds (the first five from five rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
-that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from this one), each switchable for ``--ablate``
-(``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32). ``decode_throughput_round3_h200.jsonl``
+that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, ``dequant_ahead`` from
+this one), each switchable for ``--ablate`` (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at
+batch 8-32; ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256). ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
 about half the memory bound, no better than the tile kernels), so it was removed."""

@@ -292,6 +292,12 @@ def forward_max_rows(fmt: str) -> int:
     return X_SPLIT_MAX_ROWS[fmt] if X_SPLIT else MAX_ROWS[fmt]
 
 
+def dense_above(fmt: str) -> int:
+    """Above this many rows the format's forward dequantizes the weight and calls cuBLAS on a GPU
+    (at or below, the few-row GEMV or this GEMM, where they serve the shape)."""
+    return max(gemv.MAX_ROWS if gemv.ENABLED else 0, forward_max_rows(fmt) if ENABLED else 0)
+
+
 def shape_reason(fmt: str, weight: torch.Tensor, scale: torch.Tensor, in_features: int) -> str | None:
     """Why the kernels here cannot decode this weight (None when they can)."""
     codes, group, _ = gemv.layout(fmt, scale, in_features)

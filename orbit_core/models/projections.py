@@ -166,6 +166,26 @@ def packed_parts(bases: Sequence[nn.Module]) -> PackedParts | None:
                        tensors[-1])
 
 
+def packed_calls(module: nn.Module) -> list[PackedParts]:
+    """The packed base calls the engine makes inside ``module`` (a decoder layer), each once: one
+    per fused group of ``GROUPS``, one per other packed linear (through adapter wrappers). Routed
+    MoE experts are left out: a step runs only the experts its tokens pick, through their own path."""
+    subs = [sub for name, sub in module.named_modules() if "experts" not in name.split(".")]
+    calls, grouped = [], set()
+    for sub in subs:
+        for group in GROUPS:
+            if all(hasattr(sub, name) for name in group):
+                bases = [_base(getattr(sub, name)) for name in group]
+                parts = packed_parts(bases)
+                if parts is not None:
+                    calls.append(parts)
+                    grouped.update(id(b) for b in bases)
+    for sub in subs:
+        if getattr(sub, "fmt_name", None) is not None and hasattr(sub, "tensor_names") and id(sub) not in grouped:
+            calls.append(packed_parts([sub]))
+    return calls
+
+
 def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
     grouped = getattr(type(linears[0]), "engine_group_forward", None)
     if GROUPED and grouped is not None and len(linears) > 1:

@@ -9,6 +9,7 @@ Three call modes share the same math:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch import nn
 
+from orbit_core.models import dequant_ahead
 from orbit_core.models.config import QWEN2_FAMILY, DecoderConfig
 from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.mlp import MLP
@@ -219,17 +221,21 @@ class DecoderLM(nn.Module):
         """The layers as the rollout engine runs them: each residual add joined to the norm after it
         (``orbit::add_rms_norm``), the same arithmetic as ``DecoderLayer.forward`` in fewer launches."""
         layers = self.model.layers
-        normed = layers[0].input_layernorm(x)
-        for i, layer in enumerate(layers):
-            norm = layer.post_attention_layernorm
-            x, normed = add_rms_norm(x, layer.self_attn(normed, cos, sin, cache, slots, decode_mask), norm.weight,
-                                     norm.eps)
-            out = layer.mlp(normed)
-            if i + 1 < len(layers):
-                norm = layers[i + 1].input_layernorm
-                x, normed = add_rms_norm(x, out, norm.weight, norm.eps)
-            else:
-                x = x + out
+        ahead = dequant_ahead.plan(layers, x)  # packed weights that dequantize: one layer ahead, aside
+        with ahead or nullcontext():
+            normed = layers[0].input_layernorm(x)
+            for i, layer in enumerate(layers):
+                if ahead is not None:
+                    ahead.enter_layer(i)
+                norm = layer.post_attention_layernorm
+                x, normed = add_rms_norm(x, layer.self_attn(normed, cos, sin, cache, slots, decode_mask),
+                                         norm.weight, norm.eps)
+                out = layer.mlp(normed)
+                if i + 1 < len(layers):
+                    norm = layers[i + 1].input_layernorm
+                    x, normed = add_rms_norm(x, out, norm.weight, norm.eps)
+                else:
+                    x = x + out
         return x
 
     def forward(

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from orbit_core.models.dequant_ahead import dense_for
 from orbit_kernels.fp_formats import fp_linear
 from orbit_kernels.int4 import int4_linear
 from orbit_kernels.packed_grad import dense_weight, packed_input_grad
@@ -28,6 +30,18 @@ def packed_linear(fmt_name: str, in_features: int, x: torch.Tensor, bias: torch.
     else:
         y = fp_linear(x, tensors[0], tensors[1], tensors[2], "nvfp4", in_features)
     return y if bias is None else y + bias
+
+
+def inference_linear(fmt_name: str, in_features: int, x: torch.Tensor, bias: torch.Tensor | None,
+                     *tensors: torch.Tensor) -> torch.Tensor:
+    """``packed_linear``, or in an engine forward that dequantized this weight ahead
+    (``models.dequant_ahead``), cuBLAS on that dense weight. The lookup reads a context variable,
+    so a forward with grad on (what ``torch.compile`` traces) stops before it."""
+    dense = None if torch.is_grad_enabled() else dense_for(tensors[0], x.dtype)
+    if dense is not None:
+        y = F.linear(x, dense)
+        return y if bias is None else y + bias
+    return packed_linear(fmt_name, in_features, x, bias, *tensors)
 
 
 def _with_global(tensors: tuple[torch.Tensor, ...]) -> tuple:
@@ -96,14 +110,14 @@ class QuantLinear(nn.Module):
 
     def packed_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x W^T + b`` through the format's kernel (fused for decode-sized inputs)."""
-        return packed_linear(self.fmt_name, self.in_features, x, bias, *self._tensors())
+        return inference_linear(self.fmt_name, self.in_features, x, bias, *self._tensors())
 
     def linear_with(self, tensors: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
         """``x -> x W^T + b`` in this linear's format for other tensors of it (``tensor_names``
         order, then the bias or None): a fused group's (``models.projections``)."""
         fmt_name, in_features, bias = self.fmt_name, self.in_features, tensors[-1]
-        return lambda x: packed_linear(fmt_name, in_features, x, None if bias is None else bias.to(x.dtype),
-                                       *tensors[:-1])
+        return lambda x: inference_linear(fmt_name, in_features, x, None if bias is None else bias.to(x.dtype),
+                                          *tensors[:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
