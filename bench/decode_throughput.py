@@ -67,12 +67,15 @@ ROUND_KERNELS = {
     "gemm_x_split": (packed_gemm, "X_SPLIT"),  # packed GEMM to 32 rows: a dot per code position (else 16 rows, unfolded)
     "gemm_narrow_tiles": (packed_gemm, "NARROW_TILES"),  # x-split GEMM: 64-column tiles, 4 programs per SM
     "dequant_ahead": (dequant_ahead, "ENABLED"),  # above the packed kernels' rows: next layer dequantized aside
+    "gemv_stride_unspecialized": (packed_gemv, "STRIDE_UNSPECIALIZED"),  # GEMV built without the stride's divisibility
+    "gemv_one_row_words": (packed_gemv, "ONE_ROW_BLOCK_W"),  # GEMV at one row: 256 words a K step (else 128)
 }
 """The decode changes of the last six rounds (the first five from five rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
-that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, ``dequant_ahead`` from
+that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the last three from
 this one), each switchable for ``--ablate`` (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at
-batch 8-32; ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256). ``decode_throughput_round3_h200.jsonl``
+batch 8-32; ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
+``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4). ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
 about half the memory bound, no better than the tile kernels), so it was removed."""

@@ -12,6 +12,9 @@ gate/up shapes, pipeline stages and program targets.
 ``--x-split 0 1 --rows 1 4`` compares the two ways of reading the activations
 (``packed_gemv.X_SPLIT``; ``packed_gemv_x_split_h200.jsonl``). ``packed_gemv_group_scale_h200.jsonl``
 is a run with a ``--group-scale`` switch for a variant since removed (see ``packed_gemv.X_SPLIT``).
+``--specialize-stride 1 0`` runs the kernel built with and without Triton's divisibility
+specialization of the weight's row stride (``packed_gemv.STRIDE_UNSPECIALIZED``;
+``packed_gemv_layouts_h200.jsonl``, where ``bw`` 256 at one row is ``ONE_ROW_BLOCK_W``).
     python -m bench.packed_gemv_sweep [--shapes qkv gate_up q down] [--stages 1 3] [--targets 528 1056]
 """
 
@@ -45,7 +48,11 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1], help="activation rows (1 to packed_gemv.MAX_ROWS)")
     parser.add_argument("--x-split", nargs="+", type=int, default=[int(packed_gemv.X_SPLIT)], choices=[0, 1],
                         help="packed_gemv.X_SPLIT settings: 1 loads a step's activations once and splits them")
+    parser.add_argument("--specialize-stride", nargs="+", type=int, default=[0], choices=[0, 1],
+                        help="1: let Triton specialize the weight's row stride on divisibility by 16 (the kernel "
+                             "as written does not)")
     args = parser.parse_args()
+    packed_gemv.ONE_ROW_BLOCK_W = False  # each setting's words per step as given
     torch.manual_seed(0)
     for name in args.shapes:
         n, k = SHAPES[name]
@@ -53,20 +60,23 @@ def main() -> None:
         fp8 = [random_fp("fp8", n, k) for _ in range(max(2, -(-4 * L2_BYTES // (n * k))))] if "fp8" in args.formats else []
         for rows in args.rows:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            for bn, bw, warps, stages, target, x_split in itertools.product(
-                    args.block_n, args.block_w, args.warps, args.stages, args.targets, args.x_split):
+            for bn, bw, warps, stages, target, x_split, specialize in itertools.product(
+                    args.block_n, args.block_w, args.warps, args.stages, args.targets, args.x_split,
+                    args.specialize_stride):
+                packed_gemv.STRIDE_UNSPECIALIZED = not specialize
                 packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = bn, bw, warps
                 packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = stages, target
                 packed_gemv.X_SPLIT = bool(x_split)
                 turn = iter(range(1 << 30))
                 row = {"shape": name, "rows": rows, "bn": bn, "bw": bw, "warps": warps, "stages": stages,
-                       "target": target, "x_split": bool(x_split)}
+                       "target": target, "x_split": bool(x_split), "stride_specialized": bool(specialize)}
                 row["int4_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
                     "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)
                 if fp8:
                     row["fp8_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
                         "fp8", x, *fp8[next(turn) % len(fp8)][:2], k), 50), 2)
                 print(json.dumps(row), flush=True)
+            packed_gemv.STRIDE_UNSPECIALIZED = True
             copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
             dense = [int4_kernels.dequant_int4(w, s, (n, k), torch.bfloat16) for w, s in packs[:copies]]
             turn = iter(range(1 << 30))

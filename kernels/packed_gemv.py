@@ -55,6 +55,18 @@ within 3% either way. Scaling once per (row, scale group) of a step instead of o
 top of this, was tried and removed: int4 3.5% faster summed over the four linears at one row, 2.7%
 at four (down_proj 5% slower there), fp8 17-21% slower at four rows on three of the four
 (``packed_gemv_group_scale_h200.jsonl``)."""
+STRIDE_UNSPECIALIZED = True
+"""Compile the kernel without Triton's divisibility specialization of the weight's row stride.
+Specialized, Triton loads several words a thread and then moves every decoded code tile through
+shared memory into the accumulator's layout (38 barriers in the kernel's PTX against 3 for int4
+at one row); unspecialized, each thread loads one word a row, already where the accumulator
+wants it. H200, summed over the engine's q/k/v, o, gate/up and down shapes, one process
+(``packed_gemv_layouts_h200.jsonl``): int4 30.70 against 36.68 us at one row, 45.61 against
+50.57 at four; fp8 55.05 against 57.24 and 74.04 against 76.02. False: the specialized build
+(benchmarks compare)."""
+ONE_ROW_BLOCK_W = True
+"""At one row, 256 words a K step instead of ``BLOCK_W`` (the same sweep: int4 28.07 against
+30.70 us summed; at four rows 256 words measured 49.60 against 45.61, so they keep ``BLOCK_W``)."""
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
 
@@ -118,7 +130,7 @@ if triton is not None:
         tile = _code_product(tile, words, xc, FIRST + 2, BITS, FMT)
         return _code_product(tile, words, xd, FIRST + 3, BITS, FMT)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_w"])  # see STRIDE_UNSPECIALIZED
     def _packed_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, part_ptr, count_ptr, y_ptr, M, N, K, stride_xm, stride_w,
                             stride_s, stride_ym, t_ptr, b_ptr, slot_ptr, bias_ptr, scaling, R, stride_tm, stride_bn,
                             b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2,
@@ -176,6 +188,8 @@ if triton is not None:
         y_mask = (rows[:, None] < M) & n_mask[None, :]
         finish_split(acc, y_ptrs, y_mask, part_ptr, rows[:, None] * N + offs_n[None, :], ROWS * N, count_ptr, pid_n,
                      pid_k, SPLIT_K)
+
+    _stride_specialized_kernel = triton.jit(_packed_gemv_kernel.fn)
 
     @triton.jit
     def finish_split(acc, y_ptrs, y_mask, part_ptr, offs, part_stride, count_ptr, tile, split_index,
@@ -297,7 +311,8 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     codes, group, scale_rows = layout(fmt, scale, in_features)
     k_words = in_features // codes
     block_n = BLOCK_N
-    block_w = next(w for w in (BLOCK_W, 32, 16) if k_words % w == 0)
+    widest = 2 * BLOCK_W if ONE_ROW_BLOCK_W and rows == 1 else BLOCK_W
+    block_w = next(w for w in (widest, BLOCK_W, 32, 16) if k_words % w == 0)
     tiles = triton.cdiv(out_features, block_n)
     split = _split(tiles, k_words, block_w)
     row_bucket = 1 << max(rows - 1, 0).bit_length()
@@ -307,7 +322,8 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         part = torch.empty((split, row_bucket, out_features), dtype=torch.float32, device=x.device)
         count = arrival_counters(x.device, tiles)
     lora_args, lora_flags = epilogue_args(lora, y)
-    _packed_gemv_kernel[(tiles, split)](
+    kernel = _packed_gemv_kernel if STRIDE_UNSPECIALIZED else _stride_specialized_kernel
+    kernel[(tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, part, count, y, rows, out_features,
         in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), *lora_args, FMT=FORMAT_CODES[fmt],
         ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, HAS_GLOBAL=global_scale is not None,
