@@ -75,7 +75,12 @@ from the round after, the next six from the round after that, the next four from
 that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the last three from
 this one), each switchable for ``--ablate`` (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at
 batch 8-32; ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
-``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4). ``decode_throughput_round3_h200.jsonl``
+``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4).
+``decode_throughput_masked_int4_h200.jsonl`` switched ``masked_int4``: the GEMV and the x-split GEMM
+decoding an int4 nibble by masking it in place and one FMA (two instructions a code against four;
+26.38 against 27.49 us summed over the GEMV's shapes at one row). End to end it was within the
+noise (int4 + LoRA 552.0 against 553.1 tok/s at batch 1, 9,531 against 9,404 at 32; bare 7,774
+against 7,872 at 16), so it was removed. ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
 about half the memory bound, no better than the tile kernels), so it was removed."""
