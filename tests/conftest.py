@@ -80,6 +80,24 @@ def teacher_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-teacher"), seed=7)
 
 
+PACKED_SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, intermediate_size=256)
+"""A Qwen2 shape whose linears all have out_features a multiple of 128 (fp8's weight-scale blocks,
+so fp8 fuses); Qwen2 puts biases on q/k/v."""
+
+
+@pytest.fixture(scope="session")
+def packed_checkpoints(tmp_path_factory):
+    """``PACKED_SHAPE`` saved dense and quantized to int4, fp8 and nvfp4 (groups of 32)."""
+    from orbit_core.quant.quantize import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("packed")
+    save_hf_model("qwen2", root / "dense", **PACKED_SHAPE)
+    paths = {"dense": str(root / "dense")}
+    for fmt in ("int4", "fp8", "nvfp4"):
+        paths[fmt] = str(quantize_checkpoint(paths["dense"], str(root / fmt), fmt, group_size=32))
+    return paths
+
+
 @pytest.fixture()
 def orbit_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ORBIT_CACHE", str(tmp_path / "cache"))

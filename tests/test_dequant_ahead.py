@@ -15,21 +15,9 @@ from orbit_core.models.projections import fuse_projections, packed_calls
 from orbit_core.peft.lora import apply_lora
 from orbit_core.policy.load import load_base
 from orbit_core.quant.quantize import quantize_checkpoint
-from tests.conftest import save_hf_model
 
-# out_features a multiple of 128 (fp8's weight-scale blocks); qwen2 puts biases on q/k/v
-SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, intermediate_size=256)
 GROUP_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dequant_ahead")
-    save_hf_model("qwen2", root / "dense", **SHAPE)
-    paths = {"dense": str(root / "dense")}
-    for fmt in ("int4", "fp8", "nvfp4"):
-        paths[fmt] = str(quantize_checkpoint(paths["dense"], str(root / fmt), fmt, group_size=32))
-    return paths
 
 
 def _packed(linear):
@@ -52,8 +40,8 @@ def _with_lora(model):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp8"])
-def test_the_schedule_names_one_call_per_fused_group_and_per_other_packed_linear(checkpoints, fmt):
-    model = load_base(checkpoints[fmt])
+def test_the_schedule_names_one_call_per_fused_group_and_per_other_packed_linear(packed_checkpoints, fmt):
+    model = load_base(packed_checkpoints[fmt])
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     singles = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     assert sorted(_keys(packed_calls(model.model.layers[0]))) == sorted(
@@ -73,9 +61,10 @@ def test_the_schedule_names_one_call_per_fused_group_and_per_other_packed_linear
         projections.FUSED = True
 
 
-def test_nothing_is_scheduled_for_dense_linears_or_routed_experts(checkpoints, tmp_path, tiny_moe_checkpoint):
-    assert packed_calls(load_base(checkpoints["dense"]).model.layers[0]) == []
-    nvfp4 = load_base(checkpoints["nvfp4"])  # one global scale per linear: never fused
+def test_nothing_is_scheduled_for_dense_linears_or_routed_experts(packed_checkpoints, tmp_path,
+                                                                  tiny_moe_checkpoint):
+    assert packed_calls(load_base(packed_checkpoints["dense"]).model.layers[0]) == []
+    nvfp4 = load_base(packed_checkpoints["nvfp4"])  # one global scale per linear: never fused
     assert fuse_projections(nvfp4) == 0 and len(packed_calls(nvfp4.model.layers[0])) == 7
     moe = load_base(str(quantize_checkpoint(tiny_moe_checkpoint, str(tmp_path / "moe"), "int4", group_size=16)))
     layer = moe.model.layers[0]
@@ -93,11 +82,11 @@ def _layer_inputs(model, rows: int, device: str, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
-def test_every_call_is_served_its_own_dense_weight_and_the_layers_compute_what_they_did(checkpoints, fmt,
-                                                                                        monkeypatch):
+def test_every_call_is_served_its_own_dense_weight_and_the_layers_compute_what_they_did(
+        packed_checkpoints, fmt, monkeypatch):
     """On the CPU, dequantizing on the current stream as each layer is entered: the inline path's
     output exactly, with every packed call of every layer served from the schedule's buffers."""
-    model = _with_lora(load_base(checkpoints[fmt]))
+    model = _with_lora(load_base(packed_checkpoints[fmt]))
     x, cos, sin = _layer_inputs(model, 5, "cpu", torch.float32)
     with torch.no_grad():
         want = model._engine_layers(x, cos, sin, None, None, None)
@@ -120,9 +109,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @cuda
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
-def test_on_the_gpu_the_side_stream_schedule_equals_the_inline_path_eagerly_and_in_a_graph(checkpoints, fmt,
-                                                                                          monkeypatch):
-    model = load_base(checkpoints[fmt], "bfloat16", "cuda")
+def test_on_the_gpu_the_side_stream_schedule_equals_the_inline_path_eagerly_and_in_a_graph(
+        packed_checkpoints, fmt, monkeypatch):
+    model = load_base(packed_checkpoints[fmt], "bfloat16", "cuda")
     fuse_projections(model)
     _with_lora(model)
     rows = 48  # above every format's packed-kernel rows: the forward dequantizes

@@ -12,21 +12,8 @@ from orbit_core.models.engine_forward import engine_forward
 from orbit_core.models.projections import base_outputs, fuse, fuse_projections, project
 from orbit_core.peft.lora import apply_lora
 from orbit_core.policy.load import load_base
-from orbit_core.quant.quantize import quantize_checkpoint
-from tests.conftest import save_hf_model
-
-# out_features a multiple of 128 (fp8's weight-scale blocks); qwen2 puts biases on q/k/v
-SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, intermediate_size=256)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("projections")
-    save_hf_model("qwen2", root / "dense", **SHAPE)
-    paths = {"dense": str(root / "dense")}
-    for fmt in ("int4", "fp8", "nvfp4"):
-        paths[fmt] = str(quantize_checkpoint(paths["dense"], str(root / fmt), fmt, group_size=32))
-    return paths
 
 
 def _first_tensor(linear: torch.nn.Module) -> torch.Tensor:
@@ -34,8 +21,8 @@ def _first_tensor(linear: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["dense", "int4", "fp8"])
-def test_fused_linears_compute_what_they_did_and_one_call_gives_each_output(checkpoints, kind):
-    model = load_base(checkpoints[kind])
+def test_fused_linears_compute_what_they_did_and_one_call_gives_each_output(packed_checkpoints, kind):
+    model = load_base(packed_checkpoints[kind])
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         before = model(ids)
@@ -55,14 +42,14 @@ def test_fused_linears_compute_what_they_did_and_one_call_gives_each_output(chec
                 torch.testing.assert_close(got, linear(x), atol=1e-5, rtol=1e-5)
 
 
-def test_linears_that_cannot_share_a_buffer_are_left_alone(checkpoints):
-    nvfp4 = load_base(checkpoints["nvfp4"])  # one global scale per linear
+def test_linears_that_cannot_share_a_buffer_are_left_alone(packed_checkpoints):
+    nvfp4 = load_base(packed_checkpoints["nvfp4"])  # one global scale per linear
     assert fuse_projections(nvfp4) == 0
-    model = load_base(checkpoints["dense"])
+    model = load_base(packed_checkpoints["dense"])
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     weights = [attn.q_proj.weight, mlp.down_proj.weight]
     assert not fuse([attn.q_proj, mlp.down_proj])  # inputs of 128 and 256
-    packed = load_base(checkpoints["int4"]).model.layers[0].self_attn
+    packed = load_base(packed_checkpoints["int4"]).model.layers[0].self_attn
     assert not fuse([attn.q_proj, packed.k_proj]) and not fuse([packed.q_proj, attn.k_proj])  # two kinds
     attn.k_proj.weight.requires_grad_(True)
     assert not fuse([attn.q_proj, attn.k_proj, attn.v_proj])  # a trained weight keeps its own tensor
@@ -70,8 +57,8 @@ def test_linears_that_cannot_share_a_buffer_are_left_alone(checkpoints):
     assert base_outputs(torch.randn(1, 128), [attn.q_proj, attn.k_proj, attn.v_proj]) is None
 
 
-def test_a_replaced_tensor_ends_the_fusion(checkpoints):
-    model = load_base(checkpoints["dense"])
+def test_a_replaced_tensor_ends_the_fusion(packed_checkpoints):
+    model = load_base(packed_checkpoints["dense"])
     fuse_projections(model)
     attn = model.model.layers[0].self_attn
     group = [attn.q_proj, attn.k_proj, attn.v_proj]
@@ -90,10 +77,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 @pytest.mark.parametrize("kind", ["dense", "int4", "fp8"])
 @pytest.mark.parametrize("rows", [1, 8, 40])
-def test_the_engines_fused_projections_equal_separate_calls(checkpoints, kind, rows):
+def test_the_engines_fused_projections_equal_separate_calls(packed_checkpoints, kind, rows):
     """On the GPU, in the engine's forward: the fused base call and grouped LoRA against each
     linear called apart (``FUSED`` off), bare and with a LoRA adapter."""
-    model = load_base(checkpoints[kind], "bfloat16", "cuda")
+    model = load_base(packed_checkpoints[kind], "bfloat16", "cuda")
     assert fuse_projections(model) > 0
     attn = model.model.layers[1].self_attn
     x = torch.randn(rows, 1, 128, device="cuda", dtype=torch.bfloat16)
