@@ -13,6 +13,7 @@ from orbit_core.models.dequant_ahead import DequantAhead
 from orbit_core.models.engine_forward import engine_forward
 from orbit_core.models.projections import fuse_projections, packed_calls
 from orbit_core.peft.lora import apply_lora
+from orbit_core.peft.oft import apply_oft
 from orbit_core.policy.load import load_base
 from orbit_core.quant.quantize import quantize_checkpoint
 
@@ -59,6 +60,14 @@ def test_the_schedule_names_one_call_per_fused_group_and_per_other_packed_linear
         assert len(packed_calls(model.model.layers[0])) == 7
     finally:
         projections.FUSED = True
+    oft = load_base(packed_checkpoints[fmt])
+    fuse_projections(oft)
+    apply_oft(oft, 8, False, 6e-5, False, ["all-linear"])  # each linear rotates its own input
+    layer = oft.model.layers[0]
+    linears = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+        getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+    assert sorted(_keys(packed_calls(layer))) == sorted(
+        (_packed(m)[0].data_ptr(), tuple(_packed(m)[0].shape)) for m in linears)
 
 
 def test_nothing_is_scheduled_for_dense_linears_or_routed_experts(packed_checkpoints, tmp_path,

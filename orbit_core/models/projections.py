@@ -175,8 +175,11 @@ def packed_calls(module: nn.Module) -> list[PackedParts]:
     for sub in subs:
         for group in GROUPS:
             if all(hasattr(sub, name) for name in group):
-                bases = [_base(getattr(sub, name)) for name in group]
-                parts = packed_parts(bases)
+                linears = [getattr(sub, name) for name in group]
+                bases = [_base(m) for m in linears]
+                # ``project`` makes one call for the group only for bare bases, or adapters whose
+                # group forward adds to one (LoRA); others (OFT) feed each base its own input
+                parts = packed_parts(bases) if _one_base_call(linears, bases) else None
                 if parts is not None:
                     calls.append(parts)
                     grouped.update(id(b) for b in bases)
@@ -184,6 +187,11 @@ def packed_calls(module: nn.Module) -> list[PackedParts]:
         if getattr(sub, "fmt_name", None) is not None and hasattr(sub, "tensor_names") and id(sub) not in grouped:
             calls.append(packed_parts([sub]))
     return calls
+
+
+def _one_base_call(linears: Sequence[nn.Module], bases: Sequence[nn.Module]) -> bool:
+    return all(m is b for m, b in zip(linears, bases)) or all(
+        getattr(type(m), "engine_group_forward", None) is not None for m in linears)
 
 
 def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
