@@ -35,6 +35,7 @@ from torch import nn
 from orbit_core.models.projections import PackedParts, packed_calls
 from orbit_kernels.packed_gemm import dense_above, dequant_reason, dequantize
 from orbit_kernels.packed_grad import dense_weight
+from orbit_kernels.packed_gemv import FORMAT_CODES
 
 ENABLED = True
 """Set False to dequantize inline, in each linear's own call (benchmarks compare the two)."""
@@ -59,13 +60,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     if index not in _STREAMS:
         _STREAMS[index] = torch.cuda.Stream(index)
     return _STREAMS[index]
-
-
-def _dequantize_into(parts: PackedParts, out: torch.Tensor) -> None:
-    if out.is_cuda:  # the dequantization kernel the format ops run, writing in place
-        dequantize(parts.fmt, parts.weight, parts.scale, parts.global_scale, parts.in_features, out.dtype, out=out)
-    else:
-        out.copy_(dense_weight(parts.fmt, parts.weight, parts.scale, parts.global_scale, parts.in_features, out.dtype))
 
 
 class DequantAhead:
@@ -129,9 +123,14 @@ class DequantAhead:
 
     @staticmethod
     def _into(parts: PackedParts, buffer: torch.Tensor, offset: int, views: dict) -> int:
+        """Dequantize ``parts`` into ``buffer`` at ``offset``; returns the offset after it."""
         rows = parts.weight.shape[0]
         out = buffer[offset:offset + rows * parts.in_features].view(rows, parts.in_features)
-        _dequantize_into(parts, out)
+        tensors = (parts.fmt, parts.weight, parts.scale, parts.global_scale, parts.in_features, out.dtype)
+        if out.is_cuda:  # the dequantization kernel the format ops run, writing in place
+            dequantize(*tensors, out=out)
+        else:
+            out.copy_(dense_weight(*tensors))
         views[_key(parts.weight)] = out
         return offset + rows * parts.in_features
 
@@ -139,9 +138,10 @@ class DequantAhead:
 def plan(layers: Sequence[nn.Module], x: torch.Tensor) -> DequantAhead | None:
     """The schedule for an engine forward of ``x`` through ``layers``, or None: off, not on a GPU,
     or no packed call of these rows dequantizes (the GEMV and the packed GEMM read packed words)."""
-    if not ENABLED or not x.is_cuda:
-        return None
     rows = x.numel() // x.shape[-1]
+    # no module walk for the few rows that no format dequantizes (an eager decode step's)
+    if not ENABLED or not x.is_cuda or rows <= min(dense_above(fmt) for fmt in FORMAT_CODES):
+        return None
     calls = [[p for p in packed_calls(layer) if rows > dense_above(p.fmt) and dequant_reason(p.weight) is None]
              for layer in layers]
     return DequantAhead(calls, x.dtype, x.device) if any(calls) else None
