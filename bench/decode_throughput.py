@@ -37,6 +37,7 @@ from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
+from orbit_kernels import lora_concat
 from orbit_kernels import packed_gemm, packed_gemv, packed_lora
 from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels import rmsnorm
@@ -69,6 +70,7 @@ ROUND_KERNELS = {
     "dequant_ahead": (dequant_ahead, "ENABLED"),  # above the packed kernels' rows: next layer dequantized aside
     "gemv_stride_unspecialized": (packed_gemv, "STRIDE_UNSPECIALIZED"),  # GEMV built without the stride's divisibility
     "gemv_one_row_words": (packed_gemv, "ONE_ROW_BLOCK_W"),  # GEMV at one row: 256 words a K step (else 128)
+    "lora_concat": (lora_concat, "ENABLED"),  # LoRA as extra columns of a weight dequantized ahead (else 2 kernels)
 }
 """The decode changes of the last six rounds (the first five from five rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
