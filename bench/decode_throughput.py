@@ -37,7 +37,6 @@ from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
-from orbit_kernels import lora_concat
 from orbit_kernels import packed_gemm, packed_gemv, packed_lora
 from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels import rmsnorm
@@ -70,7 +69,6 @@ ROUND_KERNELS = {
     "dequant_ahead": (dequant_ahead, "ENABLED"),  # above the packed kernels' rows: next layer dequantized aside
     "gemv_stride_unspecialized": (packed_gemv, "STRIDE_UNSPECIALIZED"),  # GEMV built without the stride's divisibility
     "gemv_one_row_words": (packed_gemv, "ONE_ROW_BLOCK_W"),  # GEMV at one row: 256 words a K step (else 128)
-    "lora_concat": (lora_concat, "ENABLED"),  # LoRA as extra columns of a weight dequantized ahead (else 2 kernels)
 }
 """The decode changes of the last six rounds (the first five from five rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
@@ -85,7 +83,15 @@ noise (int4 + LoRA 552.0 against 553.1 tok/s at batch 1, 9,531 against 9,404 at 
 against 7,872 at 16), so it was removed. ``decode_throughput_round3_h200.jsonl``
 also switched ``lora_gemm_prefill``: LoRA of 2,048 rows or more (a prefill) through two cuBLAS GEMMs,
 the expand accumulated in the GEMM's epilogue. It gained nothing (cuBLAS ran the rank-16 expand at
-about half the memory bound, no better than the tile kernels), so it was removed."""
+about half the memory bound, no better than the tile kernels), so it was removed.
+``decode_throughput_lora_concat_h100.jsonl`` (one H100) switched ``lora_concat``: above the packed
+kernels' rows, each LoRA call folded into the base GEMM of the weight dequantized ahead, as
+``[x | t] @ [W | scaling B]^T`` (the ahead stream writing ``scaling B`` as extra weight columns, and
+one split shrink kernel writing ``[x | t]``): no expand kernel, the update accumulated in fp32 with
+the base. int4 + LoRA ran 28,022 against 29,066 tok/s at batch 256 and 11,529 against 12,104 at 64.
+Per call (``lora_concat_calls_h100.jsonl``, ten calls a graph) the tile kernels' shrink and expand
+together take 5.1-7.5 us, the floor of two launches; the concat shrink alone took 5.4-9.7 us at its
+best tiles, and the wider GEMM 0-1.2 us more. It was removed (commit b5d9627 holds it)."""
 
 
 def copy_bandwidth() -> float:

@@ -16,7 +16,6 @@ from orbit_core.peft.lora import apply_lora
 from orbit_core.peft.oft import apply_oft
 from orbit_core.policy.load import load_base
 from orbit_core.quant.quantize import quantize_checkpoint
-from orbit_kernels import lora_concat
 
 GROUP_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -121,7 +120,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
 def test_on_the_gpu_the_side_stream_schedule_equals_the_inline_path_eagerly_and_in_a_graph(
         packed_checkpoints, fmt, monkeypatch):
-    monkeypatch.setattr(lora_concat, "ENABLED", False)  # the LoRA kernels on both paths (bit-equal)
     model = load_base(packed_checkpoints[fmt], "bfloat16", "cuda")
     fuse_projections(model)
     _with_lora(model)
@@ -167,9 +165,7 @@ def test_on_the_gpu_the_side_stream_schedule_equals_the_inline_path_eagerly_and_
 
 
 @cuda
-def test_a_graphed_int4_engine_decodes_the_same_with_and_without_dequantizing_ahead(tiny_checkpoint, tmp_path,
-                                                                                   monkeypatch):
-    monkeypatch.setattr(lora_concat, "ENABLED", False)  # the LoRA kernels on both paths (bit-equal)
+def test_a_graphed_int4_engine_decodes_the_same_with_and_without_dequantizing_ahead(tiny_checkpoint, tmp_path):
     from orbit_core.models import load_tokenizer
     from orbit_core.rollout import BuiltinEngine, SamplingParams
 

@@ -33,8 +33,6 @@ import torch
 from torch import nn
 
 from orbit_core.models.projections import PackedParts, packed_calls
-from orbit_kernels import lora_concat
-from orbit_kernels.lora_concat import LoRAColumns, lora_concat_fill_
 from orbit_kernels.packed_gemm import dense_above, dequant_reason, dequantize
 from orbit_kernels.packed_grad import dense_weight
 from orbit_kernels.packed_gemv import FORMAT_CODES
@@ -53,13 +51,6 @@ def dense_for(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     return None if ahead is None else ahead.lookup(weight, dtype)
 
 
-def with_lora_for(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, LoRAColumns] | None:
-    """``[W | scaling B]`` dequantized ahead for the packed ``weight`` and the LoRA factors its
-    extra columns hold (``orbit_kernels.lora_concat``), or None: not dequantized ahead with them."""
-    ahead = _ACTIVE.get()
-    return None if ahead is None else ahead.lookup_with_lora(weight, dtype)
-
-
 def _key(weight: torch.Tensor) -> tuple[int, tuple[int, ...]]:
     return weight.data_ptr(), tuple(weight.shape)
 
@@ -71,29 +62,14 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _STREAMS[index]
 
 
-def lora_columns(parts: PackedParts, rows: int) -> LoRAColumns | None:
-    """The LoRA factors a packed call's dense weight carries as extra columns in a forward of
-    ``rows`` rows (None: no LoRA adapter there, or ``lora_concat`` does not take it)."""
-    if not lora_concat.ENABLED or not parts.adapters:
-        return None
-    factors = getattr(type(parts.adapters[0]), "lora_columns", None)  # LoRALinear's; OFT has none
-    columns = None if factors is None else factors(parts.adapters, rows)
-    if columns is None or lora_concat.columns_reason(parts.in_features, columns.as_, columns.bs) is not None:
-        return None
-    return columns
-
-
 class DequantAhead:
     """One forward's schedule: ``calls[i]`` are the packed calls of layer ``i`` to dequantize.
 
-    With ``rows`` (the forward's), a LoRA call's buffer also takes its ``scaling B`` as extra
-    columns (``lora_columns``). ``side=False`` dequantizes on the current stream when each layer is
-    entered (the CPU; tests)."""
+    ``side=False`` dequantizes on the current stream when each layer is entered (the CPU; tests)."""
 
     def __init__(self, calls: Sequence[Sequence[PackedParts]], dtype: torch.dtype, device: torch.device,
-                 side: bool = True, rows: int | None = None):
+                 side: bool = True):
         self.calls, self.dtype, self.device = calls, dtype, device
-        self.columns = [[None if rows is None else lora_columns(p, rows) for p in layer] for layer in calls]
         self.stream = _side_stream(device) if side else None
         self.hits = 0
         """Packed calls served a dense weight from here (tests check that every call was)."""
@@ -103,22 +79,14 @@ class DequantAhead:
         self._buffers: list[torch.Tensor] = []
 
     def lookup(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        found = self._dense.get(_key(weight))
-        if found is None or found[0].dtype != dtype:
+        dense = self._dense.get(_key(weight))
+        if dense is None or dense.dtype != dtype:
             return None
         self.hits += 1
-        return found[0]
-
-    def lookup_with_lora(self, weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, LoRAColumns] | None:
-        found = self._dense.get(_key(weight))
-        if found is None or found[2] is None or found[0].dtype != dtype:
-            return None
-        self.hits += 1
-        return found[1], found[2]
+        return dense
 
     def __enter__(self) -> "DequantAhead":
-        size = max(sum(p.weight.shape[0] * (p.in_features + (c.width(p.in_features) if c is not None else 0))
-                       for p, c in zip(layer, columns)) for layer, columns in zip(self.calls, self.columns))
+        size = max(sum(p.weight.shape[0] * p.in_features for p in layer) for layer in self.calls)
         self._buffers = [torch.empty(size, dtype=self.dtype, device=self.device) for _ in range(2)]
         self._token = _ACTIVE.set(self)
         self._issue(0)
@@ -146,29 +114,25 @@ class DequantAhead:
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            for parts, columns in zip(self.calls[i], self.columns[i]):
-                offset = self._into(parts, columns, buffer, offset, views)
+            for parts in self.calls[i]:
+                offset = self._into(parts, buffer, offset, views)
         self._pending[i] = views
         if self.stream is not None:
             self._ready[i] = torch.cuda.Event()
             self._ready[i].record(self.stream)
 
     @staticmethod
-    def _into(parts: PackedParts, columns: LoRAColumns | None, buffer: torch.Tensor, offset: int, views: dict) -> int:
-        """Dequantize ``parts`` into ``buffer`` at ``offset``, followed in each row by the LoRA
-        columns when ``columns`` are given; returns the offset after it."""
-        rows, width = parts.weight.shape[0], parts.in_features + (columns.width(parts.in_features) if columns is not None else 0)
-        extended = buffer[offset:offset + rows * width].view(rows, width)
-        out = extended[:, :parts.in_features]
+    def _into(parts: PackedParts, buffer: torch.Tensor, offset: int, views: dict) -> int:
+        """Dequantize ``parts`` into ``buffer`` at ``offset``; returns the offset after it."""
+        rows = parts.weight.shape[0]
+        out = buffer[offset:offset + rows * parts.in_features].view(rows, parts.in_features)
         tensors = (parts.fmt, parts.weight, parts.scale, parts.global_scale, parts.in_features, out.dtype)
         if out.is_cuda:  # the dequantization kernel the format ops run, writing in place
             dequantize(*tensors, out=out)
         else:
             out.copy_(dense_weight(*tensors))
-        if columns is not None:
-            lora_concat_fill_(extended, parts.in_features, list(columns.bs), columns.scaling)
-        views[_key(parts.weight)] = (out, extended, columns)
-        return offset + rows * width
+        views[_key(parts.weight)] = out
+        return offset + rows * parts.in_features
 
 
 def plan(layers: Sequence[nn.Module], x: torch.Tensor) -> DequantAhead | None:
@@ -180,4 +144,4 @@ def plan(layers: Sequence[nn.Module], x: torch.Tensor) -> DequantAhead | None:
         return None
     calls = [[p for p in packed_calls(layer) if rows > dense_above(p.fmt) and dequant_reason(p.weight) is None]
              for layer in layers]
-    return DequantAhead(calls, x.dtype, x.device, rows=rows) if any(calls) else None
+    return DequantAhead(calls, x.dtype, x.device) if any(calls) else None

@@ -147,8 +147,6 @@ class PackedParts(NamedTuple):
     scale: torch.Tensor
     global_scale: torch.Tensor | None
     bias: torch.Tensor | None
-    adapters: tuple[nn.Module, ...] = ()
-    """The adapter wrappers whose call this is (``packed_calls``; empty for bare bases)."""
 
 
 def packed_parts(bases: Sequence[nn.Module]) -> PackedParts | None:
@@ -171,40 +169,29 @@ def packed_parts(bases: Sequence[nn.Module]) -> PackedParts | None:
 def packed_calls(module: nn.Module) -> list[PackedParts]:
     """The packed base calls the engine makes inside ``module`` (a decoder layer), each once: one
     per fused group of ``GROUPS``, one per other packed linear (through adapter wrappers). Routed
-    MoE experts are left out: a step runs only the experts its tokens pick, through their own path.
-    Each call names the adapter wrappers it serves (``PackedParts.adapters``)."""
+    MoE experts are left out: a step runs only the experts its tokens pick, through their own path."""
     subs = [sub for name, sub in module.named_modules() if "experts" not in name.split(".")]
-    wrapper = {id(sub.base): sub for sub in subs if isinstance(getattr(sub, "base", None), nn.Module)}
-    calls, grouped, group_adapted = [], set(), set()
+    calls, grouped = [], set()
     for sub in subs:
         for group in GROUPS:
             if all(hasattr(sub, name) for name in group):
                 linears = [getattr(sub, name) for name in group]
                 bases = [_base(m) for m in linears]
-                if GROUPED and _grouped_adapters(linears, bases):  # ``project`` calls them as a group
-                    group_adapted.update(id(b) for b in bases)
                 # ``project`` makes one call for the group only for bare bases, or adapters whose
                 # group forward adds to one (LoRA); others (OFT) feed each base its own input
                 parts = packed_parts(bases) if _one_base_call(linears, bases) else None
                 if parts is not None:
-                    adapters = () if all(m is b for m, b in zip(linears, bases)) else tuple(linears)
-                    calls.append(parts._replace(adapters=adapters))
+                    calls.append(parts)
                     grouped.update(id(b) for b in bases)
     for sub in subs:
         if getattr(sub, "fmt_name", None) is not None and hasattr(sub, "tensor_names") and id(sub) not in grouped:
-            # a linear of an unfused group the engine calls as a group gets only its base call from here
-            adapter = None if id(sub) in group_adapted else wrapper.get(id(sub))
-            calls.append(packed_parts([sub])._replace(adapters=() if adapter is None else (adapter,)))
+            calls.append(packed_parts([sub]))
     return calls
 
 
-def _grouped_adapters(linears: Sequence[nn.Module], bases: Sequence[nn.Module]) -> bool:
-    return not any(m is b for m, b in zip(linears, bases)) and all(
-        getattr(type(m), "engine_group_forward", None) is not None for m in linears)
-
-
 def _one_base_call(linears: Sequence[nn.Module], bases: Sequence[nn.Module]) -> bool:
-    return all(m is b for m, b in zip(linears, bases)) or _grouped_adapters(linears, bases)
+    return all(m is b for m, b in zip(linears, bases)) or all(
+        getattr(type(m), "engine_group_forward", None) is not None for m in linears)
 
 
 def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:

@@ -5,16 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from orbit_core.models.dequant_ahead import with_lora_for
 from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.projections import base_outputs, packed_parts
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
 from orbit_kernels import packed_lora
 from orbit_kernels.lora import lora_add_, lora_add_group_
-from orbit_kernels.lora_concat import LoRAColumns, lora_concat_shrink_
 
 
 class LoRALinear(AdapterLayer):
@@ -36,7 +33,7 @@ class LoRALinear(AdapterLayer):
             return self.fake_quant_forward(x)
         engine = self.enabled and not self.training and use_engine_kernels(x)
         if engine:
-            fused = self._engine_packed(x, [self]) or self._engine_concat(x, [self])
+            fused = self._engine_packed(x, [self])
             if fused is not None:
                 return fused[0]
         out = self.base(x)
@@ -89,7 +86,7 @@ class LoRALinear(AdapterLayer):
         factors = [m._engine_factors(flat_x.shape[0]) for m in linears]
         if any(f is None for f in factors):
             return None
-        fused = LoRALinear._engine_packed(x, linears, factors) or LoRALinear._engine_concat(x, linears, factors)
+        fused = LoRALinear._engine_packed(x, linears, factors)
         if fused is not None:
             return fused
         # the kernels add in place, through flat views: of one fused base call, or of each base's output
@@ -121,41 +118,6 @@ class LoRALinear(AdapterLayer):
         y = packed_lora.packed_lora_linear(x, parts.weight, parts.scale, parts.global_scale, parts.bias, parts.fmt,
                                            parts.in_features, as_, bs, row_slot, linears[0].scaling)
         return list(y.split([m.base.out_features for m in linears], dim=-1))
-
-    @staticmethod
-    def lora_columns(linears, rows: int) -> LoRAColumns | None:
-        """The factors of ``linears`` (one base call's) for a forward of ``rows`` rows, to ride as
-        extra columns of its dequantized weight (``models.dequant_ahead``). None: the engine's
-        LoRA path would not serve them as one call."""
-        first = linears[0]
-        if any(type(m) is not LoRALinear or m.training or not m.enabled or m.fake_quant is not None
-               or m.scaling != first.scaling or m.slot_bank is not first.slot_bank for m in linears):
-            return None
-        factors = [m._engine_factors(rows) for m in linears]
-        if any(f is None for f in factors):
-            return None
-        return LoRAColumns(tuple(f[0] for f in factors), tuple(f[1] for f in factors), factors[0][2], first.scaling)
-
-    @staticmethod
-    def _engine_concat(x: torch.Tensor, linears, factors: list | None = None) -> list[torch.Tensor] | None:
-        """Rows through a base weight dequantized ahead with the LoRA columns after it
-        (``orbit_kernels.lora_concat``): ``[x | t] @ [W | scaling B]^T`` in one GEMM, each linear's
-        output a column view. None: this call's weight was not dequantized with these factors."""
-        parts = packed_parts([m.base for m in linears])
-        found = None if parts is None else with_lora_for(parts.weight, x.dtype)
-        if found is None:
-            return None
-        extended, columns = found
-        rows = x.numel() // x.shape[-1]
-        factors = factors or [m._engine_factors(rows) for m in linears]
-        if any(f is None for f in factors) or not columns.same_as(
-                [f[0] for f in factors], [f[1] for f in factors], factors[0][2], linears[0].scaling):
-            return None
-        flat_x = x.reshape(rows, x.shape[-1]).contiguous()
-        x_ext = torch.empty((rows, extended.shape[1]), dtype=x.dtype, device=x.device)
-        lora_concat_shrink_(x_ext, flat_x, list(columns.as_), columns.row_slot)
-        y = F.linear(x_ext, extended, None if parts.bias is None else parts.bias.to(x.dtype))
-        return list(y.view(*x.shape[:-1], -1).split([m.base.out_features for m in linears], dim=-1))
 
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # computed in the activation dtype (bf16 on a GPU base); A and B stay fp32 master weights
