@@ -42,6 +42,7 @@ from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels import rmsnorm
 from orbit_kernels import rope as rope_kernels
 from orbit_kernels import silu_mul
+from orbit_kernels import _triton as triton_support
 from orbit_kernels import sampling as sampling_kernel
 
 
@@ -69,6 +70,7 @@ ROUND_KERNELS = {
     "dequant_ahead": (dequant_ahead, "ENABLED"),  # above the packed kernels' rows: next layer dequantized aside
     "gemv_stride_unspecialized": (packed_gemv, "STRIDE_UNSPECIALIZED"),  # GEMV built without the stride's divisibility
     "gemv_one_row_words": (packed_gemv, "ONE_ROW_BLOCK_W"),  # GEMV at one row: 256 words a K step (else 128)
+    "pdl": (triton_support, "PDL"),  # decode kernels under programmatic dependent launch (else plain launches)
 }
 """The decode changes of the last six rounds (the first five from five rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -71,7 +71,8 @@ if triton is not None:
     def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
                       stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, GROUP: tl.constexpr,
                       GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                      SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(len_ptr + row)  # the last key this row may read
         offs_g = tl.arange(0, GROUP_PAD)
@@ -112,7 +113,8 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_or, stride_oh, GROUP: tl.constexpr,
-                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr):
+                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         row, kv_head = tl.program_id(0), tl.program_id(1)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, DIM)
@@ -171,10 +173,11 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
     _chunk_kernel[(rows, kv_heads, splits)](
         q, k, v, lengths, m, l, acc, 1.0 / math.sqrt(dim), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), GROUP=group, GROUP_PAD=group_pad, DIM=dim, CHUNK=c.chunk,
-        BLOCK_N=c.block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=c.warps, num_stages=c.stages)
+        BLOCK_N=c.block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=c.warps, num_stages=c.stages,
+        **pdl_args(q))
     out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
     _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=group_pad,
-                                    DIM=dim, SPLITS=splits, num_warps=4)
+                                    DIM=dim, SPLITS=splits, num_warps=4, **pdl_args(out))
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from orbit_kernels import lora_groups, lora_tiles
-from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 from orbit_kernels.lora_groups import expand_view, group_of, pick
 
 ENABLED = True
@@ -59,7 +59,8 @@ if triton is not None:
 
     @triton.jit
     def _shrink_kernel(x_ptr, a_ptr, slot_ptr, t_ptr, K, R, stride_xm, stride_as, stride_ar, stride_tm, a_off1, a_off2,
-                       HAS_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr):
+                       HAS_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         # one program per (row, rank index, group): a decode step has a row or a few, so a program
         # per row alone would leave all but a few SMs idle while one streams the whole of A
         row, r, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -77,7 +78,9 @@ if triton is not None:
     @triton.jit
     def _expand_kernel(t_ptr, b_ptr, slot_ptr, y_ptr, M, N, R, scaling, stride_tm, stride_bs, stride_bn, stride_ym,
                        y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2, sym1, sym2,
-                       HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                       HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         g, y_ptr, b_ptr, N, stride_bs, stride_ym, offs_m, offs_n = expand_view(
             y_ptr, b_ptr, N, stride_bs, stride_ym, y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2,
             sym1, sym2, BLOCK_M, BLOCK_N)
@@ -145,7 +148,9 @@ if triton is not None:
     @triton.jit
     def _expand_rows_kernel(t_ptr, b_ptr, slot_ptr, y_ptr, M, N, R, scaling, stride_tm, stride_bn, b_off1, b_off2,
                             y_off1, y_off2, n1, n12, sbs0, sbs1, sbs2, sym0, sym1, sym2,
-                            HAS_SLOTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                            HAS_SLOTS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                            PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         # the columns of all groups laid end to end; B is read a whole rank row at a time (contiguous)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)
@@ -196,7 +201,8 @@ def shrink(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | No
     a = as_[0]
     _shrink_kernel[(rows, r, groups)](x, a, slots, t, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
                                       *lora_groups.offsets(as_), HAS_SLOTS=row_slot is not None,
-                                      BLOCK_K=min(triton.next_power_of_2(k), 2048) if WIDE_SHRINK else 512, num_warps=4)
+                                      BLOCK_K=min(triton.next_power_of_2(k), 2048) if WIDE_SHRINK else 512, num_warps=4,
+                                      **pdl_args(x))
     return t
 
 
@@ -215,14 +221,14 @@ def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tenso
             t, bs[0], slots, ys[0], rows, sum(widths), r, scaling, t.stride(0), bs[0].stride(1), *lora_groups.offsets(bs),
             *lora_groups.offsets(ys), widths[0], widths[0] + widths[1], *b_strides, *y_strides,
             HAS_SLOTS=row_slot is not None, ROWS=triton.next_power_of_2(rows), BLOCK_N=FEW_ROWS_BLOCK_N,
-            BLOCK_R=block_r, num_warps=4)
+            BLOCK_R=block_r, num_warps=4, **pdl_args(t))
         return
     block_m = 16 if rows <= 16 else 32
     tiles, group_args = lora_groups.expand_args(ys, bs, 64)
     y, b = ys[0], bs[0]
     _expand_kernel[(triton.cdiv(rows, block_m), tiles)](
         t, b, slots, y, rows, y.shape[1], r, scaling, t.stride(0), b.stride(0), b.stride(1), y.stride(0), *group_args,
-        HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4)
+        HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4, **pdl_args(t))
 
 
 @torch.library.custom_op("orbit::lora_add_", mutates_args=("y",))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from orbit_kernels import lora_groups
-from orbit_kernels._triton import tl, triton
+from orbit_kernels._triton import pdl_args, pdl_enter, tl, triton
 from orbit_kernels.lora_groups import expand_view, pick
 
 MAX_STACKED_RANK = 256
@@ -31,7 +31,9 @@ if triton is not None:
     @triton.jit
     def _shrink_tiles_kernel(x_ptr, a_ptr, part_ptr, M, K, C, R, k_per_split, stride_xm, stride_as, stride_ar,
                              stride_ps, stride_pm, a_off1, a_off2,
-                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                             PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         pid_m, split, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         a_ptr += pick(g, 0, a_off1, a_off2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,7 +59,8 @@ if triton is not None:
                              stride_ps, stride_pm, stride_bs, stride_bn, stride_ym,
                              y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2, sym1, sym2,
                              HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
+                             BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         g, y_ptr, b_ptr, N, stride_bs, stride_ym, offs_m, offs_n = expand_view(
             y_ptr, b_ptr, N, stride_bs, stride_ym, y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2,
             sym1, sym2, BLOCK_M, BLOCK_N)
@@ -118,7 +121,8 @@ def launch_tile_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.
     part = torch.empty((split, rows, groups * stacked), dtype=torch.float32, device=x.device)
     _shrink_tiles_kernel[(triton.cdiv(rows, block_m), split, groups)](
         x, a, part, rows, k, stacked, r, k_per_split, x.stride(0), a.stride(0), a.stride(1), part.stride(0),
-        part.stride(1), *lora_groups.offsets(as_), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4)
+        part.stride(1), *lora_groups.offsets(as_), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4,
+        **pdl_args(x))
     slots = row_slot if row_slot is not None else part  # unused pointer when HAS_SLOTS is off
     block_m, block_n = (16 if rows <= 16 else 64), 64
     tiles, group_args = lora_groups.expand_args(ys, bs, block_n)
@@ -126,4 +130,4 @@ def launch_tile_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.
     _expand_tiles_kernel[(triton.cdiv(rows, block_m), tiles)](
         part, b, slots, y, rows, y.shape[1], stacked, r, split, scaling, part.stride(0), part.stride(1),
         b.stride(0), b.stride(1), y.stride(0), *group_args, HAS_SLOTS=row_slot is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4, **pdl_args(y))

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from orbit_kernels import lora_groups
-from orbit_kernels._triton import tl, triton
+from orbit_kernels._triton import pdl_args, pdl_enter, tl, triton
 
 ENABLED = True
 """Set False to force the references (benchmarks compare the two in one process)."""
@@ -138,7 +138,8 @@ if triton is not None:
                             GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                             SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                             LORA: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            BLOCK_R: tl.constexpr, X_SPLIT: tl.constexpr):
+                            BLOCK_R: tl.constexpr, X_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         # Everything stays in the [BLOCK_N, BLOCK_W] layout of the loaded words: code c of every word
         # is taken at once, times the activations of column ``CODES * w + c``, and summed into a
         # [ROWS, BLOCK_N, BLOCK_W] accumulator; one reduction over words at the very end.
@@ -328,5 +329,5 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), *lora_args, FMT=FORMAT_CODES[fmt],
         ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, HAS_GLOBAL=global_scale is not None,
         SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags, X_SPLIT=X_SPLIT, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES)
+        num_stages=NUM_STAGES, **pdl_args(y))
     return y.view(*x.shape[:-1], out_features)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 from orbit_kernels.rmsnorm import rms_norm_reference
 from orbit_kernels.rope import apply_rope_reference, rope_kv_write_reference, rotate_halves
 
@@ -53,7 +53,8 @@ if triton is not None:
     def _decode_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, ck_ptr, cv_ptr, pos_ptr,
                           eps, heads, kv_heads, sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, sc_r, so_r, so_h,
                           sck_r, sck_h, sck_p, scv_r, scv_h, scv_p,
-                          NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+                          NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         pid = tl.program_id(0)
         row, head = pid // (heads + kv_heads), pid % (heads + kv_heads)
         offs = tl.arange(0, BLOCK)
@@ -104,7 +105,8 @@ def launch(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_p
         q, k, v, q_weight if norm else q, k_weight if norm else q, cos, sin, out, cache_k, cache_v, write_pos, eps,
         heads, kv_heads, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0),
         out.stride(0), out.stride(2), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0),
-        cache_v.stride(1), cache_v.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1)
+        cache_v.stride(1), cache_v.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1,
+        **pdl_args(out))
     return out.transpose(1, 2)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
@@ -34,7 +34,9 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, d_ptr, h_ptr, w_ptr, y_ptr, n_rows, cols, inner, stride_outer, stride_inner, stride_y,
-                         eps, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                         eps, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                         PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         # input row r sits at (r // inner) * stride_outer + (r % inner) * stride_inner: the heads of
         # a column slice (q or k of a fused q/k/v output) are read in place. ROWS rows a program:
         # a prefill's q/k norms have hundreds of thousands of rows of a head's width
@@ -93,7 +95,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, eps: float, rows_per_program: 
         block = _block(rows, cols, rows_per_program)
         _rms_norm_kernel[(triton.cdiv(rows, block["ROWS"]),)](
             src, src, src, weight, out, rows, cols, inner, stride_outer, stride_inner, out.stride(0), eps,
-            RESIDUAL=False, **block)
+            RESIDUAL=False, **block, **pdl_args(out))
     return out.view(*x.shape[:-1], cols)
 
 
@@ -119,7 +121,7 @@ def launch_add(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: 
     if rows:
         block = _block(rows, cols, rows_per_program)
         _rms_norm_kernel[(triton.cdiv(rows, block["ROWS"]),)](flat_x, flat_d, h, weight, out, rows, cols, 1, cols, 0,
-                                                             cols, eps, RESIDUAL=True, **block)
+                                                             cols, eps, RESIDUAL=True, **block, **pdl_args(out))
     return h.view(x.shape), out.view(x.shape)
 
 

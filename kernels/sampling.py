@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 
 ENABLED = True
 """Set False to force the torch reference (tests and benchmarks compare the two in one process)."""
@@ -47,8 +47,9 @@ if triton is not None:
 
     @triton.jit
     def _race_part_kernel(logits_ptr, seed_ptr, part_ptr, V, span, stride_row, temperature,
-                          SCALED: tl.constexpr, FOUR: tl.constexpr, BLOCK_V: tl.constexpr):
+                          SCALED: tl.constexpr, FOUR: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr = False):
         """One program per (row, vocabulary span): the span's max, sum of exp below it, and race winner."""
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         row, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         seed = tl.load(seed_ptr)
         offs = tl.arange(0, BLOCK_V)
@@ -98,7 +99,9 @@ if triton is not None:
         tl.store(out + 4, tl.sum(tl.where(offs == lane, best_idx, 0), axis=0).to(tl.float32))
 
     @triton.jit
-    def _race_finish_kernel(part_ptr, tokens_ptr, logprobs_ptr, splits, BLOCK_S: tl.constexpr):
+    def _race_finish_kernel(part_ptr, tokens_ptr, logprobs_ptr, splits, BLOCK_S: tl.constexpr,
+                            PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK_S)
         mask = offs < splits
@@ -159,9 +162,9 @@ def launch(logits: torch.Tensor, temperature: float, seed: torch.Tensor, block_v
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _race_part_kernel[(rows, splits)](logits, seed, part, vocab, span, logits.stride(0), temperature,
                                       SCALED=temperature != 1.0, FOUR=FOUR_PER_CALL, BLOCK_V=block_v,
-                                      num_warps=4)
+                                      num_warps=4, **pdl_args(logits))
     _race_finish_kernel[(rows,)](part, tokens, logprobs, splits, BLOCK_S=max(16, triton.next_power_of_2(splits)),
-                                 num_warps=1)
+                                 num_warps=1, **pdl_args(part))
     return tokens, logprobs
 
 

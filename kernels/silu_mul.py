@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels._triton import serves, tl, triton
+from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 
 ENABLED = True
 """Set False to force the reference (benchmarks compare the two in one process)."""
@@ -28,7 +28,9 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, cols, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, cols, stride_g, stride_u, stride_y, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         row, block = tl.program_id(0), tl.program_id(1)
         offs = block * BLOCK + tl.arange(0, BLOCK)
         mask = offs < cols
@@ -66,7 +68,7 @@ def launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
     if g.numel():
         _silu_mul_kernel[(g.shape[0], triton.cdiv(g.shape[1], BLOCK))](
-            g, u, out, g.shape[1], g.stride(0), u.stride(0), out.stride(0), BLOCK=BLOCK, num_warps=4)
+            g, u, out, g.shape[1], g.stride(0), u.stride(0), out.stride(0), BLOCK=BLOCK, num_warps=4, **pdl_args(out))
     return out.view(gate.shape)
 
 

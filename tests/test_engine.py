@@ -150,6 +150,39 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_checkpoint, temperature, ada
             torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-4, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_programmatic_dependent_launch_changes_no_token_or_logprob(tiny_checkpoint, tmp_path, monkeypatch):
+    """Kernels launched to overlap the one before them wait for its results: a graphed int4 + LoRA
+    engine decodes bit for bit what plain launches decode, at GEMV rows (3) and tile rows (40). A
+    kernel that read its input before waiting would race its producer and change the numbers."""
+    from orbit_core.quant.quantize import quantize_checkpoint
+    from orbit_kernels import _triton
+
+    if not _triton.pdl_args(torch.zeros(1, device="cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9 and a Triton that launches it")
+    path = str(quantize_checkpoint(tiny_checkpoint, str(tmp_path / "int4"), "int4", group_size=32))
+    tok = load_tokenizer(tiny_checkpoint)
+    prompts = [tok(f"{a}+{b}=", add_special_tokens=False)["input_ids"] for a in range(8) for b in range(5)]
+    runs = {}
+    for pdl in (True, False):
+        monkeypatch.setattr(_triton, "PDL", pdl)
+        torch.manual_seed(0)
+        model = load_model(path, device="cuda")
+        apply_lora(model, 4, 8, 0.0, ["all-linear"])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.05)
+        model.to("cuda")
+        engine = BuiltinEngine(model, tok, max_running=64, seed=3)
+        params = SamplingParams(max_new_tokens=10, temperature=1.0)
+        runs[pdl] = [engine.generate(prompts[:3], params), engine.generate(prompts, params)]
+        assert engine.loop.graphed is not None and engine.loop.graphed.graphs
+    for on, off in zip(runs[True], runs[False]):
+        for a, b in zip(on, off):
+            assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
 def test_reading_finished_rows_every_few_steps_changes_no_completion(tiny_checkpoint):
     """Graphed decoding flags finished rows on the device and reads them every few steps; rows run
     past their end meanwhile. Against the loop that checks every step: same tokens, logprobs, text
