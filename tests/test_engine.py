@@ -155,6 +155,7 @@ def test_programmatic_dependent_launch_changes_no_token_or_logprob(tiny_checkpoi
     """Kernels launched to overlap the one before them wait for its results: a graphed int4 + LoRA
     engine decodes bit for bit what plain launches decode, at GEMV rows (3) and tile rows (40). A
     kernel that read its input before waiting would race its producer and change the numbers."""
+    from orbit_core.policy.load import load_base
     from orbit_core.quant.quantize import quantize_checkpoint
     from orbit_kernels import _triton
 
@@ -167,7 +168,7 @@ def test_programmatic_dependent_launch_changes_no_token_or_logprob(tiny_checkpoi
     for pdl in (True, False):
         monkeypatch.setattr(_triton, "PDL", pdl)
         torch.manual_seed(0)
-        model = load_model(path, device="cuda")
+        model = load_base(path, "bfloat16", "cuda")
         apply_lora(model, 4, 8, 0.0, ["all-linear"])
         with torch.no_grad():
             for name, p in model.named_parameters():
