@@ -158,6 +158,7 @@ def test_programmatic_dependent_launch_changes_no_token_or_logprob(tiny_checkpoi
     from orbit_core.policy.load import load_base
     from orbit_core.quant.quantize import quantize_checkpoint
     from orbit_kernels import _triton
+    from tests.test_dequant_ahead import _with_lora
 
     if not _triton.pdl_args(torch.zeros(1, device="cuda")):
         pytest.skip("programmatic dependent launch needs compute capability 9 and a Triton that launches it")
@@ -167,14 +168,7 @@ def test_programmatic_dependent_launch_changes_no_token_or_logprob(tiny_checkpoi
     runs = {}
     for pdl in (True, False):
         monkeypatch.setattr(_triton, "PDL", pdl)
-        torch.manual_seed(0)
-        model = load_base(path, "bfloat16", "cuda")
-        apply_lora(model, 4, 8, 0.0, ["all-linear"])
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, 0.05)
-        model.to("cuda")
+        model = _with_lora(load_base(path, "bfloat16", "cuda"))  # the same seeded factors each time
         engine = BuiltinEngine(model, tok, max_running=64, seed=3)
         params = SamplingParams(max_new_tokens=10, temperature=1.0)
         runs[pdl] = [engine.generate(prompts[:3], params), engine.generate(prompts, params)]
