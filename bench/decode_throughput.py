@@ -95,7 +95,7 @@ one split shrink kernel writing ``[x | t]``): no expand kernel, the update accum
 the base. int4 + LoRA ran 28,022 against 29,066 tok/s at batch 256 and 11,529 against 12,104 at 64.
 Per call (``lora_concat_calls_h100.jsonl``, ten calls a graph) the tile kernels' shrink and expand
 together take 5.1-7.5 us, the floor of two launches; the concat shrink alone took 5.4-9.7 us at its
-best tiles, and the wider GEMM 0-1.2 us more. It was removed (commit b5d9627 holds it)."""
+best tiles, and the wider GEMM from 3.8 us less to 1.2 us more. It was removed (commit b5d9627 holds it)."""
 
 
 def copy_bandwidth() -> float:

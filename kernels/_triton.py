@@ -5,6 +5,8 @@ dependent launch for the decode step's kernels (``pdl_args``, ``pdl_enter``)."""
 import logging
 from typing import Callable
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -53,8 +55,6 @@ def pdl_args(tensor) -> dict:
     otherwise (the interpreter, the CPU, older GPUs or Triton)."""
     if not (PDL and _PDL_BUILD and tensor.is_cuda):
         return {}
-    import torch
-
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     if index not in _CAPABLE:
         _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9

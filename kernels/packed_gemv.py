@@ -59,8 +59,8 @@ STRIDE_UNSPECIALIZED = True
 """Compile the kernel without Triton's divisibility specialization of the weight's row stride.
 Specialized, Triton loads several words a thread and then moves every decoded code tile through
 shared memory into the accumulator's layout (38 barriers in the kernel's PTX against 3 for int4
-at one row, compiled for sm_90 by Triton 3.9); unspecialized, each thread loads one word a row, already where the accumulator
-wants it. H200, summed over the engine's q/k/v, o, gate/up and down shapes, one process
+at one row, compiled for sm_90 by Triton 3.9); unspecialized, each thread loads one word a row,
+already where the accumulator wants it. H200, summed over the engine's q/k/v, o, gate/up and down shapes, one process
 (``packed_gemv_layouts_h200.jsonl``): int4 30.70 against 36.68 us at one row, 45.61 against
 50.57 at four; fp8 55.05 against 57.24 and 74.04 against 76.02. False: the specialized build
 (benchmarks compare)."""
