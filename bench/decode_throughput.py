@@ -71,15 +71,23 @@ ROUND_KERNELS = {
     "gemv_stride_unspecialized": (packed_gemv, "STRIDE_UNSPECIALIZED"),  # GEMV built without the stride's divisibility
     "gemv_one_row_words": (packed_gemv, "ONE_ROW_BLOCK_W"),  # GEMV at one row: 256 words a K step (else 128)
     "pdl": (triton_support, "PDL"),  # decode kernels under programmatic dependent launch (else plain launches)
+    "gemv_in_place": (packed_gemv, "IN_PLACE_NIBBLES"),  # GEMV decodes int4 nibbles where they lie (else shifted)
+    "gemv_prefetch": (packed_gemv, "PREFETCH"),  # GEMV below 1,024 tiles: a step ahead, a program a tile
+    "gemv_one_step": (packed_gemv, "ONE_STEP"),  # GEMV below 1,024 tiles: a program a K step (before PREFETCH)
+    "early_reads": (triton_support, "EARLY_READS"),  # GEMV and shrink read frozen weights before the PDL wait
 }
 """The decode changes of the last seven rounds (the first five from six rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
 that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the next three from the
-round before this one, ``pdl`` from this one), each switchable for ``--ablate``
+round before this one, ``pdl`` from the round after, the last four from this one), each switchable
+for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;
-``decode_throughput_pdl_h100.jsonl``: int4 and bf16 + LoRA at 1 and 4).
+``decode_throughput_pdl_h100.jsonl``: int4 and bf16 + LoRA at 1 and 4;
+``decode_throughput_gemv_in_place_h100.jsonl``, ``decode_throughput_gemv_prefetch_h100.jsonl``,
+``decode_throughput_early_reads_h100.jsonl``, ``decode_throughput_gemv_plans_h100.jsonl``: int4 at
+1 and 4, the last with LoRA and bare).
 ``decode_throughput_masked_int4_h200.jsonl`` switched ``masked_int4``: the GEMV and the x-split GEMM
 decoding an int4 nibble by masking it in place and one FMA (two instructions a code against four;
 26.38 against 27.49 us summed over the GEMV's shapes at one row). End to end it was within the

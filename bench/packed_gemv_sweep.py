@@ -12,7 +12,11 @@ gate/up shapes, pipeline stages and program targets.
 ``--x-split 0 1 --rows 1 4`` compares the two ways of reading the activations
 (``packed_gemv.X_SPLIT``; ``packed_gemv_x_split_h200.jsonl``). ``packed_gemv_group_scale_h200.jsonl``
 is a run with a ``--group-scale`` switch for a variant since removed (see ``packed_gemv.X_SPLIT``).
-``--specialize-stride 1 0`` runs the kernel built with and without Triton's divisibility
+``--in-place 1 0`` switches ``packed_gemv.IN_PLACE_NIBBLES``; ``--prefetch 0 1`` loads each K step
+one step ahead (``packed_gemv.PREFETCH``) at every setting given, the targets setting the split.
+After each linear's settings, three more lines time the library's own choices: ``packed_gemv.plan``
+with ``ONE_STEP``, with ``PREFETCH`` alone, and the rule before both (``TARGET_PROGRAMS``,
+``ONE_ROW_BLOCK_W``), the baseline. ``--specialize-stride 1 0`` runs the kernel built with and without Triton's divisibility
 specialization of the weight's row stride (``packed_gemv.STRIDE_UNSPECIALIZED``;
 ``packed_gemv_layouts_h200.jsonl``, where ``bw`` 256 at one row is ``ONE_ROW_BLOCK_W``).
     python -m bench.packed_gemv_sweep [--shapes qkv gate_up q down] [--stages 1 3] [--targets 528 1056]
@@ -48,10 +52,17 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1], help="activation rows (1 to packed_gemv.MAX_ROWS)")
     parser.add_argument("--x-split", nargs="+", type=int, default=[int(packed_gemv.X_SPLIT)], choices=[0, 1],
                         help="packed_gemv.X_SPLIT settings: 1 loads a step's activations once and splits them")
+    parser.add_argument("--in-place", nargs="+", type=int, default=[int(packed_gemv.IN_PLACE_NIBBLES)], choices=[0, 1],
+                        help="packed_gemv.IN_PLACE_NIBBLES settings: 1 decodes int4 nibbles where they lie")
+    parser.add_argument("--prefetch", nargs="+", type=int, default=[int(packed_gemv.PREFETCH)], choices=[0, 1],
+                        help="packed_gemv.PREFETCH settings: 1 loads each K step one step ahead")
     parser.add_argument("--specialize-stride", nargs="+", type=int, default=[0], choices=[0, 1],
                         help="1: let Triton specialize the weight's row stride on divisibility by 16 (the kernel "
                              "as written does not)")
     args = parser.parse_args()
+    default_plan = packed_gemv.plan
+    defaults = packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS
+    default_stages = packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS
     packed_gemv.ONE_ROW_BLOCK_W = False  # each setting's words per step as given
     torch.manual_seed(0)
     for name in args.shapes:
@@ -60,16 +71,21 @@ def main() -> None:
         fp8 = [random_fp("fp8", n, k) for _ in range(max(2, -(-4 * L2_BYTES // (n * k))))] if "fp8" in args.formats else []
         for rows in args.rows:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            for bn, bw, warps, stages, target, x_split, specialize in itertools.product(
+            for bn, bw, warps, stages, target, x_split, specialize, in_place, prefetch in itertools.product(
                     args.block_n, args.block_w, args.warps, args.stages, args.targets, args.x_split,
-                    args.specialize_stride):
+                    args.specialize_stride, args.in_place, args.prefetch):
                 packed_gemv.STRIDE_UNSPECIALIZED = not specialize
                 packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = bn, bw, warps
                 packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = stages, target
                 packed_gemv.X_SPLIT = bool(x_split)
+                packed_gemv.IN_PLACE_NIBBLES = bool(in_place)
+                packed_gemv.plan = lambda fmt, rows, tiles, k_words, bw=bw, target=target, prefetch=prefetch: (
+                    packed_gemv.Plan(bw, packed_gemv._split(tiles, k_words, bw, target), bool(prefetch)))
                 turn = iter(range(1 << 30))
                 row = {"shape": name, "rows": rows, "bn": bn, "bw": bw, "warps": warps, "stages": stages,
-                       "target": target, "x_split": bool(x_split), "stride_specialized": bool(specialize)}
+                       "target": target, "x_split": bool(x_split), "stride_specialized": bool(specialize),
+                       "in_place": bool(in_place), "prefetch": bool(prefetch),
+                       "split": packed_gemv._split(-(-n // bn), k // 8, bw, target)}
                 row["int4_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
                     "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)
                 if fp8:
@@ -77,6 +93,19 @@ def main() -> None:
                         "fp8", x, *fp8[next(turn) % len(fp8)][:2], k), 50), 2)
                 print(json.dumps(row), flush=True)
             packed_gemv.STRIDE_UNSPECIALIZED = True
+            packed_gemv.X_SPLIT, packed_gemv.IN_PLACE_NIBBLES, packed_gemv.plan = True, True, default_plan
+            packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = defaults
+            packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = default_stages
+            for impl, one_step, prefetch in (("plan: one step", True, True), ("plan: prefetch", False, True),
+                                             ("rule before (baseline)", False, False)):  # the library's choices
+                packed_gemv.ONE_STEP, packed_gemv.PREFETCH, packed_gemv.ONE_ROW_BLOCK_W = one_step, prefetch, True
+                turn = iter(range(1 << 30))
+                print(json.dumps({"shape": name, "rows": rows, "impl": impl,
+                                  "plan": packed_gemv.plan("int4", rows, -(-n // packed_gemv.BLOCK_N), k // 8),
+                                  "int4_us": round(graph_us(lambda: packed_gemv.packed_gemv(
+                                      "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)}), flush=True)
+            packed_gemv.ONE_STEP = packed_gemv.PREFETCH = True
+            packed_gemv.ONE_ROW_BLOCK_W = False  # the settings' words as given again
             copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
             dense = [int4_kernels.dequant_int4(w, s, (n, k), torch.bfloat16) for w, s in packs[:copies]]
             turn = iter(range(1 << 30))

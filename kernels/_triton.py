@@ -18,6 +18,18 @@ PDL = True
 may be scheduled while the one before it drains, and waits at its first line for that kernel's
 results. Set False to launch them plainly (benchmarks compare the two)."""
 
+EARLY_READS = True
+"""Under PDL, let the kernels that read a frozen weight (the packed GEMV's first K step, the LoRA
+shrink's A) issue those loads before the wait, so that they overlap the kernel before. Nothing on
+the stream writes those tensors during a decode step: the base is frozen and adapter updates land
+between steps. H100, decoding int4 at the Qwen3-1.7B shape, against False in one process
+(``decode_throughput_early_reads_h100.jsonl``, the GEMV's ``PREFETCH`` plan): with LoRA 625.4 and
+609.9 tok/s (first and last run) against 588.0 at batch 1, 1,960 and 1,957 against 1,866 at 4;
+bare 729.9 and 745.2 against 711.4 at 1. With the GEMV's ``ONE_STEP`` plan, which loads a one-row
+program's whole weight slice early, LoRA decodes 646.9 and 658.4 against 579.6 without early reads
+(``decode_throughput_gemv_plans_h100.jsonl``). False: every load after the wait (benchmarks
+compare)."""
+
 _PDL_BUILD = False
 if triton is not None:
     try:
@@ -33,8 +45,8 @@ if triton is not None:
         @triton.jit
         def pdl_enter(PDL: tl.constexpr):
             """A kernel's first line under programmatic dependent launch: wait until the kernel before
-            it has finished and its writes are visible (so nothing here may touch memory earlier), then
-            let the kernel after it be scheduled."""
+            it has finished and its writes are visible (so nothing may touch memory earlier, but the
+            frozen weights of ``EARLY_READS``), then let the kernel after it be scheduled."""
             if PDL:
                 gdc_wait()
                 gdc_launch_dependents()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from orbit_kernels import lora_groups, lora_tiles
+from orbit_kernels import _triton, lora_groups, lora_tiles
 from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 from orbit_kernels.lora_groups import expand_view, group_of, pick
 
@@ -59,20 +59,28 @@ if triton is not None:
 
     @triton.jit
     def _shrink_kernel(x_ptr, a_ptr, slot_ptr, t_ptr, K, R, stride_xm, stride_as, stride_ar, stride_tm, a_off1, a_off2,
-                       HAS_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_enter(PDL)  # first: nothing before it may touch memory
+                       HAS_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr, EARLY: tl.constexpr = False,
+                       PDL: tl.constexpr = False):
         # one program per (row, rank index, group): a decode step has a row or a few, so a program
         # per row alone would leave all but a few SMs idle while one streams the whole of A
         row, r, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        early: tl.constexpr = EARLY and not HAS_SLOTS  # a row's slot is not a frozen weight: it waits
+        if not early:
+            pdl_enter(PDL)
         slot = tl.load(slot_ptr + row) if HAS_SLOTS else 0
         a_row = a_ptr + pick(g, 0, a_off1, a_off2) + slot * stride_as + r * stride_ar
+        a_first = tl.load(a_row + tl.arange(0, BLOCK_K), mask=tl.arange(0, BLOCK_K) < K, other=0.0)
+        if early:  # A's first step was read before the wait (``EARLY_READS``); x and t come after it
+            pdl_enter(PDL)
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            a = tl.load(a_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            acc += x * a
+            a = a_first
+            if k0 > 0:
+                a = tl.load(a_row + offs_k, mask=k_mask, other=0.0)
+            acc += x * a.to(tl.float32)
         tl.store(t_ptr + row * stride_tm + g * R + r, tl.sum(acc, axis=0))
 
     @triton.jit
@@ -202,7 +210,7 @@ def shrink(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | No
     _shrink_kernel[(rows, r, groups)](x, a, slots, t, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
                                       *lora_groups.offsets(as_), HAS_SLOTS=row_slot is not None,
                                       BLOCK_K=min(triton.next_power_of_2(k), 2048) if WIDE_SHRINK else 512, num_warps=4,
-                                      **pdl_args(x))
+                                      EARLY=_triton.EARLY_READS, **pdl_args(x))
     return t
 
 

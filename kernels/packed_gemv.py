@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from orbit_kernels import lora_groups
+from orbit_kernels import _triton
 from orbit_kernels._triton import pdl_args, pdl_enter, tl, triton
 
 ENABLED = True
@@ -67,6 +68,31 @@ already where the accumulator wants it. H200, summed over the engine's q/k/v, o,
 ONE_ROW_BLOCK_W = True
 """At one row, 256 words a K step instead of ``BLOCK_W`` (the same sweep: int4 28.07 against
 30.70 us summed; at four rows 256 words measured 49.60 against 45.61, so they keep ``BLOCK_W``)."""
+IN_PLACE_NIBBLES = True
+"""Decode int4 nibbles where they lie in the word (``code_at``): one AND-OR and a subtraction a
+code, where shifting each nibble down first costs a shift and a bit-field extract more. H100, one
+process, against False (``packed_gemv_in_place_h100.jsonl``, one row, 256 words): gate/up 8.88
+against 10.87 us, down 9.47 against 10.43, o 3.22 against 3.33, q/k/v 5.94 against 5.36 (5.38 in
+the run after). Decoding int4 + LoRA (``decode_throughput_gemv_in_place_h100.jsonl``): 592.8 and
+606.9 tok/s (before and after) against 584.8 at batch 1, 1,785 and 1,832 against 1,752 at 4.
+False: the shifting decode (benchmarks compare)."""
+ONE_STEP = True
+"""``plan``: at one row and below ``STREAM_BELOW_TILES`` int4 tiles, a program per K step. False:
+``PREFETCH``'s plan there (benchmarks compare)."""
+PREFETCH = True
+"""Load each K step's words, scales and activations one step ahead, in registers, so that a program
+iterating over K overlaps its loads with its arithmetic (Triton's pipeliner stages only loads that
+feed a ``tl.dot``); where and with which tiles: ``plan``. H100, int4, Qwen3-1.7B shape, against
+the rule before in one process (``packed_gemv_prefetch_h100.jsonl``, CUDA-graph replays of one
+linear, before ``EARLY_READS``): at one row q/k/v 4.33 against 5.39 us, o 3.07 against 3.19, down
+5.77 against 9.47; at four rows o 4.83 against 6.81, down 9.32 against 10.48, q/k/v 7.23 against
+7.10. False: the rule before (benchmarks compare)."""
+STREAM_BELOW_TILES = 1024
+PREFETCH_TARGET_PROGRAMS = 264
+NIBBLE = 0xF
+"""The int4 code mask, passed at run time: as an immediate, ptxas rematerializes the five shifted
+masks before every use (LOP3 takes one immediate). The K loop at one row, 256 words, compiled for
+sm_90 by Triton 3.9: 649 SASS lines against 762 with the immediate, and 846 decoding shifted."""
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
 
@@ -117,29 +143,83 @@ if triton is not None:
         return x0, x1, x2, x3
 
     @triton.jit
-    def _code_product(tile, words, x, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr):
+    def code_at(words, nibble, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, IN_PLACE: tl.constexpr):
+        """Code ``c`` of every word, decoded to fp32. ``IN_PLACE`` (int4 only): the nibble is not
+        shifted down. An exponent is ORed in above it that makes its lowest bit worth 1: nibble c
+        sits at mantissa bits 4c..4c+3, so 2**(23 - 4c) + q comes out of one AND-OR, and
+        subtracting 2**(23 - 4c) + 8 leaves q - 8 exactly. The mantissa holds nibbles 0-4; 5-7
+        are shifted down 16 bits once (a shift every code can share)."""
+        if FMT == 0 and IN_PLACE:
+            if c < 5:
+                at: tl.constexpr = c
+                source = words
+            else:
+                at: tl.constexpr = c - 4
+                source = words >> 16
+            bits = (source & (nibble << (4 * at))) | ((150 - 4 * at) << 23)
+            return bits.to(tl.float32, bitcast=True) - (2.0 ** (23 - 4 * at) + 8.0)
+        return _decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT)
+
+    @triton.jit
+    def _code_product(tile, words, nibble, x, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, IN_PLACE: tl.constexpr):
         """``tile`` plus code ``c`` of every word times its activations ``x [ROWS, words]``."""
-        w = _decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT)
+        w = code_at(words, nibble, c, BITS, FMT, IN_PLACE)
         return tile + w[None, :, :] * x.to(tl.float32)[:, None, :]
 
     @triton.jit
-    def _four_codes(tile, words, xa, xb, xc, xd, FIRST: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr):
+    def _four_codes(tile, words, nibble, xa, xb, xc, xd, FIRST: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr,
+                    IN_PLACE: tl.constexpr):
         """``_code_product`` for codes ``FIRST`` to ``FIRST + 3``, with their activations in order."""
-        tile = _code_product(tile, words, xa, FIRST, BITS, FMT)
-        tile = _code_product(tile, words, xb, FIRST + 1, BITS, FMT)
-        tile = _code_product(tile, words, xc, FIRST + 2, BITS, FMT)
-        return _code_product(tile, words, xd, FIRST + 3, BITS, FMT)
+        tile = _code_product(tile, words, nibble, xa, FIRST, BITS, FMT, IN_PLACE)
+        tile = _code_product(tile, words, nibble, xb, FIRST + 1, BITS, FMT, IN_PLACE)
+        tile = _code_product(tile, words, nibble, xc, FIRST + 2, BITS, FMT, IN_PLACE)
+        return _code_product(tile, words, nibble, xd, FIRST + 3, BITS, FMT, IN_PLACE)
+
+    @triton.jit
+    def _weight_step(w_ptr, s_ptr, k0, offs_n, n_mask, stride_w, stride_s, CODES: tl.constexpr, GROUP: tl.constexpr,
+                     SCALE_ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """The words ``[BLOCK_N, BLOCK_W]`` and their fp32 scales of the K step at ``k0``."""
+        offs_w = tl.arange(0, BLOCK_W)
+        cols = k0 + offs_w * CODES  # a word never straddles two scale groups (GROUP % CODES == 0)
+        words = tl.load(w_ptr + offs_n[:, None] * stride_w + (k0 // CODES + offs_w)[None, :], mask=n_mask[:, None],
+                        other=0)
+        scale = tl.load(s_ptr + (offs_n // SCALE_ROWS)[:, None] * stride_s + (cols // GROUP)[None, :],
+                        mask=n_mask[:, None], other=0.0).to(tl.float32)
+        return words, scale
+
+    @triton.jit
+    def _x_step(x_ptr, k0, rows, M, stride_xm, BLOCK_K: tl.constexpr):
+        """The activations ``[ROWS, BLOCK_K]`` of the K step at ``k0``, in one contiguous load."""
+        offs_k = tl.arange(0, BLOCK_K)
+        return tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                       mask=(rows[:, None] < M) & (offs_k < BLOCK_K)[None, :], other=0.0)
+
+    @triton.jit
+    def _step_product(words, nibble, scale, xk, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                      CODES: tl.constexpr, FMT: tl.constexpr, IN_PLACE: tl.constexpr):
+        """One K step's ``[ROWS, BLOCK_N, BLOCK_W]`` products, scaled: every code of a word times its
+        activation, summed over the word's codes, times the word's scale."""
+        BITS: tl.constexpr = 32 // CODES
+        tile = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
+        if CODES == 8:
+            x0, x1, x2, x3, x4, x5, x6, x7 = deal8(xk, ROWS, BLOCK_W)
+            tile = _four_codes(tile, words, nibble, x0, x1, x2, x3, 0, BITS, FMT, IN_PLACE)
+            tile = _four_codes(tile, words, nibble, x4, x5, x6, x7, 4, BITS, FMT, IN_PLACE)
+        else:
+            x0, x1, x2, x3 = deal4(xk, ROWS, BLOCK_W)
+            tile = _four_codes(tile, words, nibble, x0, x1, x2, x3, 0, BITS, FMT, IN_PLACE)
+        return tile * scale[None, :, :]
 
     @triton.jit(do_not_specialize=["stride_w"])  # see STRIDE_UNSPECIALIZED
     def _packed_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, part_ptr, count_ptr, y_ptr, M, N, K, stride_xm, stride_w,
                             stride_s, stride_ym, t_ptr, b_ptr, slot_ptr, bias_ptr, scaling, R, stride_tm, stride_bn,
-                            b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2,
+                            b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, nibble,
                             FMT: tl.constexpr, ROWS: tl.constexpr, CODES: tl.constexpr,
                             GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                             SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                             LORA: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            BLOCK_R: tl.constexpr, X_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_enter(PDL)  # first: nothing before it may touch memory
+                            BLOCK_R: tl.constexpr, X_SPLIT: tl.constexpr, IN_PLACE: tl.constexpr = True,
+                            PREFETCH: tl.constexpr = False, EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
         # Everything stays in the [BLOCK_N, BLOCK_W] layout of the loaded words: code c of every word
         # is taken at once, times the activations of column ``CODES * w + c``, and summed into a
         # [ROWS, BLOCK_N, BLOCK_W] accumulator; one reduction over words at the very end.
@@ -153,29 +233,43 @@ if triton is not None:
         # the row test is tensor-shaped: the Triton interpreter rejects a scalar in a mask
         x_mask = (rows[:, None] < M) & (offs_w[None, :] < BLOCK_W)
         acc = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
-        for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-            words = tl.load(w_ptr + offs_n[:, None] * stride_w + (k0 // CODES + offs_w)[None, :], mask=n_mask[:, None],
-                            other=0)
-            cols = k0 + offs_w * CODES  # a word never straddles two scale groups (GROUP % CODES == 0)
-            scale = tl.load(s_ptr + (offs_n // SCALE_ROWS)[:, None] * stride_s + (cols // GROUP)[None, :],
-                            mask=n_mask[:, None], other=0.0).to(tl.float32)
-            tile = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
-            if X_SPLIT:
-                # the step's activations in one contiguous load, dealt out to the codes in registers
-                xk = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :],
-                             mask=(rows[:, None] < M) & (tl.arange(0, BLOCK_K)[None, :] < BLOCK_K), other=0.0)
-                if CODES == 8:
-                    x0, x1, x2, x3, x4, x5, x6, x7 = deal8(xk, ROWS, BLOCK_W)
-                    tile = _four_codes(tile, words, x0, x1, x2, x3, 0, BITS, FMT)
-                    tile = _four_codes(tile, words, x4, x5, x6, x7, 4, BITS, FMT)
-                else:
-                    x0, x1, x2, x3 = deal4(xk, ROWS, BLOCK_W)
-                    tile = _four_codes(tile, words, x0, x1, x2, x3, 0, BITS, FMT)
-            else:
-                for c in tl.static_range(CODES):
+        k_first, k_step = pid_k * BLOCK_K, SPLIT_K * BLOCK_K
+        if X_SPLIT:
+            # The first step's words and scales are read before the wait (``EARLY_READS``): under
+            # programmatic dependent launch these loads overlap the kernel before. The activations,
+            # the LoRA factors and every write come after it.
+            if not EARLY:
+                pdl_enter(PDL)
+            words, scale = _weight_step(w_ptr, s_ptr, k_first, offs_n, n_mask, stride_w, stride_s, CODES, GROUP,
+                                        SCALE_ROWS, BLOCK_W)
+            if EARLY:
+                pdl_enter(PDL)
+            xk = _x_step(x_ptr, k_first, rows, M, stride_xm, BLOCK_K)
+            for k0 in range(k_first, K, k_step):
+                ahead_words, ahead_scale, ahead_x = words, scale, xk
+                if PREFETCH:  # the next step's loads go out before this step's arithmetic
+                    if k0 + k_step < K:
+                        ahead_words, ahead_scale = _weight_step(w_ptr, s_ptr, k0 + k_step, offs_n, n_mask, stride_w,
+                                                                stride_s, CODES, GROUP, SCALE_ROWS, BLOCK_W)
+                        ahead_x = _x_step(x_ptr, k0 + k_step, rows, M, stride_xm, BLOCK_K)
+                acc += _step_product(words, nibble, scale, xk, ROWS, BLOCK_N, BLOCK_W, CODES, FMT, IN_PLACE)
+                if not PREFETCH:
+                    if k0 + k_step < K:
+                        ahead_words, ahead_scale = _weight_step(w_ptr, s_ptr, k0 + k_step, offs_n, n_mask, stride_w,
+                                                                stride_s, CODES, GROUP, SCALE_ROWS, BLOCK_W)
+                        ahead_x = _x_step(x_ptr, k0 + k_step, rows, M, stride_xm, BLOCK_K)
+                words, scale, xk = ahead_words, ahead_scale, ahead_x
+        else:
+            pdl_enter(PDL)
+            for k0 in range(k_first, K, k_step):
+                words, scale = _weight_step(w_ptr, s_ptr, k0, offs_n, n_mask, stride_w, stride_s, CODES, GROUP,
+                                            SCALE_ROWS, BLOCK_W)
+                cols = k0 + offs_w * CODES
+                tile = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
+                for c in tl.static_range(CODES):  # one strided load per code position
                     x = tl.load(x_ptr + rows[:, None] * stride_xm + (cols + c)[None, :], mask=x_mask, other=0.0)
-                    tile = _code_product(tile, words, x, c, BITS, FMT)
-            acc += tile * scale[None, :, :]
+                    tile = _code_product(tile, words, nibble, x, c, BITS, FMT, IN_PLACE)
+                acc += tile * scale[None, :, :]
         acc = tl.sum(acc, axis=2)
         if HAS_GLOBAL:
             acc = acc / tl.load(gs_ptr).to(tl.float32)
@@ -264,9 +358,45 @@ def unserved_reason(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torc
     return None
 
 
-def _split(tiles: int, k_words: int, block_w: int) -> int:
-    split = max(1, min(TARGET_PROGRAMS // tiles, k_words // block_w))
+def _split(tiles: int, k_words: int, block_w: int, target: int | None = None) -> int:
+    split = max(1, min((target or TARGET_PROGRAMS) // tiles, k_words // block_w))
     return 1 << (split.bit_length() - 1)
+
+
+class Plan(NamedTuple):
+    block_w: int
+    split: int
+    prefetch: bool
+
+
+def plan(fmt: str, rows: int, tiles: int, k_words: int) -> Plan:
+    """Words a K step, programs a tile and whether to load a step ahead, for one call.
+
+    int4 with fewer than ``STREAM_BELOW_TILES`` output tiles (the q/k/v, o and down projections of
+    a 2,048-wide model) has few programs to hide memory behind, so it gets either of two plans. At
+    one row, ``ONE_STEP``: a program per K step of the widest tile, its whole weight slice loaded
+    before the PDL wait (``_triton.EARLY_READS``), where it overlaps the kernel before. At two to
+    four rows, ``PREFETCH``: a program per tile (``PREFETCH_TARGET_PROGRAMS``), several narrower K
+    steps each, every step's loads issued a step ahead. With more tiles (gate/up) the waiting
+    programs cover each other, and the rule before (one wide step, ``TARGET_PROGRAMS``) stays.
+
+    H100, decoding int4 + LoRA r16 at the Qwen3-1.7B shape, one process
+    (``decode_throughput_gemv_plans_h100.jsonl``): at batch 1, 646.9 and 658.4 tok/s (first and
+    last run) with ``ONE_STEP`` against 623.3 with ``PREFETCH`` alone and 597.3 with the rule before
+    and no early reads; at batch 4 ``ONE_STEP`` lost (1,708 against ``PREFETCH``'s 1,962 and the
+    rule before's 1,866), so it is one row only. Bare int4: 784.4 / 786.8 against 760.6 and 746.6 at
+    batch 1, ``PREFETCH`` 2,270 against 2,165 at 4."""
+    widest = 2 * BLOCK_W if ONE_ROW_BLOCK_W and rows == 1 else BLOCK_W
+    if fmt == "int4" and tiles < STREAM_BELOW_TILES:
+        if ONE_STEP and _triton.EARLY_READS and rows == 1:
+            block_w = next(w for w in (widest, BLOCK_W, 32, 16) if k_words % w == 0)
+            return Plan(block_w, k_words // block_w, False)
+        if PREFETCH:
+            block_w = next(w for w in ((64 if tiles >= 512 else 128), 32, 16) if k_words % w == 0)
+            split = _split(tiles, k_words, block_w, PREFETCH_TARGET_PROGRAMS)
+            return Plan(block_w, split, k_words // block_w // split >= 2)
+    block_w = next(w for w in (widest, BLOCK_W, 32, 16) if k_words % w == 0)
+    return Plan(block_w, _split(tiles, k_words, block_w), False)
 
 
 class LoRAEpilogue(NamedTuple):
@@ -312,10 +442,8 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     codes, group, scale_rows = layout(fmt, scale, in_features)
     k_words = in_features // codes
     block_n = BLOCK_N
-    widest = 2 * BLOCK_W if ONE_ROW_BLOCK_W and rows == 1 else BLOCK_W
-    block_w = next(w for w in (widest, BLOCK_W, 32, 16) if k_words % w == 0)
     tiles = triton.cdiv(out_features, block_n)
-    split = _split(tiles, k_words, block_w)
+    block_w, split, prefetch = plan(fmt, rows, tiles, k_words)
     row_bucket = 1 << max(rows - 1, 0).bit_length()
     y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     part = count = y  # read only when K is split: then fp32 partials and per-tile arrival counters
@@ -326,8 +454,10 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     kernel = _packed_gemv_kernel if STRIDE_UNSPECIALIZED else _stride_specialized_kernel
     kernel[(tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, part, count, y, rows, out_features,
-        in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), *lora_args, FMT=FORMAT_CODES[fmt],
-        ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, HAS_GLOBAL=global_scale is not None,
-        SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags, X_SPLIT=X_SPLIT, num_warps=NUM_WARPS,
+        in_features, flat.stride(0), words.stride(0), scale.stride(0), y.stride(0), *lora_args, NIBBLE,
+        FMT=FORMAT_CODES[fmt], ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows,
+        HAS_GLOBAL=global_scale is not None, SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags,
+        X_SPLIT=X_SPLIT, IN_PLACE=IN_PLACE_NIBBLES, PREFETCH=prefetch and X_SPLIT, EARLY=_triton.EARLY_READS,
+        num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, **pdl_args(y))
     return y.view(*x.shape[:-1], out_features)

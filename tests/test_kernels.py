@@ -114,7 +114,7 @@ def _replays_equal(call, reference: torch.Tensor, tolerance: dict) -> None:
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("rows, cols", [(2048, 2048), (256, 6144), (300, 768), (4400, 512)])
-def test_packed_gemv_equals_each_formats_reference(fmt, m, rows, cols):
+def test_packed_gemv_equals_each_formats_reference(fmt, m, rows, cols, monkeypatch):
     """The few-row kernel against dequantize-then-matmul in fp32, for splits from 1 to many (4400
     outputs leave one K split; 256 x 6144 many), also replayed from a CUDA graph."""
     if fmt == "int4":
@@ -131,8 +131,17 @@ def test_packed_gemv_equals_each_formats_reference(fmt, m, rows, cols):
     def call():
         return packed_gemv.packed_gemv(fmt, x, *args, cols, None if fmt != "nvfp4" else global_scale)
 
-    torch.testing.assert_close(call().float(), reference, **tolerance)
+    first = call()
+    torch.testing.assert_close(first.float(), reference, **tolerance)
     _replays_equal(call, reference, tolerance)
+    # at the same tiles, loading a step ahead or not and the two int4 decodes (in place, shifted
+    # down) change no value and no summation order: bit for bit the default's output
+    chosen = packed_gemv.plan
+    monkeypatch.setattr(packed_gemv, "plan", lambda *a: chosen(*a)._replace(prefetch=not chosen(*a).prefetch))
+    assert torch.equal(call(), first)
+    monkeypatch.setattr(packed_gemv, "plan", chosen)
+    monkeypatch.setattr(packed_gemv, "IN_PLACE_NIBBLES", not packed_gemv.IN_PLACE_NIBBLES)
+    assert torch.equal(call(), first)
     if fmt != "int4":  # and through the op the quantized linears call
         got = fp_linear(x, weight, scale, global_scale if fmt == "nvfp4" else None, fmt, cols)
         torch.testing.assert_close(got.float(), reference, **tolerance)

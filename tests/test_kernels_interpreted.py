@@ -65,18 +65,42 @@ def test_packed_gemm_both_ways_equals_the_reference(fmt, forward):
     assert not packed_gemv.arrival_counters(a.device, 1).any()  # left at zero for the next launch
 
 
+_TARGETS = packed_gemv.PREFETCH_TARGET_PROGRAMS, packed_gemv.TARGET_PROGRAMS
+GEMV_VARIANTS = {  # X_SPLIT, IN_PLACE_NIBBLES, ONE_STEP, PREFETCH, PREFETCH_TARGET_PROGRAMS, TARGET_PROGRAMS
+    "default": (True, True, True, True, *_TARGETS),
+    "one row, a program a K step, a split of three": (True, True, True, True, *_TARGETS),
+    "int4 a step ahead, two steps a program": (True, True, False, True, 8, packed_gemv.TARGET_PROGRAMS),
+    "a step at a time, two steps a program": (True, True, False, False, packed_gemv.PREFETCH_TARGET_PROGRAMS, 8),
+    "shifting decode": (True, False, True, True, *_TARGETS),
+    "strided activations": (False, True, True, True, *_TARGETS),
+}
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("x_split", [True, False])
-def test_packed_gemv_with_a_split_reduction_equals_the_reference(fmt, x_split, monkeypatch):
-    """Both ways of reading the activations: one load a step dealt out by register splits, and a
-    strided load per code position."""
-    monkeypatch.setattr(packed_gemv, "X_SPLIT", x_split)
-    rows, cols = 64, 2048  # few output tiles: K is split over programs that meet through the counters
+@pytest.mark.parametrize("variant", sorted(GEMV_VARIANTS))
+def test_packed_gemv_with_a_split_reduction_equals_the_reference(fmt, variant, monkeypatch):
+    """Both ways of reading the activations (one load a step dealt out by register splits, and a
+    strided load per code position), both int4 decodes (in place, shifted down), and int4's plans:
+    a program per K step (a split of three too), loads a step ahead over several steps a program."""
+    names = ("X_SPLIT", "IN_PLACE_NIBBLES", "ONE_STEP", "PREFETCH", "PREFETCH_TARGET_PROGRAMS", "TARGET_PROGRAMS")
+    for name, value in zip(names, GEMV_VARIANTS[variant]):
+        monkeypatch.setattr(packed_gemv, name, value)
+    # few output tiles: K is split over programs that meet through the counters
+    rows, cols = 64, 384 if variant.endswith("three") else 2048
     args, global_scale, dense = _format_weights(fmt, rows, cols, "cpu")
-    x = torch.randn(3, cols, dtype=torch.float16)
+    x = torch.randn(1 if variant.startswith("one row") else 3, cols, dtype=torch.float16)
     reference = x.float() @ dense.t()
     words = cols // packed_gemv.layout(fmt, args[1], cols)[0]
-    assert packed_gemv._split(-(-rows // packed_gemv.BLOCK_N), words, packed_gemv.BLOCK_W) > 1
+    plan = packed_gemv.plan(fmt, x.shape[0], -(-rows // packed_gemv.BLOCK_N), words)
+    steps = words // plan.block_w // plan.split
+    if variant.endswith("three"):  # int4: 48 words in steps of 16
+        assert fmt != "int4" or plan == (16, 3, False)
+    elif variant.startswith("int4 a step ahead"):  # the other formats keep the rule before
+        assert plan.prefetch == (fmt == "int4") and (steps >= 2 or fmt != "int4")
+    elif variant.startswith("a step at a time"):
+        assert not plan.prefetch and steps >= 2
+    else:
+        assert plan.split > 1
     for _ in range(2):  # the counters are shared between launches: the first must leave them at zero
         got = packed_gemv.packed_gemv(fmt, x, *args, cols, global_scale).float()
         torch.testing.assert_close(got, reference, atol=3e-3 * reference.abs().max().item(), rtol=1e-2)
