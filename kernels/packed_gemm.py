@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from orbit_kernels import packed_gemv as gemv
-from orbit_kernels._triton import tl, triton
+from orbit_kernels._triton import pdl_args, pdl_enter, tl, triton
 
 ENABLED = True
 """Set False to force the references (benchmarks compare the two in one process)."""
@@ -167,7 +167,8 @@ if triton is not None:
                             SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                             FORWARD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
-                            X_SPLIT: tl.constexpr):
+                            X_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         # W is [N, K] as stored. forward: C[M, N] = A[M, K] W^T, reducing over K in BLOCK_K steps;
         # backward: C[M, K] = A[M, N] W, reducing over N in BLOCK_N steps. SWAP computes C^T
         # instead (W^T... as the dot's first operand): Hopper's wgmma takes its first operand from
@@ -358,7 +359,7 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, ROW_SCALE=group % block_k == 0,
         HAS_GLOBAL=global_scale is not None, FORWARD=forward, SPLIT=split, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, X_SPLIT=x_split_tiles and block_k // codes >= 16,
-        num_warps=t.warps, num_stages=t.stages)
+        num_warps=t.warps, num_stages=t.stages, **pdl_args(c))
     return c.view(*a.shape[:-1], outer)
 
 

@@ -153,8 +153,9 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_checkpoint, temperature, ada
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_programmatic_dependent_launch_changes_no_token_or_logprob(tiny_checkpoint, tmp_path, monkeypatch):
     """Kernels launched to overlap the one before them wait for its results: a graphed int4 + LoRA
-    engine decodes bit for bit what plain launches decode, at GEMV rows (3) and tile rows (40). A
-    kernel that read its input before waiting would race its producer and change the numbers."""
+    engine decodes bit for bit what plain launches decode, at GEMV rows (3), packed GEMM rows (12)
+    and tile rows (40). A kernel that read its input before waiting would race its producer and
+    change the numbers; only frozen weights are read before the wait (``EARLY_READS``)."""
     from orbit_core.policy.load import load_base
     from orbit_core.quant.quantize import quantize_checkpoint
     from orbit_kernels import _triton
@@ -171,7 +172,7 @@ def test_programmatic_dependent_launch_changes_no_token_or_logprob(tiny_checkpoi
         model = _with_lora(load_base(path, "bfloat16", "cuda"))  # the same seeded factors each time
         engine = BuiltinEngine(model, tok, max_running=64, seed=3)
         params = SamplingParams(max_new_tokens=10, temperature=1.0)
-        runs[pdl] = [engine.generate(prompts[:3], params), engine.generate(prompts, params)]
+        runs[pdl] = [engine.generate(prompts[:n], params) for n in (3, 12, len(prompts))]
         assert engine.loop.graphed is not None and engine.loop.graphed.graphs
     for on, off in zip(runs[True], runs[False]):
         for a, b in zip(on, off):
