@@ -75,6 +75,7 @@ ROUND_KERNELS = {
     "gemv_prefetch": (packed_gemv, "PREFETCH"),  # GEMV below 1,024 tiles: a step ahead, a program a tile
     "gemv_one_step": (packed_gemv, "ONE_STEP"),  # GEMV below 1,024 tiles: a program a K step (before PREFETCH)
     "early_reads": (triton_support, "EARLY_READS"),  # GEMV and shrink read frozen weights before the PDL wait
+    "lora_pdl_above_few_rows": (lora_kernels, "PDL_ABOVE_FEW_ROWS"),  # LoRA row kernels under PDL above 4 rows
 }
 """The decode changes of the last seven rounds (the first five from six rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

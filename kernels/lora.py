@@ -35,6 +35,15 @@ program, each reading whole rank rows of ``B``; the general expand pads rows to 
 rank column of ``B`` at a time (strided), 429 us for 112 launches at batch 1 on an H200. Taking
 this kernel up to 32 rows (8 columns a program at 32) measured 5% slower at batch 8 than the
 general expand, and no faster at 32 (``decode_throughput_few_rows_32_h200.jsonl``)."""
+PDL_ABOVE_FEW_ROWS = False
+"""Launch the shrink and the general expand under programmatic dependent launch above
+``FEW_ROWS_MAX`` rows too (up to it they always are). Off: behind a cuBLAS GEMM, which never lets
+them start early, PDL made bf16 + LoRA slower. H100, decoding at the Qwen3-1.7B shape, against True
+in one process (``decode_throughput_lora_pdl_rows_h100.jsonl``): bf16 + LoRA 2,594 against 2,471
+tok/s at batch 8, 4,908 against 4,417 at 16, 8,832 against 8,772 at 32; int4 + LoRA 3,103 against
+2,955 and 2,995 (first and last run) at 8, but 5,294 against 5,513 and 5,597 at 16 and 9,094
+against 9,162 and 9,319 at 32. (``decode_throughput_pdl_mid_batches_h100.jsonl``: bf16 + LoRA
+2,426 against 2,598 tok/s at 8 with PDL on and off everywhere.)"""
 WIDE_SHRINK = True
 """Set False for the shrink's old 512-column steps (a 2,048-wide row takes four; benchmarks compare)."""
 TILES_ENABLED = True
@@ -210,8 +219,12 @@ def shrink(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | No
     _shrink_kernel[(rows, r, groups)](x, a, slots, t, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
                                       *lora_groups.offsets(as_), HAS_SLOTS=row_slot is not None,
                                       BLOCK_K=min(triton.next_power_of_2(k), 2048) if WIDE_SHRINK else 512, num_warps=4,
-                                      EARLY=_triton.EARLY_READS, **pdl_args(x))
+                                      EARLY=_triton.EARLY_READS, **_pdl(x, rows))
     return t
+
+
+def _pdl(tensor: torch.Tensor, rows: int) -> dict:
+    return pdl_args(tensor) if PDL_ABOVE_FEW_ROWS or rows <= FEW_ROWS_MAX else {}
 
 
 def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
@@ -236,7 +249,7 @@ def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tenso
     y, b = ys[0], bs[0]
     _expand_kernel[(triton.cdiv(rows, block_m), tiles)](
         t, b, slots, y, rows, y.shape[1], r, scaling, t.stride(0), b.stride(0), b.stride(1), y.stride(0), *group_args,
-        HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4, **pdl_args(t))
+        HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4, **_pdl(t, rows))
 
 
 @torch.library.custom_op("orbit::lora_add_", mutates_args=("y",))
