@@ -39,8 +39,9 @@ PDL_ABOVE_FEW_ROWS = False
 """Launch the shrink and the general expand under programmatic dependent launch above
 ``FEW_ROWS_MAX`` rows too (up to it they always are). Off: behind a cuBLAS GEMM, which never lets
 them start early, PDL made bf16 + LoRA slower. H100, decoding at the Qwen3-1.7B shape, against True
-in one process (``decode_throughput_lora_pdl_rows_h100.jsonl``): bf16 + LoRA 2,594 against 2,471
-tok/s at batch 8, 4,908 against 4,417 at 16, 8,832 against 8,772 at 32; int4 + LoRA 3,103 against
+in one process (``decode_throughput_lora_pdl_rows_h100.jsonl``; True first and last): bf16 + LoRA
+2,594 against 2,431 and 2,471 tok/s at batch 8, 4,908 against 4,424 and 4,417 at 16, 8,832 against
+8,724 and 8,772 at 32; int4 + LoRA 3,103 against
 2,955 and 2,995 (first and last run) at 8, but 5,294 against 5,513 and 5,597 at 16 and 9,094
 against 9,162 and 9,319 at 32. (``decode_throughput_pdl_mid_batches_h100.jsonl``: bf16 + LoRA
 2,426 against 2,598 tok/s at 8 with PDL on and off everywhere.)"""
