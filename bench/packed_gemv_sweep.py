@@ -16,9 +16,12 @@ is a run with a ``--group-scale`` switch for a variant since removed (see ``pack
 one step ahead (``packed_gemv.PREFETCH``) at every setting given, the targets setting the split.
 After each linear's settings, three more lines time the library's own choices: ``packed_gemv.plan``
 with ``ONE_STEP``, with ``PREFETCH`` alone, and the rule before both (``TARGET_PROGRAMS``,
-``ONE_ROW_BLOCK_W``), the baseline. ``--specialize-stride 1 0`` runs the kernel built with and without Triton's divisibility
-specialization of the weight's row stride (``packed_gemv.STRIDE_UNSPECIALIZED``;
-``packed_gemv_layouts_h200.jsonl``, where ``bw`` 256 at one row is ``ONE_ROW_BLOCK_W``).
+``ONE_ROW_BLOCK_W``), the baseline. ``--specialize-stride 1 0`` runs the kernel built with and
+without Triton's divisibility specialization of the weight's row stride
+(``packed_gemv.STRIDE_UNSPECIALIZED``; ``packed_gemv_layouts_h200.jsonl``, where ``bw`` 256 at one
+row is ``ONE_ROW_BLOCK_W``). Results of this round (H100): ``packed_gemv_in_place_h100.jsonl``,
+``packed_gemv_prefetch_h100.jsonl`` (where ``prefetch`` forced it at every setting, and "plan:
+prefetch" is the library's plan before ``ONE_STEP``), ``packed_gemv_plans_h100.jsonl``.
     python -m bench.packed_gemv_sweep [--shapes qkv gate_up q down] [--stages 1 3] [--targets 528 1056]
 """
 

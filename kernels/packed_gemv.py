@@ -25,8 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from orbit_kernels import lora_groups
-from orbit_kernels import _triton
+from orbit_kernels import _triton, lora_groups
 from orbit_kernels._triton import pdl_args, pdl_enter, tl, triton
 
 ENABLED = True
@@ -161,7 +160,8 @@ if triton is not None:
         return _decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT)
 
     @triton.jit
-    def _code_product(tile, words, nibble, x, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, IN_PLACE: tl.constexpr):
+    def _code_product(tile, words, nibble, x, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr,
+                      IN_PLACE: tl.constexpr):
         """``tile`` plus code ``c`` of every word times its activations ``x [ROWS, words]``."""
         w = code_at(words, nibble, c, BITS, FMT, IN_PLACE)
         return tile + w[None, :, :] * x.to(tl.float32)[:, None, :]
@@ -373,11 +373,11 @@ def plan(fmt: str, rows: int, tiles: int, k_words: int) -> Plan:
     """Words a K step, programs a tile and whether to load a step ahead, for one call.
 
     int4 with fewer than ``STREAM_BELOW_TILES`` output tiles (the q/k/v, o and down projections of
-    a 2,048-wide model) has few programs to hide memory behind, so it gets either of two plans. At
-    one row, ``ONE_STEP``: a program per K step of the widest tile, its whole weight slice loaded
-    before the PDL wait (``_triton.EARLY_READS``), where it overlaps the kernel before. At two to
-    four rows, ``PREFETCH``: a program per tile (``PREFETCH_TARGET_PROGRAMS``), several narrower K
-    steps each, every step's loads issued a step ahead. With more tiles (gate/up) the waiting
+    a 2,048-wide model) has few programs to hide memory behind, so it gets either of two plans.
+    At one row, ``ONE_STEP`` (with ``_triton.PDL`` and ``EARLY_READS`` on): a program per K step
+    of the widest tile, its whole weight slice loaded before the PDL wait, overlapping the kernel
+    before. At two to four rows, ``PREFETCH``: a program per tile (``PREFETCH_TARGET_PROGRAMS``),
+    several narrower K steps each, every step's loads issued a step ahead. With more tiles (gate/up) the waiting
     programs cover each other, and the rule before (one wide step, ``TARGET_PROGRAMS``) stays.
 
     H100, decoding int4 + LoRA r16 at the Qwen3-1.7B shape, one process
@@ -388,7 +388,7 @@ def plan(fmt: str, rows: int, tiles: int, k_words: int) -> Plan:
     batch 1, ``PREFETCH`` 2,270 against 2,165 at 4."""
     widest = 2 * BLOCK_W if ONE_ROW_BLOCK_W and rows == 1 else BLOCK_W
     if fmt == "int4" and tiles < STREAM_BELOW_TILES:
-        if ONE_STEP and _triton.EARLY_READS and rows == 1:
+        if ONE_STEP and _triton.PDL and _triton.EARLY_READS and rows == 1:
             block_w = next(w for w in (widest, BLOCK_W, 32, 16) if k_words % w == 0)
             return Plan(block_w, k_words // block_w, False)
         if PREFETCH:
