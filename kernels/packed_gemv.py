@@ -195,6 +195,17 @@ if triton is not None:
                        mask=(rows[:, None] < M) & (offs_k < BLOCK_K)[None, :], other=0.0)
 
     @triton.jit
+    def _next_step(words, scale, xk, x_ptr, w_ptr, s_ptr, k_next, K, offs_n, n_mask, rows, M, stride_xm, stride_w,
+                   stride_s, CODES: tl.constexpr, GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                   BLOCK_W: tl.constexpr):
+        """The words, scales and activations of the K step at ``k_next``; past K, the ones given."""
+        if k_next < K:
+            words, scale = _weight_step(w_ptr, s_ptr, k_next, offs_n, n_mask, stride_w, stride_s, CODES, GROUP,
+                                        SCALE_ROWS, BLOCK_W)
+            xk = _x_step(x_ptr, k_next, rows, M, stride_xm, BLOCK_W * CODES)
+        return words, scale, xk
+
+    @triton.jit
     def _step_product(words, nibble, scale, xk, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                       CODES: tl.constexpr, FMT: tl.constexpr, IN_PLACE: tl.constexpr):
         """One K step's ``[ROWS, BLOCK_N, BLOCK_W]`` products, scaled: every code of a word times its
@@ -246,19 +257,14 @@ if triton is not None:
                 pdl_enter(PDL)
             xk = _x_step(x_ptr, k_first, rows, M, stride_xm, BLOCK_K)
             for k0 in range(k_first, K, k_step):
-                ahead_words, ahead_scale, ahead_x = words, scale, xk
                 if PREFETCH:  # the next step's loads go out before this step's arithmetic
-                    if k0 + k_step < K:
-                        ahead_words, ahead_scale = _weight_step(w_ptr, s_ptr, k0 + k_step, offs_n, n_mask, stride_w,
-                                                                stride_s, CODES, GROUP, SCALE_ROWS, BLOCK_W)
-                        ahead_x = _x_step(x_ptr, k0 + k_step, rows, M, stride_xm, BLOCK_K)
+                    ahead = _next_step(words, scale, xk, x_ptr, w_ptr, s_ptr, k0 + k_step, K, offs_n, n_mask, rows,
+                                       M, stride_xm, stride_w, stride_s, CODES, GROUP, SCALE_ROWS, BLOCK_W)
                 acc += _step_product(words, nibble, scale, xk, ROWS, BLOCK_N, BLOCK_W, CODES, FMT, IN_PLACE)
                 if not PREFETCH:
-                    if k0 + k_step < K:
-                        ahead_words, ahead_scale = _weight_step(w_ptr, s_ptr, k0 + k_step, offs_n, n_mask, stride_w,
-                                                                stride_s, CODES, GROUP, SCALE_ROWS, BLOCK_W)
-                        ahead_x = _x_step(x_ptr, k0 + k_step, rows, M, stride_xm, BLOCK_K)
-                words, scale, xk = ahead_words, ahead_scale, ahead_x
+                    ahead = _next_step(words, scale, xk, x_ptr, w_ptr, s_ptr, k0 + k_step, K, offs_n, n_mask, rows,
+                                       M, stride_xm, stride_w, stride_s, CODES, GROUP, SCALE_ROWS, BLOCK_W)
+                words, scale, xk = ahead
         else:
             pdl_enter(PDL)
             for k0 in range(k_first, K, k_step):
