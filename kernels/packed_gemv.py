@@ -393,15 +393,16 @@ def plan(fmt: str, rows: int, tiles: int, k_words: int) -> Plan:
     rule before's 1,866), so it is one row only. Bare int4: 784.4 / 786.8 against 760.6 and 746.6 at
     batch 1, ``PREFETCH`` 2,270 against 2,165 at 4."""
     widest = 2 * BLOCK_W if ONE_ROW_BLOCK_W and rows == 1 else BLOCK_W
+    fitting = lambda first, second: next(w for w in (first, second, 32, 16) if k_words % w == 0)  # noqa: E731
     if fmt == "int4" and tiles < STREAM_BELOW_TILES:
         if ONE_STEP and _triton.PDL and _triton.EARLY_READS and rows == 1:
-            block_w = next(w for w in (widest, BLOCK_W, 32, 16) if k_words % w == 0)
+            block_w = fitting(widest, BLOCK_W)
             return Plan(block_w, k_words // block_w, False)
         if PREFETCH:
-            block_w = next(w for w in ((64 if tiles >= 512 else 128), 32, 16) if k_words % w == 0)
+            block_w = fitting(64 if tiles >= 512 else 128, 32)
             split = _split(tiles, k_words, block_w, PREFETCH_TARGET_PROGRAMS)
             return Plan(block_w, split, k_words // block_w // split >= 2)
-    block_w = next(w for w in (widest, BLOCK_W, 32, 16) if k_words % w == 0)
+    block_w = fitting(widest, BLOCK_W)
     return Plan(block_w, _split(tiles, k_words, block_w), False)
 
 
