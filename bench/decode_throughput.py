@@ -37,9 +37,9 @@ from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
-from orbit_kernels import packed_gemm, packed_gemv, packed_lora
+from orbit_kernels import norm_shrink, packed_gemm, packed_gemv, packed_lora
 from orbit_kernels import qk_rope as qk_kernels
-from orbit_kernels import rmsnorm
+from orbit_kernels import rmsnorm, silu_shrink
 from orbit_kernels import rope as rope_kernels
 from orbit_kernels import silu_mul
 from orbit_kernels import _triton as triton_support
@@ -76,19 +76,22 @@ ROUND_KERNELS = {
     "gemv_one_step": (packed_gemv, "ONE_STEP"),  # GEMV below 1,024 tiles: a program a K step (before PREFETCH)
     "early_reads": (triton_support, "EARLY_READS"),  # GEMV and shrink read frozen weights before the PDL wait
     "lora_pdl_above_few_rows": (lora_kernels, "PDL_ABOVE_FEW_ROWS"),  # LoRA row kernels under PDL above 4 rows
+    "norm_shrink": (norm_shrink, "ENABLED"),  # up to 4 rows: add, norm and the q/k/v or gate/up shrink in one kernel
+    "silu_shrink": (silu_shrink, "ENABLED"),  # up to 4 rows: the SwiGLU product and down's shrink in one kernel
 }
-"""The decode changes of the last seven rounds (the first five from six rounds ago, the next three
+"""The decode changes of the last eight rounds (the first five from seven rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
 that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the next three from the
-round before this one, ``pdl`` from the round after, the last four from this one), each switchable
-for ``--ablate``
+round after that, ``pdl`` from the round after, the next five from the round before this one, the
+last two from this one), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;
 ``decode_throughput_pdl_h100.jsonl``: int4 and bf16 + LoRA at 1 and 4;
 ``decode_throughput_gemv_in_place_h100.jsonl``, ``decode_throughput_gemv_prefetch_h100.jsonl``,
 ``decode_throughput_early_reads_h100.jsonl``, ``decode_throughput_gemv_plans_h100.jsonl``: int4 at
-1 and 4, the last with LoRA and bare).
+1 and 4, the last with LoRA and bare; ``decode_throughput_shrink_fusions_h100.jsonl``: int4 and
+bf16 + LoRA at 1 and 4).
 ``decode_throughput_masked_int4_h200.jsonl`` switched ``masked_int4``: the GEMV and the x-split GEMM
 decoding an int4 nibble by masking it in place and one FMA (two instructions a code against four;
 26.38 against 27.49 us summed over the GEMV's shapes at one row). End to end it was within the

@@ -210,8 +210,36 @@ def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r
     launch_groups([y], x, [a], [b], row_slot, scaling)
 
 
+def _shrink_key(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | None) -> tuple:
+    def place(tensor: torch.Tensor) -> tuple:
+        return tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())
+    return place(x), tuple(place(a) for a in as_), None if row_slot is None else place(row_slot)
+
+
+_OFFERED: tuple | None = None
+
+
+class offer_shrink:
+    """Inside it, a ``shrink`` of exactly ``x`` (``[rows, in]``) by exactly ``as_`` and ``row_slot``
+    returns ``t`` and launches nothing: a kernel before it computed the shrink already
+    (``norm_shrink``). Any other call shrinks as usual."""
+
+    def __init__(self, x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | None, t: torch.Tensor):
+        self.offer = (_shrink_key(x, as_, row_slot), t)
+
+    def __enter__(self) -> None:
+        global _OFFERED
+        self.before, _OFFERED = _OFFERED, self.offer
+
+    def __exit__(self, *exc) -> None:
+        global _OFFERED
+        _OFFERED = self.before
+
+
 def shrink(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | None) -> torch.Tensor:
     """fp32 ``t [rows, groups * r]``: ``x @ as_[g][s]^T`` for each group ``g`` and row slot ``s``."""
+    if _OFFERED is not None and _OFFERED[0] == _shrink_key(x, as_, row_slot):
+        return _OFFERED[1]
     rows, k = x.shape
     groups, r = len(as_), as_[0].shape[1]
     t = torch.empty((rows, groups * r), dtype=torch.float32, device=x.device)

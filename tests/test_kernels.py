@@ -622,3 +622,52 @@ def test_packed_lora_linear_on_cpu_is_the_reference_and_traces():
                                                                       row_slot, 0.5), backend="aot_eager",
                              fullgraph=True)
     assert compiled(x).shape == (3, 128)
+
+
+@cuda
+@pytest.mark.parametrize("rows, with_slots", [(1, False), (4, True)])
+def test_add_norm_shrink_kernel_equals_the_unfused_kernels(rows, with_slots):
+    """The fused add, norm and shrink against ``add_rms_norm``'s kernel and then the shrink kernel,
+    on q/k/v-sized factors of the Qwen3-1.7B shape: the same new residual bit for bit, the normed
+    rows within a rounding step, the same ``t`` within fp32 summation order."""
+    from orbit_kernels import norm_shrink, rmsnorm
+
+    torch.manual_seed(rows)
+    cols, rank, slots = 2048, 16, 2
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.rand(cols, device="cuda") + 0.5).to(torch.bfloat16)
+    stacked = torch.randn(3, slots, rank, cols, device="cuda") * 0.05
+    as_ = [stacked[g] for g in range(3)]
+    row_slot = torch.randint(0, slots, (rows,), device="cuda") if with_slots else None
+    h, normed, t = norm_shrink.launch(x, delta, weight, 1e-6, as_, row_slot)
+    want_h, want_normed = rmsnorm.launch_add(x, delta, weight, 1e-6)
+    assert torch.equal(h, want_h)
+    torch.testing.assert_close(normed, want_normed, atol=0, rtol=2 ** -7)
+    torch.testing.assert_close(t, lora.shrink(normed, as_, row_slot), atol=1e-4, rtol=1e-5)
+    for i in range(rows):  # and an fp32 product row by row, a third implementation
+        s = 0 if row_slot is None else int(row_slot[i])
+        want = torch.cat([normed[i].float() @ a[s].t() for a in as_])
+        torch.testing.assert_close(t[i], want, atol=1e-4, rtol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("rows, with_slots", [(1, False), (4, True)])
+def test_silu_mul_shrink_kernel_equals_the_unfused_kernels(rows, with_slots):
+    """The fused SwiGLU product and down shrink against ``silu_mul``'s kernel and then the shrink
+    kernel, on gate/up column slices of the Qwen3-1.7B shape: the same product bit for bit, the
+    same ``t`` within fp32 summation order, and an fp32 product row by row."""
+    from orbit_kernels import silu_mul, silu_shrink
+
+    torch.manual_seed(rows)
+    cols, rank, slots = 6144, 16, 2
+    both = torch.randn(rows, 2 * cols, device="cuda", dtype=torch.bfloat16)
+    gate, up = both[:, :cols], both[:, cols:]
+    a = torch.randn(slots, rank, cols, device="cuda") * 0.05
+    row_slot = torch.randint(0, slots, (rows,), device="cuda") if with_slots else None
+    y, t = silu_shrink.launch(gate, up, a, row_slot)
+    assert torch.equal(y, silu_mul.launch(gate, up))
+    torch.testing.assert_close(t, lora.shrink(y, [a], row_slot), atol=1e-4, rtol=1e-5)
+    for i in range(rows):
+        s = 0 if row_slot is None else int(row_slot[i])
+        torch.testing.assert_close(t[i], y[i].float() @ a[s].t(), atol=1e-4, rtol=1e-4)

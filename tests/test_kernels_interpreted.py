@@ -313,3 +313,78 @@ def test_packed_kernels_with_the_lora_epilogue_equal_row_by_row_fp32(fmt, rows, 
     got = packed_lora.launch(x, *args, global_scale, b, fmt, cols, as_, bs, row_slot, 2.0).float()
     torch.testing.assert_close(got, want, atol=3e-3 * want.abs().max().item(), rtol=1e-2)
     assert not packed_gemv.arrival_counters(x.device, 1).any()
+
+
+@pytest.mark.parametrize("rows, groups, with_slots", [(1, 3, False), (3, 2, True), (4, 1, False)])
+def test_add_norm_shrink_kernel_equals_the_add_norm_and_row_by_row_shrink(rows, groups, with_slots):
+    """The fused kernel against ``add_rms_norm``'s reference for the new residual and the normed
+    rows, and against an fp32 product row by row for ``t``, each row with its own slot's A; the
+    groups' A are views of one stacked tensor, as the engine's fused q/k/v keeps them."""
+    from orbit_kernels import norm_shrink
+    from orbit_kernels.rmsnorm import add_rms_norm_reference
+
+    torch.manual_seed(rows + groups)
+    cols, rank, slots = 160, 8, 3
+    x, delta = torch.randn(rows, cols, dtype=torch.float16), torch.randn(rows, cols, dtype=torch.float16)
+    weight = (torch.rand(cols) + 0.5).to(torch.float16)
+    stacked = torch.randn(groups, slots, rank, cols) * 0.1
+    as_ = [stacked[g] for g in range(groups)]
+    row_slot = torch.randint(0, slots, (rows,)) if with_slots else None
+    h, normed, t = norm_shrink.launch(x, delta, weight, 1e-6, as_, row_slot)
+    want_h, want_normed = add_rms_norm_reference(x, delta, weight, 1e-6)
+    assert torch.equal(h, want_h)
+    torch.testing.assert_close(normed, want_normed, atol=2e-3, rtol=2e-3)  # the sum of squares' order
+    for i in range(rows):
+        s = 0 if row_slot is None else int(row_slot[i])
+        want = torch.cat([normed[i].float() @ a[s].t() for a in as_])
+        torch.testing.assert_close(t[i], want, atol=1e-4, rtol=1e-4)
+
+
+def test_an_offered_shrink_serves_only_its_own_call():
+    """Inside ``offer_shrink``, the shrink of the offered input by the offered factors returns the
+    offered ``t``; a call with another input, other factors or other slots still computes its own."""
+    from orbit_kernels import lora
+
+    torch.manual_seed(0)
+    x, other = torch.randn(2, 64, dtype=torch.float16), torch.randn(2, 64, dtype=torch.float16)
+    a = torch.randn(2, 4, 64) * 0.1
+    as_, row_slot = [a[:1]], None
+    offered = torch.full((2, 4), 7.0)
+    with lora.offer_shrink(x, as_, row_slot, offered):
+        assert lora.shrink(x, [a[:1]], None) is offered  # a new view of the same factors
+        for call in ((other, [a[:1]], None), (x, [a[1:]], None), (x, [a], torch.tensor([1, 0]))):
+            got = lora.shrink(*call)
+            assert not torch.equal(got, offered)
+            slots = call[2] if call[2] is not None else torch.zeros(2, dtype=torch.long)
+            want = torch.stack([call[0][i].float() @ call[1][0][slots[i]].t() for i in range(2)])
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(lora.shrink(x, as_, row_slot), offered)  # the offer ends with the context
+
+
+@pytest.mark.parametrize("rows, fused_columns, with_slots", [(1, True, False), (3, False, True), (4, True, True)])
+def test_silu_mul_shrink_kernel_equals_silu_mul_and_row_by_row_shrink(rows, fused_columns, with_slots):
+    """The fused kernel against ``silu_mul``'s reference for the product and an fp32 product row by
+    row for ``t``, over more K steps than one (a width of 2.5 steps), with gate and up as column
+    slices of one fused output as the engine's gate/up GEMV leaves them."""
+    from orbit_kernels import silu_shrink
+    from orbit_kernels.silu_mul import silu_mul_reference
+
+    torch.manual_seed(rows)
+    cols, rank, slots = 80, 8, 3
+    if fused_columns:
+        both = torch.randn(rows, 2 * cols, dtype=torch.float16)
+        gate, up = both[:, :cols], both[:, cols:]
+    else:
+        gate, up = torch.randn(rows, cols, dtype=torch.float16), torch.randn(rows, cols, dtype=torch.float16)
+    a = torch.randn(slots, rank, cols) * 0.1
+    row_slot = torch.randint(0, slots, (rows,)) if with_slots else None
+    saved = silu_shrink.BLOCK_K
+    silu_shrink.BLOCK_K = 32
+    try:
+        y, t = silu_shrink.launch(gate, up, a, row_slot)
+    finally:
+        silu_shrink.BLOCK_K = saved
+    torch.testing.assert_close(y, silu_mul_reference(gate, up), atol=1e-3, rtol=1e-3)  # exp's last bits
+    for i in range(rows):
+        s = 0 if row_slot is None else int(row_slot[i])
+        torch.testing.assert_close(t[i], y[i].float() @ a[s].t(), atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ from torch import nn
 from orbit_core.models.config import DecoderConfig
 from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.projections import project
-from orbit_kernels.silu_mul import silu_mul
+from orbit_core.models.shrink_fusion import silu_mul_for
 
 
 class MLP(nn.Module):
@@ -23,5 +23,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)
         if use_engine_kernels(x):  # one kernel, reading gate and up in place (column slices when fused)
-            return self.down_proj(silu_mul(gate, up))
+            y, shrunk = silu_mul_for(gate, up, self.down_proj)  # at a few rows with down's shrink too
+            with shrunk:
+                return self.down_proj(y)
         return self.down_proj(F.silu(gate) * up)

@@ -24,10 +24,11 @@ from orbit_core.models.mlp import MLP
 from orbit_core.models.moe import SparseMoE
 from orbit_core.models.projections import project
 from orbit_core.models.rope import apply_rope, rope_tables
+from orbit_core.models.shrink_fusion import add_norm
 from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels.decode_attention import decode_attention
 from orbit_kernels.qk_rope import decode_qk_
-from orbit_kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
+from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
 from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference
 
 
@@ -223,17 +224,19 @@ class DecoderLM(nn.Module):
         layers = self.model.layers
         ahead = dequant_ahead.plan(layers, x)  # packed weights that dequantize: one layer ahead, aside
         with ahead or nullcontext():
-            normed = layers[0].input_layernorm(x)
+            normed, shrunk = layers[0].input_layernorm(x), nullcontext()
             for i, layer in enumerate(layers):
                 if ahead is not None:
                     ahead.enter_layer(i)
-                norm = layer.post_attention_layernorm
-                x, normed = add_rms_norm(x, layer.self_attn(normed, cos, sin, cache, slots, decode_mask),
-                                         norm.weight, norm.eps)
-                out = layer.mlp(normed)
+                with shrunk:
+                    attended = layer.self_attn(normed, cos, sin, cache, slots, decode_mask)
+                x, normed, shrunk = add_norm(x, attended, layer.post_attention_layernorm, layer.mlp,
+                                              ("gate_proj", "up_proj"))
+                with shrunk:
+                    out = layer.mlp(normed)
                 if i + 1 < len(layers):
-                    norm = layers[i + 1].input_layernorm
-                    x, normed = add_rms_norm(x, out, norm.weight, norm.eps)
+                    x, normed, shrunk = add_norm(x, out, layers[i + 1].input_layernorm, layers[i + 1].self_attn,
+                                                  ("q_proj", "k_proj", "v_proj"))
                 else:
                     x = x + out
         return x
@@ -283,3 +286,4 @@ class DecoderLM(nn.Module):
             return hidden
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
+

@@ -78,14 +78,10 @@ class LoRALinear(AdapterLayer):
         base outputs, then one launch of each LoRA kernel for all of them. None: not applicable
         (outside the engine, other modules, or settings the linears do not share)."""
         first = linears[0]
-        if not use_engine_kernels(x) or any(
-                type(m) is not LoRALinear or m.training or not m.enabled or m.fake_quant is not None
-                or m.scaling != first.scaling or m.slot_bank is not first.slot_bank for m in linears):
+        factors = LoRALinear._group_factors(x, linears)
+        if factors is None:
             return None
         flat_x = x.reshape(-1, x.shape[-1]).contiguous()
-        factors = [m._engine_factors(flat_x.shape[0]) for m in linears]
-        if any(f is None for f in factors):
-            return None
         fused = LoRALinear._engine_packed(x, linears, factors)
         if fused is not None:
             return fused
@@ -95,6 +91,25 @@ class LoRALinear(AdapterLayer):
         lora_add_group_(flat_outs, flat_x, [f[0] for f in factors], [f[1] for f in factors], factors[0][2],
                         first.scaling)
         return outs
+
+    @staticmethod
+    def _group_factors(x: torch.Tensor, linears) -> list | None:
+        """Each linear's ``_engine_factors`` when ``engine_group_forward`` serves them (None: it does not)."""
+        first = linears[0]
+        if not use_engine_kernels(x) or any(
+                type(m) is not LoRALinear or m.training or not m.enabled or m.fake_quant is not None
+                or m.scaling != first.scaling or m.slot_bank is not first.slot_bank for m in linears):
+            return None
+        factors = [m._engine_factors(x.numel() // x.shape[-1]) for m in linears]
+        return None if any(f is None for f in factors) else factors
+
+    @staticmethod
+    def engine_shrink_factors(x: torch.Tensor, linears) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
+        """(each linear's A, the rows' slots) that ``engine_group_forward`` will shrink ``x`` by, for
+        a kernel before it to compute the shrink (``orbit_kernels.norm_shrink``); None: no such
+        shrink."""
+        factors = LoRALinear._group_factors(x, linears)
+        return None if factors is None else ([f[0] for f in factors], factors[0][2])
 
     @staticmethod
     def _engine_packed(x: torch.Tensor, linears, factors: list | None = None) -> list[torch.Tensor] | None:
