@@ -4,8 +4,8 @@ One query token per row attends to keys ``0..length`` of that row's cache slot. 
 (``decode_attention_reference``, also the CPU path) is SDPA under a boolean mask over every cached
 position a step may read; inside a CUDA graph that is the cache's whole capacity. Here the keys of
 a row are dealt out in chunks of ``CHUNK`` to programs of a first kernel, which stop at the row's
-length and keep an online softmax per query head of the KV head's group; the last chunk of a
-(row, KV head) to finish merges them (``MERGE_LAST``). Grouped-query attention reads each KV head once for its whole query group.
+length and keep an online softmax per query head of the KV head's group; a second kernel merges the
+chunks. Grouped-query attention reads each KV head once for its whole query group.
 
 A program's loop runs to the row's length, not over the whole chunk behind a branch, so Triton can
 pipeline its loads. The chunk shrinks when there are few rows, so that a batch-1 step still spreads
@@ -21,15 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
-from orbit_kernels.packed_gemv import arrival_counters
 
 ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
 TUNED = True
-MERGE_LAST = True
-"""The last chunk of a (row, KV head) to finish merges the chunks (an arrival counter, as the packed
-GEMV adds its split partials), so a step runs one attention kernel a layer; False: a second kernel
-merges them. The merge is the same code in the same order either way, so the outputs are equal."""
 """Set False for the launch of the round before (chunks of 256 keys, 4 warps, no pipelining)."""
 
 
@@ -73,11 +68,10 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, count_ptr, scale, stride_qr,
-                      stride_qh, stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, stride_or,
-                      stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
-                      CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
-                      MERGE: tl.constexpr = False, PDL: tl.constexpr = False):
+    def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
+                      stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, GROUP: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
         pdl_enter(PDL)  # first: nothing before it may touch memory
         row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(len_ptr + row)  # the last key this row may read
@@ -116,51 +110,32 @@ if triton is not None:
         tl.store(m_ptr + part * GROUP + offs_g, m, mask=g_mask)
         tl.store(l_ptr + part * GROUP + offs_g, l, mask=g_mask)
         tl.store(acc_ptr + (part * GROUP + offs_g)[:, None] * DIM + offs_d[None, :], acc, mask=g_mask[:, None])
-        if MERGE:  # the last chunk of a (row, KV head) to arrive merges them (``MERGE_LAST``)
-            # every thread's partials are written before the counter moves (release), and the last
-            # arrival sees all of them (acquire; .cg reads past the SM's own L1)
-            tl.debug_barrier()
-            pair = row * tl.num_programs(1) + kv_head
-            arrived = tl.atomic_add(count_ptr + pair, 1, sem="acq_rel")
-            if arrived == SPLITS - 1:
-                _merge_parts(m_ptr, l_ptr, acc_ptr, out_ptr, row, kv_head, tl.num_programs(1), stride_or, stride_oh,
-                             GROUP, GROUP_PAD, DIM, SPLITS, ".cg")
-                tl.atomic_xchg(count_ptr + pair, 0)  # every chunk has arrived: the next launch finds zero
-
-    @triton.jit
-    def _merge_parts(m_ptr, l_ptr, acc_ptr, out_ptr, row, kv_head, kv_heads, stride_or, stride_oh,
-                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr,
-                     CACHE: tl.constexpr):
-        """The output of one (row, KV head) from its chunks' partial softmaxes, in split order."""
-        offs_g = tl.arange(0, GROUP_PAD)
-        offs_d = tl.arange(0, DIM)
-        g_mask = offs_g < GROUP
-        base = (row * kv_heads + kv_head) * SPLITS
-        m_all = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
-        for split in range(SPLITS):
-            m_all = tl.maximum(m_all, tl.load(m_ptr + (base + split) * GROUP + offs_g, mask=g_mask,
-                                              other=float("-inf"), cache_modifier=CACHE))
-        total = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-        out = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
-        for split in range(SPLITS):
-            m = tl.load(m_ptr + (base + split) * GROUP + offs_g, mask=g_mask, other=float("-inf"),
-                        cache_modifier=CACHE)
-            # a chunk past the row's length holds m = -inf and contributes nothing
-            w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
-            total += w * tl.load(l_ptr + (base + split) * GROUP + offs_g, mask=g_mask, other=0.0,
-                                 cache_modifier=CACHE)
-            out += w[:, None] * tl.load(acc_ptr + ((base + split) * GROUP + offs_g)[:, None] * DIM + offs_d[None, :],
-                                        mask=g_mask[:, None], other=0.0, cache_modifier=CACHE)
-        out = out / tl.where(g_mask, total, 1.0)[:, None]
-        ptrs = out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
-        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
     @triton.jit
     def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_or, stride_oh, GROUP: tl.constexpr,
                       GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr = False):
         pdl_enter(PDL)  # first: nothing before it may touch memory
-        _merge_parts(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.num_programs(1),
-                     stride_or, stride_oh, GROUP, GROUP_PAD, DIM, SPLITS, "")
+        row, kv_head = tl.program_id(0), tl.program_id(1)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, DIM)
+        g_mask = offs_g < GROUP
+        base = (row * tl.num_programs(1) + kv_head) * SPLITS
+        m_all = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+        for split in range(SPLITS):
+            m_all = tl.maximum(m_all, tl.load(m_ptr + (base + split) * GROUP + offs_g, mask=g_mask,
+                                              other=float("-inf")))
+        total = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+        out = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
+        for split in range(SPLITS):
+            m = tl.load(m_ptr + (base + split) * GROUP + offs_g, mask=g_mask, other=float("-inf"))
+            # a chunk past the row's length holds m = -inf and contributes nothing
+            w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
+            total += w * tl.load(l_ptr + (base + split) * GROUP + offs_g, mask=g_mask, other=0.0)
+            out += w[:, None] * tl.load(acc_ptr + ((base + split) * GROUP + offs_g)[:, None] * DIM + offs_d[None, :],
+                                        mask=g_mask[:, None], other=0.0)
+        out = out / tl.where(g_mask, total, 1.0)[:, None]
+        ptrs = out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
 def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -184,7 +159,7 @@ def _served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
            config: Config | None = None) -> torch.Tensor:
-    """The kernels (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
+    """The two kernels (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
     rows, heads, dim = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
     c = config or launch_config(rows, kv_heads, capacity)
@@ -195,15 +170,12 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
     m = torch.empty(parts, dtype=torch.float32, device=q.device)
     l = torch.empty(parts, dtype=torch.float32, device=q.device)
     acc = torch.empty((parts, dim), dtype=torch.float32, device=q.device)
-    out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
-    counts = arrival_counters(q.device, rows * kv_heads) if MERGE_LAST else m  # m: unused without MERGE
     _chunk_kernel[(rows, kv_heads, splits)](
-        q, k, v, lengths, m, l, acc, out, counts, 1.0 / math.sqrt(dim), q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), GROUP=group,
-        GROUP_PAD=group_pad, DIM=dim, CHUNK=c.chunk, BLOCK_N=c.block_n, SPLITS=splits,
-        IEEE=q.dtype == torch.float32, MERGE=MERGE_LAST, num_warps=c.warps, num_stages=c.stages, **pdl_args(q))
-    if MERGE_LAST:
-        return out
+        q, k, v, lengths, m, l, acc, 1.0 / math.sqrt(dim), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), GROUP=group, GROUP_PAD=group_pad, DIM=dim, CHUNK=c.chunk,
+        BLOCK_N=c.block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=c.warps, num_stages=c.stages,
+        **pdl_args(q))
+    out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
     _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=group_pad,
                                     DIM=dim, SPLITS=splits, num_warps=4, **pdl_args(out))
     return out
