@@ -78,6 +78,7 @@ ROUND_KERNELS = {
     "lora_pdl_above_few_rows": (lora_kernels, "PDL_ABOVE_FEW_ROWS"),  # LoRA row kernels under PDL above 4 rows
     "norm_shrink": (norm_shrink, "ENABLED"),  # up to 4 rows: add, norm and the q/k/v or gate/up shrink in one kernel
     "silu_shrink": (silu_shrink, "ENABLED"),  # up to 4 rows: the SwiGLU product and down's shrink in one kernel
+    "silu_shrink_one_step": (silu_shrink, "ONE_STEP"),  # that kernel reads a row in one K step (else 2,048 columns)
 }
 """The decode changes of the last eight rounds (the first five from seven rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

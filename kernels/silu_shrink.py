@@ -23,6 +23,11 @@ MAX_ROWS = 4
 """Rows a call may have: the rows the packed GEMV serves, where the saved launch is a large part
 of the step (measured there only)."""
 BLOCK_K = 2048
+"""Columns a K step (a narrower row is one step)."""
+ONE_STEP = True
+"""Rows up to ``ONE_STEP_MAX`` columns in one K step of 8 warps, so that each program issues all its
+loads at once (a step's loads wait on the one before); False: ``BLOCK_K`` columns a step, 4 warps."""
+ONE_STEP_MAX = 8192
 
 
 def silu_mul_shrink_reference(gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor,
@@ -105,8 +110,10 @@ def launch(gate, up, a, row_slot):
     rows, r = g.shape[0], a.shape[1]
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     t = torch.empty((rows, r), dtype=torch.float32, device=gate.device)
+    block = triton.next_power_of_2(cols)
+    block = block if ONE_STEP and block <= ONE_STEP_MAX else min(block, BLOCK_K)
     _silu_mul_shrink_kernel[(rows, r)](
         g, u, y, a, row_slot if row_slot is not None else t, t, cols, g.stride(0), u.stride(0), a.stride(0),
-        a.stride(1), t.stride(0), HAS_SLOTS=row_slot is not None, BLOCK_K=min(triton.next_power_of_2(cols), BLOCK_K),
-        num_warps=4, EARLY=_triton.EARLY_READS, **pdl_args(gate))
+        a.stride(1), t.stride(0), HAS_SLOTS=row_slot is not None, BLOCK_K=block, num_warps=8 if block > 4096 else 4,
+        EARLY=_triton.EARLY_READS, **pdl_args(gate))
     return y, t

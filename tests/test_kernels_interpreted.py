@@ -364,8 +364,8 @@ def test_an_offered_shrink_serves_only_its_own_call():
 @pytest.mark.parametrize("rows, fused_columns, with_slots", [(1, True, False), (3, False, True), (4, True, True)])
 def test_silu_mul_shrink_kernel_equals_silu_mul_and_row_by_row_shrink(rows, fused_columns, with_slots):
     """The fused kernel against ``silu_mul``'s reference for the product and an fp32 product row by
-    row for ``t``, over more K steps than one (a width of 2.5 steps), with gate and up as column
-    slices of one fused output as the engine's gate/up GEMV leaves them."""
+    row for ``t``, over more K steps than one (a width of 2.5 steps) and in one step, with gate and
+    up as column slices of one fused output as the engine's gate/up GEMV leaves them."""
     from orbit_kernels import silu_shrink
     from orbit_kernels.silu_mul import silu_mul_reference
 
@@ -378,12 +378,16 @@ def test_silu_mul_shrink_kernel_equals_silu_mul_and_row_by_row_shrink(rows, fuse
         gate, up = torch.randn(rows, cols, dtype=torch.float16), torch.randn(rows, cols, dtype=torch.float16)
     a = torch.randn(slots, rank, cols) * 0.1
     row_slot = torch.randint(0, slots, (rows,)) if with_slots else None
-    saved = silu_shrink.BLOCK_K
-    silu_shrink.BLOCK_K = 32
+    saved = silu_shrink.BLOCK_K, silu_shrink.ONE_STEP
+    silu_shrink.BLOCK_K, silu_shrink.ONE_STEP = 32, False
     try:
         y, t = silu_shrink.launch(gate, up, a, row_slot)
+        silu_shrink.ONE_STEP = True
+        one_y, one_t = silu_shrink.launch(gate, up, a, row_slot)
     finally:
-        silu_shrink.BLOCK_K = saved
+        silu_shrink.BLOCK_K, silu_shrink.ONE_STEP = saved
+    assert torch.equal(one_y, y)
+    torch.testing.assert_close(one_t, t, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y, silu_mul_reference(gate, up), atol=1e-3, rtol=1e-3)  # exp's last bits
     for i in range(rows):
         s = 0 if row_slot is None else int(row_slot[i])
