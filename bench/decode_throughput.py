@@ -224,8 +224,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed generates per configuration (transformers generate too); tokens_per_s is their median")
     parser.add_argument("--ablate", nargs="*", choices=sorted(ROUND_KERNELS),
-                        help="also run with each of these ROUND_KERNELS (none named: all) off in turn, "
-                             "then all of them off")
+                        help="also run with each of these ROUND_KERNELS (none named: all) flipped from the "
+                             "library's setting in turn, then all of them flipped")
     parser.add_argument("--packed-gemv", choices=["on", "both"], default="on",
                         help="both: also run int4 decode rows through the split-K tl.dot GEMV (the few-row GEMV off)")
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
@@ -233,6 +233,9 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also time transformers generate (bf16)")
     parser.add_argument("--profile", nargs="+", help="BASE:ADAPTER:BATCH ..., e.g. int4:lora:1: time and list the kernels of one replayed decode step instead")
     args = parser.parse_args()
+    # each run starts from the library's own settings (one, ``lora_pdl_above_few_rows``, defaults to
+    # off); ``--ablate`` flips a setting from there
+    defaults = {name: getattr(module, attr) for name, (module, attr) in ROUND_KERNELS.items()}
     shape = SHAPES[args.shape]
     root = Path(tempfile.mkdtemp())
     write_random_checkpoint(root / "bf16", shape)
@@ -284,7 +287,8 @@ def main() -> None:
             if args.ablate is not None:
                 names = [n for n in args.ablate or ROUND_KERNELS
                          if adapter == "lora" or n not in ("lora_tiles", "lora_groups", "packed_lora", "lora_few_rows", "wide_shrink")]
-                ablations += [{n: False} for n in names] + ([{n: False for n in names}] if len(names) > 1 else [])
+                ablations += [{n: not defaults[n]} for n in names] + (
+                    [{n: not defaults[n] for n in names}] if len(names) > 1 else [])
                 ablations.append({})  # everything on again, last: shows whether the order of runs matters
             for order, (kernels_on, lora_on, attention_on, gemv_on, off) in enumerate(itertools.product(
                     kernel_modes, lora_modes, attention_modes, gemv_modes, ablations)):
@@ -293,7 +297,7 @@ def main() -> None:
                 int4_kernels.ENABLED, packed_gemv.ENABLED = kernels_on, kernels_on and gemv_on
                 lora_kernels.ENABLED, attention_kernels.ENABLED = lora_on, attention_on
                 for name, (module, attr) in ROUND_KERNELS.items():
-                    setattr(module, attr, off.get(name, True))
+                    setattr(module, attr, off.get(name, defaults[name]))
                 for graphs in graph_modes:
                     for batch in args.batches:
                         times = decode_seconds(model, prompts, args.new, batch, graphs, args.repeats)
@@ -302,13 +306,13 @@ def main() -> None:
                                 "cuda_graph": graphs,
                                 "kernels": "triton" if kernels_on and base != "bf16" else "torch reference",
                                 "lora_kernel": lora_on if adapter == "lora" else None,
-                                **{name: off.get(name, True) for name in ROUND_KERNELS},
+                                **{name: off.get(name, defaults[name]) for name in ROUND_KERNELS},
                                 "attention_kernel": attention_on, "packed_gemv": kernels_on and gemv_on,
                                 "repeats_tokens_per_s": [round(batch * args.new / t, 1) for t in times]},
                                batch * args.new / seconds, weight_bytes, batch)
             int4_kernels.ENABLED = packed_gemv.ENABLED = lora_kernels.ENABLED = attention_kernels.ENABLED = True
-            for module, attr in ROUND_KERNELS.values():
-                setattr(module, attr, True)
+            for name, (module, attr) in ROUND_KERNELS.items():
+                setattr(module, attr, defaults[name])
             del model
             gc.collect()
             torch.cuda.empty_cache()
