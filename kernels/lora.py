@@ -35,16 +35,23 @@ program, each reading whole rank rows of ``B``; the general expand pads rows to 
 rank column of ``B`` at a time (strided), 429 us for 112 launches at batch 1 on an H200. Taking
 this kernel up to 32 rows (8 columns a program at 32) measured 5% slower at batch 8 than the
 general expand, and no faster at 32 (``decode_throughput_few_rows_32_h200.jsonl``)."""
+SHRINK_PDL = True
+"""Launch the shrink under programmatic dependent launch at every row count: the kernel before it is
+one of ours (a norm, the attention's merge, the SwiGLU product), itself under PDL. False: the shrink
+follows ``PDL_ABOVE_FEW_ROWS`` as the expand does. H100, Qwen3-1.7B shape, LoRA r16, in one process
+(``decode_throughput_lora_shrink_pdl_h100.jsonl``, True first and last): int4 + LoRA 5,496 and
+5,414 tok/s against 5,242 at batch 16, 9,107 and 9,013 against 8,895 at 32, but 2,990 and 3,031
+against 3,117 at 8; bf16 + LoRA within 1% at 8-32."""
 PDL_ABOVE_FEW_ROWS = False
-"""Launch the shrink and the general expand under programmatic dependent launch above
-``FEW_ROWS_MAX`` rows too (up to it they always are). Off: behind a cuBLAS GEMM, which never lets
-them start early, PDL made bf16 + LoRA slower. H100, decoding at the Qwen3-1.7B shape, against True
-in one process (``decode_throughput_lora_pdl_rows_h100.jsonl``; True first and last): bf16 + LoRA
-2,594 against 2,431 and 2,471 tok/s at batch 8, 4,908 against 4,424 and 4,417 at 16, 8,832 against
-8,724 and 8,772 at 32; int4 + LoRA 3,103 against
-2,955 and 2,995 (first and last run) at 8, but 5,294 against 5,513 and 5,597 at 16 and 9,094
-against 9,162 and 9,319 at 32. (``decode_throughput_pdl_mid_batches_h100.jsonl``: bf16 + LoRA
-2,426 against 2,598 tok/s at 8 with PDL on and off everywhere.)"""
+"""Launch the general expand (and the shrink, with ``SHRINK_PDL`` off) under programmatic dependent
+launch above ``FEW_ROWS_MAX`` rows too (up to it they always are). Off: behind a cuBLAS GEMM, which
+never lets it start early, PDL makes bf16 + LoRA slower; behind int4's packed GEMM (9-32 rows, under
+PDL) it would help. Against it in one process (``decode_throughput_lora_shrink_pdl_h100.jsonl``,
+shrink under PDL both ways): bf16 + LoRA 2,632 and 2,643 tok/s against 2,491 at batch 8, 4,897 and
+4,890 against 4,494 at 16, 8,847 and 8,861 against 8,958 at 32; int4 + LoRA 5,496 and 5,414 against
+5,603 at 16, 9,107 and 9,013 against 9,477 at 32. (The round before measured it once against True
+in ``decode_throughput_lora_pdl_rows_h100.jsonl``; ``decode_throughput_lora_pdl_rows_again_h100.jsonl``
+repeats that: bf16 + LoRA 2,642 against 2,455 and 2,483 at 8, 4,891 against 4,447 and 4,506 at 16.)"""
 WIDE_SHRINK = True
 """Set False for the shrink's old 512-column steps (a 2,048-wide row takes four; benchmarks compare)."""
 TILES_ENABLED = True
@@ -248,7 +255,7 @@ def shrink(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | No
     _shrink_kernel[(rows, r, groups)](x, a, slots, t, k, r, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
                                       *lora_groups.offsets(as_), HAS_SLOTS=row_slot is not None,
                                       BLOCK_K=min(triton.next_power_of_2(k), 2048) if WIDE_SHRINK else 512, num_warps=4,
-                                      EARLY=_triton.EARLY_READS, **_pdl(x, rows))
+                                      EARLY=_triton.EARLY_READS, **(pdl_args(x) if SHRINK_PDL else _pdl(x, rows)))
     return t
 
 
