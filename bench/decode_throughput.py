@@ -77,6 +77,7 @@ ROUND_KERNELS = {
     "early_reads": (triton_support, "EARLY_READS"),  # GEMV and shrink read frozen weights before the PDL wait
     "lora_pdl_above_few_rows": (lora_kernels, "PDL_ABOVE_FEW_ROWS"),  # LoRA row kernels under PDL above 4 rows
     "lora_shrink_pdl": (lora_kernels, "SHRINK_PDL"),  # the LoRA shrink under PDL at every row count
+    "lora_expand_after_pdl": (lora_kernels, "EXPAND_AFTER_PDL"),  # the expand under PDL behind a packed GEMM
     "norm_shrink": (norm_shrink, "ENABLED"),  # up to 4 rows: add, norm and the q/k/v or gate/up shrink in one kernel
     "silu_shrink": (silu_shrink, "ENABLED"),  # up to 4 rows: the SwiGLU product and down's shrink in one kernel
     "silu_shrink_one_step": (silu_shrink, "ONE_STEP"),  # that kernel reads a row in one K step (else 2,048 columns)

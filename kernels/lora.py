@@ -52,6 +52,12 @@ shrink under PDL both ways): bf16 + LoRA 2,632 and 2,643 tok/s against 2,491 at 
 5,603 at 16, 9,107 and 9,013 against 9,477 at 32. (The round before measured it once against True
 in ``decode_throughput_lora_pdl_rows_h100.jsonl``; ``decode_throughput_lora_pdl_rows_again_h100.jsonl``
 repeats that: bf16 + LoRA 2,642 against 2,455 and 2,483 at 8, 4,891 against 4,447 and 4,506 at 16.)"""
+EXPAND_AFTER_PDL = True
+"""Launch the general expand under PDL above ``FEW_ROWS_MAX`` rows when its caller says the base
+output came from one of our kernels under PDL (int4's packed GEMM at 9-32 rows), where it can start
+early; behind cuBLAS (bf16) it stays without (``PDL_ABOVE_FEW_ROWS``). H100, int4 + LoRA, against
+False in one process (``decode_throughput_lora_expand_after_pdl_h100.jsonl``, True first and
+last): 5,616 and 5,715 tok/s against 5,520 at batch 16, 9,444 and 9,421 against 9,182 at 32."""
 WIDE_SHRINK = True
 """Set False for the shrink's old 512-column steps (a 2,048-wide row takes four; benchmarks compare)."""
 TILES_ENABLED = True
@@ -212,9 +218,9 @@ def _path(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
 
 
 def launch(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
-           scaling: float) -> None:
+           scaling: float, after_pdl: bool = False) -> None:
     """The two kernels (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
-    launch_groups([y], x, [a], [b], row_slot, scaling)
+    launch_groups([y], x, [a], [b], row_slot, scaling, after_pdl)
 
 
 def _shrink_key(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | None) -> tuple:
@@ -264,8 +270,9 @@ def _pdl(tensor: torch.Tensor, rows: int) -> dict:
 
 
 def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
-                  row_slot: torch.Tensor | None, scaling: float) -> None:
-    """The two kernels for up to three linears that read ``x`` (``lora_groups``)."""
+                  row_slot: torch.Tensor | None, scaling: float, after_pdl: bool = False) -> None:
+    """The two kernels for up to three linears that read ``x`` (``lora_groups``); ``after_pdl``: the
+    outputs ``ys`` come from a kernel launched under PDL (``EXPAND_AFTER_PDL``)."""
     rows, r = x.shape[0], as_[0].shape[1]
     t = shrink(x, as_, row_slot)
     slots = row_slot if row_slot is not None else t  # unused pointer when HAS_SLOTS is off
@@ -285,16 +292,18 @@ def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tenso
     y, b = ys[0], bs[0]
     _expand_kernel[(triton.cdiv(rows, block_m), tiles)](
         t, b, slots, y, rows, y.shape[1], r, scaling, t.stride(0), b.stride(0), b.stride(1), y.stride(0), *group_args,
-        HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4, **_pdl(t, rows))
+        HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4,
+        **(pdl_args(t) if after_pdl and EXPAND_AFTER_PDL else _pdl(t, rows)))
 
 
 @torch.library.custom_op("orbit::lora_add_", mutates_args=("y",))
 def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slot: torch.Tensor | None,
-              scaling: float) -> None:
-    """``y += scaling * (x @ a[s]^T) @ b[s]^T`` per row (no autograd: inference only)."""
+              scaling: float, after_pdl: bool = False) -> None:
+    """``y += scaling * (x @ a[s]^T) @ b[s]^T`` per row (no autograd: inference only). ``after_pdl``:
+    ``y`` comes from one of our kernels launched under PDL (a launch option, not arithmetic)."""
     path = _path(y, x, a, b)
     if path == "rows":
-        launch(y, x, a, b, row_slot, scaling)
+        launch(y, x, a, b, row_slot, scaling, after_pdl)
     elif path == "tiles":
         lora_tiles.launch_tiles(y, x, a, b, row_slot, scaling)
     else:
@@ -302,20 +311,20 @@ def lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
 
 @lora_add_.register_fake
-def _(y, x, a, b, row_slot, scaling):
+def _(y, x, a, b, row_slot, scaling, after_pdl=False):
     return None
 
 
 @torch.library.custom_op("orbit::lora_add_group_", mutates_args=("ys",))
 def lora_add_group_(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
-                    row_slot: torch.Tensor | None, scaling: float) -> None:
+                    row_slot: torch.Tensor | None, scaling: float, after_pdl: bool = False) -> None:
     """``lora_add_`` for up to three linears that read ``x`` (q/k/v, gate/up), in one launch of
     each kernel (``lora_groups``); ``ys[g] += scaling * (x @ as_[g][s]^T) @ bs[g][s]^T``."""
     path = _path(ys[0], x, as_[0], bs[0])
     if path != "reference" and not serves("lora_add_group_", True, x, lambda: lora_groups.unserved_reason(ys, as_, bs)):
         path = "reference"
     if path == "rows":
-        launch_groups(ys, x, as_, bs, row_slot, scaling)
+        launch_groups(ys, x, as_, bs, row_slot, scaling, after_pdl)
     elif path == "tiles":
         lora_tiles.launch_tile_groups(ys, x, as_, bs, row_slot, scaling)
     else:
@@ -324,5 +333,5 @@ def lora_add_group_(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Ten
 
 
 @lora_add_group_.register_fake
-def _(ys, x, as_, bs, row_slot, scaling):
+def _(ys, x, as_, bs, row_slot, scaling, after_pdl=False):
     return None

@@ -10,7 +10,7 @@ from torch import nn
 from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.projections import base_outputs, packed_parts
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
-from orbit_kernels import packed_lora
+from orbit_kernels import packed_gemm, packed_lora
 from orbit_kernels.lora import lora_add_, lora_add_group_
 
 
@@ -69,7 +69,8 @@ class LoRALinear(AdapterLayer):
         if factors is None:
             return None
         a, b, row_slot = factors
-        lora_add_(flat_out, flat_x.contiguous(), a, b, row_slot, self.scaling)
+        lora_add_(flat_out, flat_x.contiguous(), a, b, row_slot, self.scaling,
+                  _base_under_pdl(self.base, flat_x.shape[0]))
         return out
 
     @staticmethod
@@ -89,7 +90,7 @@ class LoRALinear(AdapterLayer):
         outs = base_outputs(x, [m.base for m in linears]) or [m.base(x).contiguous() for m in linears]
         flat_outs = [o.view(-1, o.shape[-1]) for o in outs]
         lora_add_group_(flat_outs, flat_x, [f[0] for f in factors], [f[1] for f in factors], factors[0][2],
-                        first.scaling)
+                        first.scaling, _base_under_pdl(first.base, flat_x.shape[0]))
         return outs
 
     @staticmethod
@@ -144,6 +145,13 @@ class LoRALinear(AdapterLayer):
 
     def merged_weight(self) -> torch.Tensor:
         return base_weight(self.base) + self.delta_weight()
+
+
+def _base_under_pdl(base: nn.Module, rows: int) -> bool:
+    """Whether ``base`` computes ``rows`` rows in one of our kernels launched under PDL (a packed
+    format's GEMV or GEMM), not in cuBLAS: the LoRA expand after it may then go under PDL too."""
+    fmt = getattr(base, "fmt_name", None)
+    return fmt is not None and rows <= packed_gemm.dense_above(fmt)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> list[str]:
