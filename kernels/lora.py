@@ -235,7 +235,7 @@ _OFFERED: tuple | None = None
 class offer_shrink:
     """Inside it, a ``shrink`` of exactly ``x`` (``[rows, in]``) by exactly ``as_`` and ``row_slot``
     returns ``t`` and launches nothing: a kernel before it computed the shrink already
-    (``norm_shrink``). Any other call shrinks as usual."""
+    (``norm_shrink``, ``silu_shrink``). Any other call shrinks as usual."""
 
     def __init__(self, x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | None, t: torch.Tensor):
         self.offer = (_shrink_key(x, as_, row_slot), t)
