@@ -78,6 +78,15 @@ def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: tor
         y.copy_(torch.where(mask, y + delta(slot).to(y.dtype), y))
 
 
+def shrink_reference(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | None) -> torch.Tensor:
+    """What ``shrink`` computes, in fp32 torch: ``x [rows, in] @ as_[g][s]^T`` for each group ``g``
+    and each row's slot ``s`` (slot 0 without ``row_slot``), the groups side by side."""
+    flat = x.float()
+    slots = row_slot.long() if row_slot is not None else torch.zeros(flat.shape[0], dtype=torch.long,
+                                                                     device=flat.device)
+    return torch.cat([torch.einsum("ni,nri->nr", flat, a.float()[slots]) for a in as_], dim=1)
+
+
 if triton is not None:
 
     @triton.jit

@@ -28,13 +28,7 @@ where a step has a row or a few (the packed GEMV's rows)."""
 def add_rms_norm_shrink_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                                   as_: list[torch.Tensor], row_slot: torch.Tensor | None):
     h, normed = rmsnorm.add_rms_norm_reference(x, delta, weight, eps)
-    flat = normed.reshape(-1, normed.shape[-1]).float()
-    parts = []
-    for a in as_:  # a [slots, r, in]; each row multiplies by its own slot's A
-        slots = row_slot if row_slot is not None else torch.zeros(flat.shape[0], dtype=torch.long,
-                                                                     device=flat.device)
-        parts.append(torch.einsum("ni,nri->nr", flat, a.float()[slots.long()]))
-    return h, normed, torch.cat(parts, dim=1)
+    return h, normed, lora.shrink_reference(normed.reshape(-1, normed.shape[-1]), as_, row_slot)
 
 
 if triton is not None:

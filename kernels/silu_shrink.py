@@ -33,10 +33,7 @@ ONE_STEP_MAX = 8192
 def silu_mul_shrink_reference(gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor,
                               row_slot: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     y = silu_mul.silu_mul_reference(gate, up)
-    flat = y.reshape(-1, y.shape[-1]).float()
-    slots = row_slot.long() if row_slot is not None else torch.zeros(flat.shape[0], dtype=torch.long,
-                                                                     device=flat.device)
-    return y, torch.einsum("ni,nri->nr", flat, a.float()[slots])
+    return y, lora.shrink_reference(y.reshape(-1, y.shape[-1]), [a], row_slot)
 
 
 if triton is not None:

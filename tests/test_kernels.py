@@ -671,3 +671,31 @@ def test_silu_mul_shrink_kernel_equals_the_unfused_kernels(rows, with_slots):
     for i in range(rows):
         s = 0 if row_slot is None else int(row_slot[i])
         torch.testing.assert_close(t[i], y[i].float() @ a[s].t(), atol=1e-4, rtol=1e-4)
+
+
+def test_shrink_fusions_on_cpu_are_their_references():
+    """On the CPU both fused ops run their torch references: the norm and the SwiGLU product as the
+    unfused references compute them, and ``t`` against an fp32 product row by row, each row with
+    its own slot's A (two groups for the norm, one for down)."""
+    from orbit_kernels.norm_shrink import add_rms_norm_shrink
+    from orbit_kernels.rmsnorm import add_rms_norm_reference
+    from orbit_kernels.silu_mul import silu_mul_reference
+    from orbit_kernels.silu_shrink import silu_mul_shrink
+
+    torch.manual_seed(0)
+    x, delta = torch.randn(3, 32, dtype=torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
+    weight = (torch.rand(32) + 0.5).to(torch.bfloat16)
+    as_ = [torch.randn(2, 4, 32), torch.randn(2, 4, 32)]
+    row_slot = torch.tensor([1, 0, 1])
+    h, normed, t = add_rms_norm_shrink(x, delta, weight, 1e-6, as_, row_slot)
+    want_h, want_normed = add_rms_norm_reference(x, delta, weight, 1e-6)
+    assert torch.equal(h, want_h) and torch.equal(normed, want_normed)
+    gate, up = torch.randn(3, 48, dtype=torch.bfloat16), torch.randn(3, 48, dtype=torch.bfloat16)
+    a = torch.randn(2, 4, 48)
+    y, t_down = silu_mul_shrink(gate, up, a, None)
+    assert torch.equal(y, silu_mul_reference(gate, up))
+    for i in range(3):
+        s = int(row_slot[i])
+        want = torch.cat([normed[i].float() @ g[s].t() for g in as_])
+        torch.testing.assert_close(t[i], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t_down[i], y[i].float() @ a[0].t(), atol=1e-5, rtol=1e-5)

@@ -286,4 +286,3 @@ class DecoderLM(nn.Module):
             return hidden
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
-

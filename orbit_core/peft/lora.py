@@ -106,9 +106,9 @@ class LoRALinear(AdapterLayer):
 
     @staticmethod
     def engine_shrink_factors(x: torch.Tensor, linears) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
-        """(each linear's A, the rows' slots) that ``engine_group_forward`` will shrink ``x`` by, for
-        a kernel before it to compute the shrink (``orbit_kernels.norm_shrink``); None: no such
-        shrink."""
+        """(each linear's A, the rows' slots) that the linears' engine forward will shrink ``x`` by
+        (``engine_group_forward``, or one linear's own), for a kernel before it to compute the
+        shrink (``orbit_kernels.norm_shrink``, ``silu_shrink``); None: no such shrink."""
         factors = LoRALinear._group_factors(x, linears)
         return None if factors is None else ([f[0] for f in factors], factors[0][2])
 
