@@ -26,7 +26,7 @@ import torch
 from bench.base_memory import write_random_checkpoint
 from bench.int4_linear import replay_ms
 from bench.rollout_throughput import SHAPES, NoEosTokenizer, timed
-from orbit_core.models import dequant_ahead, projections, weight_prefetch
+from orbit_core.models import dequant_ahead, projections
 from orbit_core.peft.lora import apply_lora
 from orbit_core.peft.oft import apply_oft
 from orbit_core.policy import load_base
@@ -81,7 +81,6 @@ ROUND_KERNELS = {
     "norm_shrink": (norm_shrink, "ENABLED"),  # up to 4 rows: add, norm and the q/k/v or gate/up shrink in one kernel
     "silu_shrink": (silu_shrink, "ENABLED"),  # up to 4 rows: the SwiGLU product and down's shrink in one kernel
     "silu_shrink_one_step": (silu_shrink, "ONE_STEP"),  # that kernel reads a row in one K step (else 2,048 columns)
-    "weight_prefetch": (weight_prefetch, "ENABLED"),  # packed weights into L2 a block before their GEMVs read them
 }
 """The decode changes of the last eight rounds (the first five from seven rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

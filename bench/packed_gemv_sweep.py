@@ -62,8 +62,6 @@ def main() -> None:
     parser.add_argument("--specialize-stride", nargs="+", type=int, default=[0], choices=[0, 1],
                         help="1: let Triton specialize the weight's row stride on divisibility by 16 (the kernel "
                              "as written does not)")
-    parser.add_argument("--maxnreg", nargs="+", type=int, default=[0],
-                        help="packed_gemv.MAX_REGISTERS settings for the library's plan lines (0: the compiler's choice)")
     args = parser.parse_args()
     default_plan = packed_gemv.plan
     defaults = packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS
@@ -101,17 +99,14 @@ def main() -> None:
             packed_gemv.X_SPLIT, packed_gemv.IN_PLACE_NIBBLES, packed_gemv.plan = True, True, default_plan
             packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = defaults
             packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = default_stages
-            for (impl, one_step, prefetch), maxnreg in itertools.product(
-                    (("plan: one step", True, True), ("plan: prefetch", False, True),
-                     ("rule before (baseline)", False, False)), args.maxnreg):  # the library's choices
+            for impl, one_step, prefetch in (("plan: one step", True, True), ("plan: prefetch", False, True),
+                                             ("rule before (baseline)", False, False)):  # the library's choices
                 packed_gemv.ONE_STEP, packed_gemv.PREFETCH, packed_gemv.ONE_ROW_BLOCK_W = one_step, prefetch, True
-                packed_gemv.MAX_REGISTERS = maxnreg or None
                 turn = iter(range(1 << 30))
-                print(json.dumps({"shape": name, "rows": rows, "impl": impl, "maxnreg": maxnreg or None,
+                print(json.dumps({"shape": name, "rows": rows, "impl": impl,
                                   "plan": packed_gemv.plan("int4", rows, -(-n // packed_gemv.BLOCK_N), k // 8),
                                   "int4_us": round(graph_us(lambda: packed_gemv.packed_gemv(
                                       "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)}), flush=True)
-            packed_gemv.MAX_REGISTERS = None
             packed_gemv.ONE_STEP = packed_gemv.PREFETCH = True
             packed_gemv.ONE_ROW_BLOCK_W = False  # the settings' words as given again
             copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))

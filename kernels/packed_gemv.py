@@ -92,9 +92,6 @@ NIBBLE = 0xF
 """The int4 code mask, passed at run time: as an immediate, ptxas rematerializes the five shifted
 masks before every use (LOP3 takes one immediate). The K loop at one row, 256 words, compiled for
 sm_90 by Triton 3.9: 649 SASS lines against 762 with the immediate, and 846 decoding shifted."""
-MAX_REGISTERS: int | None = None
-"""Registers a thread may use at most (Triton's ``maxnreg``); None leaves it to the compiler (a sweep
-setting: ``bench/packed_gemv_sweep.py --maxnreg``)."""
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
 
@@ -468,6 +465,6 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         FMT=FORMAT_CODES[fmt], ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows,
         HAS_GLOBAL=global_scale is not None, SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags,
         X_SPLIT=X_SPLIT, IN_PLACE=IN_PLACE_NIBBLES, PREFETCH=prefetch and X_SPLIT, EARLY=_triton.EARLY_READS,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **pdl_args(y),
-        **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES, **pdl_args(y))
     return y.view(*x.shape[:-1], out_features)
