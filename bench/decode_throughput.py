@@ -35,6 +35,7 @@ from orbit_core.rollout import cuda_graphs
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
+from orbit_kernels import decode_record
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
 from orbit_kernels import norm_shrink, packed_gemm, packed_gemv, packed_lora
@@ -81,6 +82,7 @@ ROUND_KERNELS = {
     "norm_shrink": (norm_shrink, "ENABLED"),  # up to 4 rows: add, norm and the q/k/v or gate/up shrink in one kernel
     "silu_shrink": (silu_shrink, "ENABLED"),  # up to 4 rows: the SwiGLU product and down's shrink in one kernel
     "silu_shrink_one_step": (silu_shrink, "ONE_STEP"),  # that kernel reads a row in one K step (else 2,048 columns)
+    "record_kernel": (decode_record, "ENABLED"),  # a step's token records, counters and finish flags in one kernel
 }
 """The decode changes of the last eight rounds (the first five from seven rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

@@ -31,6 +31,7 @@ from orbit_core.peft.slots import SlotBank
 from orbit_core.rollout.cuda_graphs import GraphedDecode
 from orbit_core.rollout.sampling import sample_tokens
 from orbit_core.rollout.types import Completion, SamplingParams
+from orbit_kernels.decode_record import record_step_
 
 KV_BUCKET = 32
 PREFILL_BUCKET = 8
@@ -310,33 +311,27 @@ class DecodeLoop:
             self.routing[torch.arange(rows, device=self.device), lengths] = stack_trace(traces).to(torch.int16)
         p = self.params
         tokens, logprobs = sample_tokens(logits, p.temperature, p.top_k, p.top_p, self.generator)
-        which = self.active[:rows].clone()
-        lengths.add_(which.long())
-        self._record(rows, tokens, logprobs, which, logits if p.topk_ids else None)
+        self._record(rows, tokens, logprobs, self.active[:rows], logits if p.topk_ids else None, lengths)
 
     def _trace(self):
         return moe_routing(self.model) if self.moe else contextlib.nullcontext(None)
 
-    def _record(self, hi: int, tokens, logprobs, which, logits) -> None:
+    def _record(self, hi: int, tokens, logprobs, which, logits, lengths=None) -> None:
+        """Record the sampled tokens of rows ``[0, hi)`` that ``which`` marks (it may be a view of
+        ``active``), and step ``lengths`` for them when given (``orbit::record_step_``)."""
         p = self.params
-        rows = torch.arange(hi, device=self.device)
-        n_gen = self.n_generated[:hi]
-        idx = n_gen.clamp(max=p.max_new_tokens - 1)
-        if logits is not None:
-            top = logits.float().topk(p.topk_ids, dim=-1).indices
-            self.out_topk[rows, idx] = torch.where(which[:, None], top, self.out_topk[rows, idx])
-        self.out_tokens[rows, idx] = torch.where(which, tokens, self.out_tokens[rows, idx])
-        self.out_logprobs[rows, idx] = torch.where(which, logprobs.float(), self.out_logprobs[rows, idx])
-        if self.audit:
-            now = self.slot_versions[self.row_adapter[:hi]]
-            self.out_versions[rows, idx] = torch.where(which, now, self.out_versions[rows, idx])
-        n_gen.add_(which.long())
-        self.last_token[:hi] = torch.where(which, tokens, self.last_token[:hi])
-        done = which & (torch.isin(tokens, self.eos_ids) | (n_gen >= p.max_new_tokens))
-        self.finished[:hi] |= done
-        self.active[:hi] &= ~done
-        if self.triggers is not None:
-            self.stop_seen[:hi] |= which & ~done & self.triggers[tokens]
+        if logits is not None or self.audit:  # at the step's slots, before the counters move
+            rows = torch.arange(hi, device=self.device)
+            idx = self.n_generated[:hi].clamp(max=p.max_new_tokens - 1)
+            if logits is not None:
+                top = logits.float().topk(p.topk_ids, dim=-1).indices
+                self.out_topk[rows, idx] = torch.where(which[:, None], top, self.out_topk[rows, idx])
+            if self.audit:
+                now = self.slot_versions[self.row_adapter[:hi]]
+                self.out_versions[rows, idx] = torch.where(which, now, self.out_versions[rows, idx])
+        record_step_(tokens, logprobs, which, self.n_generated[:hi], self.last_token[:hi], self.finished[:hi],
+                     self.active[:hi], self.stop_seen[:hi], self.triggers, self.eos_ids, self.out_tokens[:hi],
+                     self.out_logprobs[:hi], p.max_new_tokens, lengths)
 
     def _check(self) -> list[tuple[Request, Completion]]:
         """Read the finished rows back to the host (the step's only sync) and complete them."""
