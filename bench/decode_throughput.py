@@ -34,7 +34,6 @@ from orbit_core.quant import quantize_checkpoint
 from orbit_core.rollout import cuda_graphs
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
-from orbit_kernels import attention_shrink
 from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import decode_record
 from orbit_kernels import int4 as int4_kernels
@@ -84,7 +83,6 @@ ROUND_KERNELS = {
     "silu_shrink": (silu_shrink, "ENABLED"),  # up to 4 rows: the SwiGLU product and down's shrink in one kernel
     "silu_shrink_one_step": (silu_shrink, "ONE_STEP"),  # that kernel reads a row in one K step (else 2,048 columns)
     "record_kernel": (decode_record, "ENABLED"),  # a step's token records, counters and finish flags in one kernel
-    "attention_shrink": (attention_shrink, "ENABLED"),  # up to 4 rows: the attention's merge computes o_proj's shrink
 }
 """The decode changes of the last eight rounds (the first five from seven rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

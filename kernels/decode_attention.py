@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels import packed_gemv as gemv
 from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 
 ENABLED = True
@@ -67,7 +66,6 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 if triton is not None:
-    from orbit_kernels.packed_gemv import finish_split
 
     @triton.jit
     def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
@@ -114,11 +112,8 @@ if triton is not None:
         tl.store(acc_ptr + (part * GROUP + offs_g)[:, None] * DIM + offs_d[None, :], acc, mask=g_mask[:, None])
 
     @triton.jit
-    def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_or, stride_oh, a_ptr, slot_ptr, part_ptr, count_ptr,
-                      t_ptr, R, stride_as, stride_ar, stride_tm, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                      DIM: tl.constexpr, SPLITS: tl.constexpr, SHRINK: tl.constexpr = False,
-                      HAS_SLOTS: tl.constexpr = False, BLOCK_R: tl.constexpr = 16, KV_HEADS: tl.constexpr = 1,
-                      PDL: tl.constexpr = False):
+    def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_or, stride_oh, GROUP: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr = False):
         pdl_enter(PDL)  # first: nothing before it may touch memory
         row, kv_head = tl.program_id(0), tl.program_id(1)
         offs_g = tl.arange(0, GROUP_PAD)
@@ -141,19 +136,6 @@ if triton is not None:
         out = out / tl.where(g_mask, total, 1.0)[:, None]
         ptrs = out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-        if SHRINK:  # this program's heads' share of the o_proj's LoRA shrink t = out_row @ A[slot]^T
-            slot = tl.load(slot_ptr + row) if HAS_SLOTS else 0
-            offs_r = tl.arange(0, BLOCK_R)
-            y = out.to(out_ptr.dtype.element_ty).to(tl.float32)  # the output as stored, as the shrink reads it
-            partial = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for g in tl.static_range(GROUP):
-                y_g = tl.sum(tl.where(offs_g[:, None] == g, y, 0.0), axis=0)
-                a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + (kv_head * GROUP + g) * DIM
-                            + offs_d[None, :], mask=(offs_r < R)[:, None], other=0.0)
-                partial += tl.sum(a.to(tl.float32) * y_g[None, :], axis=1)
-            # the row's KV heads meet in the same launch: the last to arrive adds their shares in order
-            finish_split(partial, t_ptr + row * stride_tm + offs_r, offs_r < R, part_ptr, row * BLOCK_R + offs_r,
-                         tl.num_programs(0) * BLOCK_R, count_ptr, row, kv_head, KV_HEADS)
 
 
 def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -176,10 +158,8 @@ def _served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-           config: Config | None = None, shrink: tuple | None = None):
-    """The two kernels (no dispatch checks: tests call it directly, also under the Triton interpreter).
-    ``shrink``: ``(A [slots, r, heads * dim], row_slot or None)``; the merge then also computes the
-    fp32 ``t [rows, r] = out_row @ A[slot]^T`` and ``(out, t)`` is returned."""
+           config: Config | None = None) -> torch.Tensor:
+    """The two kernels (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
     rows, heads, dim = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
     c = config or launch_config(rows, kv_heads, capacity)
@@ -196,23 +176,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
         BLOCK_N=c.block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=c.warps, num_stages=c.stages,
         **pdl_args(q))
     out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
-    if shrink is None:
-        _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), out, out, out, out, out, 0, 0, 0,
-                                        0, GROUP=group, GROUP_PAD=group_pad, DIM=dim, SPLITS=splits, num_warps=4,
-                                        **pdl_args(out))
-        return out
-    a, row_slot = shrink
-    r = a.shape[1]
-    block_r = max(16, triton.next_power_of_2(r))
-    t = torch.empty((rows, r), dtype=torch.float32, device=q.device)
-    part = torch.empty((kv_heads, rows, block_r), dtype=torch.float32, device=q.device)
-    count = gemv.arrival_counters(q.device, rows)
-    _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), a, t if row_slot is None else row_slot,
-                                    part, count, t, r, a.stride(0), a.stride(1), t.stride(0), GROUP=group,
-                                    GROUP_PAD=group_pad, DIM=dim, SPLITS=splits, SHRINK=True,
-                                    HAS_SLOTS=row_slot is not None, BLOCK_R=block_r, KV_HEADS=kv_heads, num_warps=4,
-                                    **pdl_args(out))
-    return out, t
+    _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=group_pad,
+                                    DIM=dim, SPLITS=splits, num_warps=4, **pdl_args(out))
+    return out
 
 
 @torch.library.custom_op("orbit::decode_attention", mutates_args=())

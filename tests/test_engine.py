@@ -282,13 +282,12 @@ def test_cuda_graph_capture_survives_an_earlier_engines_garbage(tiny_checkpoint,
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, tmp_path, monkeypatch, fmt):
     """At 1 and 3 rows the graphed engine computes the q/k/v and gate/up shrinks with the norm
-    (``orbit::add_rms_norm_shrink``), o_proj's with the attention (``orbit::decode_attention_shrink``)
-    and down's with the SwiGLU product (``orbit::silu_mul_shrink``): it samples the tokens the
-    separate kernels sample, with logprobs within fp32 summation order of theirs. LoRA B is nonzero,
-    so a wrong or stale ``t`` changes the numbers."""
+    (``orbit::add_rms_norm_shrink``) and down's with the SwiGLU product (``orbit::silu_mul_shrink``):
+    it samples the tokens the separate kernels sample, with logprobs within fp32 summation order of
+    theirs. LoRA B is nonzero, so a wrong or stale ``t`` changes the numbers."""
     from orbit_core.policy.load import load_base
     from orbit_core.quant.quantize import quantize_checkpoint
-    from orbit_kernels import attention_shrink, decode_attention, norm_shrink, silu_shrink
+    from orbit_kernels import norm_shrink, silu_shrink
     from tests.test_dequant_ahead import _with_lora
 
     path = tiny_checkpoint
@@ -296,16 +295,16 @@ def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, t
         path = str(quantize_checkpoint(tiny_checkpoint, str(tmp_path / "int4"), "int4", group_size=32))
     tok = load_tokenizer(tiny_checkpoint)
     prompts = [tok(f"{a}*{b}=", add_special_tokens=False)["input_ids"] for a in range(3) for b in range(1, 3)]
-    launches = {"norm": 0, "silu": 0, "attention": 0}
-    for module, key in ((norm_shrink, "norm"), (silu_shrink, "silu"), (decode_attention, "attention")):
-        def counted(*args, _launch=module.launch, _key=key, **kwargs):
-            launches[_key] += _key != "attention" or kwargs.get("shrink") is not None
-            return _launch(*args, **kwargs)
+    launches = {"norm": 0, "silu": 0}
+    for module, key in ((norm_shrink, "norm"), (silu_shrink, "silu")):
+        def counted(*args, _launch=module.launch, _key=key):
+            launches[_key] += 1
+            return _launch(*args)
         monkeypatch.setattr(module, "launch", counted)
     runs = {}
     for fused in (True, False):
-        for module in (norm_shrink, silu_shrink, attention_shrink):
-            monkeypatch.setattr(module, "ENABLED", fused)
+        monkeypatch.setattr(norm_shrink, "ENABLED", fused)
+        monkeypatch.setattr(silu_shrink, "ENABLED", fused)
         model = _with_lora(load_base(path, "bfloat16", "cuda"))
         engine = BuiltinEngine(model, tok, max_running=4, seed=3)
         params = SamplingParams(max_new_tokens=10, temperature=1.0)
@@ -314,7 +313,6 @@ def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, t
         if fused:
             layers = len(model.model.layers)
             assert launches["norm"] >= 2 * layers - 1 and launches["silu"] >= layers
-            assert launches["attention"] >= layers
             counts = dict(launches)
     assert launches == counts  # with the fusions off, neither kernel ran
     for on, off in zip(runs[True], runs[False]):

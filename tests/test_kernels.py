@@ -673,37 +673,10 @@ def test_silu_mul_shrink_kernel_equals_the_unfused_kernels(rows, with_slots):
         torch.testing.assert_close(t[i], y[i].float() @ a[s].t(), atol=1e-4, rtol=1e-4)
 
 
-@cuda
-@pytest.mark.parametrize("rows, with_slots", [(1, False), (4, True)])
-def test_decode_attention_shrink_equals_the_unfused_kernels(rows, with_slots):
-    """The attention with o_proj's shrink in its merge against the attention kernel and then the
-    shrink kernel, at the Qwen3-1.7B shape (16 query heads over 8 KV heads of 128): the same output
-    bit for bit, the same ``t`` within fp32 summation order, and an fp32 product row by row."""
-    from orbit_kernels import decode_attention
-
-    torch.manual_seed(rows)
-    heads, kv_heads, capacity, dim, rank, slots = 16, 8, 288, 128, 16, 2
-    q = torch.randn(rows, heads, dim, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(rows, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(rows, kv_heads, capacity, dim, device="cuda", dtype=torch.bfloat16)
-    lengths = torch.tensor([191, 7, 250, 0][:rows], device="cuda")
-    a = torch.randn(slots, rank, heads * dim, device="cuda") * 0.05
-    row_slot = torch.randint(0, slots, (rows,), device="cuda") if with_slots else None
-    out, t = decode_attention.launch(q, k, v, lengths, shrink=(a, row_slot))
-    assert torch.equal(out, decode_attention.launch(q, k, v, lengths))
-    flat = out.reshape(rows, -1)
-    torch.testing.assert_close(t, lora.shrink(flat, [a], row_slot), atol=1e-4, rtol=1e-5)
-    for i in range(rows):
-        s = 0 if row_slot is None else int(row_slot[i])
-        torch.testing.assert_close(t[i], flat[i].float() @ a[s].t(), atol=1e-4, rtol=1e-4)
-
-
 def test_shrink_fusions_on_cpu_are_their_references():
-    """On the CPU the fused ops run their torch references: the norm, the SwiGLU product and the
-    attention as the unfused references compute them, and ``t`` against an fp32 product row by row,
-    each row with its own slot's A (two groups for the norm, one for down and for o_proj)."""
-    from orbit_kernels.attention_shrink import decode_attention_shrink
-    from orbit_kernels.decode_attention import decode_attention_reference
+    """On the CPU both fused ops run their torch references: the norm and the SwiGLU product as the
+    unfused references compute them, and ``t`` against an fp32 product row by row, each row with
+    its own slot's A (two groups for the norm, one for down)."""
     from orbit_kernels.norm_shrink import add_rms_norm_shrink
     from orbit_kernels.rmsnorm import add_rms_norm_reference
     from orbit_kernels.silu_mul import silu_mul_reference
@@ -721,13 +694,8 @@ def test_shrink_fusions_on_cpu_are_their_references():
     a = torch.randn(2, 4, 48)
     y, t_down = silu_mul_shrink(gate, up, a, None)
     assert torch.equal(y, silu_mul_reference(gate, up))
-    q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
-    lengths, a_o = torch.tensor([9, 0, 4]), torch.randn(2, 4, 32)
-    out, t_o = decode_attention_shrink(q, k, v, lengths, a_o, row_slot)
-    assert torch.equal(out, decode_attention_reference(q, k, v, lengths))
     for i in range(3):
         s = int(row_slot[i])
         want = torch.cat([normed[i].float() @ g[s].t() for g in as_])
         torch.testing.assert_close(t[i], want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(t_down[i], y[i].float() @ a[0].t(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(t_o[i], out[i].reshape(-1).float() @ a_o[s].t(), atol=1e-5, rtol=1e-5)

@@ -243,31 +243,6 @@ def test_decode_attention_over_any_chunking_equals_the_reference(dtype):
         torch.testing.assert_close(got, want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
 
 
-@pytest.mark.parametrize("rows, with_slots, rank", [(1, False, 8), (3, True, 16), (4, True, 5)])
-def test_decode_attention_shrink_equals_the_attention_and_row_by_row_shrink(rows, with_slots, rank):
-    """The merge's shrink: the output bit for bit as the attention kernel alone writes it, and ``t``
-    against an fp32 product of that output row by row, each row with its own slot's A (a rank under
-    the tile's 16 included); the arrival counters are left at zero for the next split launch."""
-    from orbit_kernels import decode_attention as attention
-    from orbit_kernels import packed_gemv
-
-    torch.manual_seed(rows)
-    heads, kv_heads, capacity, dim, slots = 4, 2, 40, 64, 3
-    q = torch.randn(rows, heads, dim).to(torch.float16)
-    k = torch.randn(rows, kv_heads, capacity, dim).to(torch.float16)
-    v = torch.randn(rows, kv_heads, capacity, dim).to(torch.float16)
-    lengths = torch.tensor([0, capacity - 1, 17, 5])[:rows]
-    a = torch.randn(slots, rank, heads * dim) * 0.1
-    row_slot = torch.randint(0, slots, (rows,)) if with_slots else None
-    config = attention.Config(16, 16)
-    out, t = attention.launch(q, k, v, lengths, config, shrink=(a, row_slot))
-    assert torch.equal(out, attention.launch(q, k, v, lengths, config))
-    for i in range(rows):
-        s = 0 if row_slot is None else int(row_slot[i])
-        torch.testing.assert_close(t[i], out[i].reshape(-1).float() @ a[s].t(), atol=1e-4, rtol=1e-4)
-    assert not packed_gemv.arrival_counters(q.device, rows).any()
-
-
 def test_rope_kernel_over_row_tiles_is_the_reference_bit_for_bit():
     """One row a program (a decode step) and tiles of rows (a prefill), on the attention's
     transposed view, a ragged last tile included."""

@@ -1,7 +1,6 @@
 """The engine's decode kernels that also compute the LoRA shrink of the linears reading their
 output: the residual add and norm before q/k/v and before gate/up (``orbit::add_rms_norm_shrink``),
-the attention before o_proj (``orbit::decode_attention_shrink``) and the SwiGLU product before
-down (``orbit::silu_mul_shrink``). Each returns a context in which
+and the SwiGLU product before down (``orbit::silu_mul_shrink``). Each returns a context in which
 those linears' shrink of exactly that output returns the computed ``t`` (``lora.offer_shrink``);
 anywhere they do not apply (the CPU, other adapters, more rows, ungrouped projections) the unfused
 kernels run and the context does nothing.
@@ -16,9 +15,7 @@ from torch import nn
 
 from orbit_core.models import projections
 from orbit_kernels import lora as lora_kernels
-from orbit_kernels import attention_shrink, norm_shrink, silu_shrink
-from orbit_kernels.attention_shrink import decode_attention_shrink
-from orbit_kernels.decode_attention import decode_attention
+from orbit_kernels import norm_shrink, silu_shrink
 from orbit_kernels.norm_shrink import add_rms_norm_shrink
 from orbit_kernels.rmsnorm import add_rms_norm
 from orbit_kernels.silu_mul import silu_mul
@@ -54,15 +51,3 @@ def silu_mul_for(gate: torch.Tensor, up: torch.Tensor, down: nn.Module):
     (a,), row_slot = factors
     y, t = silu_mul_shrink(gate, up, a, row_slot)
     return y, lora_kernels.offer_shrink(y.reshape(-1, y.shape[-1]), [a], row_slot, t)
-
-
-def attention_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, o_proj: nn.Module):
-    """``(decode_attention(q, k, v, lengths), context)``; in the context ``o_proj`` finds its shrink
-    of the output (as ``[rows, heads * dim]``) done."""
-    # q[:, 0] is [rows, dim]: the factors count rows by numel over the last dimension
-    factors = _shrink_factors(q[:, 0], [o_proj], attention_shrink.MAX_ROWS) if attention_shrink.ENABLED else None
-    if factors is None:
-        return decode_attention(q, k, v, lengths), nullcontext()
-    (a,), row_slot = factors
-    out, t = decode_attention_shrink(q, k, v, lengths, a, row_slot)
-    return out, lora_kernels.offer_shrink(out.reshape(out.shape[0], -1), [a], row_slot, t)

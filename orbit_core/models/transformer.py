@@ -24,8 +24,9 @@ from orbit_core.models.mlp import MLP
 from orbit_core.models.moe import SparseMoE
 from orbit_core.models.projections import project
 from orbit_core.models.rope import apply_rope, rope_tables
-from orbit_core.models.shrink_fusion import add_norm, attention_for
+from orbit_core.models.shrink_fusion import add_norm
 from orbit_kernels import qk_rope as qk_kernels
+from orbit_kernels.decode_attention import decode_attention
 from orbit_kernels.qk_rope import decode_qk_
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
 from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference
@@ -95,9 +96,8 @@ class Attention(nn.Module):
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         if decode_mask is not None and use_engine_kernels(x):
-            out, shrunk = self._engine_decode(q, k, v, cos, sin, cache, decode_mask[0])
-            with shrunk:
-                return self.o_proj(out.view(batch, seq, self.num_heads * self.head_dim))
+            out = self._engine_decode(q, k, v, cos, sin, cache, decode_mask[0])
+            return self.o_proj(out.view(batch, seq, self.num_heads * self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -127,8 +127,7 @@ class Attention(nn.Module):
     def _engine_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, cache: KVCache, write_pos: torch.Tensor) -> torch.Tensor:
         """The rollout engine's decode step from the projected ``[rows, 1, heads, dim]`` q, k, v:
-        store the new key and value, attend over each row's live keys only; ``([rows, heads, dim],
-        the context in which o_proj finds its LoRA shrink of it done)``."""
+        store the new key and value, attend over each row's live keys only; ``[rows, heads, dim]``."""
         cache_k, cache_v = cache.k[self.layer_idx], cache.v[self.layer_idx]
         if qk_kernels.ENABLED:  # q/k norms, rope and the KV write in one kernel
             norm = self.q_norm is not None
@@ -140,7 +139,7 @@ class Attention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q = apply_rope(q, cos, sin)
             rope_kv_write_(k, v, cos, sin, cache_k, cache_v, write_pos)
-        return attention_for(q[:, :, 0], cache_k, cache_v, write_pos, self.o_proj)
+        return decode_attention(q[:, :, 0], cache_k, cache_v, write_pos)
 
 
 class DecoderLayer(nn.Module):
