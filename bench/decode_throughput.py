@@ -83,6 +83,7 @@ ROUND_KERNELS = {
     "silu_shrink": (silu_shrink, "ENABLED"),  # up to 4 rows: the SwiGLU product and down's shrink in one kernel
     "silu_shrink_one_step": (silu_shrink, "ONE_STEP"),  # that kernel reads a row in one K step (else 2,048 columns)
     "record_kernel": (decode_record, "ENABLED"),  # a step's token records, counters and finish flags in one kernel
+    "gemv_one_row_tiles": (packed_gemv, "ONE_ROW_TILES"),  # int4 GEMV at one row: gate/up and down in their own tiles
 }
 """The decode changes of the last eight rounds (the first five from seven rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

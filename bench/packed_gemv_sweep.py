@@ -14,14 +14,16 @@ gate/up shapes, pipeline stages and program targets.
 is a run with a ``--group-scale`` switch for a variant since removed (see ``packed_gemv.X_SPLIT``).
 ``--in-place 1 0`` switches ``packed_gemv.IN_PLACE_NIBBLES``; ``--prefetch 0 1`` loads each K step
 one step ahead (``packed_gemv.PREFETCH``) at every setting given, the targets setting the split.
-After each linear's settings, three more lines time the library's own choices: ``packed_gemv.plan``
-with ``ONE_STEP``, with ``PREFETCH`` alone, and the rule before both (``TARGET_PROGRAMS``,
-``ONE_ROW_BLOCK_W``), the baseline. ``--specialize-stride 1 0`` runs the kernel built with and
+After each linear's settings, four more lines time the library's own choices: ``packed_gemv.plan``
+with ``ONE_ROW_TILES``, with ``ONE_STEP``, with ``PREFETCH`` alone, and the rule before them
+(``TARGET_PROGRAMS``, ``ONE_ROW_BLOCK_W``), the baseline. ``--specialize-stride 1 0`` runs the kernel built with and
 without Triton's divisibility specialization of the weight's row stride
 (``packed_gemv.STRIDE_UNSPECIALIZED``; ``packed_gemv_layouts_h200.jsonl``, where ``bw`` 256 at one
 row is ``ONE_ROW_BLOCK_W``). Results of this round (H100): ``packed_gemv_in_place_h100.jsonl``,
 ``packed_gemv_prefetch_h100.jsonl`` (where ``prefetch`` forced it at every setting, and "plan:
-prefetch" is the library's plan before ``ONE_STEP``), ``packed_gemv_plans_h100.jsonl``.
+prefetch" is the library's plan before ``ONE_STEP``), ``packed_gemv_plans_h100.jsonl``, and the
+sweep that set ``ONE_ROW_TILES`` (``packed_gemv_tiles_h100.jsonl``, run before it existed, so its
+"plan: one step" is the plan before it).
     python -m bench.packed_gemv_sweep [--shapes qkv gate_up q down] [--stages 1 3] [--targets 528 1056]
 """
 
@@ -82,8 +84,9 @@ def main() -> None:
                 packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = stages, target
                 packed_gemv.X_SPLIT = bool(x_split)
                 packed_gemv.IN_PLACE_NIBBLES = bool(in_place)
-                packed_gemv.plan = lambda fmt, rows, tiles, k_words, bw=bw, target=target, prefetch=prefetch: (
-                    packed_gemv.Plan(bw, packed_gemv._split(tiles, k_words, bw, target), bool(prefetch)))
+                packed_gemv.plan = lambda fmt, rows, tiles, k_words, bw=bw, target=target, prefetch=prefetch, bn=bn, \
+                    warps=warps: packed_gemv.Plan(bw, packed_gemv._split(tiles, k_words, bw, target), bool(prefetch), bn,
+                                                  warps)
                 turn = iter(range(1 << 30))
                 row = {"shape": name, "rows": rows, "bn": bn, "bw": bw, "warps": warps, "stages": stages,
                        "target": target, "x_split": bool(x_split), "stride_specialized": bool(specialize),
@@ -99,15 +102,17 @@ def main() -> None:
             packed_gemv.X_SPLIT, packed_gemv.IN_PLACE_NIBBLES, packed_gemv.plan = True, True, default_plan
             packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = defaults
             packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = default_stages
-            for impl, one_step, prefetch in (("plan: one step", True, True), ("plan: prefetch", False, True),
-                                             ("rule before (baseline)", False, False)):  # the library's choices
+            for impl, tiles, one_step, prefetch in (
+                    ("plan: one-row tiles", True, True, True), ("plan: one step", False, True, True),
+                    ("plan: prefetch", False, False, True), ("rule before (baseline)", False, False, False)):
                 packed_gemv.ONE_STEP, packed_gemv.PREFETCH, packed_gemv.ONE_ROW_BLOCK_W = one_step, prefetch, True
+                packed_gemv.ONE_ROW_TILES = tiles  # the library's choices, newest first
                 turn = iter(range(1 << 30))
                 print(json.dumps({"shape": name, "rows": rows, "impl": impl,
                                   "plan": packed_gemv.plan("int4", rows, -(-n // packed_gemv.BLOCK_N), k // 8),
                                   "int4_us": round(graph_us(lambda: packed_gemv.packed_gemv(
                                       "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)}), flush=True)
-            packed_gemv.ONE_STEP = packed_gemv.PREFETCH = True
+            packed_gemv.ONE_STEP = packed_gemv.PREFETCH = packed_gemv.ONE_ROW_TILES = True
             packed_gemv.ONE_ROW_BLOCK_W = False  # the settings' words as given again
             copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
             dense = [int4_kernels.dequant_int4(w, s, (n, k), torch.bfloat16) for w, s in packs[:copies]]

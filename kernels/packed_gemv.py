@@ -92,6 +92,15 @@ NIBBLE = 0xF
 """The int4 code mask, passed at run time: as an immediate, ptxas rematerializes the five shifted
 masks before every use (LOP3 takes one immediate). The K loop at one row, 256 words, compiled for
 sm_90 by Triton 3.9: 649 SASS lines against 762 with the immediate, and 846 decoding shifted."""
+ONE_ROW_TILES = True
+"""``plan`` at one row, int4, from a sweep of 54 tile settings a linear on one H100 (rows of 4, 8 or
+16 by 64, 128 or 256 words a K step, 2, 4 or 8 warps, with and without loads a step ahead;
+``packed_gemv_tiles_h100.jsonl``, weights cycled past L2, launches under PDL): a linear of
+``STREAM_BELOW_TILES`` 8-row tiles or more (gate/up, 12,288 x 2,048) in tiles of 16 rows, 128
+words a step and 2 warps: 7.11 against the plan's 8.82 us; a linear with more than 256 words of K
+(over 2,048 columns: down, 2,048 x 6,144) in tiles of 4 rows over its whole K, 256 words a step, 4 warps: 4.58
+against 5.96. q/k/v and o keep ``ONE_STEP`` (the best settings there were within 4%: 3.09
+against 3.19 and 2.22 against 2.31). False: the plans before (benchmarks compare)."""
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
 
@@ -373,6 +382,8 @@ class Plan(NamedTuple):
     block_w: int
     split: int
     prefetch: bool
+    block_n: int = BLOCK_N
+    warps: int = NUM_WARPS
 
 
 def plan(fmt: str, rows: int, tiles: int, k_words: int) -> Plan:
@@ -391,9 +402,17 @@ def plan(fmt: str, rows: int, tiles: int, k_words: int) -> Plan:
     last run) with ``ONE_STEP`` against 623.3 with ``PREFETCH`` alone and 597.3 with the rule before
     and no early reads; at batch 4 ``ONE_STEP`` lost (1,708 against ``PREFETCH``'s 1,962 and the
     rule before's 1,866), so it is one row only. Bare int4: 784.4 / 786.8 against 760.6 and 746.6 at
-    batch 1, ``PREFETCH`` 2,270 against 2,165 at 4."""
+    batch 1, ``PREFETCH`` 2,270 against 2,165 at 4.
+
+    ``ONE_ROW_TILES`` comes first at one row: the two int4 shapes it names get their own tiles
+    (``tiles`` counts ``BLOCK_N`` rows; the plan's ``block_n`` is the tile the launch uses)."""
     widest = 2 * BLOCK_W if ONE_ROW_BLOCK_W and rows == 1 else BLOCK_W
     fitting = lambda first, second: next(w for w in (first, second, 32, 16) if k_words % w == 0)  # noqa: E731
+    if ONE_ROW_TILES and fmt == "int4" and rows == 1:
+        if tiles >= STREAM_BELOW_TILES:
+            return Plan(fitting(128, 64), 1, False, 16, 2)
+        if k_words > 2 * BLOCK_W:
+            return Plan(fitting(2 * BLOCK_W, BLOCK_W), 1, False, 4, 4)
     if fmt == "int4" and tiles < STREAM_BELOW_TILES:
         if ONE_STEP and _triton.PDL and _triton.EARLY_READS and rows == 1:
             block_w = fitting(widest, BLOCK_W)
@@ -448,9 +467,8 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     words = weight.view(torch.int32)
     codes, group, scale_rows = layout(fmt, scale, in_features)
     k_words = in_features // codes
-    block_n = BLOCK_N
+    block_w, split, prefetch, block_n, warps = plan(fmt, rows, triton.cdiv(out_features, BLOCK_N), k_words)
     tiles = triton.cdiv(out_features, block_n)
-    block_w, split, prefetch = plan(fmt, rows, tiles, k_words)
     row_bucket = 1 << max(rows - 1, 0).bit_length()
     y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     part = count = y  # read only when K is split: then fp32 partials and per-tile arrival counters
@@ -465,6 +483,5 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         FMT=FORMAT_CODES[fmt], ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows,
         HAS_GLOBAL=global_scale is not None, SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags,
         X_SPLIT=X_SPLIT, IN_PLACE=IN_PLACE_NIBBLES, PREFETCH=prefetch and X_SPLIT, EARLY=_triton.EARLY_READS,
-        num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES, **pdl_args(y))
+        num_warps=warps, num_stages=NUM_STAGES, **pdl_args(y))
     return y.view(*x.shape[:-1], out_features)

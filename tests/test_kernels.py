@@ -113,10 +113,12 @@ def _replays_equal(call, reference: torch.Tensor, tolerance: dict) -> None:
 @cuda
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
-@pytest.mark.parametrize("rows, cols", [(2048, 2048), (256, 6144), (300, 768), (4400, 512)])
+@pytest.mark.parametrize("rows, cols", [(2048, 2048), (256, 6144), (300, 768), (4400, 512), (8200, 256)])
 def test_packed_gemv_equals_each_formats_reference(fmt, m, rows, cols, monkeypatch):
     """The few-row kernel against dequantize-then-matmul in fp32, for splits from 1 to many (4400
-    outputs leave one K split; 256 x 6144 many), also replayed from a CUDA graph."""
+    outputs leave one K split; 256 x 6144 many), also replayed from a CUDA graph; int4 at one row in
+    ``ONE_ROW_TILES``' tiles too (8200 outputs: 16-row tiles, a ragged last one; 6144 columns: 4-row
+    tiles over the whole K)."""
     if fmt == "int4":
         packed, scale = _packed(rows, cols, 128, "cuda", torch.bfloat16)
         args, dense = (packed, scale), dequant_int4(packed, scale, (rows, cols), torch.float32)
@@ -570,20 +572,24 @@ def test_decode_qk_kernel_equals_the_unfused_kernels_and_reference(rows, norm):
 
 @cuda
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
-@pytest.mark.parametrize("rows, slots", [(1, 1), (3, 2), (4, 2), (8, 3), (16, 2)])
-def test_packed_lora_linear_equals_row_by_row_fp32(fmt, rows, slots):
+@pytest.mark.parametrize("rows, slots, shape", [(1, 1, "qkv"), (3, 2, "qkv"), (4, 2, "qkv"), (8, 3, "qkv"),
+                                               (16, 2, "qkv"), (1, 2, "gate_up"), (1, 2, "down")])
+def test_packed_lora_linear_equals_row_by_row_fp32(fmt, rows, slots, shape):
     """The GEMV (to 4 rows) or the packed GEMM (int4 to 8) with the LoRA expand in its epilogue,
     through the op, at the Qwen3-1.7B fused q/k/v shape with a bias, also replayed from a CUDA
     graph: each output gets its own linear's update. Where neither kernel serves (16 rows; fp8 and
-    nvfp4 above 4), the op's reference."""
+    nvfp4 above 4), the op's reference. At one row also the fused gate/up and down shapes, which
+    int4 runs in ``packed_gemv.ONE_ROW_TILES``' tiles."""
     from orbit_kernels import packed_lora
 
     torch.manual_seed(rows * slots)
-    widths, cols, rank = (2048, 1024, 1024), 2048, 16
+    widths, cols = {"qkv": ((2048, 1024, 1024), 2048), "gate_up": ((6144, 6144), 2048),
+                    "down": ((2048,), 6144)}[shape]
+    rank = 16
     args, global_scale, dense = _format_weights(fmt, sum(widths), cols, "cuda")
     x = torch.randn(rows, 1, cols, device="cuda", dtype=torch.bfloat16)
-    stacked_a = torch.randn(slots, 3 * rank, cols, device="cuda") * 0.02
-    as_ = [stacked_a[:, g * rank:(g + 1) * rank] for g in range(3)]
+    stacked_a = torch.randn(slots, len(widths) * rank, cols, device="cuda") * 0.02
+    as_ = [stacked_a[:, g * rank:(g + 1) * rank] for g in range(len(widths))]
     bs = [torch.randn(slots, n, rank, device="cuda") * 0.05 for n in widths]
     row_slot = torch.randint(0, slots, (rows,), device="cuda") if slots > 1 else None
     bias = torch.randn(sum(widths), device="cuda", dtype=torch.bfloat16)
