@@ -85,11 +85,11 @@ ROUND_KERNELS = {
     "record_kernel": (decode_record, "ENABLED"),  # a step's token records, counters and finish flags in one kernel
     "gemv_one_row_tiles": (packed_gemv, "ONE_ROW_TILES"),  # int4 GEMV at one row: gate/up and down in their own tiles
 }
-"""The decode changes of the last eight rounds (the first five from seven rounds ago, the next three
+"""The decode changes of the last nine rounds (the first five from eight rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
 that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the next three from the
-round after that, ``pdl`` from the round after, the next five from the round before this one, the
-last two from this one), each switchable for ``--ablate``
+round after that, ``pdl`` from the round after, the next five from the round after that, the next
+five from the round before this one, the last two from this one), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;
@@ -97,7 +97,12 @@ last two from this one), each switchable for ``--ablate``
 ``decode_throughput_gemv_in_place_h100.jsonl``, ``decode_throughput_gemv_prefetch_h100.jsonl``,
 ``decode_throughput_early_reads_h100.jsonl``, ``decode_throughput_gemv_plans_h100.jsonl``: int4 at
 1 and 4, the last with LoRA and bare; ``decode_throughput_shrink_fusions_h100.jsonl``: int4 and
-bf16 + LoRA at 1 and 4).
+bf16 + LoRA at 1 and 4; ``decode_throughput_record_kernel_h100.jsonl``: int4 and bf16 + LoRA at 1,
+4 and 32; ``decode_throughput_gemv_one_row_tiles_h100.jsonl``: int4 at 1, with LoRA and bare).
+Switches tried and removed with their code: ``weight_prefetch`` (packed weights asked into L2
+ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.jsonl``) and
+``attention_shrink`` (the attention's merge computing o_proj's LoRA shrink, commit ce1db3d;
+``decode_throughput_attention_shrink_h100.jsonl``), both slower.
 ``decode_throughput_masked_int4_h200.jsonl`` switched ``masked_int4``: the GEMV and the x-split GEMM
 decoding an int4 nibble by masking it in place and one FMA (two instructions a code against four;
 26.38 against 27.49 us summed over the GEMV's shapes at one row). End to end it was within the
