@@ -81,9 +81,10 @@ if triton is not None:
             tl.store(stop_ptr + offs, tl.full((BLOCK,), 1, tl.int1), mask=going & trigger)
 
 
-def unserved_reason(tokens: torch.Tensor, out_tokens: torch.Tensor, out_logprobs: torch.Tensor) -> str | None:
+def unserved_reason(out_tokens: torch.Tensor, out_logprobs: torch.Tensor) -> str | None:
+    """Why the kernel cannot take this call (None: it can)."""
     if out_tokens.stride(1) != 1 or out_logprobs.stride(1) != 1 or out_logprobs.dtype != torch.float32:
-        return "the output buffers are not fp32 / int64 rows of contiguous steps"
+        return "the output buffers are not rows of contiguous steps, the logprobs fp32"
     return None
 
 
@@ -109,7 +110,7 @@ def record_step_(tokens: torch.Tensor, logprobs: torch.Tensor, which: torch.Tens
                  triggers: torch.Tensor | None, eos_ids: torch.Tensor, out_tokens: torch.Tensor,
                  out_logprobs: torch.Tensor, max_new: int, lengths: torch.Tensor | None) -> None:
     """Record a decode step's sampled tokens for the rows ``which`` marks, in place (module docstring)."""
-    if serves("record_step_", ENABLED, tokens, lambda: unserved_reason(tokens, out_tokens, out_logprobs)):
+    if serves("record_step_", ENABLED, tokens, lambda: unserved_reason(out_tokens, out_logprobs)):
         launch(tokens, logprobs, which, n_generated, last_token, finished, active, stop_seen, triggers, eos_ids,
                out_tokens, out_logprobs, max_new, lengths)
     else:

@@ -95,12 +95,14 @@ sm_90 by Triton 3.9: 649 SASS lines against 762 with the immediate, and 846 deco
 ONE_ROW_TILES = True
 """``plan`` at one row, int4, from a sweep of 54 tile settings a linear on one H100 (rows of 4, 8 or
 16 by 64, 128 or 256 words a K step, 2, 4 or 8 warps, with and without loads a step ahead;
-``packed_gemv_tiles_h100.jsonl``, weights cycled past L2, launches under PDL): a linear of
-``STREAM_BELOW_TILES`` 8-row tiles or more (gate/up, 12,288 x 2,048) in tiles of 16 rows, 128
-words a step and 2 warps: 7.11 against the plan's 8.82 us; a linear with more than 256 words of K
-(over 2,048 columns: down, 2,048 x 6,144) in tiles of 4 rows over its whole K, 256 words a step, 4 warps: 4.58
-against 5.96. q/k/v and o keep ``ONE_STEP`` (the best settings there were within 4%: 3.09
-against 3.19 and 2.22 against 2.31). False: the plans before (benchmarks compare)."""
+``packed_gemv_tiles_h100.jsonl``, weights cycled past L2, launches under PDL):
+- a linear of ``STREAM_BELOW_TILES`` 8-row tiles or more (gate/up, 12,288 x 2,048) in tiles of 16
+  rows, 128 words a step and 2 warps: 7.11 against the plan's 8.82 us;
+- a linear with more than 256 words of K (over 2,048 columns: down, 2,048 x 6,144) in tiles of 4
+  rows over its whole K, 256 words a step, 4 warps: 4.58 against 5.96.
+q/k/v and o keep ``ONE_STEP`` (the best settings there were within 4%: 3.09 against 3.19 and
+2.22 against 2.31). Other models' shapes take the same rules, unmeasured. False: the plans
+before (benchmarks compare)."""
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
 

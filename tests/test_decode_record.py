@@ -96,3 +96,12 @@ def test_on_the_gpu_the_op_writes_what_the_reference_writes(rows, eos, triggers,
     want = _run(decode_record.record_step_reference, state, 6, triggers, lengths, alias=False)
     got = _run(torch.ops.orbit.record_step_, {k: v.cuda() for k, v in state.items()}, 6, triggers, lengths, alias)
     _assert_same(got, want, state)
+
+
+def test_the_kernel_refuses_buffers_it_cannot_write():
+    """The loop's own buffers are served; a logprob buffer in bf16 or steps that are not contiguous
+    name the reason (the op then runs the reference)."""
+    tokens, logprobs = torch.zeros(4, 6, dtype=torch.long), torch.zeros(4, 6)
+    assert decode_record.unserved_reason(tokens[:3], logprobs[:3]) is None
+    assert "fp32" in decode_record.unserved_reason(tokens, logprobs.bfloat16())
+    assert "contiguous" in decode_record.unserved_reason(tokens.t(), logprobs)
