@@ -90,20 +90,31 @@ def shrink_reference(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.T
 if triton is not None:
 
     @triton.jit
+    def a_row_first(a_ptr, slot_ptr, row, r, cols, stride_as, stride_ar, HAS_SLOTS: tl.constexpr,
+                    BLOCK_K: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
+        """A shrink program's start: ``(pointer to row r of the row's slot of A, its first BLOCK_K
+        values)``, with the PDL wait before anything the kernel before may write. Under
+        ``EARLY_READS`` and one slot, A's first step (a frozen weight) is read before the wait."""
+        early: tl.constexpr = EARLY and not HAS_SLOTS  # a row's slot is not a frozen weight: it waits
+        if not early:
+            pdl_enter(PDL)
+        slot = tl.load(slot_ptr + row) if HAS_SLOTS else 0
+        a_row = a_ptr + slot * stride_as + r * stride_ar
+        a_first = tl.load(a_row + tl.arange(0, BLOCK_K), mask=tl.arange(0, BLOCK_K) < cols, other=0.0)
+        if early:
+            pdl_enter(PDL)
+        return a_row, a_first
+
+    @triton.jit
     def _shrink_kernel(x_ptr, a_ptr, slot_ptr, t_ptr, K, R, stride_xm, stride_as, stride_ar, stride_tm, a_off1, a_off2,
                        HAS_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr, EARLY: tl.constexpr = False,
                        PDL: tl.constexpr = False):
         # one program per (row, rank index, group): a decode step has a row or a few, so a program
         # per row alone would leave all but a few SMs idle while one streams the whole of A
         row, r, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        early: tl.constexpr = EARLY and not HAS_SLOTS  # a row's slot is not a frozen weight: it waits
-        if not early:
-            pdl_enter(PDL)
-        slot = tl.load(slot_ptr + row) if HAS_SLOTS else 0
-        a_row = a_ptr + pick(g, 0, a_off1, a_off2) + slot * stride_as + r * stride_ar
-        a_first = tl.load(a_row + tl.arange(0, BLOCK_K), mask=tl.arange(0, BLOCK_K) < K, other=0.0)
-        if early:  # A's first step was read before the wait (``EARLY_READS``); x and t come after it
-            pdl_enter(PDL)
+        # x and t come after the wait
+        a_row, a_first = a_row_first(a_ptr + pick(g, 0, a_off1, a_off2), slot_ptr, row, r, K, stride_as, stride_ar,
+                                     HAS_SLOTS, BLOCK_K, EARLY, PDL)
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from orbit_kernels import _triton, lora, silu_mul
-from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
+from orbit_kernels._triton import pdl_args, serves, tl, triton
 
 ENABLED = True
 """Set False to run ``silu_mul`` and the shrink apart (benchmarks compare)."""
@@ -43,14 +43,9 @@ if triton is not None:
                                 stride_ar, stride_tm, HAS_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr,
                                 EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
         row, r = tl.program_id(0), tl.program_id(1)
-        early: tl.constexpr = EARLY and not HAS_SLOTS  # a row's slot is not a frozen weight: it waits
-        if not early:
-            pdl_enter(PDL)
-        slot = tl.load(slot_ptr + row) if HAS_SLOTS else 0
-        a_row = a_ptr + slot * stride_as + r * stride_ar
-        a_first = tl.load(a_row + tl.arange(0, BLOCK_K), mask=tl.arange(0, BLOCK_K) < cols, other=0.0)
-        if early:  # A's first step was read before the wait (``EARLY_READS``); gate and up come after it
-            pdl_enter(PDL)
+        # gate and up come after the wait
+        a_row, a_first = lora.a_row_first(a_ptr, slot_ptr, row, r, cols, stride_as, stride_ar, HAS_SLOTS, BLOCK_K,
+                                          EARLY, PDL)
         acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, cols, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
