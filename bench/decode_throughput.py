@@ -35,6 +35,7 @@ from orbit_core.rollout import cuda_graphs
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
+from orbit_kernels import decode_attention_step
 from orbit_kernels import decode_record
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
@@ -84,6 +85,8 @@ ROUND_KERNELS = {
     "silu_shrink_one_step": (silu_shrink, "ONE_STEP"),  # that kernel reads a row in one K step (else 2,048 columns)
     "record_kernel": (decode_record, "ENABLED"),  # a step's token records, counters and finish flags in one kernel
     "gemv_one_row_tiles": (packed_gemv, "ONE_ROW_TILES"),  # int4 GEMV at one row: gate/up and down in their own tiles
+    "attention_step": (decode_attention_step, "ENABLED"),  # q/k path, KV write, attention and merge in one kernel
+    "merge_unrolled": (attention_kernels, "MERGE_UNROLLED"),  # attention merge reads every chunk at once (else a loop)
 }
 """The decode changes of the last nine rounds (the first five from eight rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
@@ -236,6 +239,9 @@ def main() -> None:
     parser.add_argument("--ablate", nargs="*", choices=sorted(ROUND_KERNELS),
                         help="also run with each of these ROUND_KERNELS (none named: all) flipped from the "
                              "library's setting in turn, then all of them flipped")
+    parser.add_argument("--attention-configs", nargs="*", default=[],
+                        help="CHUNK:BLOCK_N:WARPS:STAGES ...: also run with each attention launch in place of "
+                             "launch_config's (decode_attention.OVERRIDE)")
     parser.add_argument("--packed-gemv", choices=["on", "both"], default="on",
                         help="both: also run int4 decode rows through the split-K tl.dot GEMV (the few-row GEMV off)")
     parser.add_argument("--graphs", choices=["on", "both"], default="both",
@@ -300,10 +306,12 @@ def main() -> None:
                 ablations += [{n: not defaults[n]} for n in names] + (
                     [{n: not defaults[n] for n in names}] if len(names) > 1 else [])
                 ablations.append({})  # everything on again, last: shows whether the order of runs matters
-            for order, (kernels_on, lora_on, attention_on, gemv_on, off) in enumerate(itertools.product(
-                    kernel_modes, lora_modes, attention_modes, gemv_modes, ablations)):
-                if gemv_on is False and kernels_on is False:
+            configs = [None] + [attention_kernels.Config(*map(int, c.split(":"))) for c in args.attention_configs]
+            for order, (kernels_on, lora_on, attention_on, gemv_on, off, config) in enumerate(itertools.product(
+                    kernel_modes, lora_modes, attention_modes, gemv_modes, ablations, configs)):
+                if gemv_on is False and kernels_on is False or config is not None and off:
                     continue
+                attention_kernels.OVERRIDE = config
                 int4_kernels.ENABLED, packed_gemv.ENABLED = kernels_on, kernels_on and gemv_on
                 lora_kernels.ENABLED, attention_kernels.ENABLED = lora_on, attention_on
                 for name, (module, attr) in ROUND_KERNELS.items():
@@ -318,9 +326,11 @@ def main() -> None:
                                 "lora_kernel": lora_on if adapter == "lora" else None,
                                 **{name: off.get(name, defaults[name]) for name in ROUND_KERNELS},
                                 "attention_kernel": attention_on, "packed_gemv": kernels_on and gemv_on,
+                                "attention_config": None if config is None else list(config.__dict__.values()),
                                 "repeats_tokens_per_s": [round(batch * args.new / t, 1) for t in times]},
                                batch * args.new / seconds, weight_bytes, batch)
             int4_kernels.ENABLED = packed_gemv.ENABLED = lora_kernels.ENABLED = attention_kernels.ENABLED = True
+            attention_kernels.OVERRIDE = None
             for name, (module, attr) in ROUND_KERNELS.items():
                 setattr(module, attr, defaults[name])
             del model

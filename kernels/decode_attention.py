@@ -26,6 +26,9 @@ ENABLED = True
 """Set False to force the reference (tests and benchmarks compare the two in one process)."""
 TUNED = True
 """Set False for the launch of the round before (chunks of 256 keys, 4 warps, no pipelining)."""
+MERGE_UNROLLED = True
+"""Merge up to 16 chunks in straight-line code, every partial read at once (else one chunk's reads
+after another's, in a loop)."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class Config:
     block_n: int = 64
     warps: int = 4
     stages: int = 1
+
+
+OVERRIDE: Config | None = None
+"""One launch for every call, in place of ``launch_config``'s choice (benchmarks sweep it)."""
 
 
 def launch_config(rows: int, kv_heads: int, capacity: int) -> Config:
@@ -47,6 +54,8 @@ def launch_config(rows: int, kv_heads: int, capacity: int) -> Config:
     more SMs: at one row, 5.53 against 8.42 us at 192 keys (capacity 288) and 11.86 against 15.60
     at 1,984 keys (capacity 2,080).
     """
+    if OVERRIDE is not None:
+        return OVERRIDE
     if not TUNED:
         return Config()
     if rows * kv_heads >= 128:
@@ -68,25 +77,14 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
-                      stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, GROUP: tl.constexpr,
-                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_enter(PDL)  # first: nothing before it may touch memory
-        row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        length = tl.load(len_ptr + row)  # the last key this row may read
-        offs_g = tl.arange(0, GROUP_PAD)
+    def attend_chunk(q, k_base, v_base, start, end, stride_kn, stride_vn, scale, GROUP_PAD: tl.constexpr,
+                     DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """The online softmax of ``q [GROUP_PAD, DIM]`` over the cached keys ``start..end - 1``: its
+        running max, normalizer and unnormalized output (``-inf``, 0 and 0 when the range is empty)."""
         offs_d = tl.arange(0, DIM)
-        g_mask = offs_g < GROUP
-        q = tl.load(q_ptr + row * stride_qr + (kv_head * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None], other=0.0)
         m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
-        start = split * CHUNK
-        end = tl.minimum(start + CHUNK, length + 1)  # a chunk past the row's length runs no iteration
-        k_base = k_ptr + row * stride_kr + kv_head * stride_kh
-        v_base = v_ptr + row * stride_vr + kv_head * stride_vh
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
@@ -106,36 +104,88 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
             m = m_new
-        part = (row * tl.num_programs(1) + kv_head) * SPLITS + split
+        return m, l, acc
+
+    @triton.jit
+    def store_partials(m_ptr, l_ptr, acc_ptr, part, m, l, acc, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       DIM: tl.constexpr):
+        """One chunk's max, normalizer and output, at partial ``part`` of ``GROUP`` query heads."""
+        offs_g = tl.arange(0, GROUP_PAD)
+        g_mask = offs_g < GROUP
         tl.store(m_ptr + part * GROUP + offs_g, m, mask=g_mask)
         tl.store(l_ptr + part * GROUP + offs_g, l, mask=g_mask)
-        tl.store(acc_ptr + (part * GROUP + offs_g)[:, None] * DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+        tl.store(acc_ptr + (part * GROUP + offs_g)[:, None] * DIM + tl.arange(0, DIM)[None, :], acc,
+                 mask=g_mask[:, None])
+
+    @triton.jit
+    def _merge_one(m_ptr, l_ptr, acc_ptr, index, m_run, total, out, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   DIM: tl.constexpr):
+        """The running max, normalizer and output with partial ``index`` merged in. The reads go past
+        the SM's L1 (``.cg``): other programs of the launch may have written them."""
+        offs_g = tl.arange(0, GROUP_PAD)
+        g_mask = offs_g < GROUP
+        m = tl.load(m_ptr + index * GROUP + offs_g, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(l_ptr + index * GROUP + offs_g, mask=g_mask, other=0.0, cache_modifier=".cg")
+        acc = tl.load(acc_ptr + (index * GROUP + offs_g)[:, None] * DIM + tl.arange(0, DIM)[None, :],
+                      mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, m)
+        # a chunk past the row's length holds m = -inf and contributes nothing (nor turns -inf - -inf into NaN)
+        keep = tl.where(m_run > float("-inf"), tl.exp(m_run - m_new), 0.0)
+        take = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
+        return m_new, total * keep + take * l, out * keep[:, None] + take[:, None] * acc
+
+    @triton.jit
+    def merge_splits(m_ptr, l_ptr, acc_ptr, base, out_ptrs, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                     DIM: tl.constexpr, SPLITS: tl.constexpr, UNROLL: tl.constexpr):
+        """The attention output of ``SPLITS`` partials from ``base`` on, merged in split order in one
+        pass and stored at ``out_ptrs [GROUP_PAD, DIM]``. With ``UNROLL``, up to 16 splits the pass
+        is straight-line code, so that every partial's reads go out at once rather than one split's
+        after another's (``MERGE_UNROLLED``)."""
+        m_run = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+        out = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
+        if UNROLL and SPLITS <= 16:
+            for split in tl.static_range(SPLITS):
+                m_run, total, out = _merge_one(m_ptr, l_ptr, acc_ptr, base + split, m_run, total, out, GROUP,
+                                               GROUP_PAD, DIM)
+        else:
+            for split in range(SPLITS):
+                m_run, total, out = _merge_one(m_ptr, l_ptr, acc_ptr, base + split, m_run, total, out, GROUP,
+                                               GROUP_PAD, DIM)
+        out = out / tl.where(tl.arange(0, GROUP_PAD) < GROUP, total, 1.0)[:, None]
+        tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=(tl.arange(0, GROUP_PAD) < GROUP)[:, None])
+
+    @triton.jit
+    def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
+                      stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, GROUP: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
+        row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        length = tl.load(len_ptr + row)  # the last key this row may read
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, DIM)
+        q = tl.load(q_ptr + row * stride_qr + (kv_head * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=(offs_g < GROUP)[:, None], other=0.0)
+        start = split * CHUNK
+        end = tl.minimum(start + CHUNK, length + 1)  # a chunk past the row's length runs no iteration
+        m, l, acc = attend_chunk(q, k_ptr + row * stride_kr + kv_head * stride_kh,
+                                 v_ptr + row * stride_vr + kv_head * stride_vh, start, end, stride_kn, stride_vn,
+                                 scale, GROUP_PAD, DIM, BLOCK_N, IEEE)
+        store_partials(m_ptr, l_ptr, acc_ptr, (row * tl.num_programs(1) + kv_head) * SPLITS + split, m, l, acc,
+                       GROUP, GROUP_PAD, DIM)
 
     @triton.jit
     def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_or, stride_oh, GROUP: tl.constexpr,
-                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr, UNROLL: tl.constexpr,
+                      PDL: tl.constexpr = False):
         pdl_enter(PDL)  # first: nothing before it may touch memory
         row, kv_head = tl.program_id(0), tl.program_id(1)
         offs_g = tl.arange(0, GROUP_PAD)
-        offs_d = tl.arange(0, DIM)
-        g_mask = offs_g < GROUP
-        base = (row * tl.num_programs(1) + kv_head) * SPLITS
-        m_all = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
-        for split in range(SPLITS):
-            m_all = tl.maximum(m_all, tl.load(m_ptr + (base + split) * GROUP + offs_g, mask=g_mask,
-                                              other=float("-inf")))
-        total = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-        out = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
-        for split in range(SPLITS):
-            m = tl.load(m_ptr + (base + split) * GROUP + offs_g, mask=g_mask, other=float("-inf"))
-            # a chunk past the row's length holds m = -inf and contributes nothing
-            w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
-            total += w * tl.load(l_ptr + (base + split) * GROUP + offs_g, mask=g_mask, other=0.0)
-            out += w[:, None] * tl.load(acc_ptr + ((base + split) * GROUP + offs_g)[:, None] * DIM + offs_d[None, :],
-                                        mask=g_mask[:, None], other=0.0)
-        out = out / tl.where(g_mask, total, 1.0)[:, None]
-        ptrs = out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
-        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        out_ptrs = (out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh
+                    + tl.arange(0, DIM)[None, :])
+        merge_splits(m_ptr, l_ptr, acc_ptr, (row * tl.num_programs(1) + kv_head) * SPLITS, out_ptrs, GROUP,
+                     GROUP_PAD, DIM, SPLITS, UNROLL)
 
 
 def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -177,7 +227,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
         **pdl_args(q))
     out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
     _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=group_pad,
-                                    DIM=dim, SPLITS=splits, num_warps=4, **pdl_args(out))
+                                    DIM=dim, SPLITS=splits, UNROLL=MERGE_UNROLLED, num_warps=4, **pdl_args(out))
     return out
 
 
