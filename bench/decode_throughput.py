@@ -35,7 +35,6 @@ from orbit_core.rollout import cuda_graphs
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
-from orbit_kernels import decode_attention_step
 from orbit_kernels import decode_record
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
@@ -85,14 +84,14 @@ ROUND_KERNELS = {
     "silu_shrink_one_step": (silu_shrink, "ONE_STEP"),  # that kernel reads a row in one K step (else 2,048 columns)
     "record_kernel": (decode_record, "ENABLED"),  # a step's token records, counters and finish flags in one kernel
     "gemv_one_row_tiles": (packed_gemv, "ONE_ROW_TILES"),  # int4 GEMV at one row: gate/up and down in their own tiles
-    "attention_step": (decode_attention_step, "ENABLED"),  # q/k path, KV write, attention and merge in one kernel
     "merge_unrolled": (attention_kernels, "MERGE_UNROLLED"),  # attention merge reads every chunk at once (else a loop)
 }
-"""The decode changes of the last nine rounds (the first five from eight rounds ago, the next three
+"""The decode changes of the last ten rounds (the first five from eight rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
 that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the next three from the
 round after that, ``pdl`` from the round after, the next five from the round after that, the next
-five from the round before this one, the last two from this one), each switchable for ``--ablate``
+five from the round before that, the next two from the round after, ``merge_unrolled`` from this
+one), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;
@@ -103,9 +102,11 @@ five from the round before this one, the last two from this one), each switchabl
 bf16 + LoRA at 1 and 4; ``decode_throughput_record_kernel_h100.jsonl``: int4 and bf16 + LoRA at 1,
 4 and 32; ``decode_throughput_gemv_one_row_tiles_h100.jsonl``: int4 at 1, with LoRA and bare).
 Switches tried and removed with their code: ``weight_prefetch`` (packed weights asked into L2
-ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.jsonl``) and
+ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.jsonl``),
 ``attention_shrink`` (the attention's merge computing o_proj's LoRA shrink, commit ce1db3d;
-``decode_throughput_attention_shrink_h100.jsonl``), both slower.
+``decode_throughput_attention_shrink_h100.jsonl``) and ``attention_step`` (the q/k path, the KV
+write, the attention and its merge in one kernel, commit e8ddfa7;
+``decode_throughput_attention_step_h100.jsonl``), all slower.
 ``decode_throughput_masked_int4_h200.jsonl`` switched ``masked_int4``: the GEMV and the x-split GEMM
 decoding an int4 nibble by masking it in place and one FMA (two instructions a code against four;
 26.38 against 27.49 us summed over the GEMV's shapes at one row). End to end it was within the
@@ -192,6 +193,10 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
     for _ in range(2):  # a prefill shape is captured the second time it comes
         engine.generate(prompts[:batch], one)
     prefill = timed(lambda: engine.generate(prompts[:batch], one))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.generate(prompts[:batch], one)
+        torch.cuda.synchronize()
+    print_kernels("the 1-token generate (the prefill)", prof, 1, 8)
     # then the measured length (new sampling parameters: a new cache, so its graphs come after)
     params = SamplingParams(max_new_tokens=new, temperature=1.0)
     for _ in range(2):  # captures the decode graphs, then the prefill's
@@ -207,18 +212,23 @@ def profile_decode(model, prompts: list[list[int]], batch: int, new: int, contex
         for _ in range(10):
             graph.replay()
         torch.cuda.synchronize()
+    print(f"batch {batch}: engine {1e3 * wall:.2f} ms a step (prefill included; a 1-token generate, the prefill "
+          f"alone, takes {1e3 * prefill:.1f} ms), graph replay {step_ms:.2f} ms at {context} keys")
+    print_kernels("a replayed step", prof, 10, 22)
+
+
+def print_kernels(what: str, prof, runs: int, top: int) -> None:
+    """The GPU time, kernel count and ``top`` kernels of ``runs`` runs of ``what`` under ``prof``, per run."""
     totals: dict[str, list[float]] = {}
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             entry = totals.setdefault(event.name, [0.0, 0])
             entry[0] += event.time_range.elapsed_us()
             entry[1] += 1
-    busy = sum(us for us, _ in totals.values()) / 10
-    print(f"batch {batch}: engine {1e3 * wall:.2f} ms a step (prefill included; a 1-token generate, the prefill "
-          f"alone, takes {1e3 * prefill:.1f} ms), graph replay {step_ms:.2f} ms "
-          f"at {context} keys, kernels busy {busy / 1e3:.2f} ms, {sum(c for _, c in totals.values()) / 10:.0f} kernels")
-    for name, (us, calls) in sorted(totals.items(), key=lambda item: -item[1][0])[:22]:
-        print(f"{us / 10:9.1f} us {calls / 10:6.1f}x  {name[:100]}")
+    busy = sum(us for us, _ in totals.values()) / runs
+    print(f"{what}: kernels busy {busy / 1e3:.2f} ms, {sum(c for _, c in totals.values()) / runs:.0f} kernels")
+    for name, (us, calls) in sorted(totals.items(), key=lambda item: -item[1][0])[:top]:
+        print(f"{us / runs:9.1f} us {calls / runs:6.1f}x  {name[:100]}")
 
 
 def main() -> None:

@@ -36,21 +36,18 @@ def decode_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
 if triton is not None:
 
     @triton.jit
-    def norm_rope(x_ptrs, w_ptrs, c_ptrs, s_ptrs, mask, eps, NORM: tl.constexpr, HALF: tl.constexpr):
-        """Heads along the last axis of the pointer tiles (first halves; the second lie ``HALF`` on):
-        their two halves normed (when NORM) and rotated, in the activation dtype's roundings."""
-        dtype = x_ptrs.dtype.element_ty
-        x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    def _norm_rope(x_ptr, w_ptr, c_row, s_row, offs, mask, eps, NORM: tl.constexpr, HALF: tl.constexpr):
+        """One head: its two halves normed (when NORM) and rotated, in the activation dtype's roundings."""
+        dtype = x_ptr.dtype.element_ty
+        x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
         if NORM:
-            last: tl.constexpr = len(x1.shape) - 1
-            squares = tl.sum(x1 * x1, axis=last, keep_dims=True) + tl.sum(x2 * x2, axis=last, keep_dims=True)
-            scale = tl.rsqrt(squares / (2 * HALF) + eps)
-            w1 = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-            w2 = tl.load(w_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+            w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
             x1 = (w1 * (x1 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             x2 = (w2 * (x2 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        return rotate_halves(x1, x2, c_ptrs, s_ptrs, mask, x_ptrs, HALF)
+        return rotate_halves(x1, x2, c_row + offs, s_row + offs, mask, x_ptr, HALF)
 
     @triton.jit
     def _decode_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, ck_ptr, cv_ptr, pos_ptr,
@@ -64,16 +61,14 @@ if triton is not None:
         mask = offs < HALF
         c_row, s_row = cos_ptr + row * sc_r, sin_ptr + row * sc_r
         if head < heads:
-            out1, out2 = norm_rope(q_ptr + row * sq_r + head * sq_h + offs, qw_ptr + offs, c_row + offs, s_row + offs,
-                                       mask, eps, NORM, HALF)
+            out1, out2 = _norm_rope(q_ptr + row * sq_r + head * sq_h, qw_ptr, c_row, s_row, offs, mask, eps, NORM, HALF)
             dst = out_ptr + row * so_r + head * so_h
             tl.store(dst + offs, out1, mask=mask)
             tl.store(dst + HALF + offs, out2, mask=mask)
         else:
             kv = head - heads
             pos = tl.load(pos_ptr + row)
-            out1, out2 = norm_rope(k_ptr + row * sk_r + kv * sk_h + offs, kw_ptr + offs, c_row + offs, s_row + offs,
-                                       mask, eps, NORM, HALF)
+            out1, out2 = _norm_rope(k_ptr + row * sk_r + kv * sk_h, kw_ptr, c_row, s_row, offs, mask, eps, NORM, HALF)
             dst = ck_ptr + row * sck_r + kv * sck_h + pos * sck_p
             tl.store(dst + offs, out1.to(ck_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + HALF + offs, out2.to(ck_ptr.dtype.element_ty), mask=mask)

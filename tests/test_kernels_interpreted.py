@@ -312,44 +312,6 @@ def test_decode_qk_kernel_equals_the_unfused_reference(norm):
     assert torch.equal(got_v, want_v)
 
 
-@pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_attention_step_kernel_equals_the_two_references(norm, dtype):
-    """q/k norms, rope, the KV write and split-K attention in one kernel, against ``decode_qk_reference``
-    then ``decode_attention_reference``: new positions at 0, at a chunk's first and last key and at the
-    cache's last, in one chunk or several (merged by the last to arrive), launched twice on the same
-    arrival counters (each launch leaves them at zero)."""
-    from orbit_kernels import decode_attention as attention
-    from orbit_kernels.decode_attention_step import launch
-    from orbit_kernels.qk_rope import decode_qk_reference
-
-    torch.manual_seed(0)
-    rows, heads, kv_heads, dim, capacity = 4, 4, 2, 32, 40
-    qkv = torch.randn(rows, 1, (heads + 2 * kv_heads) * dim).to(dtype) * 3
-    q = qkv[..., :heads * dim].view(rows, 1, heads, dim)
-    k = qkv[..., heads * dim:(heads + kv_heads) * dim].view(rows, 1, kv_heads, dim)
-    v = qkv[..., (heads + kv_heads) * dim:].view(rows, 1, kv_heads, dim)
-    weights = [(torch.rand(dim) + 0.5).to(dtype) for _ in range(2)] if norm else [None, None]
-    angles = torch.rand(rows, 1, dim) * 6.28
-    cos, sin = angles.cos(), angles.sin()
-    write_pos = torch.tensor([0, 16, 15, capacity - 1])
-    cache_k = torch.randn(rows + 1, kv_heads, capacity, dim).to(dtype)  # a row slice of it, as the engine passes
-    cache_v = torch.randn_like(cache_k)
-    want_k, want_v = cache_k.clone(), cache_v.clone()
-    q_ref = decode_qk_reference(q, k, v, *weights, 1e-6, cos, sin, want_k[:rows], want_v[:rows], write_pos)
-    want = attention.decode_attention_reference(q_ref[:, :, 0].float(), want_k[:rows].float(),
-                                                want_v[:rows].float(), write_pos)
-    # the fp32 sum of squares in another order: at most a rounding step of the normed values
-    close = dict(atol=2e-3, rtol=2 ** -9) if norm else dict(atol=0, rtol=0)
-    for config in (attention.Config(16, 16), attention.Config(64, 16), attention.Config(32, 16, 1, 1)):
-        got_k, got_v = cache_k.clone(), cache_v.clone()
-        for _ in range(2):
-            got = launch(q, k, v, *weights, 1e-6, cos, sin, got_k[:rows], got_v[:rows], write_pos, config).float()
-            torch.testing.assert_close(got, want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
-        torch.testing.assert_close(got_k, want_k, **close)
-        assert torch.equal(got_v, want_v)
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows, slots, widths, bias", [(1, 1, (64, 32, 32), False), (3, 2, (64, 32, 32), True),
                                                         (2, 2, (128,), True), (12, 2, (64, 32, 32), True),

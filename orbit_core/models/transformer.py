@@ -27,7 +27,7 @@ from orbit_core.models.rope import apply_rope, rope_tables
 from orbit_core.models.shrink_fusion import add_norm
 from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels.decode_attention import decode_attention
-from orbit_kernels.decode_attention_step import decode_attention_step_
+from orbit_kernels.qk_rope import decode_qk_
 from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
 from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference
 
@@ -129,16 +129,16 @@ class Attention(nn.Module):
         """The rollout engine's decode step from the projected ``[rows, 1, heads, dim]`` q, k, v:
         store the new key and value, attend over each row's live keys only; ``[rows, heads, dim]``."""
         cache_k, cache_v = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        if qk_kernels.ENABLED:  # q/k norms, rope and the KV write in one kernel, the attention in it or after
+        if qk_kernels.ENABLED:  # q/k norms, rope and the KV write in one kernel
             norm = self.q_norm is not None
-            return decode_attention_step_(q, k, v, self.q_norm.weight if norm else None,
-                                          self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, cos,
-                                          sin, cache_k, cache_v, write_pos)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        rope_kv_write_(k, v, cos, sin, cache_k, cache_v, write_pos)
+            q = decode_qk_(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                           self.q_norm.eps if norm else 0.0, cos, sin, cache_k, cache_v, write_pos)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q = apply_rope(q, cos, sin)
+            rope_kv_write_(k, v, cos, sin, cache_k, cache_v, write_pos)
         return decode_attention(q[:, :, 0], cache_k, cache_v, write_pos)
 
 
