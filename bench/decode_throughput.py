@@ -31,7 +31,7 @@ from orbit_core.peft.lora import apply_lora
 from orbit_core.peft.oft import apply_oft
 from orbit_core.policy import load_base
 from orbit_core.quant import quantize_checkpoint
-from orbit_core.rollout import cuda_graphs
+from orbit_core.rollout import cuda_graphs, decode_loop
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
@@ -85,13 +85,14 @@ ROUND_KERNELS = {
     "record_kernel": (decode_record, "ENABLED"),  # a step's token records, counters and finish flags in one kernel
     "gemv_one_row_tiles": (packed_gemv, "ONE_ROW_TILES"),  # int4 GEMV at one row: gate/up and down in their own tiles
     "merge_unrolled": (attention_kernels, "MERGE_UNROLLED"),  # attention merge reads every chunk at once (else a loop)
+    "probed_checks": (decode_loop, "PROBED_CHECKS"),  # host syncs only when a probe shows a finished row
 }
-"""The decode changes of the last ten rounds (the first five from eight rounds ago, the next three
+"""The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
 that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the next three from the
 round after that, ``pdl`` from the round after, the next five from the round after that, the next
-five from the round before that, the next two from the round after, ``merge_unrolled`` from this
-one), each switchable for ``--ablate``
+five from the round before that, the next two from the round after, the last two from this one),
+each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;

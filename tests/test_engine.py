@@ -230,6 +230,28 @@ def test_deferred_checks_stop_decoding_where_the_length_limit_ends_every_row(tin
         assert engine.loop.decode_steps == max_new - 1  # the prefill samples the first token
 
 
+@pytest.mark.parametrize("probed", [True, False])
+def test_probed_checks_end_an_eos_row_within_two_check_periods(tiny_checkpoint, monkeypatch, probed):
+    """Between the host-known length limits a check first reads a probe of the flags sent to the
+    host a check before: a row that samples EOS is completed within two check periods of it (one
+    without probes), with the tokens of the loop that checks every step."""
+    from orbit_core.rollout import decode_loop
+
+    monkeypatch.setattr(decode_loop, "PROBED_CHECKS", probed)
+    model, tok = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    prompt = _prompts(tok)[4:]  # the greedy row samples EOS some 16 tokens in
+    params = SamplingParams(max_new_tokens=64, temperature=0.0)
+    plain = BuiltinEngine(model, tok, max_running=1, seed=3).generate(prompt, params)[0]
+    at = len(plain.token_ids) - 1
+    assert plain.finish_reason == "eos" and 8 < at < 40
+    engine = BuiltinEngine(model, tok, max_running=1, seed=3)
+    engine.loop.check_every = 4
+    out = engine.generate(prompt, params)[0]
+    assert (out.token_ids, out.finish_reason) == (plain.token_ids, "eos")
+    # the prefill samples token 0 and decode step i token i: steps run past the end, boundedly
+    assert 0 <= engine.loop.decode_steps - at <= (8 if probed else 4)
+
+
 def test_generate_runs_without_dropout_and_puts_each_modules_mode_back(tiny_checkpoint):
     model, tok = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
     apply_lora(model, 4, 8, 0.5, ["all-linear"])  # dropout 0.5: a module left training would show in the logprobs

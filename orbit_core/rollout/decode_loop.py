@@ -6,10 +6,11 @@ Requests may be added while the loop runs (the engine process streams them in). 
     busy slot (rounded up to a power of two), so a draining batch gets cheaper as it empties;
   * a decode step is all tensor ops, sampling and the EOS / length / stop-trigger checks included,
     so on a GPU the whole step replays as one CUDA graph; finished rows are flagged on the device
-    and the host reads the flags every ``check_every`` steps (a row may run a few steps past its
-    end; those tokens are dropped), and at the step where a row reaches ``max_new_tokens``, which
-    the host knows without asking. Stop strings are decoded only for rows that sampled a token
-    that can complete one;
+    and the host reads the flags every ``check_every`` steps, first from a probe the check before
+    sent without waiting, so that it syncs only when there is a row to read (a row may run a few
+    steps past its end; those tokens are dropped), and at the step where a row reaches
+    ``max_new_tokens``, which the host knows without asking. Stop strings are decoded only for rows
+    that sampled a token that can complete one;
   * finished rows come back to the host in one transfer per check, not a few per row.
 With a ``SlotBank`` (engine copy of the adapter), each row remembers the adapter slot it was
 admitted under and keeps it to the end: a sequence never mixes adapter versions.
@@ -38,6 +39,11 @@ PREFILL_BUCKET = 8
 MIN_ROWS = 8
 GRAPH_CHECK_EVERY = 4
 """With CUDA graphs the host reads finished rows every this many decode steps (eagerly, every step)."""
+PROBED_CHECKS = True
+"""A check between the host-known length limits first reads a probe of the flags that the check
+before sent to the host without waiting, and reads the rows themselves (a sync, draining the steps
+queued on the GPU) only when the probe shows a finished row or a stop trigger. A row may then run up
+to ``2 * check_every`` steps past its end. False: every check syncs (benchmarks compare)."""
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -175,6 +181,7 @@ class DecodeLoop:
             """Set on the device when a row samples EOS or reaches max_new_tokens; read by ``_check``."""
             self.stop_seen = torch.zeros(slots, dtype=torch.bool, device=device)
             """Set when a row sampled a token that can complete a stop string since the last check."""
+            self.probe_host = torch.zeros(slots, dtype=torch.bool, pin_memory=device.type == "cuda")
             self.key_index = torch.arange(self.cache.capacity, device=device)
             self.slot_versions = torch.zeros(len(self.slot_refs), dtype=torch.long, device=device)
             if self.moe:
@@ -189,6 +196,7 @@ class DecodeLoop:
         self.row_due = {}
         self.max_len = 0
         self.since_check = 0
+        self.probe: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
         self.refresh_versions()
 
     def refresh_versions(self) -> None:
@@ -212,9 +220,37 @@ class DecodeLoop:
             self._decode()
             self.decode_steps += 1
             self.since_check += 1
-            if self.since_check >= self.check_every or self._due():
+            if self._due() or self.since_check >= self.check_every and self._probe_flagged():
                 return self._check()
+            if self.since_check >= self.check_every:  # the probe saw nothing to read: probe again
+                self._take_probe()
         return []
+
+    def _probe_flagged(self) -> bool:
+        """Whether the last probe (``PROBED_CHECKS``) saw a finished row or a stop trigger; True when
+        there is none to read. Its copy was queued a check ago, so waiting for it does not wait for
+        the steps queued since."""
+        if not PROBED_CHECKS or self.check_every == 1 or self.probe is None:
+            return True
+        host, copied = self.probe
+        if copied is not None:
+            copied.synchronize()
+        return bool(host.any())
+
+    def _take_probe(self) -> None:
+        """Send the rows' finished / stop-trigger flags to the host without waiting for them."""
+        self.since_check = 0
+        if not PROBED_CHECKS or self.check_every == 1 or not self.busy_rows:
+            self.probe = None
+            return
+        hi = max(self.busy_rows) + 1
+        host = self.probe_host[:hi]
+        host.copy_(self.finished[:hi] | self.stop_seen[:hi], non_blocking=True)
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        self.probe = (host, copied)
 
     def _due(self) -> bool:
         """Whether some row has reached ``max_new_tokens`` (decoding on would only waste steps)."""
@@ -334,8 +370,8 @@ class DecodeLoop:
                      self.out_logprobs[:hi], p.max_new_tokens, lengths)
 
     def _check(self) -> list[tuple[Request, Completion]]:
-        """Read the finished rows back to the host (the step's only sync) and complete them."""
-        self.since_check = 0
+        """Read the finished rows back to the host (the step's only sync) and complete them; then
+        probe the rows left (after the completions' writes, so that it does not see them)."""
         hi = max(self.busy_rows) + 1
         flags = torch.stack([self.finished[:hi], self.stop_seen[:hi]]).cpu()
         ending: list[tuple[int, int | None]] = []
@@ -343,7 +379,9 @@ class DecodeLoop:
             stop_at = self._stop_position(row, bool(flags[0, row])) if flags[1, row] else None
             if stop_at is not None or flags[0, row]:
                 ending.append((row, stop_at))
-        return self._complete(ending) if ending else []
+        done = self._complete(ending) if ending else []
+        self._take_probe()
+        return done
 
     def _stop_position(self, row: int, finished: bool) -> int | None:
         """Tokens up to the first one whose text completes a stop string (None: no stop yet).
