@@ -28,7 +28,9 @@ TUNED = True
 """Set False for the launch of the round before (chunks of 256 keys, 4 warps, no pipelining)."""
 MERGE_UNROLLED = True
 """Merge up to 16 chunks in straight-line code, every partial read at once (else one chunk's reads
-after another's, in a loop)."""
+after another's, in a loop). H100, one process (``decode_throughput_merge_unrolled_h100.jsonl``):
+int4 + LoRA 29,286 and 29,479 tok/s against 28,838 at 256 rows, 9,642 and 9,614 against 9,551 at
+32, within noise at 1 and 4; bf16 + LoRA within 1% at every batch."""
 
 
 @dataclass(frozen=True)
