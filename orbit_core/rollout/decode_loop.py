@@ -250,9 +250,9 @@ class DecodeLoop:
         host = self.probe_host[:hi]
         host.copy_(self.finished[:hi] | self.stop_seen[:hi], non_blocking=True)
         copied = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # on the stream of the flags' device, which may not be the current one
             copied = torch.cuda.Event()
-            copied.record()
+            copied.record(torch.cuda.current_stream(self.device))
         self.probe = (host, copied)
 
     def _due(self) -> bool:
