@@ -14,6 +14,7 @@ for the weights plus the KV cache a step reads (the mean context over the run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -337,7 +338,7 @@ def main() -> None:
                                 "lora_kernel": lora_on if adapter == "lora" else None,
                                 **{name: off.get(name, defaults[name]) for name in ROUND_KERNELS},
                                 "attention_kernel": attention_on, "packed_gemv": kernels_on and gemv_on,
-                                "attention_config": None if config is None else list(config.__dict__.values()),
+                                "attention_config": None if config is None else list(dataclasses.astuple(config)),
                                 "repeats_tokens_per_s": [round(batch * args.new / t, 1) for t in times]},
                                batch * args.new / seconds, weight_bytes, batch)
             int4_kernels.ENABLED = packed_gemv.ENABLED = lora_kernels.ENABLED = attention_kernels.ENABLED = True

@@ -79,14 +79,25 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def attend_chunk(q, k_base, v_base, start, end, stride_kn, stride_vn, scale, GROUP_PAD: tl.constexpr,
-                     DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-        """The online softmax of ``q [GROUP_PAD, DIM]`` over the cached keys ``start..end - 1``: its
-        running max, normalizer and unnormalized output (``-inf``, 0 and 0 when the range is empty)."""
+    def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
+                      stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, GROUP: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
+        row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        length = tl.load(len_ptr + row)  # the last key this row may read
+        offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, DIM)
+        g_mask = offs_g < GROUP
+        q = tl.load(q_ptr + row * stride_qr + (kv_head * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None], other=0.0)
         m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
+        start = split * CHUNK
+        end = tl.minimum(start + CHUNK, length + 1)  # a chunk past the row's length runs no iteration
+        k_base = k_ptr + row * stride_kr + kv_head * stride_kh
+        v_base = v_ptr + row * stride_vr + kv_head * stride_vh
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
@@ -106,24 +117,16 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
             m = m_new
-        return m, l, acc
-
-    @triton.jit
-    def store_partials(m_ptr, l_ptr, acc_ptr, part, m, l, acc, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                       DIM: tl.constexpr):
-        """One chunk's max, normalizer and output, at partial ``part`` of ``GROUP`` query heads."""
-        offs_g = tl.arange(0, GROUP_PAD)
-        g_mask = offs_g < GROUP
+        part = (row * tl.num_programs(1) + kv_head) * SPLITS + split
         tl.store(m_ptr + part * GROUP + offs_g, m, mask=g_mask)
         tl.store(l_ptr + part * GROUP + offs_g, l, mask=g_mask)
-        tl.store(acc_ptr + (part * GROUP + offs_g)[:, None] * DIM + tl.arange(0, DIM)[None, :], acc,
-                 mask=g_mask[:, None])
+        tl.store(acc_ptr + (part * GROUP + offs_g)[:, None] * DIM + offs_d[None, :], acc, mask=g_mask[:, None])
 
     @triton.jit
     def _merge_one(m_ptr, l_ptr, acc_ptr, index, m_run, total, out, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    DIM: tl.constexpr):
-        """The running max, normalizer and output with partial ``index`` merged in. The reads go past
-        the SM's L1 (``.cg``): other programs of the launch may have written them."""
+        """The running max, normalizer and output with partial ``index`` merged in (each partial is
+        read once: ``.cg`` keeps it out of L1)."""
         offs_g = tl.arange(0, GROUP_PAD)
         g_mask = offs_g < GROUP
         m = tl.load(m_ptr + index * GROUP + offs_g, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
@@ -137,12 +140,17 @@ if triton is not None:
         return m_new, total * keep + take * l, out * keep[:, None] + take[:, None] * acc
 
     @triton.jit
-    def merge_splits(m_ptr, l_ptr, acc_ptr, base, out_ptrs, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                     DIM: tl.constexpr, SPLITS: tl.constexpr, UNROLL: tl.constexpr):
-        """The attention output of ``SPLITS`` partials from ``base`` on, merged in split order in one
-        pass and stored at ``out_ptrs [GROUP_PAD, DIM]``. With ``UNROLL``, up to 16 splits the pass
-        is straight-line code, so that every partial's reads go out at once rather than one split's
-        after another's (``MERGE_UNROLLED``)."""
+    def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_or, stride_oh, GROUP: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr, UNROLL: tl.constexpr,
+                      PDL: tl.constexpr = False):
+        # the chunks merged in split order in one pass; with UNROLL (``MERGE_UNROLLED``), up to 16 of
+        # them in straight-line code, so that every partial's reads go out at once
+        pdl_enter(PDL)  # first: nothing before it may touch memory
+        row, kv_head = tl.program_id(0), tl.program_id(1)
+        offs_g = tl.arange(0, GROUP_PAD)
+        ptrs = out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh + tl.arange(0, DIM)[None, :]
+        g_mask = offs_g < GROUP
+        base = (row * tl.num_programs(1) + kv_head) * SPLITS
         m_run = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         out = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
@@ -154,40 +162,8 @@ if triton is not None:
             for split in range(SPLITS):
                 m_run, total, out = _merge_one(m_ptr, l_ptr, acc_ptr, base + split, m_run, total, out, GROUP,
                                                GROUP_PAD, DIM)
-        out = out / tl.where(tl.arange(0, GROUP_PAD) < GROUP, total, 1.0)[:, None]
-        tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=(tl.arange(0, GROUP_PAD) < GROUP)[:, None])
-
-    @triton.jit
-    def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
-                      stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, GROUP: tl.constexpr,
-                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_enter(PDL)  # first: nothing before it may touch memory
-        row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        length = tl.load(len_ptr + row)  # the last key this row may read
-        offs_g = tl.arange(0, GROUP_PAD)
-        offs_d = tl.arange(0, DIM)
-        q = tl.load(q_ptr + row * stride_qr + (kv_head * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                    mask=(offs_g < GROUP)[:, None], other=0.0)
-        start = split * CHUNK
-        end = tl.minimum(start + CHUNK, length + 1)  # a chunk past the row's length runs no iteration
-        m, l, acc = attend_chunk(q, k_ptr + row * stride_kr + kv_head * stride_kh,
-                                 v_ptr + row * stride_vr + kv_head * stride_vh, start, end, stride_kn, stride_vn,
-                                 scale, GROUP_PAD, DIM, BLOCK_N, IEEE)
-        store_partials(m_ptr, l_ptr, acc_ptr, (row * tl.num_programs(1) + kv_head) * SPLITS + split, m, l, acc,
-                       GROUP, GROUP_PAD, DIM)
-
-    @triton.jit
-    def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_or, stride_oh, GROUP: tl.constexpr,
-                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr, UNROLL: tl.constexpr,
-                      PDL: tl.constexpr = False):
-        pdl_enter(PDL)  # first: nothing before it may touch memory
-        row, kv_head = tl.program_id(0), tl.program_id(1)
-        offs_g = tl.arange(0, GROUP_PAD)
-        out_ptrs = (out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh
-                    + tl.arange(0, DIM)[None, :])
-        merge_splits(m_ptr, l_ptr, acc_ptr, (row * tl.num_programs(1) + kv_head) * SPLITS, out_ptrs, GROUP,
-                     GROUP_PAD, DIM, SPLITS, UNROLL)
+        out = out / tl.where(g_mask, total, 1.0)[:, None]
+        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
 def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:

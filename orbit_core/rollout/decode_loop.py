@@ -223,17 +223,19 @@ class DecodeLoop:
             self._decode()
             self.decode_steps += 1
             self.since_check += 1
-            if self._due() or self.since_check >= self.check_every and self._probe_flagged():
+            if self._due():
                 return self._check()
-            if self.since_check >= self.check_every:  # the probe saw nothing to read: probe again
-                self._take_probe()
+            if self.since_check >= self.check_every:
+                if self._probe_flagged():
+                    return self._check()
+                self._take_probe()  # nothing to read: probe again
         return []
 
     def _probe_flagged(self) -> bool:
         """Whether the last probe (``PROBED_CHECKS``) saw a finished row or a stop trigger; True when
-        there is none to read. Its copy was queued a check ago, so waiting for it does not wait for
-        the steps queued since."""
-        if not PROBED_CHECKS or self.check_every == 1 or self.probe is None:
+        there is none (``_take_probe`` leaves none where probes are off). Its copy was queued a check
+        ago, so waiting for it does not wait for the steps queued since."""
+        if self.probe is None:
             return True
         host, copied = self.probe
         if copied is not None:
