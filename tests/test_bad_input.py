@@ -75,6 +75,17 @@ def test_bad_files_are_refused_in_one_line(monkeypatch, capsys, tmp_path, tiny_c
     one_line_error(code, err, "failed to import: KeyError")
 
 
+def test_the_math_reward_without_math_verify_is_refused_before_any_work(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    # a broken install once scored every sample 0 and trained (and evaluated) on nothing, exit 0
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rl={"reward": "math"})
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify now raises ImportError
+    for command in ("train", "eval"):
+        code, err = orbit(monkeypatch, capsys, command, "--recipe", str(recipe))
+        one_line_error(code, err, "rl.reward=math needs math-verify, which cannot be imported")
+        assert "pip install 'math-verify>=0.7'" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     for size in ("0", "-32"):
         code, err = orbit(monkeypatch, capsys, "quantize", "int4", tiny_checkpoint, str(tmp_path / "q"), "--group-size", size)

@@ -22,19 +22,19 @@ def config_from_adapter(path: str, overrides: list[str]) -> RecipeConfig:
 
 
 def run_eval(config: RecipeConfig, adapter: str | None = None, log=print) -> EvalReport:
-    policy = build_policy(config.model, config.peft if adapter else None, log)
-    if adapter:
-        state, _ = load_adapter(resolve_adapter_dir(adapter))
-        from orbit_core.peft.base import load_adapter_state_dict
-
-        load_adapter_state_dict(policy.model, state, adapter)
     e = config.eval
     records = load_records(e.test_path, config.data)
-    engine = BuiltinEngine(policy.model, policy.tokenizer, max_running=config.rollout.max_running, seed=config.train.seed,
-                           cuda_graph=config.rollout.cuda_graph)
-    chat = use_chat_template(policy.tokenizer, config.data.apply_chat_template)
-    rewards = build_rewards(config.rl)
+    rewards = build_rewards(config.rl)  # a bad reward or test file fails before the model loads
     try:
+        policy = build_policy(config.model, config.peft if adapter else None, log)
+        if adapter:
+            state, _ = load_adapter(resolve_adapter_dir(adapter))
+            from orbit_core.peft.base import load_adapter_state_dict
+
+            load_adapter_state_dict(policy.model, state, adapter)
+        engine = BuiltinEngine(policy.model, policy.tokenizer, max_running=config.rollout.max_running,
+                               seed=config.train.seed, cuda_graph=config.rollout.cuda_graph)
+        chat = use_chat_template(policy.tokenizer, config.data.apply_chat_template)
         return evaluate(engine, policy.tokenizer, records, rewards, chat=chat, max_prompt_len=config.data.max_prompt_len,
                         max_new_tokens=e.max_new_tokens, n_samples=e.n_samples, ks=e.k, temperature=e.temperature,
                         stop=tuple(config.rollout.stop))

@@ -65,6 +65,14 @@ def math_reward(prompt: str, response: str, label: Any) -> float:
 def load_reward_fn(spec: str) -> RewardFn:
     """``math``, ``package.module:function`` or ``path/to/file.py:function``."""
     if spec == "math":
+        # imported here, not on the first sample: a broken install would otherwise score every
+        # sample 0 (a per-sample reward error) and train the whole run on nothing
+        try:
+            import math_verify  # noqa: F401
+        except ImportError as err:
+            raise OrbitError(f"rl.reward=math needs math-verify, which cannot be imported ({err})",
+                             "pip install 'math-verify>=0.7' (an orbit-rl dependency), or use "
+                             "rl.reward=module:function") from err
         return math_reward
     module_name, sep, func_name = spec.rpartition(":")
     if not sep or not module_name or not func_name:
