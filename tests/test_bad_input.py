@@ -86,6 +86,19 @@ def test_the_math_reward_without_math_verify_is_refused_before_any_work(monkeypa
     assert not (tmp_path / "run").exists()
 
 
+def test_a_reward_that_fails_on_every_sample_stops_the_run_in_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    # one failing sample scores 0 and the run goes on (test_train_loop); a whole batch failing is
+    # a broken reward, and training or evaluating on its zeros would report nothing but zeros
+    reward = tmp_path / "typo_reward.py"
+    reward.write_text("def score(prompt, response, label):\n    return {'x': 1.0}['y']\n")
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rl={"reward": f"{reward}:score"}, eval={"enabled": False})
+    code, err = orbit(monkeypatch, capsys, "train", "--recipe", str(recipe))
+    one_line_error(code, err, "no reward of a batch of 16 could be scored (16 errors, 0 timeouts; the last error: KeyError: 'y')")
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    code, err = orbit(monkeypatch, capsys, "eval", "--recipe", str(recipe), "eval.enabled=true")
+    one_line_error(code, err, "no reward of a batch of 4 could be scored (4 errors")
+
+
 def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     for size in ("0", "-32"):
         code, err = orbit(monkeypatch, capsys, "quantize", "int4", tiny_checkpoint, str(tmp_path / "q"), "--group-size", size)

@@ -8,6 +8,7 @@ from typing import Any
 from orbit_core.data.jsonl import PromptRecord
 from orbit_core.data.prompts import encode_prompt
 from orbit_core.eval.passk import pass_at_k
+from orbit_core.rl.rewards import require_a_score
 from orbit_core.rollout.types import RolloutBackend, SamplingParams
 
 
@@ -51,6 +52,7 @@ def evaluate(
     labels = [r.label for r in records]
     greedy = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, n=1))
     greedy_scores, greedy_stats = rewards.score(texts, [c.text for c in greedy], labels)
+    require_a_score(greedy_stats, len(greedy))  # else a broken reward would read as 0% accuracy
     sampled = engine.generate(
         prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop=stop, n=n_samples)
     )

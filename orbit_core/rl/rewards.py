@@ -2,7 +2,8 @@
 
 A user function is called as ``fn(prompt: str, response: str, label) -> float``. One that raises,
 exceeds the timeout, or returns something that is not a finite number (NaN, inf, the string
-``"1.0"``) scores 0 for that sample; the run goes on and the failures are counted.
+``"1.0"``) scores 0 for that sample; the run goes on and the failures are counted. A batch of
+which no sample scored stops the run (``require_a_score``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def load_reward_fn(spec: str) -> RewardFn:
         # imported here, not on the first sample: a broken install would otherwise score every
         # sample 0 (a per-sample reward error) and train the whole run on nothing
         try:
-            import math_verify  # noqa: F401
+            importlib.import_module("math_verify")
         except ImportError as err:
             raise OrbitError(f"rl.reward=math needs math-verify, which cannot be imported ({err})",
                              "pip install 'math-verify>=0.7' (an orbit-rl dependency), or use "
@@ -126,6 +127,18 @@ class RewardStats:
     errors: int = 0
     timeouts: int = 0
     last_error: str = ""
+
+
+def require_a_score(stats: RewardStats, count: int) -> None:
+    """Stop when not one of ``count`` samples could be scored. A single failure scores 0 and the
+    run goes on, but a batch that failed whole is a broken reward or environment (a missing
+    import, a renamed field, a timeout shorter than any call): its rewards are all 0, its group
+    advantages all 0, and the run would go on learning nothing while it looked healthy."""
+    if count and stats.errors + stats.timeouts == count:
+        last = f"the last error: {stats.last_error}" if stats.last_error else "all ran past rl.reward_timeout_s"
+        raise OrbitError(f"no reward of a batch of {count} could be scored ({stats.errors} errors, "
+                         f"{stats.timeouts} timeouts; {last})",
+                         "fix the reward function named by rl.reward, or raise rl.reward_timeout_s")
 
 
 def outcome_labels(outcome: list[tuple[str, Any]]) -> tuple[list[float], list[str]]:

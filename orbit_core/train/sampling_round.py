@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from orbit_core.data.jsonl import PromptRecord
-from orbit_core.rl.rewards import RewardRunner, summarize
+from orbit_core.rl.rewards import RewardRunner, require_a_score, summarize
 from orbit_core.rollout.types import Completion, RolloutBackend, SamplingParams
 
 
@@ -73,6 +73,7 @@ def collect_groups(
             scores, stats = rewards.score([str(records[c.prompt_index].prompt) for c in completions],
                                           [c.text for c in completions], [records[c.prompt_index].label for c in completions])
         out.reward_s += time.perf_counter() - start
+        require_a_score(stats, len(completions))
         out.rounds += 1
         out.reward_errors += stats.errors
         out.reward_timeouts += stats.timeouts
