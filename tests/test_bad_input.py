@@ -11,7 +11,7 @@ import pytest
 from orbit_cli.main import main
 from orbit_core.config import load_recipe
 from orbit_core.errors import OrbitError
-from orbit_core.train import Callbacks, run_training
+from orbit_core.train import Callbacks, list_checkpoints, run_training
 from tests.helpers import small_recipe, write_prompts
 
 
@@ -94,9 +94,22 @@ def test_a_reward_that_fails_on_every_sample_stops_the_run_in_one_line(monkeypat
     recipe = small_recipe(tmp_path, tiny_checkpoint, rl={"reward": f"{reward}:score"}, eval={"enabled": False})
     code, err = orbit(monkeypatch, capsys, "train", "--recipe", str(recipe))
     one_line_error(code, err, "no reward of a batch of 16 could be scored (16 errors, 0 timeouts; the last error: KeyError: 'y')")
-    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    assert list_checkpoints(str(tmp_path / "run")) == []
     code, err = orbit(monkeypatch, capsys, "eval", "--recipe", str(recipe), "eval.enabled=true")
     one_line_error(code, err, "no reward of a batch of 4 could be scored (4 errors")
+
+
+def test_a_reward_that_breaks_mid_run_keeps_the_checkpoints_written_before(tmp_path, tiny_checkpoint):
+    flag = tmp_path / "broken"
+    reward = tmp_path / "breaks.py"
+    reward.write_text(f"import os\n\ndef score(prompt, response, label):\n"
+                      f"    if os.path.exists({str(flag)!r}):\n        raise RuntimeError('backend gone')\n"
+                      f"    return float('1' in response)\n")
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rl={"reward": f"{reward}:score"}, eval={"enabled": False})
+    on_step = lambda metrics: flag.touch() if metrics["step"] == 2 else None  # noqa: E731
+    with pytest.raises(OrbitError, match=r"no reward of a batch of 16 could be scored .*RuntimeError: backend gone"):
+        run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None, on_step=on_step))
+    assert [step for step, _ in list_checkpoints(str(tmp_path / "run"))] == [2]
 
 
 def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):
