@@ -99,13 +99,14 @@ def test_a_reward_that_fails_on_every_sample_stops_the_run_in_one_line(monkeypat
     one_line_error(code, err, "no reward of a batch of 4 could be scored (4 errors")
 
 
-def test_a_reward_that_breaks_mid_run_keeps_the_checkpoints_written_before(tmp_path, tiny_checkpoint):
+def test_a_reward_that_breaks_mid_run_stops_it_after_saving_the_last_step(tmp_path, tiny_checkpoint):
     flag = tmp_path / "broken"
     reward = tmp_path / "breaks.py"
     reward.write_text(f"import os\n\ndef score(prompt, response, label):\n"
                       f"    if os.path.exists({str(flag)!r}):\n        raise RuntimeError('backend gone')\n"
                       f"    return float('1' in response)\n")
-    recipe = small_recipe(tmp_path, tiny_checkpoint, rl={"reward": f"{reward}:score"}, eval={"enabled": False})
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rl={"reward": f"{reward}:score"}, eval={"enabled": False},
+                          train={"save_interval": 0})
     on_step = lambda metrics: flag.touch() if metrics["step"] == 2 else None  # noqa: E731
     with pytest.raises(OrbitError, match=r"no reward of a batch of 16 could be scored .*RuntimeError: backend gone"):
         run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None, on_step=on_step))
