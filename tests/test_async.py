@@ -257,6 +257,18 @@ def test_killed_engine_stops_the_run_after_saving(tmp_path, tiny_checkpoint):
     assert resumed.steps_done == done[-1] + 1 and len(resumed.metrics) == 1
 
 
+def test_rewards_failing_in_the_engine_process_stop_an_async_run(tmp_path, tiny_checkpoint):
+    # the engine process scores the rollouts there; the trainer still refuses a batch scored by nothing
+    reward = tmp_path / "typo_reward.py"
+    reward.write_text("def score(prompt, response, label):\n    return {'x': 1.0}['y']\n")
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rl={"reward": f"{reward}:score"}, eval={"enabled": False},
+                          train={"steps": 4, "mode": "async", "save_interval": 0},
+                          rollout={"placement": "non-colocated", "engine_timeout_s": 60})
+    with pytest.raises(OrbitError, match=r"no reward of a batch of 16 could be scored .*KeyError: 'y'"):
+        run_training(load_recipe(str(recipe)), _quiet())
+    assert list_checkpoints(str(tmp_path / "run")) == []
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["rollout.adapter_double_buffer=true"], "adapter_double_buffer=true needs an async, non-colocated run"),
     (["rollout.adapter_double_buffer=true", "train.mode=async"], "needs an async, non-colocated run"),
