@@ -236,6 +236,10 @@ def validate(config: RecipeConfig) -> None:
         raise OrbitError("train.min_lr and train.weight_decay must be >= 0", "fix those train fields")
     if r.temperature < 0 or config.eval.temperature < 0:
         raise OrbitError("temperature must be >= 0", "use 0 for greedy decoding")
+    if r.temperature == 0:  # the extreme of the truncation refused above
+        raise OrbitError("rollout.temperature=0 decodes greedily: a group's samples are one answer (zero advantage) "
+                         "and none is drawn from the softmax the trainer's importance ratios use",
+                         "train with rollout.temperature > 0 (e.g. 1.0); eval.temperature=0 stays for greedy eval")
     if any(k <= 0 or k > config.eval.n_samples for k in config.eval.k):
         raise OrbitError(
             f"eval.k values {config.eval.k} must be in [1, eval.n_samples={config.eval.n_samples}]",
