@@ -75,6 +75,13 @@ def test_bad_files_are_refused_in_one_line(monkeypatch, capsys, tmp_path, tiny_c
     code, err = orbit(monkeypatch, capsys, "train", "--recipe", str(recipe), f"rl.reward={raising}:score")
     one_line_error(code, err, "failed to import: KeyError")
 
+    script = tmp_path / "grader_script.py"  # a CLI script given as the reward: its argparse runs on import
+    script.write_text("import argparse\nparser = argparse.ArgumentParser()\nparser.add_argument('--answers', required=True)\n"
+                      "args = parser.parse_args()\n\ndef score(prompt, response, label):\n    return 0.0\n")
+    code, err = orbit(monkeypatch, capsys, "train", "--recipe", str(recipe), f"rl.reward={script}:score")
+    one_line_error(code, err, "grader_script.py exits while importing (SystemExit: 2; it printed: orbit: error: the "
+                              "following arguments are required: --answers) -- put the script's own run")
+
 
 def test_the_math_reward_without_math_verify_is_refused_before_any_work(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     # a broken install once scored every sample 0 and trained (and evaluated) on nothing, exit 0

@@ -71,6 +71,16 @@ def test_user_reward_by_module_and_by_file(tmp_path, monkeypatch):
         load_reward_fn("justaname")
 
 
+def test_what_a_reward_module_prints_on_import_still_reaches_the_user(tmp_path, monkeypatch, capsys):
+    (tmp_path / "chatty_rewards.py").write_text(
+        "import sys\nprint('grader ready')\nprint('using cache', file=sys.stderr)\n\n"
+        "def exact(prompt, response, label):\n    return float(response == label)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_reward_fn("chatty_rewards:exact")("", "7", "7") == 1.0
+    said = capsys.readouterr()
+    assert said.out == "grader ready\n" and said.err == "using cache\n"
+
+
 def test_runner_counts_errors_and_timeouts():
     import time
 

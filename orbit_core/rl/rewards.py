@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import logging
 import math
 import numbers
 import os
 import re
+import sys
 import threading
 import time
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -63,6 +66,37 @@ def math_reward(prompt: str, response: str, label: Any) -> float:
     return 1.0 if verify(gold, answer, timeout_seconds=None) else 0.0
 
 
+_EXITS_FIX = "put the script's own run (argument parsing, main()) under `if __name__ == '__main__':`"
+"""A script given as a reward module runs its top level on import: argparse or ``sys.exit``
+there would end the trainer with the script's own message."""
+
+
+class _Said:
+    def __init__(self):
+        self.out, self.err = io.StringIO(), io.StringIO()
+
+    def last(self) -> str:
+        lines = [line.strip() for line in (self.out.getvalue() + self.err.getvalue()).splitlines() if line.strip()]
+        return f"; it printed: {lines[-1][:160]}" if lines else ""
+
+
+@contextmanager
+def _held_output():
+    """What a user module prints while importing is held back: passed on if the import returns,
+    folded into the one error line if the module exits (argparse prints its usage first)."""
+    said, exited = _Said(), False
+    try:
+        with redirect_stdout(said.out), redirect_stderr(said.err):
+            yield said
+    except SystemExit:
+        exited = True
+        raise
+    finally:
+        if not exited:
+            sys.stdout.write(said.out.getvalue())
+            sys.stderr.write(said.err.getvalue())
+
+
 def load_reward_fn(spec: str) -> RewardFn:
     """``math``, ``package.module:function`` or ``path/to/file.py:function``."""
     if spec == "math":
@@ -84,14 +118,22 @@ def load_reward_fn(spec: str) -> RewardFn:
         loader_spec = importlib.util.spec_from_file_location(f"orbit_user_reward_{abs(hash(module_name))}", module_name)
         module = importlib.util.module_from_spec(loader_spec)
         try:
-            loader_spec.loader.exec_module(module)
+            with _held_output() as said:
+                loader_spec.loader.exec_module(module)
+        except SystemExit as err:
+            raise OrbitError(f"reward file {module_name} exits while importing (SystemExit: {err}{said.last()})",
+                             _EXITS_FIX) from err
         except Exception as err:
             raise OrbitError(f"reward file {module_name} failed to import: {type(err).__name__}: {err}", "fix the file") from err
     else:
         try:
-            module = importlib.import_module(module_name)
+            with _held_output() as said:
+                module = importlib.import_module(module_name)
         except ImportError as err:
             raise OrbitError(f"cannot import reward module {module_name!r} ({err})", "install it or put it on PYTHONPATH") from err
+        except SystemExit as err:
+            raise OrbitError(f"reward module {module_name!r} exits while importing (SystemExit: {err}{said.last()})",
+                             _EXITS_FIX) from err
         except Exception as err:  # the module itself raised while importing
             raise OrbitError(f"reward module {module_name!r} failed to import: {type(err).__name__}: {err}",
                              "fix the module") from err
