@@ -59,7 +59,7 @@ def worker(args) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     raw = {"model": {"path": args.path, "dtype": args.dtype, "device": device, "warmstart_steps": 0},
-           "rollout": {"batch_size": args.samples, "n_samples_per_prompt": 1, "max_new_tokens": args.new},
+           "rollout": {"batch_size": args.samples // 2, "n_samples_per_prompt": 2, "max_new_tokens": args.new},
            "peft": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
            "train": {"backend": "megatron", "tensor_parallel": args.tp, "expert_parallel": args.ep,
                      "global_batch_size": args.samples,

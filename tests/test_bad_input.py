@@ -36,6 +36,8 @@ def one_line_error(code: int, err: str, expected: str) -> None:
     ("train.lr=nan", "train.lr must be a finite number, got nan"),
     ("rollout.top_k=-1", "rollout.top_k must be >= 0, got -1"),
     ("rollout.temperature=0", "rollout.temperature=0 decodes greedily: a group's samples are one answer"),
+    ("rollout.n_samples_per_prompt=1", "rl.advantage_estimator=grpo measures each sample against its prompt's group; "
+                                       "with rollout.n_samples_per_prompt=1 every advantage is zero"),
     ("rl.reward_timeout_s=0", "rl.reward_timeout_s must be > 0"),
     ("data.max_prompt_len=0", "data.max_prompt_len must be > 0"),
     ("data.max_truncated_fraction=2", "data.max_truncated_fraction must be in [0, 1]"),

@@ -208,6 +208,12 @@ def validate(config: RecipeConfig) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise OrbitError(f"{name} must be > 0, got {value}", f"set {name} to a positive number")
+    estimator = config.rl.advantage_estimator
+    if estimator in ("grpo", "gspo", "reinforce_plus_plus_baseline") and r.n_samples_per_prompt < 2:
+        raise OrbitError(f"rl.advantage_estimator={estimator} measures each sample against its prompt's "
+                         "group; with rollout.n_samples_per_prompt=1 every advantage is zero and nothing is learned",
+                         "use rollout.n_samples_per_prompt >= 2 (e.g. 8), or rl.advantage_estimator="
+                         "reinforce_plus_plus or ppo")
     if t.global_batch_size % t.micro_batch_size:
         raise OrbitError(
             f"train.global_batch_size ({t.global_batch_size}) is not a multiple of train.micro_batch_size ({t.micro_batch_size})",
