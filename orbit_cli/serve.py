@@ -25,8 +25,9 @@ def serve(
     if adapter:
         try:
             server.load(adapter_name, adapter)
-        except RequestError as err:
-            raise OrbitError(str(err), "pass a checkpoint or run directory written by `orbit train`") from None
+        except RequestError as err:  # its text may carry the loader's own fix already
+            fix = None if " -- " in str(err) else "pass a checkpoint or run directory written by `orbit train`"
+            raise OrbitError(str(err), fix) from None
     try:
         http = make_http_server(server, host, port)
     except OSError as err:

@@ -132,6 +132,7 @@ def test_orbit_serve_cli_process(tiny_checkpoint, trained_run):
     bad = subprocess.run([sys.executable, "-m", "orbit_cli.main", "serve", tiny_checkpoint, "--adapter", "/nowhere",
                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no adapter in" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.stderr.count(" -- ") == 1, bad.stderr  # one fix, not the loader's and the command's
 
 
 @contextlib.contextmanager
