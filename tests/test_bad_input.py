@@ -7,6 +7,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 from orbit_cli.main import main
 from orbit_core.config import load_recipe
@@ -43,6 +44,8 @@ def one_line_error(code: int, err: str, expected: str) -> None:
     ("data.max_truncated_fraction=2", "data.max_truncated_fraction must be in [0, 1]"),
     ("rl.reward_workers=-5", "rl.reward_workers must be -1"),
     ("data.train_path=x.jsonl@[", "bad slice in 'x.jsonl@['"),
+    ("model.device=gpu", "model.device=gpu is not a device -- use model.device=auto, cpu, cuda or cuda:N"),
+    ("model.device=meta", "model.device=meta: Orbit runs on cpu or cuda devices"),
 ])
 def test_bad_values_are_refused_in_one_line(monkeypatch, capsys, override, expected):
     code, err = orbit(monkeypatch, capsys, "train", "--recipe", "tiny-arith-lora", override)
@@ -121,6 +124,23 @@ def test_a_reward_that_breaks_mid_run_stops_it_after_saving_the_last_step(tmp_pa
     with pytest.raises(OrbitError, match=r"no reward of a batch of 16 could be scored .*RuntimeError: backend gone"):
         run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None, on_step=on_step))
     assert [step for step, _ in list_checkpoints(str(tmp_path / "run"))] == [2]
+
+
+def test_devices_that_are_not_there_are_refused_before_anything_loads(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    recipe = str(small_recipe(tmp_path, tiny_checkpoint))
+    engine = ["train.mode=async", "rollout.placement=non-colocated"]
+    monkeypatch.setattr("orbit_core.train.loop.build_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(*orbit(monkeypatch, capsys, "train", "--recipe", recipe, "model.device=cpu",
+                          "rollout.engine_device=cuda:1", *engine),
+                   "rollout.engine_device=cuda:1 but no CUDA device is visible -- use rollout.engine_device=auto or cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    one_line_error(*orbit(monkeypatch, capsys, "train", "--recipe", recipe, "model.device=cuda:2"),
+                   "model.device=cuda:2 but only cuda:0 to cuda:1 are visible -- use model.device=auto or a visible cuda:N")
+    one_line_error(*orbit(monkeypatch, capsys, "train", "--recipe", recipe, "model.device=cpu",
+                          "rollout.engine_device=cuda:7", *engine),
+                   "rollout.engine_device=cuda:7 but only cuda:0 to cuda:1 are visible")
 
 
 def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):

@@ -20,12 +20,29 @@ from orbit_core.policy.embedded import embedded_spec_config, resolve_model_path
 from orbit_core.policy.load import load_base
 
 
+def check_device(spec: str, field: str) -> torch.device:
+    """``spec`` (not ``auto``) as a device this process can use; one line naming ``field`` if not."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise OrbitError(f"{field}={spec} is not a device", f"use {field}=auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OrbitError(f"{field}={spec}: Orbit runs on cpu or cuda devices", f"use {field}=auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise OrbitError(f"{field}={spec} but no CUDA device is visible", f"use {field}=auto or cpu")
+    if device.index is not None and device.index >= count:
+        raise OrbitError(f"{field}={spec} but only cuda:0 to cuda:{count - 1} are visible" if count > 1 else
+                         f"{field}={spec} but only cuda:0 is visible", f"use {field}=auto or a visible cuda:N")
+    return device
+
+
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise OrbitError(f"model.device={spec} but no CUDA device is visible", "use model.device=auto or cpu")
-    return torch.device(spec)
+    return check_device(spec, "model.device")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from orbit_core.data.sampler import PromptSampler
 from orbit_core.errors import OrbitError
 from orbit_core.eval.evaluate import EvalReport, evaluate
 from orbit_core.models.moe import set_dequant_chunk, take_dequant_count
-from orbit_core.policy.build import build_policy, check_adapter_fits, load_teacher
+from orbit_core.policy.build import build_policy, check_adapter_fits, check_device, load_teacher
 from orbit_core.preflight.runtime import runtime_parity
 from orbit_core.rl.reward_pool import build_rewards
 from orbit_core.rollout.adapter_payload import full_weight_bytes
@@ -97,6 +97,11 @@ class TrainingRun:
         for what, records in (("train data", self.records), ("eval data", self.test_records or [])):
             check_labels(records, c.rl.reward, c.data.label_key, what)
         check_adapter_fits(c.model, c.peft)
+        if c.train.orchestrator == "local":  # devices named here, before anything loads (Ray's are its actors')
+            engine = c.rollout.engine_device if c.rollout.placement == "non-colocated" else "auto"
+            for name, spec in (("model.device", c.model.device), ("rollout.engine_device", engine)):
+                if spec != "auto":
+                    check_device(spec, name)
         self.rewards = build_rewards(c.rl)  # worker processes start while the model loads
 
     def _build_policy_and_trainer(self) -> None:
