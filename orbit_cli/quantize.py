@@ -17,9 +17,18 @@ def quantize(
     ignore: list[str] = typer.Option(None, "--ignore", help="Linear module names to keep in bf16 (default: lm_head, router gates)."),
 ) -> None:
     """Write a compressed-tensors checkpoint that vLLM, SGLang and Orbit load."""
-    with Progress(TextColumn(f"[bold blue]quantize {fmt}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[name]}"), console=console) as progress:
-        task = progress.add_task("tensors", total=None, name="")
-        path = quantize_checkpoint(src, out, fmt, group_size, ignore or None,
-                                   on_tensor=lambda i, n, name: progress.update(task, completed=i, total=n, name=name))
+    progress = Progress(TextColumn(f"[bold blue]quantize {fmt}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[name]}"), console=console)
+    task = progress.add_task("tensors", total=None, name="")
+
+    def on_tensor(index: int, total: int, name: str) -> None:
+        if not progress.live.is_started:  # shown from the first tensor: a refused argument prints its line alone
+            progress.start()
+        progress.update(task, completed=index, total=total, name=name)
+
+    try:
+        path = quantize_checkpoint(src, out, fmt, group_size, ignore or None, on_tensor=on_tensor)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     say(f"{fmt} checkpoint written to {path}")

@@ -144,6 +144,12 @@ def test_devices_that_are_not_there_are_refused_before_anything_loads(monkeypatc
 
 
 def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    monkeypatch.setattr(sys, "argv", ["orbit", "quantize", "int3", tiny_checkpoint, str(tmp_path / "q3")])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    said = capsys.readouterr()
+    one_line_error(stop.value.code, said.err, "unknown quantization format 'int3' -- use one of int4, fp8, nvfp4")
+    assert said.out == ""  # no progress bar drawn for a run that never started
     for size in ("0", "-32"):
         code, err = orbit(monkeypatch, capsys, "quantize", "int4", tiny_checkpoint, str(tmp_path / "q"), "--group-size", size)
         one_line_error(code, err, "--group-size must be a positive number")
