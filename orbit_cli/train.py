@@ -63,7 +63,8 @@ def train(
     try:
         result = run_training(config, Callbacks(on_message=on_message, on_start=on_start, on_step=on_step, on_eval=on_eval))
     finally:
-        progress.stop()
+        if progress.live.is_started:  # a run refused before its first step draws nothing
+            progress.stop()
     out = Path(result.output_dir)
     if result.already_complete:
         console.print(summary_table(result.eval_before, result.eval_after))

@@ -16,12 +16,16 @@ from orbit_core.train import Callbacks, list_checkpoints, run_training
 from tests.helpers import small_recipe, write_prompts
 
 
-def orbit(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run the CLI in this process (as the console script does) -> (exit code, stderr)."""
+def orbit(monkeypatch, capsys, *args: str, stdout: list | None = None) -> tuple[int, str]:
+    """Run the CLI in this process (as the console script does) -> (exit code, stderr); what it
+    wrote on stdout is appended to ``stdout`` when given."""
     monkeypatch.setattr(sys, "argv", ["orbit", *args])
     with pytest.raises(SystemExit) as stop:
         main()
-    return stop.value.code, capsys.readouterr().err
+    said = capsys.readouterr()
+    if stdout is not None:
+        stdout.append(said.out)
+    return stop.value.code, said.err
 
 
 def one_line_error(code: int, err: str, expected: str) -> None:
@@ -48,8 +52,10 @@ def one_line_error(code: int, err: str, expected: str) -> None:
     ("model.device=meta", "model.device=meta: Orbit runs on cpu or cuda devices"),
 ])
 def test_bad_values_are_refused_in_one_line(monkeypatch, capsys, override, expected):
-    code, err = orbit(monkeypatch, capsys, "train", "--recipe", "tiny-arith-lora", override)
+    out = []
+    code, err = orbit(monkeypatch, capsys, "train", "--recipe", "tiny-arith-lora", override, stdout=out)
     one_line_error(code, err, expected)
+    assert out == [""]  # and no empty progress bar before it
 
 
 def test_bad_files_are_refused_in_one_line(monkeypatch, capsys, tmp_path, tiny_checkpoint):
@@ -144,12 +150,10 @@ def test_devices_that_are_not_there_are_refused_before_anything_loads(monkeypatc
 
 
 def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):
-    monkeypatch.setattr(sys, "argv", ["orbit", "quantize", "int3", tiny_checkpoint, str(tmp_path / "q3")])
-    with pytest.raises(SystemExit) as stop:
-        main()
-    said = capsys.readouterr()
-    one_line_error(stop.value.code, said.err, "unknown quantization format 'int3' -- use one of int4, fp8, nvfp4")
-    assert said.out == ""  # no progress bar drawn for a run that never started
+    out = []
+    code, err = orbit(monkeypatch, capsys, "quantize", "int3", tiny_checkpoint, str(tmp_path / "q3"), stdout=out)
+    one_line_error(code, err, "unknown quantization format 'int3' -- use one of int4, fp8, nvfp4")
+    assert out == [""]  # no progress bar drawn for a run that never started
     for size in ("0", "-32"):
         code, err = orbit(monkeypatch, capsys, "quantize", "int4", tiny_checkpoint, str(tmp_path / "q"), "--group-size", size)
         one_line_error(code, err, "--group-size must be a positive number")
