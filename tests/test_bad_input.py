@@ -149,6 +149,14 @@ def test_devices_that_are_not_there_are_refused_before_anything_loads(monkeypatc
                    "rollout.engine_device=cuda:7 but only cuda:0 to cuda:1 are visible")
 
 
+def test_preflight_given_an_override_where_the_precision_goes_says_so(monkeypatch, capsys):
+    code, err = orbit(monkeypatch, capsys, "preflight", "--recipe", "tiny-arith-lora", "model.path=/x")
+    one_line_error(code, err, "orbit preflight takes the precision first, then overrides; got 'model.path=/x' -- "
+                              "e.g. orbit preflight bf16 --recipe NAME model.path=/x")
+    one_line_error(*orbit(monkeypatch, capsys, "preflight", "int5", "--recipe", "tiny-arith-lora"),
+                   "unknown precision 'int5' -- use one of int4, fp8, nvfp4, bf16")
+
+
 def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     out = []
     code, err = orbit(monkeypatch, capsys, "quantize", "int3", tiny_checkpoint, str(tmp_path / "q3"), stdout=out)

@@ -34,6 +34,9 @@ class PreflightResult:
 def run_preflight(config: RecipeConfig, precision: str, log=print, engine_overrides: dict | None = None) -> PreflightResult:
     """``engine_overrides`` changes the rollout side's architecture fields (a deliberately broken engine)."""
     if precision not in PRECISIONS:
+        if "=" in precision:  # an override where the precision goes: `orbit preflight --recipe r a.b=c`
+            raise OrbitError(f"orbit preflight takes the precision first, then overrides; got {precision!r}",
+                             f"e.g. orbit preflight bf16 --recipe NAME {precision} (one of {', '.join(PRECISIONS)})")
         raise OrbitError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
     p = config.preflight
     path = resolve_model_path(config.model.path, config.model.warmstart_steps, log)
