@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 from rich.markup import escape
@@ -15,6 +16,10 @@ from orbit_cli.console import err_console
 from orbit_cli.eval import eval_cmd
 from orbit_cli.train import train
 from orbit_core.errors import OrbitError
+
+# megatron-core warns on import that Transformer Engine and Apex are missing: Orbit builds its local
+# layer spec, which needs neither, so the lines would only bury the command's own output
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
 
 app = typer.Typer(
     name="orbit",

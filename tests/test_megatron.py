@@ -109,3 +109,15 @@ def test_another_architecture_is_named_by_its_first_mismatching_tensor(tmp_path)
     with pytest.raises(OrbitError, match=r"decoder.layers.mlp.linear_fc2.weight is \(2, 64, 128\), this model's config "
                                          r"asks for \(2, 64, 192\)"):
         load_gpt(gpt, str(resolve_iteration_dir(str(tmp_path / "mg"))))
+
+
+def test_the_cli_conversion_prints_no_megatron_import_noise(tmp_path):
+    from tests.test_cli import run
+
+    missing = run("convert", "hf-to-megatron", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("error: model checkpoint directory not found")
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    save_hf_model("qwen3", tmp_path / "src", head_dim=16)
+    done = run("convert", "hf-to-megatron", str(tmp_path / "src"), str(tmp_path / "mg"))
+    assert done.returncode == 0, done.stderr
+    assert "Transformer Engine and Apex" not in done.stderr, done.stderr

@@ -184,8 +184,8 @@ def megatron_to_hf_state(c: DecoderConfig, mg: dict[str, torch.Tensor]) -> dict[
 
 
 def hf_to_megatron(src: str, out: str) -> Path:
+    hf_config = read_hf_config(src)  # a wrong path is refused before megatron-core's slow, chatty import
     dist_checkpointing, ShardedTensor = _megatron()
-    hf_config = read_hf_config(src)
     if hf_config.get("quantization_config"):
         raise OrbitError(f"{src} is a quantized checkpoint", "convert the bf16 source; the base is quantized on the HF side")
     config = DecoderConfig.from_hf(hf_config, os.path.join(src, "config.json"))
@@ -222,8 +222,8 @@ def resolve_iteration_dir(root: str) -> Path:
 
 
 def megatron_to_hf(src: str, out: str, hf_config_dir: str | None = None) -> Path:
-    dist_checkpointing, _ = _megatron()
     iteration = resolve_iteration_dir(src)
+    dist_checkpointing, _ = _megatron()
     with _process_group():
         common = dist_checkpointing.load_common_state_dict(str(iteration))
         plain = dist_checkpointing.load_plain_tensors(str(iteration))
