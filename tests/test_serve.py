@@ -110,6 +110,21 @@ def test_bad_requests_get_a_status_and_a_reason(served, trained_run):
     assert call(url, "/load_lora_adapter", {"lora_name": "tmp", "lora_path": str(trained_run)})[0] == 200
     assert call(url, "/unload_lora_adapter", {"lora_name": "tmp"})[0] == 200
     assert call(url, "/unload_lora_adapter", {"lora_name": "tmp"})[0] == 404
+    context = served[0].model.config.max_position_embeddings
+    status, body = call(url, "/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 10**9}})
+    assert status == 400 and body["error"] == (f"a prompt of 3 tokens plus max_new_tokens=1000000000 exceeds the "
+                                               f"model's context of {context} tokens (max_position_embeddings)")
+    assert call(url, "/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": context - 3}})[0] == 200
+
+
+def test_an_engine_failure_is_a_500_and_the_server_goes_on(served, monkeypatch):
+    server, url = served
+    real = server.engine.generate
+    monkeypatch.setattr(server.engine, "generate", lambda *a, **k: (_ for _ in ()).throw(MemoryError("KV cache")))
+    status, body = call(url, "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}})
+    assert status == 500 and body == {"success": False, "error": "MemoryError: KV cache"}
+    monkeypatch.setattr(server.engine, "generate", real)
+    assert call(url, "/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}})[0] == 200
     assert call(url, "/generate", {"input_ids": [[1, 2]], "lora_path": "tmp"})[0] == 404
     assert call(url, "/flush_cache", {}) == (200, {"success": True})
 

@@ -9,14 +9,17 @@ Endpoints (JSON in and out):
   * ``POST /load_lora_adapter`` ``{lora_name, lora_path}``: a PEFT LoRA directory (what SGLang
     loads) or an ``orbit train`` checkpoint or run directory; ``POST /unload_lora_adapter`` ``{lora_name}``.
   * ``GET /health``; ``POST /flush_cache`` frees the KV cache.
-Requests are served one at a time (the engine batches within a request). Loaded adapters are kept
+A prompt plus ``max_new_tokens`` must fit ``max_position_embeddings`` (400); an engine failure is a
+500. Requests are served one at a time (the engine batches within a request). Loaded adapters are kept
 as tensors and written into the model before a request that names one, so any number can be
 loaded; they must share the first one's method and shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import traceback
 import threading
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,7 +107,15 @@ class AdapterServer:
     # -- generation -------------------------------------------------------------------------
     def generate(self, request: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         prompts, single = self._prompts(request)
-        params = self._params(request.get("sampling_params") or {})
+        sampling = request.get("sampling_params") or {}
+        params = self._params(sampling)
+        context = self.model.config.max_position_embeddings
+        longest = max(len(p) for p in prompts)
+        if "max_new_tokens" not in sampling and longest < context:  # the default fits the model's context
+            params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, context - longest))
+        if longest + params.max_new_tokens > context:  # else the KV cache is sized for it (or fails to be)
+            raise RequestError(400, f"a prompt of {longest} tokens plus max_new_tokens={params.max_new_tokens} exceeds "
+                                    f"the model's context of {context} tokens (max_position_embeddings)")
         name = request.get("lora_path")
         with self.lock:
             if name is not None and name not in self.adapters:
@@ -112,11 +123,15 @@ class AdapterServer:
             if name is not None and self.active != name:
                 load_adapter_state_dict(self.model, self.adapters[name], name)
                 self.active = name
-            if name is None and adapter_modules(self.model):
-                with adapter_disabled(self.model):
+            try:
+                if name is None and adapter_modules(self.model):
+                    with adapter_disabled(self.model):
+                        completions = self.engine.generate(prompts, params)
+                else:
                     completions = self.engine.generate(prompts, params)
-            else:
-                completions = self.engine.generate(prompts, params)
+            except Exception:
+                self.engine.release()  # what a failed call (out of memory) held is handed back for the next
+                raise
         outputs = [self._output(c, bool(request.get("return_logprob"))) for c in completions]
         return outputs[0] if single else outputs
 
@@ -207,5 +222,8 @@ def make_http_server(server: AdapterServer, host: str = "127.0.0.1", port: int =
                 self._reply(400, {"success": False, "error": "the request body is not JSON"})
             except RequestError as err:
                 self._reply(err.status, {"success": False, "error": str(err)})
+            except Exception as err:  # an engine failure (out of memory...): the client gets a reply, the log the trace
+                traceback.print_exc()
+                self._reply(500, {"success": False, "error": f"{type(err).__name__}: {str(err)[:300]}"})
 
     return ThreadingHTTPServer((host, port), Handler)
