@@ -157,6 +157,22 @@ def test_preflight_given_an_override_where_the_precision_goes_says_so(monkeypatc
                    "unknown precision 'int5' -- use one of int4, fp8, nvfp4, bf16")
 
 
+def test_eval_of_an_adapter_whose_base_moved_says_how_to_name_it(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    recipe = small_recipe(tmp_path, str(base), train={"steps": 1}, eval={"enabled": False})
+    run_training(load_recipe(str(recipe)), Callbacks(on_message=lambda m: None))
+    base.rename(tmp_path / "moved")
+    run = tmp_path / "run"
+    one_line_error(*orbit(monkeypatch, capsys, "eval", "--adapter", str(run)),
+                   f"{run}: the adapter's base model {base} is not there any more -- name where it is now: "
+                   f"orbit eval --adapter {run} model.path=DIR")
+    out = []
+    code, _ = orbit(monkeypatch, capsys, "eval", "--adapter", str(run), f"model.path={tmp_path / 'moved'}",
+                    "eval.n_samples=2", "eval.k=[1]", stdout=out)
+    assert code == 0 and "greedy" in out[0].lower()
+
+
 def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     out = []
     code, err = orbit(monkeypatch, capsys, "quantize", "int3", tiny_checkpoint, str(tmp_path / "q3"), stdout=out)

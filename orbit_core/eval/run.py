@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from orbit_core.config.loader import apply_overrides, build_config
 from orbit_core.config.schema import RecipeConfig
 from orbit_core.data.jsonl import load_records
@@ -18,7 +20,12 @@ def config_from_adapter(path: str, overrides: list[str]) -> RecipeConfig:
     _, meta = load_adapter(resolve_adapter_dir(path))
     if "recipe" not in meta:
         raise OrbitError(f"{path}: adapter_config.json has no recipe", "the adapter was not written by `orbit train`")
-    return build_config(apply_overrides(meta["recipe"], overrides))
+    config = build_config(apply_overrides(meta["recipe"], overrides))
+    base = config.model.path
+    if not base.startswith("embedded:") and not os.path.exists(base):
+        raise OrbitError(f"{path}: the adapter's base model {base} is not there any more",
+                         f"name where it is now: orbit eval --adapter {path} model.path=DIR")
+    return config
 
 
 def run_eval(config: RecipeConfig, adapter: str | None = None, log=print) -> EvalReport:
