@@ -180,7 +180,8 @@ def require_a_score(stats: RewardStats, count: int) -> None:
         last = f"the last error: {stats.last_error}" if stats.last_error else "all ran past rl.reward_timeout_s"
         raise OrbitError(f"no reward of a batch of {count} could be scored ({stats.errors} errors, "
                          f"{stats.timeouts} timeouts; {last})",
-                         "fix the reward function named by rl.reward, or raise rl.reward_timeout_s")
+                         "fix the reward function named by rl.reward (return 0.0 for a response it cannot "
+                         "score), or raise rl.reward_timeout_s")
 
 
 def outcome_labels(outcome: list[tuple[str, Any]]) -> tuple[list[float], list[str]]:
