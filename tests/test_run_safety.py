@@ -85,6 +85,39 @@ def test_resume_never_refuses_a_used_directory_and_overwrite_moves_it_aside(tmp_
     assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [2]
 
 
+def test_a_second_run_on_a_directory_in_use_is_refused_and_a_crashed_runs_lock_is_not(tmp_path, tiny_checkpoint):
+    import subprocess
+    import sys
+
+    recipe = small_recipe(tmp_path, tiny_checkpoint, train={"steps": 400, "save_interval": 1}, eval={"enabled": False})
+    first = subprocess.Popen([sys.executable, "-m", "orbit_cli.main", "train", "--recipe", str(recipe)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(str(tmp_path / "run")):  # the first run is under way and saving
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else ""
+            time.sleep(0.1)
+        with pytest.raises(OrbitError, match=rf"train.output_dir=\S+/run is in use by a running orbit train "
+                                             rf"\(pid {first.pid} on \S+\) -- let it finish or stop it"):
+            run_training(load_recipe(str(recipe), ["train.steps=2"]), quiet())
+        with pytest.raises(OrbitError, match="is in use by a running orbit train"):  # overwrite moves nothing aside
+            run_training(load_recipe(str(recipe), ["train.overwrite=true"]), quiet())
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    finally:
+        first.kill()  # a crash: no cleanup runs, the lock file stays behind
+        first.wait(timeout=60)
+    saved = list_checkpoints(str(tmp_path / "run"))[-1][0]
+    resumed = run_training(load_recipe(str(recipe), [f"train.steps={saved + 1}"]), quiet())
+    assert resumed.steps_done == saved + 1
+
+
+def test_a_refused_run_leaves_no_directory_behind(tmp_path, tiny_checkpoint):
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rl={"reward": str(tmp_path / "gone.py") + ":score"})
+    with pytest.raises(OrbitError, match="reward file not found"):
+        run_training(load_recipe(str(recipe)), quiet())
+    assert not (tmp_path / "run").exists()
+
+
 def test_rerunning_a_finished_run_keeps_and_shows_its_results(tmp_path, tiny_checkpoint):
     recipe = small_recipe(tmp_path, tiny_checkpoint, train={"steps": 2})
     first = run_training(load_recipe(str(recipe)), quiet())

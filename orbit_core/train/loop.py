@@ -71,7 +71,7 @@ class TrainingRun:
         self.cb = callbacks or Callbacks()
         self.out = Path(config.train.output_dir)
         self.result = RunResult(output_dir=str(self.out), steps_done=0)
-        self.rewards = self.rollouts = self.logger = self.trainer = None
+        self.rewards = self.rollouts = self.logger = self.trainer = self.plan = None
         self.threads = torch.get_num_threads()
         self.saved_step = 0
 
@@ -322,6 +322,8 @@ class TrainingRun:
             if part is not None:
                 part.close()
         torch.set_num_threads(self.threads)
+        if self.plan is not None and self.plan.lock is not None:  # last: the run's files are all written
+            self.plan.lock.release()
 
 
 def run_training(config: RecipeConfig, callbacks: Callbacks | None = None) -> RunResult:

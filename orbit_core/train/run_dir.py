@@ -6,11 +6,18 @@
 * A resumed run lists how its recipe differs from the checkpoint's; changes to the adapter's shape
   or method are refused, since the saved tensors could not be loaded into it.
 * ``config.yaml`` is written by the loop only once the run really starts.
+* One run at a time: a run holds an exclusive lock on ``.orbit-run.lock`` in its directory from
+  before it reads anything there until it ends. A second ``orbit train`` on the same directory is
+  refused; without the lock it would resume from the first one's checkpoints and prune them under
+  ``keep_last``. The lock is the operating system's (``flock``), so a crashed run leaves none.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +36,58 @@ ADAPTER_SHAPE_FIELDS = ("peft.method", "peft.rank", "peft.target_modules", "peft
 NOT_A_CHANGE = ("train.resume", "train.overwrite")
 
 
+LOCK = ".orbit-run.lock"
+
+
+class RunLock:
+    """This process's hold on a run directory (created if missing) until ``release``."""
+
+    def __init__(self, out: Path):
+        self.out, self.created = out, not out.exists()
+        path = out / LOCK
+        for _ in range(5):
+            out.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise OrbitError(f"train.output_dir={out} is in use by a running orbit train ({holder})",
+                                 "let it finish or stop it, or pick another train.output_dir") from None
+            try:  # a run that just ended may have removed the file it held: then lock the new one
+                if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        else:
+            raise OrbitError(f"could not lock {path}: it kept being replaced", "retry the command")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        """Let go; a directory this run created and left without run files is removed again."""
+        if self.handle.closed:
+            return
+        if self.created and not _run_files(self.out):
+            (self.out / LOCK).unlink(missing_ok=True)  # still held: a run waiting on it sees it replaced
+            try:
+                self.out.rmdir()
+            except OSError:
+                pass
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def _run_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+
+
 @dataclass
 class ResumePlan:
     state: dict[str, Any] | None = None
@@ -37,6 +96,8 @@ class ResumePlan:
     """``section.field: old -> new`` for every recipe field that differs from the checkpoint's."""
     saved_report: dict[str, Any] | None = None
     """The run's ``eval_report.json`` when it has one."""
+    lock: RunLock | None = None
+    """Held from planning to the end of the run (``TrainingRun.close``)."""
 
     @property
     def start_step(self) -> int:
@@ -82,20 +143,33 @@ def read_report(out: Path) -> dict[str, Any] | None:
 
 
 def plan_resume(config: RecipeConfig, log: Callable[[str], None]) -> ResumePlan:
-    """Decide, before anything is loaded or written, where this run starts."""
-    t = config.train
-    out = Path(t.output_dir)
+    """Take the run directory's lock, then decide, before anything is loaded or written, where this
+    run starts. The plan holds the lock; it is released here if planning fails."""
+    out = Path(config.train.output_dir)
     _check_output_dir(out)
-    if out.is_dir() and any(out.iterdir()):
+    lock = RunLock(out)
+    try:
+        plan = _plan(config, out, lock, log)
+    except BaseException:
+        lock.release()
+        raise
+    return plan
+
+
+def _plan(config: RecipeConfig, out: Path, lock: RunLock, log: Callable[[str], None]) -> ResumePlan:
+    t = config.train
+    if _run_files(out):
         if t.overwrite:
             _move_aside(out, log)
+            lock.release()  # it moved aside with the old files; the new directory gets its own
+            lock = RunLock(out)
         elif t.resume == "never":
-            held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+            held = ", ".join(_run_files(out)[:4])
             raise OrbitError(f"train.output_dir={out} already holds another run's files ({held}), and train.resume=never "
                              "would mix the two runs", "continue it with train.resume=auto, move it aside with "
                              "train.overwrite=true, or pick another train.output_dir")
-    if t.resume == "never" or not out.is_dir():
-        return ResumePlan()
+    if t.resume == "never":
+        return ResumePlan(lock=lock)
     if t.resume == "auto":
         state = load_latest_valid(str(out), log)
         if state is None and list_checkpoints(str(out)):
@@ -106,7 +180,7 @@ def plan_resume(config: RecipeConfig, log: Callable[[str], None]) -> ResumePlan:
             raise OrbitError(f"train.resume={t.resume}: no such checkpoint directory", "use auto, never or a step_* directory")
         state = load_checkpoint(path)
     if state is None:
-        return ResumePlan()
+        return ResumePlan(lock=lock)
     saved = state["adapter_config"].get("recipe")
     changes: list[str] = []
     if isinstance(saved, dict):
@@ -115,4 +189,4 @@ def plan_resume(config: RecipeConfig, log: Callable[[str], None]) -> ResumePlan:
             raise OrbitError(f"cannot resume {state['path']}: {', '.join(c for c in changes if c.split(':')[0] in shape)} "
                              "changes the adapter's tensors", "resume with the checkpoint's adapter settings, or start a "
                              "new run in another train.output_dir")
-    return ResumePlan(state, changes, read_report(out))
+    return ResumePlan(state, changes, read_report(out), lock)
