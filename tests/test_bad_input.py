@@ -173,6 +173,17 @@ def test_eval_of_an_adapter_whose_base_moved_says_how_to_name_it(monkeypatch, ca
     assert code == 0 and "greedy" in out[0].lower()
 
 
+def test_prompts_that_encode_to_no_tokens_are_refused_by_line(monkeypatch, capsys, tmp_path, tiny_checkpoint):
+    rows = write_prompts(tmp_path / "prompts.jsonl", 16)
+    with open(rows, "a") as handle:
+        handle.write(json.dumps({"question": "", "answer": "8"}) + "\n")
+    recipe = small_recipe(tmp_path, tiny_checkpoint, data={"train_path": str(rows)}, eval={"enabled": False})
+    one_line_error(*orbit(monkeypatch, capsys, "train", "--recipe", str(recipe)),
+                   "train data: 1 of 17 prompts encode to no tokens (first at line 17) -- remove the empty prompts")
+    one_line_error(*orbit(monkeypatch, capsys, "eval", "--recipe", str(recipe), f"eval.test_path={rows}"),
+                   "eval data: 1 of 17 prompts encode to no tokens (first at line 17)")
+
+
 def test_quantize_refuses_bad_arguments(monkeypatch, capsys, tmp_path, tiny_checkpoint):
     out = []
     code, err = orbit(monkeypatch, capsys, "quantize", "int3", tiny_checkpoint, str(tmp_path / "q3"), stdout=out)

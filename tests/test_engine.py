@@ -83,6 +83,13 @@ def test_stop_strings_cut_the_text(tiny_checkpoint):
         assert len(c.logprobs) == len(c.token_ids)
 
 
+def test_an_empty_prompt_is_refused_before_any_work(tiny_checkpoint):
+    engine, _, tok = _engine(tiny_checkpoint, lora=False)
+    with pytest.raises(ValueError, match="a prompt with no tokens"):
+        engine.generate([_prompts(tok)[0], []], SamplingParams(max_new_tokens=4))
+    assert len(engine.generate(_prompts(tok)[:1], SamplingParams(max_new_tokens=4))) == 1  # and the engine goes on
+
+
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
     gen = torch.Generator().manual_seed(0)

@@ -52,17 +52,29 @@ class EncodedPrompts:
                 f"{self.unknown} with characters the tokenizer does not know")
 
 
+def refuse_empty(lines: list[int], count: int, what: str) -> None:
+    """Prompts that encode to no tokens give a model nothing to continue from (the engine would fail
+    on them deep inside a step): refused by their lines."""
+    if lines:
+        raise OrbitError(f"{what}: {len(lines)} of {count} prompts encode to no tokens (first at line {lines[0]})",
+                         "remove the empty prompts or fill them")
+
+
 def encode_records(tokenizer, records: list[PromptRecord], chat: bool, data_cfg: DataSection, what: str) -> EncodedPrompts:
     """Encode every prompt once, counting truncations and unknown characters; refuse a dataset
     in which more than ``data.max_truncated_fraction`` of the prompts would be cut."""
     unk = getattr(tokenizer, "unk_token_id", None)
     ids: dict[int, list[int]] = {}
     truncated = unknown = 0
+    empty: list[int] = []
     for record in records:
         full = _full_ids(tokenizer, record.prompt, chat)
+        if not full:
+            empty.append(record.line)
         truncated += len(full) > data_cfg.max_prompt_len
         unknown += unk is not None and unk in full
         ids[record.line] = full[-data_cfg.max_prompt_len:]
+    refuse_empty(empty, len(records), what)
     encoded = EncodedPrompts(ids, len(records), truncated, unknown)
     if records and truncated > data_cfg.max_truncated_fraction * len(records):
         raise OrbitError(f"{what}: {truncated} of {len(records)} prompts ({truncated / len(records):.1%}) are longer than "

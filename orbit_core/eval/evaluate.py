@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from orbit_core.data.jsonl import PromptRecord
-from orbit_core.data.prompts import encode_prompt
+from orbit_core.data.prompts import encode_prompt, refuse_empty
 from orbit_core.eval.passk import pass_at_k
 from orbit_core.rl.rewards import require_a_score
 from orbit_core.rollout.types import RolloutBackend, SamplingParams
@@ -48,6 +48,7 @@ def evaluate(
     stop: tuple[str, ...] = (),
 ) -> EvalReport:
     prompts = [encode_prompt(tokenizer, r.prompt, chat, max_prompt_len) for r in records]
+    refuse_empty([r.line for r, p in zip(records, prompts) if not p], len(records), "eval data")
     texts = [r.prompt if isinstance(r.prompt, str) else str(r.prompt) for r in records]
     labels = [r.label for r in records]
     greedy = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop, n=1))

@@ -42,6 +42,8 @@ class BuiltinEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt with no tokens: generation needs at least one to continue from")
         requests = [Request(p, s, prompts[p]) for p in range(len(prompts)) for s in range(params.n)]
         if not requests:
             return []
