@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import traceback
 import threading
+import traceback
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any

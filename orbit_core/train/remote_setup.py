@@ -14,12 +14,11 @@ from orbit_core.rollout.remote import EngineProcess
 from orbit_core.rollout.shared_adapter import SharedAdapterSender
 from orbit_core.rollout.worker import EngineSpec
 from orbit_core.train.rollout_driver import RemoteRollouts, RoundSpec
-from orbit_core.policy.build import PolicyModel, check_device
+from orbit_core.policy.build import PolicyModel
 
 
 def engine_device(spec: str, trainer_device: torch.device) -> str:
-    if spec != "auto":
-        check_device(spec, "rollout.engine_device")  # here, not as the engine process's crash
+    if spec != "auto":  # checked before anything loaded (``TrainingRun._load_data``)
         return spec
     if trainer_device.type == "cuda" and torch.cuda.device_count() > 1:
         return "cuda:1"
