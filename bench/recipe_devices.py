@@ -1,0 +1,108 @@
+"""The embedded default trained on the GPU and on the CPU of one machine, from the same cached base:
+does the GPU path learn as the CPU path does? One JSON line per run.
+
+Each run is ``orbit train --recipe tiny-arith-lora`` as a user types it, in its own process, all
+runs at once (the tiny model leaves the GPU idle). The baseline is the CPU run of each base in the
+same invocation. ``--caches`` names one or more ``ORBIT_CACHE`` folders: a base built elsewhere
+(another CPU, another torch) is a different model, so each run records its base's sha256.
+    python -m bench.recipe_devices --caches ~/.cache/orbit --seeds 1234 7 --out bench/results/x.jsonl
+
+The variants on the GPU: the library's settings (compiled training layers, CUDA-graph decode),
+``train.compile=off``, and both off (eager training forward and eager decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {
+    "gpu": [],
+    "gpu-no-compile": ["train.compile=off"],
+    "gpu-eager": ["train.compile=off", "rollout.cuda_graph=false"],
+    "cpu": ["model.device=cpu"],
+}
+
+
+def base_digest(cache: Path) -> str:
+    """sha256 of the cached base (built on first use when missing: once, before the runs share it)."""
+    weights = cache / "tiny-arith" / "model-w1500" / "model.safetensors"
+    if not weights.is_file():
+        subprocess.run([sys.executable, "-c", "from orbit_core.policy.embedded import resolve_model_path;"
+                        "resolve_model_path('embedded:tiny-arith', 1500)"],
+                       env={**os.environ, "ORBIT_CACHE": str(cache)}, check=True, timeout=900)
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def summary(run_dir: Path) -> dict:
+    report = json.loads((run_dir / "eval_report.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    rewards = [r["reward/mean"] for r in steps]
+    return {
+        "greedy_before": report["before"]["greedy_accuracy"],
+        "greedy_after": report["after"]["greedy_accuracy"],
+        "greedy_at_evals": [r["eval/greedy_accuracy"] for r in rows if "eval/greedy_accuracy" in r],
+        "pass_at_8_after": report["after"]["pass_at_k"]["pass@8"],
+        "reward_mean_first5": sum(rewards[:5]) / 5,
+        "reward_mean_last10": sum(rewards[-10:]) / 10,
+        "engine_vs_trainer_logprob_abs_diff_max": max(r["rollout/behaviour_proximal_logprob_abs_diff_max"] for r in steps),
+        "steps": len(steps),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--caches", nargs="+", required=True, help="ORBIT_CACHE folders, one base each")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1234, 7])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=3, help="OMP threads of a CPU run (GPU runs take 2)")
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    variants = [v for v in args.variants if v == "cpu" or torch.cuda.is_available()]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    root = Path(tempfile.mkdtemp(prefix="recipe-devices-"))
+    runs = []
+    for cache in map(Path, args.caches):
+        digest = base_digest(cache)
+        for variant in variants:
+            for seed in args.seeds:
+                name = f"{cache.name}-{variant}-{seed}"
+                cmd = [sys.executable, "-m", "orbit_cli.main", "train", "--recipe", "tiny-arith-lora",
+                       f"train.output_dir={root / name}", f"train.seed={seed}", *VARIANTS[variant]]
+                env = {**os.environ, "ORBIT_CACHE": str(cache),
+                       "OMP_NUM_THREADS": str(args.threads if variant == "cpu" else 2)}
+                log = open(root / f"{name}.log", "w")
+                runs.append((dict(cache=str(cache), base_sha256=digest[:16], variant=variant, seed=seed), name,
+                             subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), time.monotonic()))
+    with open(args.out, "a") as out:
+        for meta, name, proc, start in runs:
+            try:
+                rc = proc.wait(timeout=max(1, args.timeout - (time.monotonic() - start)))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = "timeout"
+            row = {"bench": "recipe_devices", "recipe": "tiny-arith-lora", **meta, "rc": rc,
+                   "wall_s_concurrent": round(time.monotonic() - start, 1),
+                   "device": device if meta["variant"] != "cpu" else f"CPU, {args.threads} threads",
+                   "torch": torch.__version__}
+            if rc == 0:
+                row.update(summary(root / name))
+            else:
+                row["log_tail"] = (root / f"{name}.log").read_text()[-1500:]
+            print(json.dumps(row), flush=True)
+            out.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
