@@ -179,6 +179,7 @@ def test_frozen_engine_times_out_on_send_and_the_run_saves_its_last_step(tmp_pat
                           train={"steps": 4, "mode": "async", "save_interval": 0}, eval={"enabled": False},
                           peft={"rank": 64, "alpha": 64})  # a payload far larger than a pipe's buffer
     info: dict = {}
+    messages: list[str] = []
 
     def freeze(metrics):
         if metrics["step"] == 1:
@@ -188,11 +189,27 @@ def test_frozen_engine_times_out_on_send_and_the_run_saves_its_last_step(tmp_pat
     # whichever wait meets the frozen engine first gives up after the timeout: the push of step 1's
     # adapter, or, when the engine had read that push before the freeze, the wait for batch 2
     with pytest.raises(OrbitError, match=r"did not take 'push' within 3 s|sent nothing for 3 s"):
-        run_training(load_recipe(str(recipe)), quiet(on_step=freeze, on_engine_start=info.update))
+        run_training(load_recipe(str(recipe)), quiet(messages, on_step=freeze, on_engine_start=info.update))
     assert time.monotonic() - start < 60
-    assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [1]
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "run"))] == [1], messages
     result = run_training(load_recipe(str(recipe), ["rollout.engine_timeout_s=600"]), quiet())
     assert result.steps_done == 4
+
+
+def test_an_engine_that_does_not_load_in_time_is_stopped_with_its_own_limit(tmp_path, tiny_checkpoint):
+    """Loading the base is timed by rollout.engine_start_timeout_s, not by the silence limit of a
+    running engine (a GPU engine took over 3 s to load the tiny model, which a 3 s
+    engine_timeout_s refused before), and an engine that overruns it is stopped."""
+    import multiprocessing
+
+    recipe = small_recipe(tmp_path, tiny_checkpoint, rollout={"placement": "non-colocated", "engine_timeout_s": 3,
+                                                               "engine_start_timeout_s": 0.2},
+                          train={"steps": 2, "mode": "async"}, eval={"enabled": False})
+    with pytest.raises(OrbitError, match=r"did not finish loading its model within 0.2 s; stopped it") as err:
+        run_training(load_recipe(str(recipe)), quiet())
+    assert "rollout.engine_start_timeout_s" in err.value.fix
+    assert not [p for p in multiprocessing.active_children() if p.name == "orbit-engine"]
+    assert list_checkpoints(str(tmp_path / "run")) == []
 
 
 def test_a_push_to_a_frozen_engine_gives_up_after_the_timeout(tiny_checkpoint):

@@ -302,8 +302,9 @@ def validate(config: RecipeConfig) -> None:
     if r.placement == "non-colocated" and config.quant.fake_qat:
         raise OrbitError("quant.fake_qat=true is not supported with rollout.placement=non-colocated",
                          "use rollout.placement=colocated for fake-QAT runs")
-    if r.engine_threads < 0 or r.engine_timeout_s <= 0:
-        raise OrbitError("rollout.engine_threads must be >= 0 and rollout.engine_timeout_s > 0", "fix those rollout fields")
+    if r.engine_threads < 0 or r.engine_timeout_s <= 0 or r.engine_start_timeout_s <= 0:
+        raise OrbitError("rollout.engine_threads must be >= 0, rollout.engine_timeout_s and "
+                         "rollout.engine_start_timeout_s > 0", "fix those rollout fields")
     if r.backend == "sglang":
         if not r.sglang_urls:
             raise OrbitError("rollout.backend=sglang needs running servers: launching SGLang is not built yet",

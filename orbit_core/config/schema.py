@@ -83,6 +83,9 @@ class RolloutSection:
     for debugging. Engines with two adapter slots (double buffering) decode eagerly for now."""
     engine_timeout_s: float = 600.0
     """A non-colocated engine that sends nothing for this long is treated as crashed."""
+    engine_start_timeout_s: float = 1800.0
+    """How long a non-colocated engine process may take to load its base and report ready (loading
+    sends nothing, and a large base takes minutes); past it the process is stopped."""
     num_engines: int = 1
     """Rollout engines (``train.orchestrator=ray``): each is a Ray actor holding the frozen base, and
     prompts go to the least-loaded one. With ``backend=sglang`` there is one actor per URL."""

@@ -37,7 +37,7 @@ def _exit_text(code: int | None) -> str:
 class EngineProcess:
     name = "Orbit builtin engine (engine process)"
 
-    def __init__(self, spec: EngineSpec, timeout_s: float = 600.0):
+    def __init__(self, spec: EngineSpec, timeout_s: float = 600.0, start_timeout_s: float = 1800.0):
         self.timeout_s = timeout_s
         ctx = mp.get_context("spawn")
         cmd_read, self._commands = ctx.Pipe(duplex=False)
@@ -61,7 +61,17 @@ class EngineProcess:
         # sends go through one thread, so a frozen engine (a full pipe) can be timed out, never hang us
         self._outbox: queue.Queue = queue.Queue()
         threading.Thread(target=self._write, daemon=True, name="orbit-engine-send").start()
-        self._wait(lambda: bool(self.info), "starting")
+        # loading the base sends nothing, and a large one takes minutes: the start has its own limit
+        try:
+            self._wait(lambda: bool(self.info), "loading its model", silent_s=start_timeout_s)
+        except EngineCrashed:
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout=5)
+                raise EngineCrashed(f"rollout engine process (pid {self.process.pid}) did not finish loading its model "
+                                    f"within {start_timeout_s:g} s; stopped it",
+                                    "raise rollout.engine_start_timeout_s if loading the base takes longer") from None
+            raise
 
     def _read(self) -> None:
         while True:
@@ -126,14 +136,15 @@ class EngineProcess:
                 continue
         raise self._crash("exited")
 
-    def _wait(self, done, what: str) -> None:
+    def _wait(self, done, what: str, silent_s: float | None = None) -> None:
+        limit = self.timeout_s if silent_s is None else silent_s
         last_event, seen = time.monotonic(), self.events_seen
         while not done():
-            self.pump(timeout=0.5)
+            self.pump(timeout=min(0.5, limit))
             if self.events_seen != seen:
                 last_event, seen = time.monotonic(), self.events_seen
-            elif time.monotonic() - last_event > self.timeout_s:
-                raise self._crash(f"sent nothing for {self.timeout_s:.0f} s while {what}")
+            elif time.monotonic() - last_event > limit:
+                raise self._crash(f"sent nothing for {limit:g} s while {what}")
 
     # -- requests --------------------------------------------------------------------------
     def submit(self, tag, prompts: list[list[int]], params: SamplingParams, reward_inputs: list | None = None) -> None:

@@ -44,7 +44,7 @@ def start_remote_rollouts(config: RecipeConfig, policy: PolicyModel, spec: Round
         version=start_step, reward=config.rl.reward, reward_timeout_s=config.rl.reward_timeout_s,
         reward_workers=config.rl.reward_workers, moe_chunk=config.moe.dequant_chunk_experts,
         moe_grouped_gemm=config.moe.grouped_gemm, cuda_graph=config.rollout.cuda_graph)
-    engine = EngineProcess(engine_spec, timeout_s=r.engine_timeout_s)
+    engine = EngineProcess(engine_spec, timeout_s=r.engine_timeout_s, start_timeout_s=r.engine_start_timeout_s)
     transport = r.adapter_transport if r.adapter_transport != "auto" else "shared" if policy.device.type == "cuda" else "pipe"
     # a buffer is rewritten max_staleness + 2 syncs later, by when the engine has long taken it
     shared = SharedAdapterSender(policy.device, t.max_staleness + 2) if transport == "shared" else None
