@@ -82,8 +82,8 @@ class EngineProcess:
                 return
 
     # -- events ----------------------------------------------------------------------------
-    def _crash(self, detail: str) -> EngineCrashed:
-        self.process.join(timeout=5)
+    def _crash(self, detail: str, settle_s: float = 5.0) -> EngineCrashed:
+        self.process.join(timeout=settle_s)  # a dying process: wait for its exit code
         return EngineCrashed(f"rollout engine process (pid {self.process.pid}) {detail} [{_exit_text(self.process.exitcode)}]",
                              "the run stops after saving its last step; fix the cause and rerun to resume")
 
@@ -144,7 +144,7 @@ class EngineProcess:
             if self.events_seen != seen:
                 last_event, seen = time.monotonic(), self.events_seen
             elif time.monotonic() - last_event > limit:
-                raise self._crash(f"sent nothing for {limit:g} s while {what}")
+                raise self._crash(f"sent nothing for {limit:g} s while {what}", settle_s=0)
 
     # -- requests --------------------------------------------------------------------------
     def submit(self, tag, prompts: list[list[int]], params: SamplingParams, reward_inputs: list | None = None) -> None:
