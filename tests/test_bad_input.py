@@ -44,6 +44,7 @@ def one_line_error(code: int, err: str, expected: str) -> None:
     ("rollout.n_samples_per_prompt=1", "rl.advantage_estimator=grpo measures each sample against its prompt's group; "
                                        "with rollout.n_samples_per_prompt=1 every advantage is zero"),
     ("rl.reward_timeout_s=0", "rl.reward_timeout_s must be > 0"),
+    ("rollout.engine_start_timeout_s=0", "rollout.engine_timeout_s and rollout.engine_start_timeout_s > 0"),
     ("data.max_prompt_len=0", "data.max_prompt_len must be > 0"),
     ("data.max_truncated_fraction=2", "data.max_truncated_fraction must be in [0, 1]"),
     ("rl.reward_workers=-5", "rl.reward_workers must be -1"),
