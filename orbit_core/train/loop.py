@@ -211,7 +211,8 @@ class TrainingRun:
                 f"{pf.max_logprob_mean_abs_diff}), max {report.max_abs_diff:.3g} (gate "
                 f"{pf.max_logprob_abs_diff}), top-{pf.topk} agreement {report.topk_agreement:.3f} (gate "
                 f"{pf.min_topk_agreement}); worst: {worst}",
-                "run `orbit preflight` for the worst tokens, or set preflight.skip_runtime=true for a smoke run")
+                "run `orbit preflight` for the worst tokens; where the gap is rounding (bf16 activations differ by a "
+                "few hundredths at most), raise the gate it failed; preflight.skip_runtime=true makes a smoke run")
         return {"preflight/implementations": names, "preflight/max_logprob_abs_diff": report.max_abs_diff,
                 "preflight/mean_logprob_abs_diff": report.mean_abs_diff,
                 "preflight/topk_agreement": report.topk_agreement}
