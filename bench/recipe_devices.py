@@ -1,14 +1,16 @@
-"""The embedded default trained on the GPU and on the CPU of one machine, from the same cached base:
+"""An embedded recipe trained on the GPU and on the CPU of one machine, from the same cached base:
 does the GPU path learn as the CPU path does? One JSON line per run.
 
-Each run is ``orbit train --recipe tiny-arith-lora`` as a user types it, in its own process, all
-runs at once (the tiny model leaves the GPU idle). The baseline is the CPU run of each base in the
-same invocation. ``--caches`` names one or more ``ORBIT_CACHE`` folders: a base built elsewhere
-(another CPU, another torch) is a different model, so each run records its base's sha256.
+Each run is ``orbit train --recipe R`` as a user types it, in its own process, all runs at once (the
+tiny model leaves the GPU idle). The baseline is the CPU run of each base in the same invocation.
+``--caches`` names one or more ``ORBIT_CACHE`` folders: a base built elsewhere (another CPU,
+another torch) is a different model, so each run records its base's sha256.
     python -m bench.recipe_devices --caches ~/.cache/orbit --seeds 1234 7 --out bench/results/x.jsonl
+    python -m bench.recipe_devices --recipes tiny-arith-int4-lora --variants gpu-bf16 cpu ...
 
 The variants on the GPU: the library's settings (compiled training layers, CUDA-graph decode),
-``train.compile=off``, and both off (eager training forward and eager decode).
+``train.compile=off``, both off (eager training forward and eager decode), and bf16 activations
+(the recipes' float32 keeps the packed int4 kernels off: they take bf16 or fp16).
 """
 
 from __future__ import annotations
@@ -29,18 +31,23 @@ VARIANTS = {
     "gpu": [],
     "gpu-no-compile": ["train.compile=off"],
     "gpu-eager": ["train.compile=off", "rollout.cuda_graph=false"],
+    "gpu-bf16": ["model.dtype=bfloat16"],
     "cpu": ["model.device=cpu"],
 }
 
 
-def base_digest(cache: Path) -> str:
-    """sha256 of the cached base (built on first use when missing: once, before the runs share it)."""
-    weights = cache / "tiny-arith" / "model-w1500" / "model.safetensors"
-    if not weights.is_file():
-        subprocess.run([sys.executable, "-c", "from orbit_core.policy.embedded import resolve_model_path;"
-                        "resolve_model_path('embedded:tiny-arith', 1500)"],
-                       env={**os.environ, "ORBIT_CACHE": str(cache)}, check=True, timeout=900)
-    return hashlib.sha256(weights.read_bytes()).hexdigest()
+def base_digest(cache: Path, recipe: str) -> str:
+    """sha256 of the recipe's cached base, its safetensors in name order (built on first use when
+    missing: once, before the runs share it)."""
+    resolve = ("import sys; from orbit_core.config import load_recipe; from orbit_core.policy.embedded import "
+               "resolve_model_path; m = load_recipe(sys.argv[1]).model; "
+               "print(resolve_model_path(m.path, m.warmstart_steps, log=lambda _: None))")
+    path = subprocess.run([sys.executable, "-c", resolve, recipe], env={**os.environ, "ORBIT_CACHE": str(cache)},
+                          check=True, timeout=900, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    digest = hashlib.sha256()
+    for weights in sorted(Path(path).glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()
 
 
 def summary(run_dir: Path) -> dict:
@@ -52,17 +59,21 @@ def summary(run_dir: Path) -> dict:
         "greedy_before": report["before"]["greedy_accuracy"],
         "greedy_after": report["after"]["greedy_accuracy"],
         "greedy_at_evals": [r["eval/greedy_accuracy"] for r in rows if "eval/greedy_accuracy" in r],
-        "pass_at_8_after": report["after"]["pass_at_k"]["pass@8"],
+        "pass_at_k_after": report["after"]["pass_at_k"],
         "reward_mean_first5": sum(rewards[:5]) / 5,
         "reward_mean_last10": sum(rewards[-10:]) / 10,
-        "engine_vs_trainer_logprob_abs_diff_max": max(r["rollout/behaviour_proximal_logprob_abs_diff_max"] for r in steps),
+        "engine_vs_trainer_logprob_abs_diff_max": max(r.get("rollout/behaviour_proximal_logprob_abs_diff_max", 0.0)
+                                                      for r in steps),
         "steps": len(steps),
+        "routing_mismatch_fraction_max": max((r["moe/routing_mismatch_fraction"] for r in steps
+                                              if "moe/routing_mismatch_fraction" in r), default=None),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--caches", nargs="+", required=True, help="ORBIT_CACHE folders, one base each")
+    parser.add_argument("--recipes", nargs="+", default=["tiny-arith-lora"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1234, 7])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=3, help="OMP threads of a CPU run (GPU runs take 2)")
@@ -73,17 +84,17 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     root = Path(tempfile.mkdtemp(prefix="recipe-devices-"))
     runs = []
-    for cache in map(Path, args.caches):
-        digest = base_digest(cache)
+    for cache, recipe in ((Path(c), r) for c in args.caches for r in args.recipes):
+        digest = base_digest(cache, recipe)
         for variant in variants:
             for seed in args.seeds:
-                name = f"{cache.name}-{variant}-{seed}"
-                cmd = [sys.executable, "-m", "orbit_cli.main", "train", "--recipe", "tiny-arith-lora",
+                name = f"{cache.name}-{recipe}-{variant}-{seed}"
+                cmd = [sys.executable, "-m", "orbit_cli.main", "train", "--recipe", recipe,
                        f"train.output_dir={root / name}", f"train.seed={seed}", *VARIANTS[variant]]
                 env = {**os.environ, "ORBIT_CACHE": str(cache),
                        "OMP_NUM_THREADS": str(args.threads if variant == "cpu" else 2)}
                 log = open(root / f"{name}.log", "w")
-                runs.append((dict(cache=str(cache), base_sha256=digest[:16], variant=variant, seed=seed), name,
+                runs.append((dict(recipe=recipe, cache=str(cache), base_sha256=digest[:16], variant=variant, seed=seed), name,
                              subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), time.monotonic()))
     with open(args.out, "a") as out:
         for meta, name, proc, start in runs:
@@ -92,7 +103,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = "timeout"
-            row = {"bench": "recipe_devices", "recipe": "tiny-arith-lora", **meta, "rc": rc,
+            row = {"bench": "recipe_devices", **meta, "rc": rc,
                    "wall_s_concurrent": round(time.monotonic() - start, 1),
                    "device": device if meta["variant"] != "cpu" else f"CPU, {args.threads} threads",
                    "torch": torch.__version__}
