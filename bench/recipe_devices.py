@@ -11,6 +11,10 @@ another torch) is a different model, so each run records its base's sha256.
 The variants on the GPU: the library's settings (compiled training layers, CUDA-graph decode),
 ``train.compile=off``, both off (eager training forward and eager decode), and bf16 activations
 (the recipes' float32 keeps the packed int4 kernels off: they take bf16 or fp16).
+
+Both results files came from earlier forms of this script, without the routing field;
+``recipe_devices_h200.jsonl`` also before ``--recipes`` and the bf16 variant, so its lines hold
+``pass_at_8_after`` where later ones hold every k.
 """
 
 from __future__ import annotations
