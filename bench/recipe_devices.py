@@ -97,9 +97,10 @@ def main() -> None:
                        f"train.output_dir={root / name}", f"train.seed={seed}", *VARIANTS[variant]]
                 env = {**os.environ, "ORBIT_CACHE": str(cache),
                        "OMP_NUM_THREADS": str(args.threads if variant == "cpu" else 2)}
-                log = open(root / f"{name}.log", "w")
+                with open(root / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+                    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
                 runs.append((dict(recipe=recipe, cache=str(cache), base_sha256=digest[:16], variant=variant, seed=seed), name,
-                             subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), time.monotonic()))
+                             proc, time.monotonic()))
     with open(args.out, "a") as out:
         for meta, name, proc, start in runs:
             try:
