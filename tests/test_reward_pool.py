@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 
 import pytest
 
 from orbit_core.config.schema import RLSection
+from orbit_core.errors import OrbitError
 from orbit_core.rl.reward_pool import RewardPool, build_rewards
 from orbit_core.rl.rewards import RewardRunner, load_reward_fn
 
@@ -79,6 +81,35 @@ def test_timeout_kills_the_worker_and_leaks_nothing(reward_spec):
     assert all(w.proc.poll() is not None for w in pool.workers)
 
 
+def test_workers_that_were_ready_during_a_long_model_load_score_after_the_start_limit(reward_spec):
+    """The pool starts while the model loads; a load longer than the start limit must not be read as
+    workers that never started (their "ready" sits unread in the pipes until the first score)."""
+    pool = RewardPool(reward_spec, workers=2, timeout_s=5.0, start_timeout_s=0.5)
+    try:
+        waiting = {w.fd for w in pool.workers}
+        deadline = time.monotonic() + 60
+        while waiting and time.monotonic() < deadline:  # each worker has written its "ready"
+            ready, _, _ = select.select(list(waiting), [], [], 1.0)
+            waiting -= set(ready)
+        assert not waiting
+        time.sleep(max(0.0, 0.6 - (time.monotonic() - min(w.spawned for w in pool.workers))))
+        scores, outcomes = pool.score_each(["p"] * 3, ["a", "ab", "abc"], [0] * 3)
+        assert scores == [1.0, 2.0, 3.0] and outcomes == ["ok"] * 3
+    finally:
+        pool.close()
+
+
+def test_no_worker_ready_within_the_start_limit_stops_the_pool_with_one_line(tmp_path):
+    (tmp_path / "slow_reward.py").write_text("import time\ntime.sleep(60)\ndef score(p, r, l):\n    return 1.0\n")
+    pool = RewardPool(f"{tmp_path / 'slow_reward.py'}:score", workers=2, start_timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(OrbitError, match="no reward worker started within 1 s") as err:
+        pool.score_each(["p"], ["a"], [0])
+    assert time.monotonic() - start < 10
+    assert "rl.reward_workers=0" in err.value.fix
+    assert all(w.proc.poll() is not None for w in pool.workers)  # none left importing
+
+
 def test_build_rewards_picks_pool_or_threads_and_reports_bad_modules(tmp_path, reward_spec):
     pool = build_rewards(RLSection(reward=reward_spec, reward_workers=1))
     try:
@@ -93,8 +124,6 @@ def test_build_rewards_picks_pool_or_threads_and_reports_bad_modules(tmp_path, r
 
     sys.path.insert(0, str(tmp_path))
     try:
-        from orbit_core.errors import OrbitError
-
         with pytest.raises(OrbitError, match="reward module 'broken_pkg' failed to import: RuntimeError"):
             build_rewards(RLSection(reward="broken_pkg:score"))
     finally:

@@ -105,10 +105,6 @@ class RewardPool:
                 if w.ready and w.task is None and todo:
                     w.task, w.started = todo.popleft(), now
                     w.send((w.task, prompts[w.task], responses[w.task], labels[w.task]))
-            if not any(w.ready for w in self.workers) and now - min(w.spawned for w in self.workers) > self.start_timeout_s:
-                self.close()
-                raise OrbitError(f"no reward worker started within {self.start_timeout_s:.0f} s",
-                                 "check that the reward module imports quickly, or set rl.reward_workers=0")
             deadlines = [w.started + self.timeout_s - now for w in self.workers if w.task is not None]
             wait = max(0.0, min(deadlines + [0.5]))
             with selectors.DefaultSelector() as selector:
@@ -138,6 +134,12 @@ class RewardPool:
                         outcome[index], w.task = result, None
                         remaining -= 1
             now = time.monotonic()
+            # judged after the pipes are read: workers start while the model loads, and a load
+            # longer than the limit leaves their "ready" unread until the first score
+            if not any(w.ready for w in self.workers) and now - min(w.spawned for w in self.workers) > self.start_timeout_s:
+                self.close()
+                raise OrbitError(f"no reward worker started within {self.start_timeout_s:g} s",
+                                 "check that the reward module imports quickly, or set rl.reward_workers=0")
             for i, w in enumerate(self.workers):
                 if w.task is not None and now - w.started > self.timeout_s:
                     outcome[w.task] = ("timeout", None)
