@@ -10,11 +10,15 @@ another torch) is a different model, so each run records its base's sha256.
 
 The variants on the GPU: the library's settings (compiled training layers, CUDA-graph decode),
 ``train.compile=off``, both off (eager training forward and eager decode), and bf16 activations
-(the recipes' float32 keeps the packed int4 kernels off: they take bf16 or fp16).
+(the recipes' float32 keeps the packed int4 kernels off: they take bf16 or fp16); bf16 with the
+worst-token preflight gate at 0.1 (the int4 recipe's 0.01 is set for float32), and bf16 with
+``rl.routing_replay`` (an MoE trainer routing as the engine did); the CPU runs the same two
+in bf16, so that a GPU kernel's share of an engine-trainer gap shows against bf16 rounding alone.
 
-Both results files came from earlier forms of this script, without the routing field;
-``recipe_devices_h200.jsonl`` also before ``--recipes`` and the bf16 variant, so its lines hold
-``pass_at_8_after`` where later ones hold every k.
+``recipe_devices_bf16_gaps_h100.jsonl`` is this form's. The two files before it came from earlier
+forms, without the routing and mean-gap fields; ``recipe_devices_h200.jsonl`` also before
+``--recipes`` and the bf16 variant, so its lines hold ``pass_at_8_after`` where later ones hold
+every k.
 """
 
 from __future__ import annotations
@@ -36,7 +40,12 @@ VARIANTS = {
     "gpu-no-compile": ["train.compile=off"],
     "gpu-eager": ["train.compile=off", "rollout.cuda_graph=false"],
     "gpu-bf16": ["model.dtype=bfloat16"],
+    "gpu-bf16-gate": ["model.dtype=bfloat16", "preflight.max_logprob_abs_diff=0.1"],
+    "gpu-bf16-replay": ["model.dtype=bfloat16", "rl.routing_replay=true"],
     "cpu": ["model.device=cpu"],
+    "cpu-bf16": ["model.device=cpu", "model.dtype=bfloat16"],
+    "cpu-bf16-gate": ["model.device=cpu", "model.dtype=bfloat16", "preflight.max_logprob_abs_diff=0.1"],
+    "cpu-bf16-replay": ["model.device=cpu", "model.dtype=bfloat16", "rl.routing_replay=true"],
 }
 
 
@@ -68,6 +77,8 @@ def summary(run_dir: Path) -> dict:
         "reward_mean_last10": sum(rewards[-10:]) / 10,
         "engine_vs_trainer_logprob_abs_diff_max": max(r.get("rollout/behaviour_proximal_logprob_abs_diff_max", 0.0)
                                                       for r in steps),
+        "engine_vs_trainer_logprob_abs_diff_mean_max": max(
+            r.get("rollout/behaviour_proximal_logprob_abs_diff_mean", 0.0) for r in steps),
         "steps": len(steps),
         "routing_mismatch_fraction_max": max((r["moe/routing_mismatch_fraction"] for r in steps
                                               if "moe/routing_mismatch_fraction" in r), default=None),
@@ -84,7 +95,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    variants = [v for v in args.variants if v == "cpu" or torch.cuda.is_available()]
+    variants = [v for v in args.variants if v.startswith("cpu") or torch.cuda.is_available()]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     root = Path(tempfile.mkdtemp(prefix="recipe-devices-"))
     runs = []
@@ -96,7 +107,7 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "orbit_cli.main", "train", "--recipe", recipe,
                        f"train.output_dir={root / name}", f"train.seed={seed}", *VARIANTS[variant]]
                 env = {**os.environ, "ORBIT_CACHE": str(cache),
-                       "OMP_NUM_THREADS": str(args.threads if variant == "cpu" else 2)}
+                       "OMP_NUM_THREADS": str(args.threads if variant.startswith("cpu") else 2)}
                 with open(root / f"{name}.log", "w") as log:  # the child keeps its own descriptor
                     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
                 runs.append((dict(recipe=recipe, cache=str(cache), base_sha256=digest[:16], variant=variant, seed=seed), name,
@@ -110,7 +121,7 @@ def main() -> None:
                 rc = "timeout"
             row = {"bench": "recipe_devices", **meta, "rc": rc,
                    "wall_s_concurrent": round(time.monotonic() - start, 1),
-                   "device": device if meta["variant"] != "cpu" else f"CPU, {args.threads} threads",
+                   "device": f"CPU, {args.threads} threads" if meta["variant"].startswith("cpu") else device,
                    "torch": torch.__version__}
             if rc == 0:
                 row.update(summary(root / name))
