@@ -35,9 +35,10 @@ def save_hf_model(kind: str, path, **overrides):
     return model
 
 
-def make_tiny_checkpoint(path, seed: int = 0, moe: bool = False) -> str:
+def make_tiny_checkpoint(path, seed: int = 0, moe: bool = False, max_positions: int = 64, edit=None) -> str:
     """A tiny Qwen3 checkpoint with Orbit's char tokenizer: the embedded model's family, untrained.
-    ``moe``: Qwen3-MoE instead (4 experts, top 2)."""
+    ``moe``: Qwen3-MoE instead (4 experts, top 2); ``edit(model, tokenizer)`` changes the weights
+    before they are saved."""
     from transformers import Qwen3Config, Qwen3MoeConfig
 
     from orbit_core.data.arith import ALPHABET
@@ -48,7 +49,7 @@ def make_tiny_checkpoint(path, seed: int = 0, moe: bool = False) -> str:
 
     tok = build_char_tokenizer(ALPHABET, str(path))
     shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_positions,
                  tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if moe:
         hf = Qwen3MoeConfig(**shape, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -61,6 +62,8 @@ def make_tiny_checkpoint(path, seed: int = 0, moe: bool = False) -> str:
         for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.3)
+        if edit is not None:
+            edit(model, tok)
     save_model(model, str(path), hf)
     return str(path)
 

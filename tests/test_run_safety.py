@@ -238,6 +238,48 @@ def test_a_push_to_a_frozen_engine_gives_up_after_the_timeout(tiny_checkpoint):
             engine.process.kill()
 
 
+def test_a_generation_longer_than_the_silence_limit_is_waited_for(tmp_path):
+    """The engine reports while it decodes, so a batch whose rows all run past
+    rollout.engine_timeout_s before any of them finishes is not taken for a stalled engine (only an
+    engine that stops sending is: the frozen-engine tests above)."""
+    from orbit_core.config.schema import ModelSection, PeftSection
+    from orbit_core.peft.slots import engine_adapter_state
+    from orbit_core.policy.build import build_policy
+    from orbit_core.rollout.adapter_payload import encode
+    from orbit_core.rollout.remote import EngineProcess
+    from orbit_core.rollout.types import SamplingParams
+    from orbit_core.rollout.worker import EngineSpec
+    from tests.conftest import make_tiny_checkpoint
+
+    def no_eos(model, tok):  # EOS's logit is then 0, under the largest of the others: greedy never ends early
+        model.lm_head.weight[tok.eos_token_id].zero_()
+
+    path = make_tiny_checkpoint(tmp_path / "long", max_positions=8192, edit=no_eos)
+    peft = PeftSection(method="lora", rank=4, alpha=8)
+    policy = build_policy(ModelSection(path=path, device="cpu"), peft, log=lambda m: None)
+    spec = EngineSpec(path, "float32", "cpu", peft, 1, 4, seed=0, threads=1,
+                      adapter=encode(engine_adapter_state(policy.model)), version=0, heartbeat_s=0.1)
+    engine = EngineProcess(spec, timeout_s=120)
+    prompt = policy.tokenizer.encode("12+34=")
+    try:
+        def timed(tokens: int):
+            start = time.monotonic()
+            [done] = engine.generate([prompt], SamplingParams(max_new_tokens=tokens, temperature=0.0))
+            return done, time.monotonic() - start
+
+        tokens = 256
+        done, took = timed(tokens)
+        while took < 3.0 and tokens < 8000:  # long enough that a third of it dwarfs the heartbeat
+            tokens = min(8000, int(tokens * 3.5 / max(took, 1e-3)))
+            done, took = timed(tokens)
+        assert done.finish_reason == "length" and took > 1.5, (done.finish_reason, took)
+        engine.timeout_s = took / 3  # the one row finishes only after three silence limits
+        again, _ = timed(tokens)
+        assert again.token_ids == done.token_ids
+    finally:
+        engine.close()
+
+
 def test_a_finished_run_without_eval_is_complete_too(tmp_path, tiny_checkpoint):
     recipe = small_recipe(tmp_path, tiny_checkpoint, train={"steps": 2}, eval={"enabled": False})
     first = run_training(load_recipe(str(recipe)), quiet())

@@ -82,7 +82,9 @@ class RolloutSection:
     """On CUDA, replay the decode forward as CUDA graphs (one per row bucket); false decodes eagerly,
     for debugging. Engines with two adapter slots (double buffering) decode eagerly for now."""
     engine_timeout_s: float = 600.0
-    """A non-colocated engine that sends nothing for this long is treated as crashed."""
+    """A non-colocated engine that sends nothing for this long is treated as crashed. The engine
+    reports at least every min(10 s, a quarter of this) while it runs, so a generation longer than
+    this is not silence."""
     engine_start_timeout_s: float = 1800.0
     """How long a non-colocated engine process may take to load its base and report ready (loading
     sends nothing, and a large base takes minutes); past it the process is stopped."""

@@ -55,6 +55,10 @@ class EngineSpec:
     """``moe.grouped_gemm``."""
     cuda_graph: bool = True
     """``rollout.cuda_graph``."""
+    heartbeat_s: float = 10.0
+    """The engine reports its stats at least this often, busy or idle, so that the trainer's silence
+    limit (``rollout.engine_timeout_s``) finds a stalled engine, not a generation whose rows all run
+    longer than the limit before any of them finishes."""
 
 
 class _Push:
@@ -68,7 +72,8 @@ class _Push:
 
 class EngineServer:
     def __init__(self, spec: EngineSpec, model, tokenizer, send):
-        self.spec, self.model, self.send = spec, model, send
+        self.spec, self.model, self._post = spec, model, send
+        self.last_sent = time.monotonic()
         self.bank = attach_slots(model, spec.num_slots)
         self.shared = SharedAdapterReceiver(next(model.parameters()).device)
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(spec.seed)
@@ -95,6 +100,10 @@ class EngineServer:
         for slot in range(spec.num_slots):
             write_slot(model, self.bank, slot, write_slot_all, spec.version)
         self.loop.refresh_versions()
+
+    def send(self, message) -> None:
+        self.last_sent = time.monotonic()
+        self._post(message)
 
     # -- inbox -----------------------------------------------------------------------------
     def deliver(self, message) -> None:
@@ -214,6 +223,9 @@ class EngineServer:
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> None:
         while True:
+            # from this loop, not a timer thread: a decode step that hangs must fall silent
+            if time.monotonic() - self.last_sent >= self.spec.heartbeat_s:
+                self.send(("status", self._stats()))
             with self.wakeup:
                 self._take_messages()
             if self.stopping:  # the trainer is done or gone: drop whatever is in flight

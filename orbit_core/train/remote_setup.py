@@ -43,7 +43,8 @@ def start_remote_rollouts(config: RecipeConfig, policy: PolicyModel, spec: Round
         seed=t.seed + 7919 * start_step, threads=threads, adapter=encode(engine_adapter_state(policy.model)),
         version=start_step, reward=config.rl.reward, reward_timeout_s=config.rl.reward_timeout_s,
         reward_workers=config.rl.reward_workers, moe_chunk=config.moe.dequant_chunk_experts,
-        moe_grouped_gemm=config.moe.grouped_gemm, cuda_graph=config.rollout.cuda_graph)
+        moe_grouped_gemm=config.moe.grouped_gemm, cuda_graph=config.rollout.cuda_graph,
+        heartbeat_s=min(10.0, r.engine_timeout_s / 4))
     engine = EngineProcess(engine_spec, timeout_s=r.engine_timeout_s, start_timeout_s=r.engine_start_timeout_s)
     transport = r.adapter_transport if r.adapter_transport != "auto" else "shared" if policy.device.type == "cuda" else "pipe"
     # a buffer is rewritten max_staleness + 2 syncs later, by when the engine has long taken it
