@@ -49,7 +49,7 @@ def main() -> None:
     from orbit_core.config.schema import ModelSection, PeftSection
     from orbit_core.peft.slots import engine_adapter_state
     from orbit_core.policy.build import build_policy
-    from orbit_core.rollout.ray_engine import NO_MULTICAST, BuiltinEngineActor
+    from orbit_core.rollout.ray_engine import NO_MULTICAST, BuiltinEngineActor, remote_class
     from orbit_core.rollout.types import SamplingParams
     from orbit_core.train.ray_engines import RayEnginePool
 
@@ -70,7 +70,7 @@ def main() -> None:
     baseline = None
     for count in args.engines:
         def factory(index, restart, adapter_ref, version):
-            return ray.remote(BuiltinEngineActor).options(num_cpus=args.cpus_per_engine, num_gpus=args.gpus_per_engine
+            return remote_class(ray, BuiltinEngineActor).options(num_cpus=args.cpus_per_engine, num_gpus=args.gpus_per_engine
                                                           ).remote(model, peft, 256, index, int(args.cpus_per_engine),
                                                                    adapter_ref, version)
 

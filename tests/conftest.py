@@ -73,6 +73,17 @@ def tiny_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"))
 
 
+def _no_eos(model, tok) -> None:
+    model.lm_head.weight[tok.eos_token_id].zero_()  # a logit of 0, under the largest of the others
+
+
+@pytest.fixture(scope="session")
+def endless_checkpoint(tmp_path_factory):
+    """The tiny checkpoint with 8,192 positions, whose greedy decoding never picks EOS: a row runs to
+    its max_new_tokens (the silence-limit tests need generations that last seconds)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-endless"), max_positions=8192, edit=_no_eos)
+
+
 @pytest.fixture(scope="session")
 def tiny_moe_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-moe"), moe=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import ray
@@ -15,7 +18,7 @@ from orbit_core.peft.base import load_adapter_state_dict
 from orbit_core.peft.slots import engine_adapter_state
 from orbit_core.policy.build import build_policy
 from orbit_core.rl.logprobs import token_logprobs
-from orbit_core.rollout.ray_engine import BuiltinEngineActor
+from orbit_core.rollout.ray_engine import BuiltinEngineActor, remote_class
 from orbit_core.rollout.types import SamplingParams
 from orbit_core.train import Callbacks, run_training
 from orbit_core.train.ray_engines import RayEnginePool
@@ -62,16 +65,21 @@ def _policy(checkpoint: str):
                         log=lambda m: None)
 
 
-def test_dead_engine_is_replaced_on_the_newest_adapter_and_its_prompts_resubmitted(tiny_checkpoint, local_ray):
-    trainer = _policy(tiny_checkpoint)
-    model_section = ModelSection(path=tiny_checkpoint, device="cpu", warmstart_steps=0)
+def _engines(checkpoint: str):
+    """A factory of builtin engine actors on ``checkpoint``, one CPU each."""
+    model_section = ModelSection(path=checkpoint, device="cpu", warmstart_steps=0)
 
     def factory(index, restart, adapter_ref, version):
-        return ray.remote(BuiltinEngineActor).options(num_cpus=1, max_restarts=0).remote(
+        return remote_class(ray, BuiltinEngineActor).options(num_cpus=1, max_restarts=0).remote(
             model_section, PeftSection(rank=4, alpha=8), 16, 100 * index + restart, 1, adapter_ref, version, False)
 
+    return factory
+
+
+def test_dead_engine_is_replaced_on_the_newest_adapter_and_its_prompts_resubmitted(tiny_checkpoint, local_ray):
+    trainer = _policy(tiny_checkpoint)
     messages: list[str] = []
-    pool = RayEnginePool(factory, 2, engine_adapter_state(trainer.model), 0, max_restarts=1, timeout_s=120,
+    pool = RayEnginePool(_engines(tiny_checkpoint), 2, engine_adapter_state(trainer.model), 0, max_restarts=1, timeout_s=120,
                          start_timeout_s=120, log=messages.append)
     try:
         torch.manual_seed(3)
@@ -99,6 +107,44 @@ def test_dead_engine_is_replaced_on_the_newest_adapter_and_its_prompts_resubmitt
             ray.kill(engine.actor, no_restart=True)
         with pytest.raises(OrbitError, match=r"rollout engine 0 died 2 times \(ray.max_engine_restarts=1\); last error: .*kill"):
             pool.gather(submission)
+    finally:
+        pool.close()
+
+
+def test_an_engine_actor_is_timed_by_its_progress_not_by_the_length_of_a_generation(endless_checkpoint, local_ray):
+    """rollout.engine_timeout_s limits silence: the pool reads an actor's decode steps while its
+    share is out, so a generation three limits long finishes on its actor, and a frozen actor
+    (SIGSTOP) is replaced within about one limit and its prompts generated again."""
+    trainer = _policy(endless_checkpoint)
+    messages: list[str] = []
+    pool = RayEnginePool(_engines(endless_checkpoint), 1, engine_adapter_state(trainer.model), 0, max_restarts=1,
+                         timeout_s=120, start_timeout_s=120, log=messages.append)
+    prompt = trainer.tokenizer.encode("12+34=")
+    try:
+        def timed(tokens: int):
+            start = time.monotonic()
+            [done] = pool.generate([prompt], SamplingParams(max_new_tokens=tokens, temperature=0.0))
+            return done, time.monotonic() - start
+
+        tokens = 256
+        done, took = timed(tokens)
+        while took < 3.0 and tokens < 8000:  # long enough that a third of it dwarfs the probe's period
+            tokens = min(8000, int(tokens * 3.5 / max(took, 1e-3)))
+            done, took = timed(tokens)
+        assert done.finish_reason == "length" and took > 1.5, (done.finish_reason, took)
+        pool.timeout_s = took / 3
+        again, _ = timed(tokens)
+        assert again.token_ids == done.token_ids
+        assert pool.engines[0].restarts == 0, messages
+
+        pid = ray.get(pool.engines[0].actor.info.remote())["pid"]  # before: info queues behind a generate
+        submission = pool.submit([prompt], SamplingParams(max_new_tokens=tokens, temperature=0.0))
+        time.sleep(took / 6)
+        os.kill(pid, signal.SIGSTOP)
+        [replayed] = pool.gather(submission)
+        assert replayed.token_ids == done.token_ids  # greedy: the replacement decodes the same row
+        assert pool.engines[0].restarts == 1
+        assert any("no progress within rollout.engine_timeout_s" in m for m in messages), messages
     finally:
         pool.close()
 

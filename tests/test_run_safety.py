@@ -238,7 +238,7 @@ def test_a_push_to_a_frozen_engine_gives_up_after_the_timeout(tiny_checkpoint):
             engine.process.kill()
 
 
-def test_a_generation_longer_than_the_silence_limit_is_waited_for(tmp_path):
+def test_a_generation_longer_than_the_silence_limit_is_waited_for(endless_checkpoint):
     """The engine reports while it decodes, so a batch whose rows all run past
     rollout.engine_timeout_s before any of them finishes is not taken for a stalled engine (only an
     engine that stops sending is: the frozen-engine tests above)."""
@@ -249,12 +249,8 @@ def test_a_generation_longer_than_the_silence_limit_is_waited_for(tmp_path):
     from orbit_core.rollout.remote import EngineProcess
     from orbit_core.rollout.types import SamplingParams
     from orbit_core.rollout.worker import EngineSpec
-    from tests.conftest import make_tiny_checkpoint
 
-    def no_eos(model, tok):  # EOS's logit is then 0, under the largest of the others: greedy never ends early
-        model.lm_head.weight[tok.eos_token_id].zero_()
-
-    path = make_tiny_checkpoint(tmp_path / "long", max_positions=8192, edit=no_eos)
+    path = endless_checkpoint
     peft = PeftSection(method="lora", rank=4, alpha=8)
     policy = build_policy(ModelSection(path=path, device="cpu"), peft, log=lambda m: None)
     spec = EngineSpec(path, "float32", "cpu", peft, 1, 4, seed=0, threads=1,

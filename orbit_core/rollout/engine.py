@@ -22,6 +22,8 @@ class BuiltinEngine:
             fuse_projections(model)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.loop = DecodeLoop(model, tokenizer, self.generator, max_running, cuda_graph=cuda_graph)
+        self.steps = 0
+        """Decode steps run so far: what a Ray engine actor's liveness probe reads while it generates."""
 
     @property
     def adapter_version(self) -> int:
@@ -56,6 +58,7 @@ class BuiltinEngine:
         try:
             self.loop.submit(requests, params)
             while not self.loop.idle:
+                self.steps += 1
                 for request, completion in self.loop.step():
                     results[request.prompt_index * params.n + request.sample_index] = completion
         except BaseException:

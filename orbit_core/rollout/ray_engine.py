@@ -21,6 +21,16 @@ from orbit_core.config.schema import ModelSection, PeftSection
 from orbit_core.errors import OrbitError
 from orbit_core.rollout.types import Completion, SamplingParams
 
+PROBE = "probe"
+"""The actors' second concurrency group (one thread): ``progress`` answers there while ``generate``
+runs in the default group, whose one thread keeps the calls of one caller in order."""
+
+
+def remote_class(ray, cls):
+    """``cls`` as a Ray actor class with the ``PROBE`` group."""
+    return ray.remote(concurrency_groups={PROBE: 1})(cls)
+
+
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 """Every process Orbit starts keeps NVLink multicast off (it is not available on shared hosts)."""
 
@@ -68,6 +78,10 @@ class BuiltinEngineActor:
     def info(self) -> dict:
         return {**self.counters.stats(), "device": self.device, "threads": torch.get_num_threads()}
 
+    def progress(self) -> int:
+        """Decode steps so far (called in the ``PROBE`` group, beside a running generate)."""
+        return self.engine.steps
+
     def load_adapter(self, version: int, adapter: dict[str, torch.Tensor]) -> dict:
         from orbit_core.peft.base import load_adapter_state_dict
 
@@ -101,6 +115,11 @@ class SGLangEngineActor:
 
     def info(self) -> dict:
         return {**self.counters.stats(), "device": self.url, "threads": 0}
+
+    def progress(self) -> int:
+        """Tokens of the requests answered so far: one HTTP request shows none until it returns, and
+        its own limit is ``rollout.engine_timeout_s`` too."""
+        return sum(server.tokens for server in self.engines.servers)
 
     def load_adapter(self, version: int, adapter: dict[str, torch.Tensor]) -> dict:
         start = time.perf_counter()

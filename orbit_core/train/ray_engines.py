@@ -10,6 +10,7 @@ least as new as the ones they replace, so the staleness bound still holds.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -72,6 +73,7 @@ class RayEnginePool:
                  max_restarts: int, timeout_s: float, start_timeout_s: float, log: Callable[[str], None]):
         self.ray = require_ray()
         self.factory, self.max_restarts, self.timeout_s, self.log = factory, max_restarts, timeout_s, log
+        self.start_timeout_s = start_timeout_s
         self.adapter_ref, self.version = self.ray.put(_cpu(initial)), version
         self.engines = [Engine(i, factory(i, 0, self.adapter_ref, version), version=version) for i in range(count)]
         self.pending_loads: list[tuple[int, Any, Any]] = []
@@ -119,10 +121,10 @@ class RayEnginePool:
             share = queue.pop(0)
             engine = self.engines[share.engine]
             try:
-                completions, stats = self.ray.get(share.ref, timeout=self.timeout_s)
+                completions, stats = self._result(share)
             except self.ray.exceptions.GetTimeoutError:
                 engine.in_flight -= share.samples
-                self._replace(engine, share.actor, f"no answer within rollout.engine_timeout_s={self.timeout_s:.0f} s")
+                self._replace(engine, share.actor, f"no progress within rollout.engine_timeout_s={self.timeout_s:g} s")
                 queue.append(self._resend(share, sub))
                 continue
             except self.ray.exceptions.RayTaskError as err:
@@ -140,6 +142,29 @@ class RayEnginePool:
                 c.prompt_index = share.prompts[c.prompt_index]
             out.extend(completions)
         return sorted(out, key=lambda c: (c.prompt_index, c.sample_index))
+
+    def _result(self, share: Share):
+        """The share's answer. The limit is on silence, not on the whole call: while the share is out,
+        the actor's ``progress`` (its ``PROBE`` group) is read every few seconds, and the wait gives
+        up (GetTimeoutError) once it has not moved for ``timeout_s``, so a generation longer than the
+        limit goes on and a stalled or frozen engine is replaced."""
+        from orbit_core.rollout.ray_engine import PROBE
+
+        poll = min(5.0, self.timeout_s / 4)
+        moved, seen = time.monotonic(), None
+        while True:
+            if self.ray.wait([share.ref], timeout=poll)[0]:
+                return self.ray.get(share.ref)
+            left = self.timeout_s - (time.monotonic() - moved)
+            try:
+                progress = self.ray.get(share.actor.progress.options(concurrency_group=PROBE).remote(),
+                                        timeout=max(0.1, left))
+            except self.ray.exceptions.GetTimeoutError:  # a frozen actor answers nothing
+                progress = seen
+            if progress != seen:
+                moved, seen = time.monotonic(), progress
+            elif time.monotonic() - moved > self.timeout_s:
+                raise self.ray.exceptions.GetTimeoutError(f"no progress for {self.timeout_s:g} s")
 
     def _resend(self, share: Share, sub: Submission) -> Share:
         engine = min(self.engines, key=lambda e: (e.in_flight, e.index))
@@ -165,7 +190,7 @@ class RayEnginePool:
             pass
         engine.actor = self.factory(engine.index, engine.restarts, self.adapter_ref, self.version)
         engine.version = self.version
-        self._get(engine.actor.info.remote(), self.timeout_s, f"restarting rollout engine {engine.index}")
+        self._get(engine.actor.info.remote(), self.start_timeout_s, f"restarting rollout engine {engine.index}")
         self.restarted += 1
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:

@@ -108,7 +108,7 @@ def start_ray_rollouts(config, policy, spec: RoundSpec, start_step: int, log) ->
     from orbit_core.config.loader import to_dict
     from orbit_core.config.schema import ModelSection
     from orbit_core.peft.slots import engine_adapter_state
-    from orbit_core.rollout.ray_engine import BuiltinEngineActor, SGLangEngineActor
+    from orbit_core.rollout.ray_engine import BuiltinEngineActor, SGLangEngineActor, remote_class
     from orbit_core.train.ray_engines import require_ray
 
     ray = require_ray()
@@ -130,13 +130,13 @@ def start_ray_rollouts(config, policy, spec: RoundSpec, start_step: int, log) ->
         if group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=1 + index)
         if sglang:
-            return ray.remote(SGLangEngineActor).options(**options).remote(
+            return remote_class(ray, SGLangEngineActor).options(**options).remote(
                 r.sglang_urls[index], r.engine_timeout_s, to_dict(config)["peft"], policy.adapter_targets,
                 policy.base_path, adapter_ref, version)
         model = ModelSection(path=base_path, dtype=config.model.dtype,
                              device="cuda" if resources.get("GPU", 0) > 0 else "cpu", warmstart_steps=0)
         seed = t.seed + 7919 * start_step + 104729 * index + 15485863 * restart  # engines and replacements differ
-        return ray.remote(BuiltinEngineActor).options(**options).remote(
+        return remote_class(ray, BuiltinEngineActor).options(**options).remote(
             model, config.peft, r.max_running, seed, max(1, int(resources["CPU"])), adapter_ref, version, r.cuda_graph,
             config.moe.dequant_chunk_experts, config.moe.grouped_gemm)
 
