@@ -17,7 +17,21 @@ def main(recipe: str, inputs: str, out: str) -> None:
     config = load_recipe(recipe, given["overrides"])
     torch.manual_seed(0)
     policy = build_policy(config.model, config.peft, log=lambda m: None)
+    if given.get("idle_timeout_s"):
+        from orbit_core.train import megatron_tp
+
+        megatron_tp.IDLE_TIMEOUT_S = given["idle_timeout_s"]
     trainer = MegatronTrainer(policy, config)
+    if given.get("idle_timeout_s"):  # rank 0 busy elsewhere (a long rollout) for longer than the ranks' limit
+        import time
+
+        try:
+            time.sleep(given["idle_s"])
+            trainer.load_adapter(given["adapter"], "test")
+            torch.save({"adapter": trainer.adapter_state()}, out)
+        finally:
+            trainer.close()
+        return
     if given.get("fail_mid_call"):  # rank 0 fails while rank 1 is inside the call's collectives
         import time
 

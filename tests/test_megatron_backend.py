@@ -252,6 +252,30 @@ def test_parallel_run_saves_whole_adapters_and_resumes(tmp_path, request, checkp
     assert [step for step, _ in list_checkpoints(tmp_path / "run")][-1] == 3
 
 
+def test_ranks_waiting_longer_than_their_limit_for_rank_0_are_kept_by_its_pings(tmp_path, tiny_checkpoint):
+    """Ranks 1..N-1 wait for the next call while rank 0 generates rollouts, which on a large model
+    can outlast their limit: rank 0 pings them between calls. Here rank 0 idles for 2.5 limits of
+    6 s, then loads an adapter on both ranks and gathers it back whole."""
+    import subprocess
+    import sys
+
+    from orbit_core.peft.base import adapter_state_dict
+
+    recipe = small_recipe(tmp_path, tiny_checkpoint)
+    config = load_recipe(str(recipe), ["peft.dropout=0.0"])
+    policy = build_policy(config.model, config.peft, log=lambda m: None)
+    torch.manual_seed(4)
+    state = {name: torch.randn_like(t) * 0.2 for name, t in adapter_state_dict(policy.model).items()}
+    torch.save({"overrides": ["peft.dropout=0.0", "train.backend=megatron", "train.tensor_parallel=2"],
+                "adapter": state, "idle_timeout_s": 6.0, "idle_s": 15.0}, tmp_path / "inputs.pt")
+    rank0 = subprocess.run([sys.executable, "-m", "tests.megatron_tp_train_worker", str(recipe), str(tmp_path / "inputs.pt"),
+                            str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
+    assert rank0.returncode == 0, rank0.stderr[-3000:]
+    gathered = torch.load(tmp_path / "out.pt")["adapter"]
+    assert gathered.keys() == state.keys()
+    assert all(torch.equal(gathered[name], state[name]) for name in state)
+
+
 def test_a_call_failing_on_rank_0_stops_the_other_ranks_at_once(tmp_path, tiny_checkpoint):
     """Rank 1 waits inside a collective for rank 0, which failed: closing kills it rather than
     leaving it (and rank 0's goodbye) to wait out the process-group timeout."""

@@ -98,7 +98,6 @@ class MegatronTrainer(ShardTrainer):
             yield
             return
         self.ranks.send(command, payload)
-        self.ranks.in_call = True
         yield
         self.ranks.in_call = False
 

@@ -23,8 +23,10 @@ the experts are split, attention and the adapter are whole on every rank, and ev
 same batch. The adapter's gradients are averaged over the ranks before the step. They agree up to
 summation order, and averaging keeps the ranks' adapters bit-identical over a run.
 
-Every wait on another rank is bounded by the process group's timeout (``TIMEOUT_S``). A rank that
-dies is named at the next call.
+Every wait on another rank is bounded by its process group's timeout (``TIMEOUT_S``; the waits of
+ranks 1..N-1 for the next call, ``IDLE_TIMEOUT_S``). A rank that dies is named at the next call.
+Between calls rank 0 sends a ping every quarter of ``IDLE_TIMEOUT_S`` (at most ``PING_S``), so
+ranks that wait through a rollout longer than that are waiting on a live rank 0, not timed out.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import datetime
 import multiprocessing as mp
 import os
 import tempfile
+import threading
 from typing import Any
 
 import torch
@@ -47,7 +50,11 @@ from orbit_core.rollout.ray_engine import NO_MULTICAST
 from orbit_core.train.torch_backend import TorchTrainer
 
 TIMEOUT_S = 1800
-"""Longest wait on another rank: ranks 1..N-1 idle while rank 0 generates a step's rollouts."""
+"""Longest wait on another rank inside a call."""
+IDLE_TIMEOUT_S = 1800
+"""Longest wait of ranks 1..N-1 for rank 0's next call or ping (rank 0 generates a step's rollouts
+meanwhile, and pings)."""
+PING_S = 300
 GATHERED = ("adapter", "state")
 
 
@@ -202,7 +209,7 @@ def parallel_sizes(config: RecipeConfig) -> tuple[int, int]:
     return config.train.tensor_parallel, config.train.expert_parallel
 
 
-def init_rank(rank: int, size: int, init: str, device: torch.device, expert_parallel: int = 1):
+def init_rank(rank: int, size: int, init: str, device: torch.device, expert_parallel: int, idle_timeout_s: float):
     """This rank's process groups: the default one (NCCL on GPUs) for megatron, gloo for calls."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -210,20 +217,19 @@ def init_rank(rank: int, size: int, init: str, device: torch.device, expert_para
     os.environ.update(NO_MULTICAST)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=TIMEOUT_S)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank, world_size=size,
-                            timeout=timeout)
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
     parallel_state.initialize_model_parallel(size // expert_parallel, 1, expert_model_parallel_size=expert_parallel)
-    return dist.new_group(backend="gloo", timeout=timeout)
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=idle_timeout_s))
 
 
 def follow(rank: int, size: int, init: str, config: RecipeConfig, base_path: str, megatron_dir: str,
-           device: str) -> None:
+           device: str, idle_timeout_s: float) -> None:
     """Entry point of ranks 1..N-1: run what rank 0 sends until it says stop."""
     import torch.distributed as dist
 
     where = _device(rank, torch.device(device))
-    control = init_rank(rank, size, init, where, parallel_sizes(config)[1])
+    control = init_rank(rank, size, init, where, parallel_sizes(config)[1], idle_timeout_s)
     torch.manual_seed(config.train.seed)
     shard = ShardTrainer(config, base_path, megatron_dir, where, rank, size)
     while True:
@@ -232,6 +238,8 @@ def follow(rank: int, size: int, init: str, config: RecipeConfig, base_path: str
         command, payload = message[0]
         if command == "stop":
             break
+        if command == "ping":  # rank 0 is alive between calls
+            continue
         result = shard.run(command, payload)
         if command in GATHERED:
             dist.gather_object(result, None, dst=0, group=control)
@@ -250,15 +258,35 @@ class RankGroup:
             raise OrbitError(f"train.{field}={size} needs {size} GPUs, {torch.cuda.device_count()} visible",
                              f"use train.{field}={torch.cuda.device_count()}")
         self.size = size
+        idle_s = IDLE_TIMEOUT_S
         self.in_call = False
         """True while the ranks are inside a call rank 0 has not finished (an exception escaped it)."""
+        self.lock = threading.Lock()
+        """Held for each broadcast on the control group: a ping never lands inside a call."""
+        self.closed = False
         self.init = f"file://{tempfile.mktemp(prefix='orbit-tp-pg-')}"
         ctx = mp.get_context("spawn")
-        self.ranks = [ctx.Process(target=follow, args=(r, size, self.init, config, base_path, megatron_dir, str(device)),
-                                  daemon=True, name=f"orbit-tp-rank{r}") for r in range(1, size)]
+        self.ranks = [ctx.Process(target=follow, args=(r, size, self.init, config, base_path, megatron_dir, str(device),
+                                                       idle_s), daemon=True, name=f"orbit-tp-rank{r}")
+                      for r in range(1, size)]
         for process in self.ranks:
             process.start()
-        self.control = init_rank(0, size, self.init, _device(0, device), parallel_sizes(config)[1])
+        self.control = init_rank(0, size, self.init, _device(0, device), parallel_sizes(config)[1], idle_s)
+        self.stop_pings = threading.Event()
+        threading.Thread(target=self._ping, args=(min(PING_S, idle_s / 4),), daemon=True,
+                         name="orbit-tp-ping").start()
+
+    def _ping(self, every_s: float) -> None:
+        import torch.distributed as dist
+
+        while not self.stop_pings.wait(every_s):
+            with self.lock:
+                if self.closed or self.in_call or not all(p.is_alive() for p in self.ranks):
+                    continue
+                try:
+                    dist.broadcast_object_list([("ping", None)], src=0, group=self.control)
+                except Exception:  # a rank gone: the next call names it
+                    return
 
     def _check(self) -> None:
         for process in self.ranks:
@@ -267,16 +295,18 @@ class RankGroup:
                                  "see its error above; the run stops here")
 
     def send(self, command: str, payload: Any = None) -> None:
+        """Start a call on the other ranks; the caller sets ``in_call`` back when it is done."""
         import torch.distributed as dist
 
         self._check()
-        dist.broadcast_object_list([(command, payload)], src=0, group=self.control)
+        with self.lock:
+            dist.broadcast_object_list([(command, payload)], src=0, group=self.control)
+            self.in_call = True
 
     def gather(self, command: str, mine: Any) -> list[Any]:
         import torch.distributed as dist
 
         self.send(command)
-        self.in_call = True
         out = [None] * self.size
         dist.gather_object(mine, out, dst=0, group=self.control)
         self.in_call = False
@@ -287,9 +317,13 @@ class RankGroup:
         failed on this rank while they were inside it (they would wait out the timeout)."""
         import torch.distributed as dist
 
+        self.stop_pings.set()
         clean = not self.in_call and all(p.is_alive() for p in self.ranks)
         if clean:
-            dist.broadcast_object_list([("stop", None)], src=0, group=self.control)
+            with self.lock:
+                self.closed = True
+                dist.broadcast_object_list([("stop", None)], src=0, group=self.control)
+        self.closed = True
         for process in self.ranks:
             process.join(timeout=60 if clean else 0)
             if process.is_alive():
