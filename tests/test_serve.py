@@ -151,9 +151,10 @@ def test_orbit_serve_cli_process(tiny_checkpoint, trained_run):
 
 
 @contextlib.contextmanager
-def serve_processes(checkpoint: str, count: int):
-    """``count`` ``orbit serve`` processes on free ports; yields their URLs, stops them on exit."""
-    processes, urls = [], []
+def serve_processes(checkpoint: str, count: int, processes: list | None = None):
+    """``count`` ``orbit serve`` processes on free ports; yields their URLs, stops them on exit
+    (``processes``, when given, receives their Popen objects)."""
+    processes, urls = ([] if processes is None else processes), []
     try:
         for _ in range(count):
             processes.append(subprocess.Popen([sys.executable, "-m", "orbit_cli.main", "serve", checkpoint, "--port", "0",
@@ -184,6 +185,47 @@ def test_sglang_backend_trains_against_orbit_serve_processes(tmp_path, tiny_chec
         assert row["engine0/tokens"] > 0 and row["engine1/tokens"] > 0  # both servers took prompts
     rows = [json.loads(line) for line in (tmp_path / "run" / "rollouts" / "step_000003.jsonl").read_text().splitlines()]
     assert {r["adapter_version"] for r in rows} == {2}
+
+
+def test_a_generate_longer_than_the_limit_waits_on_a_live_server_and_a_frozen_one_is_named(endless_checkpoint):
+    """rollout.engine_timeout_s limits a server's silence, read on /health while /generate is out:
+    a batch that decodes for three limits is waited for, and a frozen server (SIGSTOP) ends the
+    wait with one line naming it."""
+    import signal
+    import time
+
+    from orbit_core.errors import OrbitError
+    from orbit_core.rollout.sglang_client import SGLangEngines
+    from orbit_core.rollout.types import SamplingParams
+
+    processes: list = []
+    with serve_processes(endless_checkpoint, 1, processes) as urls:
+        engines = SGLangEngines(urls, timeout_s=120)
+
+        def timed(tokens: int):
+            start = time.monotonic()
+            [done] = engines.generate([[5, 6, 7]], SamplingParams(max_new_tokens=tokens, temperature=0.0))
+            return done, time.monotonic() - start
+
+        tokens = 256
+        done, took = timed(tokens)
+        while took < 3.0 and tokens < 8000:
+            tokens = min(8000, int(tokens * 3.5 / max(took, 1e-3)))
+            done, took = timed(tokens)
+        assert done.finish_reason == "length" and took > 1.5, (done.finish_reason, took)
+        engines.servers[0].timeout_s = took / 3
+        again, _ = timed(tokens)
+        assert again.token_ids == done.token_ids and engines.servers[0].health_answers > 0
+
+        threading.Timer(took / 6, os.kill, (processes[0].pid, signal.SIGSTOP)).start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(OrbitError, match=r"left /health unanswered for .* s while generating"):
+                timed(tokens)
+            assert time.monotonic() - start < took / 6 + took / 3 + 5
+        finally:
+            os.kill(processes[0].pid, signal.SIGCONT)
+        engines.close()
 
 
 def test_sglang_backend_refusals(tmp_path, tiny_checkpoint):

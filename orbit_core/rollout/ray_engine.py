@@ -117,9 +117,9 @@ class SGLangEngineActor:
         return {**self.counters.stats(), "device": self.url, "threads": 0}
 
     def progress(self) -> int:
-        """Tokens of the requests answered so far: one HTTP request shows none until it returns, and
-        its own limit is ``rollout.engine_timeout_s`` too."""
-        return sum(server.tokens for server in self.engines.servers)
+        """Tokens answered so far plus the server's ``/health`` answers while a request is out (one
+        request shows no tokens until it returns)."""
+        return sum(server.tokens + server.health_answers for server in self.engines.servers)
 
     def load_adapter(self, version: int, adapter: dict[str, torch.Tensor]) -> dict:
         start = time.perf_counter()

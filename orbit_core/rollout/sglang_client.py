@@ -8,11 +8,14 @@ flight. ``orbit serve`` speaks the same subset, which is what the tests run agai
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +27,9 @@ from orbit_core.rollout.types import Completion, SamplingParams
 class SGLangServer:
     def __init__(self, url: str, timeout_s: float):
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        """Each call's limit; for ``/generate``, the limit on the server not answering ``/health``."""
+        self.health_answers = 0
+        """``/health`` answers during ``/generate`` calls (a Ray actor's progress counts them)."""
         self.in_flight = 0
         self.tokens = 0
         self.busy_s = 0.0
@@ -45,6 +51,61 @@ class SGLangServer:
         except (urllib.error.URLError, TimeoutError, OSError) as err:
             raise OrbitError(f"rollout server {self.url} is unreachable ({err})",
                              "start it, or fix rollout.sglang_urls; the run stops after saving its last step") from None
+
+
+    def generate(self, body: dict) -> dict | list:
+        """``POST /generate``, timed by the server's liveness, not by the request's length.
+
+        The answer comes when the share's longest sample ends, which may be long after any fixed
+        limit. So the answer is awaited without one while a watchdog asks ``GET /health`` every
+        quarter of ``timeout_s`` (at most 10 s). A server that leaves ``/health`` unanswered for
+        ``timeout_s`` has the request's connection shut, which ends the wait with an error."""
+        parts = urllib.parse.urlsplit(self.url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=self.timeout_s)
+        failed: list[str] = []
+        stop = threading.Event()
+
+        def watch(sock) -> None:
+            answered = time.monotonic()
+            while not stop.wait(min(10.0, self.timeout_s / 4)):
+                try:
+                    left = max(0.1, self.timeout_s - (time.monotonic() - answered))
+                    with urllib.request.urlopen(self.url + "/health", timeout=left) as response:
+                        response.read()
+                    answered = time.monotonic()
+                    self.health_answers += 1
+                except (urllib.error.URLError, TimeoutError, OSError) as err:
+                    if time.monotonic() - answered > self.timeout_s and not stop.is_set():
+                        failed.append(str(err))
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                        return
+
+        try:
+            connection.request("POST", parts.path + "/generate", body=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+            connection.sock.settimeout(None)  # the watchdog bounds this wait
+            threading.Thread(target=watch, args=(connection.sock,), daemon=True, name="orbit-sglang-health").start()
+            response = connection.getresponse()
+            status, data = response.status, response.read()
+        except (OSError, http.client.HTTPException) as err:
+            if failed:
+                raise OrbitError(f"rollout server {self.url} left /health unanswered for {self.timeout_s:g} s while "
+                                 f"generating ({failed[0]})", "check the server (its log, its GPU); the run stops "
+                                 "after saving its last step") from None
+            raise OrbitError(f"rollout server {self.url} is unreachable ({err})",
+                             "start it, or fix rollout.sglang_urls; the run stops after saving its last step") from None
+        finally:
+            stop.set()
+            connection.close()
+        if status >= 400:
+            raise OrbitError(f"rollout server {self.url}/generate answered {status}: "
+                             f"{data.decode(errors='replace')[:300]}",
+                             "check the server's log; the run stops after saving its last step")
+        return json.loads(data)
 
 
 class SGLangEngines:
@@ -80,7 +141,7 @@ class SGLangEngines:
             body["lora_path"] = self.lora_name
         start = time.perf_counter()
         try:
-            outputs = server.post("/generate", body)
+            outputs = server.generate(body)
         finally:
             with self.lock:
                 server.in_flight -= len(share)
