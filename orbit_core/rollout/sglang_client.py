@@ -52,7 +52,6 @@ class SGLangServer:
             raise OrbitError(f"rollout server {self.url} is unreachable ({err})",
                              "start it, or fix rollout.sglang_urls; the run stops after saving its last step") from None
 
-
     def generate(self, body: dict) -> dict | list:
         """``POST /generate``, timed by the server's liveness, not by the request's length.
 
