@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import yaml
@@ -49,3 +50,22 @@ def without_package(tmp_path: Path, name: str) -> dict[str, str]:
     (fake / name).mkdir(parents=True)
     (fake / name / "__init__.py").write_text(f"raise ImportError('No module named {name}')\n")
     return {"PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def long_row(generate, seconds: float = 3.0):
+    """One greedy row of ``endless_checkpoint``, lengthened until it decodes for ``seconds`` or more
+    (at most 8,000 tokens): the silence-limit tests need a generation that outlasts a limit set to a
+    third of it. ``generate(tokens)`` returns the row's Completion. Returns (completion, seconds
+    taken, tokens)."""
+    def timed(tokens: int):
+        start = time.monotonic()
+        done = generate(tokens)
+        return done, time.monotonic() - start
+
+    tokens = 256
+    done, took = timed(tokens)
+    while took < seconds and tokens < 8000:
+        tokens = min(8000, int(tokens * (seconds + 0.5) / max(took, 1e-3)))
+        done, took = timed(tokens)
+    assert done.finish_reason == "length" and took > seconds / 2, (done.finish_reason, took)
+    return done, took, tokens

@@ -22,7 +22,7 @@ from orbit_core.rollout.ray_engine import BuiltinEngineActor, remote_class
 from orbit_core.rollout.types import SamplingParams
 from orbit_core.train import Callbacks, run_training
 from orbit_core.train.ray_engines import RayEnginePool
-from tests.helpers import small_recipe, without_package
+from tests.helpers import long_row, small_recipe, without_package
 from tests.test_cli import run
 from tests.test_serve import serve_processes
 
@@ -121,20 +121,12 @@ def test_an_engine_actor_is_timed_by_its_progress_not_by_the_length_of_a_generat
                          timeout_s=120, start_timeout_s=120, log=messages.append)
     prompt = trainer.tokenizer.encode("12+34=")
     try:
-        def timed(tokens: int):
-            start = time.monotonic()
-            [done] = pool.generate([prompt], SamplingParams(max_new_tokens=tokens, temperature=0.0))
-            return done, time.monotonic() - start
+        def generate(tokens: int):
+            return pool.generate([prompt], SamplingParams(max_new_tokens=tokens, temperature=0.0))[0]
 
-        tokens = 256
-        done, took = timed(tokens)
-        while took < 3.0 and tokens < 8000:  # long enough that a third of it dwarfs the probe's period
-            tokens = min(8000, int(tokens * 3.5 / max(took, 1e-3)))
-            done, took = timed(tokens)
-        assert done.finish_reason == "length" and took > 1.5, (done.finish_reason, took)
+        done, took, tokens = long_row(generate)
         pool.timeout_s = took / 3
-        again, _ = timed(tokens)
-        assert again.token_ids == done.token_ids
+        assert generate(tokens).token_ids == done.token_ids
         assert pool.engines[0].restarts == 0, messages
 
         pid = ray.get(pool.engines[0].actor.info.remote())["pid"]  # before: info queues behind a generate

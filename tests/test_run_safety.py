@@ -15,7 +15,7 @@ from orbit_core.config import load_recipe
 from orbit_core.errors import OrbitError
 from orbit_core.train import Callbacks, list_checkpoints, load_adapter, run_training
 from orbit_core.train.checkpoint import NonFiniteState, load_checkpoint, save_checkpoint
-from tests.helpers import small_recipe
+from tests.helpers import long_row, small_recipe
 
 
 def quiet(messages: list | None = None, **kw) -> Callbacks:
@@ -258,20 +258,12 @@ def test_a_generation_longer_than_the_silence_limit_is_waited_for(endless_checkp
     engine = EngineProcess(spec, timeout_s=120)
     prompt = policy.tokenizer.encode("12+34=")
     try:
-        def timed(tokens: int):
-            start = time.monotonic()
-            [done] = engine.generate([prompt], SamplingParams(max_new_tokens=tokens, temperature=0.0))
-            return done, time.monotonic() - start
+        def generate(tokens: int):
+            return engine.generate([prompt], SamplingParams(max_new_tokens=tokens, temperature=0.0))[0]
 
-        tokens = 256
-        done, took = timed(tokens)
-        while took < 3.0 and tokens < 8000:  # long enough that a third of it dwarfs the heartbeat
-            tokens = min(8000, int(tokens * 3.5 / max(took, 1e-3)))
-            done, took = timed(tokens)
-        assert done.finish_reason == "length" and took > 1.5, (done.finish_reason, took)
+        done, took, tokens = long_row(generate)
         engine.timeout_s = took / 3  # the one row finishes only after three silence limits
-        again, _ = timed(tokens)
-        assert again.token_ids == done.token_ids
+        assert generate(tokens).token_ids == done.token_ids
     finally:
         engine.close()
 
