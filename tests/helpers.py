@@ -52,7 +52,7 @@ def without_package(tmp_path: Path, name: str) -> dict[str, str]:
     return {"PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def long_row(generate, seconds: float = 3.0):
+def long_row(generate, seconds: float = 2.4):
     """One greedy row of ``endless_checkpoint``, lengthened until it decodes for ``seconds`` or more
     (at most 8,000 tokens): the silence-limit tests need a generation that outlasts a limit set to a
     third of it. ``generate(tokens)`` returns the row's Completion. Returns (completion, seconds

@@ -254,7 +254,7 @@ def test_parallel_run_saves_whole_adapters_and_resumes(tmp_path, request, checkp
 
 def test_ranks_waiting_longer_than_their_limit_for_rank_0_are_kept_by_its_pings(tmp_path, tiny_checkpoint):
     """Ranks 1..N-1 wait for the next call while rank 0 generates rollouts, which on a large model
-    can outlast their limit: rank 0 pings them between calls. Here rank 0 idles for 2.5 limits of
+    can outlast their limit: rank 0 pings them between calls. Here rank 0 idles for two limits of
     6 s, then loads an adapter on both ranks and gathers it back whole."""
     import subprocess
     import sys
@@ -267,7 +267,7 @@ def test_ranks_waiting_longer_than_their_limit_for_rank_0_are_kept_by_its_pings(
     torch.manual_seed(4)
     state = {name: torch.randn_like(t) * 0.2 for name, t in adapter_state_dict(policy.model).items()}
     torch.save({"overrides": ["peft.dropout=0.0", "train.backend=megatron", "train.tensor_parallel=2"],
-                "adapter": state, "idle_timeout_s": 6.0, "idle_s": 15.0}, tmp_path / "inputs.pt")
+                "adapter": state, "idle_timeout_s": 6.0, "idle_s": 12.5}, tmp_path / "inputs.pt")
     rank0 = subprocess.run([sys.executable, "-m", "tests.megatron_tp_train_worker", str(recipe), str(tmp_path / "inputs.pt"),
                             str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
     assert rank0.returncode == 0, rank0.stderr[-3000:]
