@@ -46,11 +46,17 @@ class SGLangServer:
             detail = err.read().decode(errors="replace")[:300]
             if path.endswith("lora_adapter"):
                 _check_lora_answer(self.url, _json_or_text(detail))
-            raise OrbitError(f"rollout server {self.url}{path} answered {err.code}: {detail}",
-                             "check the server's log; the run stops after saving its last step") from None
+            raise self._answered(path, err.code, detail) from None
         except (urllib.error.URLError, TimeoutError, OSError) as err:
-            raise OrbitError(f"rollout server {self.url} is unreachable ({err})",
-                             "start it, or fix rollout.sglang_urls; the run stops after saving its last step") from None
+            raise self._unreachable(err) from None
+
+    def _answered(self, path: str, status: int, detail: str) -> OrbitError:
+        return OrbitError(f"rollout server {self.url}{path} answered {status}: {detail}",
+                          "check the server's log; the run stops after saving its last step")
+
+    def _unreachable(self, err: Exception) -> OrbitError:
+        return OrbitError(f"rollout server {self.url} is unreachable ({err})",
+                          "start it, or fix rollout.sglang_urls; the run stops after saving its last step")
 
     def generate(self, body: dict) -> dict | list:
         """``POST /generate``, timed by the server's liveness, not by the request's length.
@@ -95,15 +101,12 @@ class SGLangServer:
                 raise OrbitError(f"rollout server {self.url} left /health unanswered for {self.timeout_s:g} s while "
                                  f"generating ({failed[0]})", "check the server (its log, its GPU); the run stops "
                                  "after saving its last step") from None
-            raise OrbitError(f"rollout server {self.url} is unreachable ({err})",
-                             "start it, or fix rollout.sglang_urls; the run stops after saving its last step") from None
+            raise self._unreachable(err) from None
         finally:
             stop.set()
             connection.close()
         if status >= 400:
-            raise OrbitError(f"rollout server {self.url}/generate answered {status}: "
-                             f"{data.decode(errors='replace')[:300]}",
-                             "check the server's log; the run stops after saving its last step")
+            raise self._answered("/generate", status, data.decode(errors="replace")[:300])
         return json.loads(data)
 
 

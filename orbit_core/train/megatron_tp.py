@@ -263,7 +263,6 @@ class RankGroup:
         """True while the ranks are inside a call rank 0 has not finished (an exception escaped it)."""
         self.lock = threading.Lock()
         """Held for each broadcast on the control group: a ping never lands inside a call."""
-        self.closed = False
         self.init = f"file://{tempfile.mktemp(prefix='orbit-tp-pg-')}"
         ctx = mp.get_context("spawn")
         self.ranks = [ctx.Process(target=follow, args=(r, size, self.init, config, base_path, megatron_dir, str(device),
@@ -281,7 +280,7 @@ class RankGroup:
 
         while not self.stop_pings.wait(every_s):
             with self.lock:
-                if self.closed or self.in_call or not all(p.is_alive() for p in self.ranks):
+                if self.stop_pings.is_set() or self.in_call or not all(p.is_alive() for p in self.ranks):
                     continue
                 try:
                     dist.broadcast_object_list([("ping", None)], src=0, group=self.control)
@@ -321,9 +320,7 @@ class RankGroup:
         clean = not self.in_call and all(p.is_alive() for p in self.ranks)
         if clean:
             with self.lock:
-                self.closed = True
                 dist.broadcast_object_list([("stop", None)], src=0, group=self.control)
-        self.closed = True
         for process in self.ranks:
             process.join(timeout=60 if clean else 0)
             if process.is_alive():

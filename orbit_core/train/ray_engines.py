@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from orbit_core.errors import OrbitError
+from orbit_core.rollout.ray_engine import PROBE
 from orbit_core.rollout.types import Completion, SamplingParams
 
 
@@ -148,8 +149,6 @@ class RayEnginePool:
         the actor's ``progress`` (its ``PROBE`` group) is read every few seconds, and the wait gives
         up (GetTimeoutError) once it has not moved for ``timeout_s``, so a generation longer than the
         limit goes on and a stalled or frozen engine is replaced."""
-        from orbit_core.rollout.ray_engine import PROBE
-
         poll = min(5.0, self.timeout_s / 4)
         moved, seen = time.monotonic(), None
         while True:
