@@ -87,6 +87,7 @@ ROUND_KERNELS = {
     "gemv_one_row_tiles": (packed_gemv, "ONE_ROW_TILES"),  # int4 GEMV at one row: gate/up and down in their own tiles
     "merge_unrolled": (attention_kernels, "MERGE_UNROLLED"),  # attention merge reads every chunk at once (else a loop)
     "probed_checks": (decode_loop, "PROBED_CHECKS"),  # host syncs only when a probe shows a finished row
+    "int4_pairs": (packed_gemm, "INT4_PAIRS"),  # x-split GEMM: int4 codes to bf16 pairs, scale after the dot
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
@@ -102,7 +103,8 @@ each switchable for ``--ablate``
 ``decode_throughput_early_reads_h100.jsonl``, ``decode_throughput_gemv_plans_h100.jsonl``: int4 at
 1 and 4, the last with LoRA and bare; ``decode_throughput_shrink_fusions_h100.jsonl``: int4 and
 bf16 + LoRA at 1 and 4; ``decode_throughput_record_kernel_h100.jsonl``: int4 and bf16 + LoRA at 1,
-4 and 32; ``decode_throughput_gemv_one_row_tiles_h100.jsonl``: int4 at 1, with LoRA and bare).
+4 and 32; ``decode_throughput_gemv_one_row_tiles_h100.jsonl``: int4 at 1, with LoRA and bare;
+``decode_throughput_int4_pairs_h100.jsonl``: ``int4_pairs``, the latest, int4 + LoRA at 8-32).
 Switches tried and removed with their code: ``weight_prefetch`` (packed weights asked into L2
 ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.jsonl``),
 ``attention_shrink`` (the attention's merge computing o_proj's LoRA shrink, commit ce1db3d;

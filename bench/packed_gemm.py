@@ -7,6 +7,9 @@ line per implementation:
 * ``bf16_cublas`` (the baseline): cuBLAS on a bf16 weight;
 * ``<fmt>_dequant_cublas``: the format's Triton dequantization, then cuBLAS (what training ran);
 * ``<fmt>_gemm``: the packed GEMM with its default tiles (``packed_gemm.tiles_for``);
+* ``int4_linear op`` (forward): what the quantized linear runs at that row count (the few-row GEMV,
+  this GEMM, or dequantize + cuBLAS); ``int4_gemm rounding decode``: the GEMM with
+  ``packed_gemm.INT4_PAIRS`` off (its tiles and decode before the pairs);
 * with ``--sweep``, ``int4_gemm`` with each tile setting in ``CANDIDATES`` as well at each
   reduction split of ``--splits``; with ``--sweep --x-split``, every format's GEMM with each
   setting in ``X_SPLIT_CANDIDATES`` (those ``--candidates`` names), forward.
@@ -24,7 +27,10 @@ dequantization, 2-2.5x slower); ``packed_gemm_x_split_h200.jsonl`` and
 ``packed_gemm.X_SPLIT``: int4 at 16-256 rows, and every format at 8-32; in the second the default
 ``<fmt>_gemm`` rows already take the x-split tiles); ``packed_gemm_x_split_splits_h200.jsonl`` (the
 x-split tiles at 16 and 32 rows, each at reduction splits 2, 4, 16 and the default rule, behind
-``packed_gemm.NARROW_TILES``).
+``packed_gemm.NARROW_TILES``). One H100: ``packed_gemm_int4_pairs_h100.jsonl`` (the pairs decode
+with eight x-split tiles at 8-64 rows, behind ``tiles_for``'s pairs rule) and
+``packed_gemm_int4_pairs_rows_h100.jsonl`` (that rule at 1-256 rows, against the op and the
+decode before).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from triton.runtime.errors import OutOfResources
 from bench.int4_linear import L2_BYTES, graph_us, linear_shapes, nbytes, random_fp, random_packed
 from bench.rollout_throughput import SHAPES
 from orbit_kernels import packed_gemm
+from orbit_kernels.int4 import int4_linear
 from orbit_kernels.packed_gemm import Tiles
 from orbit_kernels.packed_grad import dense_weight
 
@@ -53,8 +60,19 @@ X_SPLIT_CANDIDATES = [Tiles(16, 128, 128, 4, 4, True, True), Tiles(32, 128, 128,
                       Tiles(64, 128, 128, 4, 3, False, True), Tiles(128, 128, 128, 8, 3, False, True),
                       Tiles(16, 64, 128, 4, 4, True, True), Tiles(32, 64, 128, 4, 4, True, True),
                       Tiles(16, 64, 256, 4, 3, True, True), Tiles(16, 128, 128, 4, 5, True, True),
-                      Tiles(16, 32, 128, 2, 4, True, True)]
+                      Tiles(16, 32, 128, 2, 4, True, True), Tiles(16, 64, 128, 4, 2, False, True),
+                      Tiles(16, 128, 128, 4, 2, False, True), Tiles(16, 128, 128, 8, 2, True, True),
+                      Tiles(32, 64, 128, 4, 2, False, True), Tiles(32, 128, 128, 4, 2, False, True)]
 """With ``--sweep --x-split``: one dot per code position, the activations dealt out in registers."""
+
+
+def _without_pairs(gemm, i: int):
+    """The GEMM with ``packed_gemm.INT4_PAIRS`` off (read at launch, so inside a capture too)."""
+    packed_gemm.INT4_PAIRS = False
+    try:
+        return gemm(i)
+    finally:
+        packed_gemm.INT4_PAIRS = True
 
 
 def _weights(fmt: str, n: int, k: int) -> tuple:
@@ -109,6 +127,13 @@ def main() -> None:
                     weight_bytes = nbytes(*copies[0])
                     impls[f"{fmt}_dequant_cublas"] = (dequant_cublas, weight_bytes, fmt)
                     impls[f"{fmt}_gemm"] = (gemm, weight_bytes, fmt)
+                    if fmt == "int4" and forward:  # what the quantized linear runs at this row count
+                        impls["int4_linear op"] = (
+                            lambda i, copies=copies, a=a: int4_linear(a, *copies[i % len(copies)][:2], k),
+                            weight_bytes, fmt)
+                    if fmt == "int4" and forward and packed_gemm.INT4_PAIRS:
+                        impls["int4_gemm rounding decode"] = (
+                            lambda i, gemm=gemm: _without_pairs(gemm, i), weight_bytes, fmt)
                     if args.sweep and (fmt == "int4" or args.x_split):
                         swept = X_SPLIT_CANDIDATES if args.x_split else CANDIDATES
                         for t in (swept if args.candidates is None else [swept[i] for i in args.candidates]):

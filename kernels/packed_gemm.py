@@ -26,6 +26,7 @@ matmul (backward); on the CPU those run instead.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -77,6 +78,22 @@ False in the same process (``decode_throughput_gemm_narrow_tiles_h200.jsonl``): 
 against 2,963 at batch 8, 5,587 against 5,340 at 16, 9,533 against 9,003 at 32."""
 
 
+INT4_PAIRS = True
+"""The x-split forward on int4 (a K step inside one scale group) turns two codes of a word into a
+bf16 or fp16 pair with a shift, one LOP3 and one packed FMA (``_pairs_of``: the nibbles ORed into the
+mantissa of 128.0, or 1024.0 for fp16, then 136 or 1032 taken off), multiplies the raw codes on
+the tensor cores and scales each K step's fp32 dot by its group scale. The decode before it took a
+shift, a mask, an OR, an fp32 subtraction, a multiply by the scale and a rounding to the
+activation dtype per code.
+Numerically the product is the GEMV's: codes times scale unrounded, where dequantize-then-matmul
+rounds each weight to the activation dtype. One H100, q/gate/down/o_proj summed, against the decode
+before with its tiles (``packed_gemm_int4_pairs_rows_h100.jsonl``): 30.18 against 35.05 us at 8
+rows, 33.10 against 36.77 at 16, 41.87 against 44.97 at 32; decoding int4 + LoRA r16 on / off / on
+in one process (``decode_throughput_int4_pairs_h100.jsonl``): 3,315 / 3,072 / 3,305 tok/s at
+batch 8, 5,980 / 5,763 / 5,960 at 16, 9,566 / 9,568 / 9,540 at 32. Off under Triton's
+interpreter, which runs no inline PTX. False: the decode before (benchmarks compare)."""
+
+
 class Tiles(NamedTuple):
     block_m: int
     block_n: int
@@ -87,10 +104,15 @@ class Tiles(NamedTuple):
     x_split: bool = False
 
 
-def tiles_for(rows: int, forward: bool) -> Tiles:
+def tiles_for(rows: int, forward: bool, pairs: bool = False, inner: int = 0) -> Tiles:
     """The tile setting for ``rows`` activation rows: the fastest of a sweep summed over q_proj,
     gate_proj and down_proj at the Qwen3-1.7B shape, per direction and row count (H200,
-    ``bench/results/packed_gemm_sweep_h200.jsonl``; rows 8 from an earlier sweep of 16-row tiles)."""
+    ``bench/results/packed_gemm_sweep_h200.jsonl``; rows 8 from an earlier sweep of 16-row tiles).
+    ``pairs`` (``INT4_PAIRS`` serves the call): 16-row tiles, not swapped, two stages; 128 output
+    columns where the reduction is over 4,096 wide (down_proj) at 16 rows or fewer (one H100,
+    ``packed_gemm_int4_pairs_h100.jsonl``)."""
+    if forward and X_SPLIT and pairs and rows <= 32:
+        return Tiles(16, 128 if inner > 4096 and rows <= 16 else 64, 128, 4, 2, False, True)
     if forward and X_SPLIT and rows <= 32:  # the x-split sweeps (``X_SPLIT``, ``NARROW_TILES``)
         return Tiles(16 if rows <= 16 else 32, 64 if NARROW_TILES else 128, 128, 4, 4, True, True)
     if rows <= 16:
@@ -160,6 +182,58 @@ if triton is not None:
         return _code_dot(acc, words, scale, xd, FIRST + 3, BITS, FMT, SWAP)
 
     @triton.jit
+    def _pairs_of(words, BF16: tl.constexpr):
+        """Codes 0 and 4 of every word (bits 0-3 and 16-19) as ``q - 8`` in the activation dtype,
+        exactly: ``(w & 0x000F000F) | magic`` is the pair (m + q0, m + q4) with m = 128.0 in bf16
+        (1024.0 in fp16), whose lowest mantissa bit is worth 1; one packed FMA takes m + 8 off."""
+        if BF16:
+            pair = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, m, o, one, off; mov.b32 m, 0x000F000F; mov.b32 o, 0x43004300; "
+                "lop3.b32 t, $2, m, o, 0xEA; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308; "
+                "fma.rn.bf16x2 t, t, one, off; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r", [words], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        else:
+            pair = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, m, o, one, off; mov.b32 m, 0x000F000F; mov.b32 o, 0x64006400; "
+                "lop3.b32 t, $2, m, o, 0xEA; mov.b32 one, 0x3C003C00; mov.b32 off, 0xE408E408; "
+                "fma.rn.f16x2 t, t, one, off; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r", [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        return pair
+
+    @triton.jit
+    def _raw_dot(acc, w, x, SWAP: tl.constexpr):
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        return acc
+
+    @triton.jit
+    def _int4_pair_step(acc, words, scale, a, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SWAP: tl.constexpr):
+        """``acc`` plus one K step (inside one scale group) of the raw codes times the activations,
+        scaled once: ``scale`` is the tile's ``[rows, 1]`` group scales."""
+        BF16: tl.constexpr = a.dtype == tl.bfloat16
+        a0, a1, a2, a3, a4, a5, a6, a7 = gemv.deal8(a, BLOCK_M, BLOCK_W)
+        w0, w4 = _pairs_of(words, BF16)
+        w1, w5 = _pairs_of(words >> 4, BF16)
+        w2, w6 = _pairs_of(words >> 8, BF16)
+        w3, w7 = _pairs_of(words >> 12, BF16)
+        step = tl.zeros_like(acc)
+        step = _raw_dot(step, w0, a0, SWAP)
+        step = _raw_dot(step, w1, a1, SWAP)
+        step = _raw_dot(step, w2, a2, SWAP)
+        step = _raw_dot(step, w3, a3, SWAP)
+        step = _raw_dot(step, w4, a4, SWAP)
+        step = _raw_dot(step, w5, a5, SWAP)
+        step = _raw_dot(step, w6, a6, SWAP)
+        step = _raw_dot(step, w7, a7, SWAP)
+        if SWAP:
+            acc += step * scale
+        else:
+            acc += step * tl.trans(scale)
+        return acc
+
+    @triton.jit
     def _packed_gemm_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, c_ptr, part_ptr, count_ptr, M, N, K, stride_am, stride_w,
                             stride_s, stride_cm, t_ptr, b_ptr, slot_ptr, bias_ptr, scaling, R, stride_tm, stride_bn,
                             b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, LORA: tl.constexpr, HAS_SLOTS: tl.constexpr,
@@ -167,7 +241,7 @@ if triton is not None:
                             SCALE_ROWS: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                             FORWARD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
-                            X_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+                            X_SPLIT: tl.constexpr, PAIRS: tl.constexpr = False, PDL: tl.constexpr = False):
         pdl_enter(PDL)  # first: nothing before it may touch memory
         # W is [N, K] as stored. forward: C[M, N] = A[M, K] W^T, reducing over K in BLOCK_K steps;
         # backward: C[M, K] = A[M, N] W, reducing over N in BLOCK_N steps. SWAP computes C^T
@@ -208,7 +282,9 @@ if triton is not None:
                 scale = _word_scales(s_ptr, offs_o, offs_w, k0, o_mask, stride_s, CODES, GROUP, SCALE_ROWS, ROW_SCALE)
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + tl.arange(0, BLOCK_K))[None, :],
                             mask=m_mask[:, None], other=0.0)
-                if CODES == 8:
+                if PAIRS:  # int4, the step inside one scale group: ``scale`` is [rows, 1]
+                    acc = _int4_pair_step(acc, words, scale, a, BLOCK_M, BLOCK_W, SWAP)
+                elif CODES == 8:
                     a0, a1, a2, a3, a4, a5, a6, a7 = gemv.deal8(a, BLOCK_M, BLOCK_W)
                     acc = _four_code_dots(acc, words, scale, a0, a1, a2, a3, 0, BITS, FMT, SWAP)
                     acc = _four_code_dots(acc, words, scale, a4, a5, a6, a7, 4, BITS, FMT, SWAP)
@@ -322,6 +398,13 @@ def _split(tiles: int, steps: int, target: int = TARGET_PROGRAMS) -> int:
     return 1 << (split.bit_length() - 1)
 
 
+def _pairs(fmt: str, group: int, block_k: int, a: torch.Tensor) -> bool:
+    """Whether the x-split forward decodes int4 in pairs (``INT4_PAIRS``): a K step inside one scale
+    group, on a GPU (not under the interpreter)."""
+    return (INT4_PAIRS and fmt == "int4" and group % block_k == 0 and a.is_cuda
+            and os.environ.get("TRITON_INTERPRET") != "1")
+
+
 def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int,
                 global_scale: torch.Tensor | None = None, forward: bool = True,
                 tiles: Tiles | None = None, split: int | None = None,
@@ -337,7 +420,8 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     flat = a.reshape(rows, inner).contiguous()
     words = weight.view(torch.int32)
     codes, group, scale_rows = gemv.layout(fmt, scale, in_features)
-    t = tiles or tiles_for(rows, forward)
+    pairs = forward and _pairs(fmt, group, 128, a) and in_features % 128 == 0
+    t = tiles or tiles_for(rows, forward, pairs, inner)
     block_k = next(b for b in (t.block_k, 64, 32) if in_features % b == 0)
     block_o = t.block_n if forward else block_k
     out_tiles = triton.cdiv(rows, t.block_m) * triton.cdiv(outer, block_o)
@@ -352,13 +436,14 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         count = gemv.arrival_counters(a.device, out_tiles)
     lora_args, lora_flags = gemv.epilogue_args(lora, c)
     lora_flags.pop("BLOCK_R")  # the GEMM's expand goes one rank at a time
+    x_split = x_split_tiles and block_k // codes >= 16
     _packed_gemm_kernel[(out_tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, c, part, count, rows, out_features,
         in_features, flat.stride(0), words.stride(0), scale.stride(0), c.stride(0), *lora_args, **lora_flags,
         FMT=gemv.FORMAT_CODES[fmt],
         CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, ROW_SCALE=group % block_k == 0,
         HAS_GLOBAL=global_scale is not None, FORWARD=forward, SPLIT=split, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, X_SPLIT=x_split_tiles and block_k // codes >= 16,
+        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, X_SPLIT=x_split, PAIRS=x_split and _pairs(fmt, group, block_k, a),
         num_warps=t.warps, num_stages=t.stages, **pdl_args(c))
     return c.view(*a.shape[:-1], outer)
 

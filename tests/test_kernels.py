@@ -194,6 +194,32 @@ def test_packed_gemm_forward_and_input_grad_equal_the_reference(fmt, m, rows, co
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [5, 16, 32])
+@pytest.mark.parametrize("rows, cols", [(2048, 2048), (300, 768), (2048, 6144)])
+def test_int4_pairs_decode_matches_the_rounding_decode_and_the_reference(dtype, m, rows, cols):
+    """The x-split forward decoding int4 in pairs (raw codes on the tensor cores, the group scale on
+    the fp32 dot) against the decode that rounds each scaled weight first, and both against
+    dequantize-then-matmul in fp32; a whole code range (0 and 15 at both pair positions) included."""
+    packed, scale = _packed(rows, cols, 128, "cuda", torch.bfloat16)
+    packed[0, :4] = torch.tensor([0, -1, 0x000F000F, 0x000F000F << 4], dtype=torch.int32)
+    dense = dequant_int4(packed, scale, (rows, cols), torch.float32)
+    x = torch.randn(m, cols, device="cuda", dtype=dtype)
+    reference = x.float() @ dense.t()
+    assert packed_gemm._pairs("int4", 128, 128, x)
+    pairs = packed_gemm.packed_gemm("int4", x, packed, scale, cols).float()
+    packed_gemm.INT4_PAIRS = False
+    try:
+        rounding = packed_gemm.packed_gemm("int4", x, packed, scale, cols).float()
+    finally:
+        packed_gemm.INT4_PAIRS = True
+    scale_of_output = reference.abs().max().item()
+    torch.testing.assert_close(pairs, reference, atol=5e-3 * scale_of_output, rtol=1e-2)
+    torch.testing.assert_close(pairs, rounding, atol=1e-2 * scale_of_output, rtol=1e-2)
+    assert (pairs - reference).abs().max() <= (rounding - reference).abs().max() * 1.5 + 1e-3 * scale_of_output
+
+
+@cuda
 def test_split_packed_gemm_replays_from_a_cuda_graph():
     args, _, dense = _format_weights("int4", 2048, 2048, "cuda")
     x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
