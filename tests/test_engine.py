@@ -308,6 +308,37 @@ def test_cuda_graph_capture_survives_an_earlier_engines_garbage(tiny_checkpoint,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int4_pairs_decode_what_the_rounding_decode_decodes(tiny_checkpoint, tmp_path, monkeypatch):
+    """At 8 rows a graphed int4 engine (groups of 128, LoRA B nonzero) runs its linears through the
+    x-split GEMM, which decodes the codes in bf16 pairs (``packed_gemm.INT4_PAIRS``): it samples
+    the tokens the decode before samples, with logprobs within the weights' bf16 rounding of its."""
+    from orbit_core.policy.load import load_base
+    from orbit_core.quant.quantize import quantize_checkpoint
+    from orbit_kernels import packed_gemm
+    from tests.conftest import PACKED_SHAPE, save_hf_model
+    from tests.test_dequant_ahead import _with_lora
+
+    tok = load_tokenizer(tiny_checkpoint)
+    save_hf_model("qwen2", tmp_path / "dense", **PACKED_SHAPE, vocab_size=len(tok))  # 128 wide: groups of 128
+    path = str(quantize_checkpoint(str(tmp_path / "dense"), str(tmp_path / "int4"), "int4", group_size=128))
+    prompts = [tok(f"{a}*{b}=", add_special_tokens=False)["input_ids"] for a in range(4) for b in range(1, 3)]
+    served = []
+    monkeypatch.setattr(packed_gemm, "_pairs", lambda *a, _pairs=packed_gemm._pairs: served.append(_pairs(*a))
+                        or served[-1])
+    runs = {}
+    for pairs in (True, False):
+        monkeypatch.setattr(packed_gemm, "INT4_PAIRS", pairs)
+        served.clear()
+        engine = BuiltinEngine(_with_lora(load_base(path, "bfloat16", "cuda")), tok, max_running=8, seed=3)
+        runs[pairs] = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=1.0))
+        assert engine.loop.graphed is not None and engine.loop.graphed.graphs
+        assert any(served) == pairs
+    for on, off in zip(runs[True], runs[False]):
+        assert on.token_ids == off.token_ids
+        torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=1e-2, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, tmp_path, monkeypatch, fmt):
     """At 1 and 3 rows the graphed engine computes the q/k/v and gate/up shrinks with the norm
