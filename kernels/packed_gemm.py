@@ -163,15 +163,21 @@ if triton is not None:
         return tl.reshape(value, (BLOCK_N, BLOCK_K)).to(dtype)
 
     @triton.jit
-    def _code_dot(acc, words, scale, x, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, SWAP: tl.constexpr):
-        # code c of every loaded word, decoded and scaled in the words' own layout (no reshape),
-        # times its activations ``x [BLOCK_M, BLOCK_W]`` (columns ``CODES * w + c``)
-        w = (gemv._decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT) * scale).to(x.dtype)
+    def _raw_dot(acc, w, x, SWAP: tl.constexpr):
+        """``acc`` plus the weight tile ``w [BLOCK_O, BLOCK_W]`` times ``x [BLOCK_M, BLOCK_W]``,
+        the decoded tile as wgmma's register operand when ``SWAP`` (``acc`` is then transposed)."""
         if SWAP:
             acc = tl.dot(w, tl.trans(x), acc)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
         return acc
+
+    @triton.jit
+    def _code_dot(acc, words, scale, x, c: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, SWAP: tl.constexpr):
+        # code c of every loaded word, decoded and scaled in the words' own layout (no reshape),
+        # times its activations ``x [BLOCK_M, BLOCK_W]`` (columns ``CODES * w + c``)
+        w = (gemv._decode((words >> (c * BITS)) & ((1 << BITS) - 1), FMT) * scale).to(x.dtype)
+        return _raw_dot(acc, w, x, SWAP)
 
     @triton.jit
     def _four_code_dots(acc, words, scale, xa, xb, xc, xd, FIRST: tl.constexpr, BITS: tl.constexpr,
@@ -199,14 +205,6 @@ if triton is not None:
                 "fma.rn.f16x2 t, t, one, off; mov.b32 {$0, $1}, t; }",
                 "=h,=h,r", [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
         return pair
-
-    @triton.jit
-    def _raw_dot(acc, w, x, SWAP: tl.constexpr):
-        if SWAP:
-            acc = tl.dot(w, tl.trans(x), acc)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-        return acc
 
     @triton.jit
     def _int4_pair_step(acc, words, scale, a, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, SWAP: tl.constexpr):
