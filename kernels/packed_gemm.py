@@ -396,11 +396,20 @@ def _split(tiles: int, steps: int, target: int = TARGET_PROGRAMS) -> int:
     return 1 << (split.bit_length() - 1)
 
 
+_PACKED_BF16_FMA: dict[int, bool] = {}
+
+
 def _pairs(fmt: str, group: int, block_k: int, a: torch.Tensor) -> bool:
     """Whether the x-split forward decodes int4 in pairs (``INT4_PAIRS``): a K step inside one scale
-    group, on a GPU (not under the interpreter)."""
-    return (INT4_PAIRS and fmt == "int4" and group % block_k == 0 and a.is_cuda
-            and os.environ.get("TRITON_INTERPRET") != "1")
+    group, on a GPU with packed bf16 FMAs (compute capability 8.0 or later; not under the
+    interpreter)."""
+    if not (INT4_PAIRS and fmt == "int4" and group % block_k == 0 and a.is_cuda
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        return False
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if index not in _PACKED_BF16_FMA:
+        _PACKED_BF16_FMA[index] = torch.cuda.get_device_capability(index)[0] >= 8
+    return _PACKED_BF16_FMA[index]
 
 
 def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int,

@@ -24,6 +24,25 @@ def _packed(rows: int, cols: int, group: int, device: str = "cpu", scale_dtype=t
     return packed.to(device), scale.to(device)
 
 
+def test_int4_pairs_serve_only_gpus_with_packed_bf16_fma(monkeypatch):
+    """The pairs decode is inline PTX with ``fma.rn.bf16x2``: never on the CPU or under the
+    interpreter, and on a GPU only from compute capability 8.0 (others keep the rounding decode)."""
+    from types import SimpleNamespace
+
+    assert not packed_gemm._pairs("int4", 128, 128, torch.zeros(2, 128))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(packed_gemm, "_PACKED_BF16_FMA", {})
+    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    for capability, served in (((7, 5), False), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        packed_gemm._PACKED_BF16_FMA.clear()
+        assert packed_gemm._pairs("int4", 128, 128, on_gpu) is served
+        assert not packed_gemm._pairs("int4", 32, 128, on_gpu)  # a K step over two scale groups
+        assert not packed_gemm._pairs("fp8", 128, 128, on_gpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not packed_gemm._pairs("int4", 128, 128, on_gpu)
+
+
 def test_cpu_dispatch_runs_the_references():
     packed, scale = _packed(48, 256, 32)
     torch.testing.assert_close(int4_dequant(packed, scale, 256, torch.float32),
