@@ -58,7 +58,15 @@ if triton is not None:
 else:
     pdl_enter = None
 
-_CAPABLE: dict[int, bool] = {}
+_MAJOR: dict[int, int] = {}
+
+
+def capability_major(device: torch.device) -> int:
+    """The major compute capability of a CUDA device, asked once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MAJOR:
+        _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return _MAJOR[index]
 
 
 def pdl_args(tensor) -> dict:
@@ -67,10 +75,7 @@ def pdl_args(tensor) -> dict:
     otherwise (the interpreter, the CPU, older GPUs or Triton)."""
     if not (PDL and _PDL_BUILD and tensor.is_cuda):
         return {}
-    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABLE:
-        _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if _CAPABLE[index] else {}
+    return {"PDL": True, "launch_pdl": True} if capability_major(tensor.device) >= 9 else {}
 
 log = logging.getLogger("orbit.kernels")
 _reported: set[tuple[str, str]] = set()

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from orbit_kernels import packed_gemv as gemv
-from orbit_kernels._triton import pdl_args, pdl_enter, tl, triton
+from orbit_kernels._triton import capability_major, pdl_args, pdl_enter, tl, triton
 
 ENABLED = True
 """Set False to force the references (benchmarks compare the two in one process)."""
@@ -396,20 +396,12 @@ def _split(tiles: int, steps: int, target: int = TARGET_PROGRAMS) -> int:
     return 1 << (split.bit_length() - 1)
 
 
-_PACKED_BF16_FMA: dict[int, bool] = {}
-
-
 def _pairs(fmt: str, group: int, block_k: int, a: torch.Tensor) -> bool:
     """Whether the x-split forward decodes int4 in pairs (``INT4_PAIRS``): a K step inside one scale
     group, on a GPU with packed bf16 FMAs (compute capability 8.0 or later; not under the
     interpreter)."""
-    if not (INT4_PAIRS and fmt == "int4" and group % block_k == 0 and a.is_cuda
-            and os.environ.get("TRITON_INTERPRET") != "1"):
-        return False
-    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    if index not in _PACKED_BF16_FMA:
-        _PACKED_BF16_FMA[index] = torch.cuda.get_device_capability(index)[0] >= 8
-    return _PACKED_BF16_FMA[index]
+    return (INT4_PAIRS and fmt == "int4" and group % block_k == 0 and a.is_cuda
+            and os.environ.get("TRITON_INTERPRET") != "1" and capability_major(a.device) >= 8)
 
 
 def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int,
@@ -427,8 +419,8 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     flat = a.reshape(rows, inner).contiguous()
     words = weight.view(torch.int32)
     codes, group, scale_rows = gemv.layout(fmt, scale, in_features)
-    pairs = forward and _pairs(fmt, group, 128, a) and in_features % 128 == 0
-    t = tiles or tiles_for(rows, forward, pairs, inner)
+    pairs = forward and _pairs(fmt, group, 128, a)  # x-split K steps are 128 or 256 columns
+    t = tiles or tiles_for(rows, forward, pairs and in_features % 128 == 0, inner)
     block_k = next(b for b in (t.block_k, 64, 32) if in_features % b == 0)
     block_o = t.block_n if forward else block_k
     out_tiles = triton.cdiv(rows, t.block_m) * triton.cdiv(outer, block_o)
@@ -450,7 +442,7 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         FMT=gemv.FORMAT_CODES[fmt],
         CODES=codes, GROUP=group, SCALE_ROWS=scale_rows, ROW_SCALE=group % block_k == 0,
         HAS_GLOBAL=global_scale is not None, FORWARD=forward, SPLIT=split, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, X_SPLIT=x_split, PAIRS=x_split and _pairs(fmt, group, block_k, a),
+        BLOCK_K=block_k, GROUP_M=8, SWAP=t.swap, X_SPLIT=x_split, PAIRS=x_split and pairs and group % block_k == 0,
         num_warps=t.warps, num_stages=t.stages, **pdl_args(c))
     return c.view(*a.shape[:-1], outer)
 

@@ -323,8 +323,12 @@ def test_int4_pairs_decode_what_the_rounding_decode_decodes(tiny_checkpoint, tmp
     path = str(quantize_checkpoint(str(tmp_path / "dense"), str(tmp_path / "int4"), "int4", group_size=128))
     prompts = [tok(f"{a}*{b}=", add_special_tokens=False)["input_ids"] for a in range(4) for b in range(1, 3)]
     served = []
-    monkeypatch.setattr(packed_gemm, "_pairs", lambda *a, _pairs=packed_gemm._pairs: served.append(_pairs(*a))
-                        or served[-1])
+
+    def recorded(*args, _pairs=packed_gemm._pairs):
+        served.append(_pairs(*args))
+        return served[-1]
+
+    monkeypatch.setattr(packed_gemm, "_pairs", recorded)
     runs = {}
     for pairs in (True, False):
         monkeypatch.setattr(packed_gemm, "INT4_PAIRS", pairs)

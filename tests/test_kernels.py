@@ -8,7 +8,7 @@ import torch
 from orbit_kernels import int4
 from orbit_kernels.int4 import dequant_int4, int4_dequant, int4_linear
 from orbit_kernels import lora, lora_tiles
-from orbit_kernels import fp_formats, packed_gemm, packed_gemv
+from orbit_kernels import _triton, fp_formats, packed_gemm, packed_gemv
 from orbit_kernels.packed_grad import packed_input_grad
 from orbit_kernels.fp_formats import dequant, fp_linear
 from orbit_kernels.decode_attention import decode_attention, decode_attention_reference
@@ -31,11 +31,11 @@ def test_int4_pairs_serve_only_gpus_with_packed_bf16_fma(monkeypatch):
 
     assert not packed_gemm._pairs("int4", 128, 128, torch.zeros(2, 128))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(packed_gemm, "_PACKED_BF16_FMA", {})
+    monkeypatch.setattr(_triton, "_MAJOR", {})
     on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     for capability, served in (((7, 5), False), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
-        packed_gemm._PACKED_BF16_FMA.clear()
+        _triton._MAJOR.clear()
         assert packed_gemm._pairs("int4", 128, 128, on_gpu) is served
         assert not packed_gemm._pairs("int4", 32, 128, on_gpu)  # a K step over two scale groups
         assert not packed_gemm._pairs("fp8", 128, 128, on_gpu)
