@@ -12,7 +12,7 @@ gate/up shapes, pipeline stages and program targets.
 ``--x-split 0 1 --rows 1 4`` compares the two ways of reading the activations
 (``packed_gemv.X_SPLIT``; ``packed_gemv_x_split_h200.jsonl``). ``packed_gemv_group_scale_h200.jsonl``
 is a run with a ``--group-scale`` switch for a variant since removed (see ``packed_gemv.X_SPLIT``).
-``--half2 1 0`` switches ``packed_gemv.HALF2``; ``--in-place 1 0`` switches ``packed_gemv.IN_PLACE_NIBBLES``; ``--prefetch 0 1`` loads each K step
+``--in-place 1 0`` switches ``packed_gemv.IN_PLACE_NIBBLES``; ``--prefetch 0 1`` loads each K step
 one step ahead (``packed_gemv.PREFETCH``) at every setting given, the targets setting the split.
 After each linear's settings, four more lines time the library's own choices: ``packed_gemv.plan``
 with ``ONE_ROW_TILES``, with ``ONE_STEP``, with ``PREFETCH`` alone, and the rule before them
@@ -61,8 +61,6 @@ def main() -> None:
                         help="packed_gemv.IN_PLACE_NIBBLES settings: 1 decodes int4 nibbles where they lie")
     parser.add_argument("--prefetch", nargs="+", type=int, default=[int(packed_gemv.PREFETCH)], choices=[0, 1],
                         help="packed_gemv.PREFETCH settings: 1 loads each K step one step ahead")
-    parser.add_argument("--half2", nargs="+", type=int, default=[int(packed_gemv.HALF2)], choices=[0, 1],
-                        help="packed_gemv.HALF2 settings: 1 multiplies int4 codes in fp16 pairs")
     parser.add_argument("--specialize-stride", nargs="+", type=int, default=[0], choices=[0, 1],
                         help="1: let Triton specialize the weight's row stride on divisibility by 16 (the kernel "
                              "as written does not)")
@@ -78,10 +76,9 @@ def main() -> None:
         fp8 = [random_fp("fp8", n, k) for _ in range(max(2, -(-4 * L2_BYTES // (n * k))))] if "fp8" in args.formats else []
         for rows in args.rows:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-            for bn, bw, warps, stages, target, x_split, specialize, in_place, prefetch, half2 in itertools.product(
+            for bn, bw, warps, stages, target, x_split, specialize, in_place, prefetch in itertools.product(
                     args.block_n, args.block_w, args.warps, args.stages, args.targets, args.x_split,
-                    args.specialize_stride, args.in_place, args.prefetch, args.half2):
-                packed_gemv.HALF2 = bool(half2)
+                    args.specialize_stride, args.in_place, args.prefetch):
                 packed_gemv.STRIDE_UNSPECIALIZED = not specialize
                 packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = bn, bw, warps
                 packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = stages, target
@@ -93,7 +90,7 @@ def main() -> None:
                 turn = iter(range(1 << 30))
                 row = {"shape": name, "rows": rows, "bn": bn, "bw": bw, "warps": warps, "stages": stages,
                        "target": target, "x_split": bool(x_split), "stride_specialized": bool(specialize),
-                       "in_place": bool(in_place), "prefetch": bool(prefetch), "half2": bool(half2),
+                       "in_place": bool(in_place), "prefetch": bool(prefetch),
                        "split": packed_gemv._split(-(-n // bn), k // 8, bw, target)}
                 row["int4_us"] = round(graph_us(lambda: packed_gemv.packed_gemv(
                     "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)
@@ -105,19 +102,17 @@ def main() -> None:
             packed_gemv.X_SPLIT, packed_gemv.IN_PLACE_NIBBLES, packed_gemv.plan = True, True, default_plan
             packed_gemv.BLOCK_N, packed_gemv.BLOCK_W, packed_gemv.NUM_WARPS = defaults
             packed_gemv.NUM_STAGES, packed_gemv.TARGET_PROGRAMS = default_stages
-            for impl, tiles, one_step, prefetch, half2 in (
-                    ("plan: one-row tiles, half2", True, True, True, True),
-                    ("plan: one-row tiles", True, True, True, False), ("plan: one step", False, True, True, False),
-                    ("plan: prefetch", False, False, True, False), ("rule before (baseline)", False, False, False, False)):
+            for impl, tiles, one_step, prefetch in (
+                    ("plan: one-row tiles", True, True, True), ("plan: one step", False, True, True),
+                    ("plan: prefetch", False, False, True), ("rule before (baseline)", False, False, False)):
                 packed_gemv.ONE_STEP, packed_gemv.PREFETCH, packed_gemv.ONE_ROW_BLOCK_W = one_step, prefetch, True
-                packed_gemv.HALF2 = half2
                 packed_gemv.ONE_ROW_TILES = tiles  # the library's choices, newest first
                 turn = iter(range(1 << 30))
                 print(json.dumps({"shape": name, "rows": rows, "impl": impl,
                                   "plan": packed_gemv.plan("int4", rows, -(-n // packed_gemv.BLOCK_N), k // 8),
                                   "int4_us": round(graph_us(lambda: packed_gemv.packed_gemv(
                                       "int4", x, *packs[next(turn) % len(packs)], k), 50), 2)}), flush=True)
-            packed_gemv.ONE_STEP = packed_gemv.PREFETCH = packed_gemv.ONE_ROW_TILES = packed_gemv.HALF2 = True
+            packed_gemv.ONE_STEP = packed_gemv.PREFETCH = packed_gemv.ONE_ROW_TILES = True
             packed_gemv.ONE_ROW_BLOCK_W = False  # the settings' words as given again
             copies = max(2, -(-4 * L2_BYTES // (n * k * 2)))
             dense = [int4_kernels.dequant_int4(w, s, (n, k), torch.bfloat16) for w, s in packs[:copies]]

@@ -21,7 +21,6 @@ The references are the formats' dequantize functions (``dequant_int4``, ``dequan
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -106,17 +105,6 @@ q/k/v and o keep ``ONE_STEP`` (the best settings there were within 4%: 3.09 agai
 before (benchmarks compare)."""
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
-HALF2 = True
-"""int4 on a GPU of compute capability 8.0 or later: multiply in packed fp16 pairs (``_half2_word``).
-A word's eight codes become four fp16 pairs ``q - 8`` (a LOP3 and one packed add or FMA a pair,
-exact), times the activations in fp16 pairs (a packed FMA a pair), summed per word in fp16 and
-then in fp32: 16 instructions a word where the fp32 decode takes 24 (an AND-OR, a subtraction and
-an FMA a code). Each K step's activations are scaled by a power of two that puts their largest
-magnitude in [512, 1024), so that a word's fp16 sum stays under 32,768 whatever the activations
-(exact, undone on the word's scale). The products and the word sums round to fp16 (11 bits): at
-most a few parts in 10^4 of a word's sum, below the bf16 rounding of the weights that the
-reference dequantizes. Inline PTX: never under Triton's interpreter, where the fp32 decode runs.
-False: the fp32 decode (benchmarks compare)."""
 
 if triton is not None:
     from orbit_kernels.lora import rows_delta
@@ -229,54 +217,11 @@ if triton is not None:
         return words, scale, xk
 
     @triton.jit
-    def _half2_pack(hi, lo):
-        """Two fp32 tensors rounded to fp16 and packed in one int32: ``lo`` in bits 0-15, ``hi`` above."""
-        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [hi, lo], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-
-    @triton.jit
-    def _half2_word(words, p0, p1, p2, p3):
-        """``sum_c (q_c - 8) x_c`` over the eight int4 codes of each word, in fp32. ``p_c`` holds the
-        fp16 activations of codes c (low half) and c + 4 (high half): the codes at bits 4c and 16 + 4c.
-        ``(w & 0x000F000F) | 0x64006400`` is the fp16 pair (1024 + q, 1024 + q'), whose lowest mantissa
-        bit is worth 1, and adding -1032 leaves q - 8 exactly; the codes at bits 4-7 and 20-23 come out
-        as 1024 + 16q, and one FMA by 1/16 and -72 does the same. A shift by 8 brings codes 2, 3, 6, 7
-        into those places."""
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 m0, m1, o, off0, k, off1, t, w8, acc; .reg .b16 lo, hi; .reg .f32 flo, fhi; "
-            "mov.b32 m0, 0x000F000F; mov.b32 m1, 0x00F000F0; mov.b32 o, 0x64006400; mov.b32 off0, 0xE408E408; "
-            "mov.b32 k, 0x2C002C00; mov.b32 off1, 0xD480D480; "
-            "lop3.b32 t, $1, m0, o, 0xEA; add.rn.f16x2 t, t, off0; mul.rn.f16x2 acc, t, $2; "
-            "lop3.b32 t, $1, m1, o, 0xEA; fma.rn.f16x2 t, t, k, off1; fma.rn.f16x2 acc, t, $3, acc; "
-            "shr.b32 w8, $1, 8; "
-            "lop3.b32 t, w8, m0, o, 0xEA; add.rn.f16x2 t, t, off0; fma.rn.f16x2 acc, t, $4, acc; "
-            "lop3.b32 t, w8, m1, o, 0xEA; fma.rn.f16x2 t, t, k, off1; fma.rn.f16x2 acc, t, $5, acc; "
-            "mov.b32 {lo, hi}, acc; cvt.f32.f16 flo, lo; cvt.f32.f16 fhi, hi; add.f32 $0, flo, fhi; }",
-            "=r,r,r,r,r,r", [words, p0, p1, p2, p3], dtype=tl.float32, is_pure=True, pack=1)
-
-    @triton.jit
-    def _half2_step(words, scale, xk, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-        """One int4 K step's ``[ROWS, BLOCK_N, BLOCK_W]`` word sums, scaled (``HALF2``): each row's
-        activations times 2**-s, where s puts their largest magnitude in [512, 1024), and each word's
-        sum times its scale and 2**s."""
-        xf = xk.to(tl.float32)
-        top = tl.max(tl.abs(xf), axis=1).to(tl.int32, bitcast=True)  # [ROWS]
-        s = tl.minimum(tl.maximum(((top >> 23) & 0xFF) - 136, -126), 126)
-        down = ((127 - s) << 23).to(tl.float32, bitcast=True)
-        up = ((127 + s) << 23).to(tl.float32, bitcast=True)
-        x0, x1, x2, x3, x4, x5, x6, x7 = deal8(xf * down[:, None], ROWS, BLOCK_W)
-        total = _half2_word(words[None, :, :], _half2_pack(x4, x0)[:, None, :], _half2_pack(x5, x1)[:, None, :],
-                            _half2_pack(x6, x2)[:, None, :], _half2_pack(x7, x3)[:, None, :])
-        return total * (scale[None, :, :] * up[:, None, None])
-
-    @triton.jit
     def _step_product(words, nibble, scale, xk, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                      CODES: tl.constexpr, FMT: tl.constexpr, IN_PLACE: tl.constexpr, HALF2: tl.constexpr = False):
+                      CODES: tl.constexpr, FMT: tl.constexpr, IN_PLACE: tl.constexpr):
         """One K step's ``[ROWS, BLOCK_N, BLOCK_W]`` products, scaled: every code of a word times its
         activation, summed over the word's codes, times the word's scale."""
         BITS: tl.constexpr = 32 // CODES
-        if HALF2:
-            return _half2_step(words, scale, xk, ROWS, BLOCK_W)
         tile = tl.zeros((ROWS, BLOCK_N, BLOCK_W), dtype=tl.float32)
         if CODES == 8:
             x0, x1, x2, x3, x4, x5, x6, x7 = deal8(xk, ROWS, BLOCK_W)
@@ -296,8 +241,7 @@ if triton is not None:
                             SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                             LORA: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
                             BLOCK_R: tl.constexpr, X_SPLIT: tl.constexpr, IN_PLACE: tl.constexpr = True,
-                            PREFETCH: tl.constexpr = False, EARLY: tl.constexpr = False, HALF2: tl.constexpr = False,
-                            PDL: tl.constexpr = False):
+                            PREFETCH: tl.constexpr = False, EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
         # Everything stays in the [BLOCK_N, BLOCK_W] layout of the loaded words: code c of every word
         # is taken at once, times the activations of column ``CODES * w + c``, and summed into a
         # [ROWS, BLOCK_N, BLOCK_W] accumulator; one reduction over words at the very end.
@@ -327,7 +271,7 @@ if triton is not None:
                 if PREFETCH:  # the next step's loads go out before this step's arithmetic
                     ahead = _next_step(words, scale, xk, x_ptr, w_ptr, s_ptr, k0 + k_step, K, offs_n, n_mask, rows,
                                        M, stride_xm, stride_w, stride_s, CODES, GROUP, SCALE_ROWS, BLOCK_W)
-                acc += _step_product(words, nibble, scale, xk, ROWS, BLOCK_N, BLOCK_W, CODES, FMT, IN_PLACE, HALF2)
+                acc += _step_product(words, nibble, scale, xk, ROWS, BLOCK_N, BLOCK_W, CODES, FMT, IN_PLACE)
                 if not PREFETCH:
                     ahead = _next_step(words, scale, xk, x_ptr, w_ptr, s_ptr, k0 + k_step, K, offs_n, n_mask, rows,
                                        M, stride_xm, stride_w, stride_s, CODES, GROUP, SCALE_ROWS, BLOCK_W)
@@ -429,14 +373,6 @@ def unserved_reason(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torc
     if not weight.is_contiguous():
         return "the packed weight is not contiguous"
     return None
-
-
-def half2_serves(fmt: str, x: torch.Tensor) -> bool:
-    """Whether an int4 call multiplies in fp16 pairs (``HALF2``): with the activations dealt out
-    (``X_SPLIT``), on a GPU with packed fp16 arithmetic and the pair conversion (compute capability
-    8.0 or later), not under Triton's interpreter (inline PTX)."""
-    return (HALF2 and X_SPLIT and fmt == "int4" and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-            and _triton.capability_major(x.device) >= 8)
 
 
 def _split(tiles: int, k_words: int, block_w: int, target: int | None = None) -> int:
@@ -549,5 +485,5 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         FMT=FORMAT_CODES[fmt], ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows,
         HAS_GLOBAL=global_scale is not None, SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags,
         X_SPLIT=X_SPLIT, IN_PLACE=IN_PLACE_NIBBLES, PREFETCH=prefetch and X_SPLIT, EARLY=_triton.EARLY_READS,
-        HALF2=half2_serves(fmt, x), num_warps=warps, num_stages=NUM_STAGES, **pdl_args(y))
+        num_warps=warps, num_stages=NUM_STAGES, **pdl_args(y))
     return y.view(*x.shape[:-1], out_features)

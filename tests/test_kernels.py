@@ -43,28 +43,6 @@ def test_int4_pairs_serve_only_gpus_with_packed_bf16_fma(monkeypatch):
     assert not packed_gemm._pairs("int4", 128, 128, on_gpu)
 
 
-def test_int4_half2_serves_only_gpus_with_packed_fp16(monkeypatch):
-    """The GEMV's fp16-pair products are inline PTX (``cvt.rn.f16x2.f32``, packed FMAs): int4 only,
-    never on the CPU or under the interpreter, and on a GPU only from compute capability 8.0."""
-    from types import SimpleNamespace
-
-    assert not packed_gemv.half2_serves("int4", torch.zeros(1, 128))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(_triton, "_MAJOR", {})
-    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
-    for capability, served in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
-        _triton._MAJOR.clear()
-        assert packed_gemv.half2_serves("int4", on_gpu) is served
-        assert not packed_gemv.half2_serves("fp8", on_gpu)
-        assert not packed_gemv.half2_serves("nvfp4", on_gpu)
-    monkeypatch.setattr(packed_gemv, "X_SPLIT", False)  # the strided-load path has no pairs
-    assert not packed_gemv.half2_serves("int4", on_gpu)
-    monkeypatch.setattr(packed_gemv, "X_SPLIT", True)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not packed_gemv.half2_serves("int4", on_gpu)
-
-
 def test_cpu_dispatch_runs_the_references():
     packed, scale = _packed(48, 256, 32)
     torch.testing.assert_close(int4_dequant(packed, scale, 256, torch.float32),
@@ -258,41 +236,6 @@ def test_int4_pairs_decode_matches_the_rounding_decode_and_the_reference(dtype, 
     torch.testing.assert_close(pairs, reference, atol=5e-3 * scale_of_output, rtol=1e-2)
     torch.testing.assert_close(pairs, rounding, atol=1e-2 * scale_of_output, rtol=1e-2)
     assert (pairs - reference).abs().max() <= (rounding - reference).abs().max() * 1.5 + 1e-3 * scale_of_output
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 2, 4])
-@pytest.mark.parametrize("rows, cols", [(2048, 2048), (12288, 2048), (2048, 6144), (300, 768)])
-@pytest.mark.parametrize("activations", ["normal", "massive", "tiny"])
-def test_int4_half2_gemv_matches_the_fp32_decode_and_the_reference(dtype, m, rows, cols, activations):
-    """The GEMV multiplying in fp16 pairs against its fp32 decode and both against
-    dequantize-then-matmul in fp32, a whole code range included (0 and 15 at every nibble), on
-    activations of every scale: ``massive`` puts 30,000 in one column per row (a word's fp16 sum
-    would overflow unscaled; fp16 activations take 3,000), ``tiny`` scales a row to 1e-4 (fp16
-    subnormals unscaled)."""
-    packed, scale = _packed(rows, cols, 128, "cuda", torch.bfloat16)
-    packed[0, :4] = torch.tensor([0, -1, 0x0F0F0F0F, -0x0F0F0F10], dtype=torch.int32)
-    dense = dequant_int4(packed, scale, (rows, cols), torch.float32)
-    x = torch.randn(m, cols, device="cuda", dtype=torch.float32)
-    if activations == "massive":
-        x[:, 5] = 30000.0 if dtype == torch.bfloat16 else 3000.0
-    elif activations == "tiny":
-        x = x * 1e-4
-    x = x.to(dtype)
-    reference = x.float() @ dense.t()
-    assert packed_gemv.half2_serves("int4", x)
-    half2 = packed_gemv.packed_gemv("int4", x, packed, scale, cols).float()
-    packed_gemv.HALF2 = False
-    try:
-        fp32 = packed_gemv.packed_gemv("int4", x, packed, scale, cols).float()
-    finally:
-        packed_gemv.HALF2 = True
-    assert torch.isfinite(half2).all()
-    scale_of_output = reference.abs().max().item()
-    torch.testing.assert_close(half2, reference, atol=5e-3 * scale_of_output, rtol=1e-2)
-    # the fp32 decode's error is the output's bf16 rounding; fp16 products may add a little to it
-    assert (half2 - reference).abs().max() <= (fp32 - reference).abs().max() * 1.5 + 1e-3 * scale_of_output
 
 
 @cuda
