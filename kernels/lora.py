@@ -169,19 +169,15 @@ if triton is not None:
 
     @triton.jit
     def rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1, n12,
-                   sbs0, sbs1, sbs2, HAS_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, T_PAST_L1: tl.constexpr = False):
+                   sbs0, sbs1, sbs2, HAS_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr):
         """``sum_r t[m, g R + r] * B_g[slot(m), n - start_g, r]`` for rows ``rows`` and output
         columns ``offs_n`` of groups laid end to end (group 1 starts at ``n1``, group 2 at ``n12``):
-        a LoRA expand for a few rows, for a kernel that holds those rows' base outputs.
-        ``T_PAST_L1``: ``t`` was written by other programs of the same launch (read past L1)."""
+        a LoRA expand for a few rows, for a kernel that holds those rows' base outputs."""
         t_ptrs, b_ptrs, mask = _delta_pointers(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn,
                                                b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS)
         offs_r = tl.arange(0, BLOCK_R)
         mask = mask[:, :, None] & (offs_r < R)[None, None, :]
-        if T_PAST_L1:
-            t = tl.load(t_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        else:
-            t = tl.load(t_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0)
+        t = tl.load(t_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0)
         b = tl.load(b_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0).to(tl.float32)
         return tl.sum(t * b, axis=2)
 
@@ -273,18 +269,10 @@ class offer_shrink:
         _OFFERED = self.before
 
 
-def offered(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | None) -> torch.Tensor | None:
-    """The ``t`` an ``offer_shrink`` holds for exactly this shrink, or None."""
-    if _OFFERED is not None and _OFFERED[0] == _shrink_key(x, as_, row_slot):
-        return _OFFERED[1]
-    return None
-
-
 def shrink(x: torch.Tensor, as_: list[torch.Tensor], row_slot: torch.Tensor | None) -> torch.Tensor:
     """fp32 ``t [rows, groups * r]``: ``x @ as_[g][s]^T`` for each group ``g`` and row slot ``s``."""
-    t = offered(x, as_, row_slot)
-    if t is not None:
-        return t
+    if _OFFERED is not None and _OFFERED[0] == _shrink_key(x, as_, row_slot):
+        return _OFFERED[1]
     rows, k = x.shape
     groups, r = len(as_), as_[0].shape[1]
     t = torch.empty((rows, groups * r), dtype=torch.float32, device=x.device)

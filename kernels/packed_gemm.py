@@ -433,11 +433,8 @@ def packed_gemm(fmt: str, a: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     if split > 1:
         part = torch.empty((split, rows, outer), dtype=torch.float32, device=a.device)
         count = gemv.arrival_counters(a.device, out_tiles)
-    assert lora is None or lora.a is None, "the GEMM takes t made (the GEMV's SHRINK is its own)"
     lora_args, lora_flags = gemv.epilogue_args(lora, c)
-    lora_args = lora_args[:-4]  # without the GEMV's shrink arguments
     lora_flags.pop("BLOCK_R")  # the GEMM's expand goes one rank at a time
-    lora_flags.pop("SHRINK", None)
     x_split = x_split_tiles and block_k // codes >= 16
     _packed_gemm_kernel[(out_tiles, split)](
         flat, words, scale, scale if global_scale is None else global_scale, c, part, count, rows, out_features,

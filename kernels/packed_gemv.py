@@ -21,7 +21,6 @@ The references are the formats' dequantize functions (``dequant_int4``, ``dequan
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -106,14 +105,6 @@ q/k/v and o keep ``ONE_STEP`` (the best settings there were within 4%: 3.09 agai
 before (benchmarks compare)."""
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
-SHRINK = True
-"""A single linear's LoRA shrink inside its GEMV (``LoRAEpilogue.a``; o_proj's, the one shrink no
-kernel before computes): the first ``rows * r`` programs to start (an atomic ticket, so that they
-are running, whatever the scheduler's order) each take one rank of one row, ``t[m, r] = x[m] .
-A[slot(m), r]``, and count it done; a program's epilogue waits for all of them before the expand.
-One launch a linear instead of two; the shrink's reads overlap the GEMV's. Not under Triton's
-interpreter, which runs programs one after another (the first would wait forever). False: the
-shrink kernel before the GEMV (benchmarks compare)."""
 
 if triton is not None:
     from orbit_kernels.lora import rows_delta
@@ -241,37 +232,16 @@ if triton is not None:
             tile = _four_codes(tile, words, nibble, x0, x1, x2, x3, 0, BITS, FMT, IN_PLACE)
         return tile * scale[None, :, :]
 
-    @triton.jit
-    def shrink_unit(x_ptr, a_ptr, slot_ptr, t_ptr, shr_ptr, M, K, R, stride_xm, stride_as, stride_ar, stride_tm,
-                    HAS_SLOTS: tl.constexpr, BLOCK: tl.constexpr = 2048):
-        """``SHRINK``: take a ticket; the first ``M * R`` store ``t[m, r] = x[m] . A[slot(m), r]`` (fp32)
-        and count it done (release: the store is visible to whoever sees the count)."""
-        ticket = tl.atomic_add(shr_ptr, 1, sem="relaxed")
-        if ticket < M * R:
-            row = ticket // R
-            slot = tl.load(slot_ptr + row) if HAS_SLOTS else 0
-            a_row = a_ptr + slot * stride_as + (ticket % R) * stride_ar
-            part = tl.zeros((BLOCK,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK):
-                offs = k0 + tl.arange(0, BLOCK)
-                mask = offs < K
-                x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-                part += x * tl.load(a_row + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(t_ptr + row * stride_tm + ticket % R, tl.sum(part, axis=0))
-            tl.debug_barrier()
-            tl.atomic_add(shr_ptr + 1, 1, sem="release")
-
     @triton.jit(do_not_specialize=["stride_w"])  # see STRIDE_UNSPECIALIZED
     def _packed_gemv_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, part_ptr, count_ptr, y_ptr, M, N, K, stride_xm, stride_w,
                             stride_s, stride_ym, t_ptr, b_ptr, slot_ptr, bias_ptr, scaling, R, stride_tm, stride_bn,
-                            b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, a_ptr, stride_as, stride_ar, shr_ptr, nibble,
+                            b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, nibble,
                             FMT: tl.constexpr, ROWS: tl.constexpr, CODES: tl.constexpr,
                             GROUP: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_GLOBAL: tl.constexpr,
                             SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                             LORA: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
                             BLOCK_R: tl.constexpr, X_SPLIT: tl.constexpr, IN_PLACE: tl.constexpr = True,
-                            PREFETCH: tl.constexpr = False, EARLY: tl.constexpr = False, SHRINK: tl.constexpr = False,
-                            PDL: tl.constexpr = False):
+                            PREFETCH: tl.constexpr = False, EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
         # Everything stays in the [BLOCK_N, BLOCK_W] layout of the loaded words: code c of every word
         # is taken at once, times the activations of column ``CODES * w + c``, and summed into a
         # [ROWS, BLOCK_N, BLOCK_W] accumulator; one reduction over words at the very end.
@@ -297,9 +267,6 @@ if triton is not None:
             if EARLY:
                 pdl_enter(PDL)
             xk = _x_step(x_ptr, k_first, rows, M, stride_xm, BLOCK_K)
-            if SHRINK:
-                shrink_unit(x_ptr, a_ptr, slot_ptr, t_ptr, shr_ptr, M, K, R, stride_xm, stride_as, stride_ar, stride_tm,
-                            HAS_SLOTS)
             for k0 in range(k_first, K, k_step):
                 if PREFETCH:  # the next step's loads go out before this step's arithmetic
                     ahead = _next_step(words, scale, xk, x_ptr, w_ptr, s_ptr, k0 + k_step, K, offs_n, n_mask, rows,
@@ -311,9 +278,6 @@ if triton is not None:
                 words, scale, xk = ahead
         else:
             pdl_enter(PDL)
-            if SHRINK:
-                shrink_unit(x_ptr, a_ptr, slot_ptr, t_ptr, shr_ptr, M, K, R, stride_xm, stride_as, stride_ar, stride_tm,
-                            HAS_SLOTS)
             for k0 in range(k_first, K, k_step):
                 words, scale = _weight_step(w_ptr, s_ptr, k0, offs_n, n_mask, stride_w, stride_s, CODES, GROUP,
                                             SCALE_ROWS, BLOCK_W)
@@ -328,25 +292,14 @@ if triton is not None:
             acc = acc / tl.load(gs_ptr).to(tl.float32)
         if LORA:
             if pid_k == 0:  # the LoRA update and the bias join one split's partials: the tile's sum has them once
-                if SHRINK:  # every rank of every row is in t
-                    done = tl.atomic_add(shr_ptr + 1, 0, sem="acquire")
-                    while done < M * R:
-                        done = tl.atomic_add(shr_ptr + 1, 0, sem="acquire")
                 acc += scaling * rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1,
-                                            b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R, SHRINK)
+                                            b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R)
                 if HAS_BIAS:
                     acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
         y_mask = (rows[:, None] < M) & n_mask[None, :]
         finish_split(acc, y_ptrs, y_mask, part_ptr, rows[:, None] * N + offs_n[None, :], ROWS * N, count_ptr, pid_n,
                      pid_k, SPLIT_K)
-        if SHRINK:  # the last program out sets the three counters back to zero for the next launch
-            tl.debug_barrier()
-            gone = tl.atomic_add(shr_ptr + 2, 1, sem="acq_rel")
-            if gone == tl.num_programs(0) * tl.num_programs(1) - 1:
-                tl.atomic_xchg(shr_ptr, 0)
-                tl.atomic_xchg(shr_ptr + 1, 0)
-                tl.atomic_xchg(shr_ptr + 2, 0)
 
     _stride_specialized_kernel = triton.jit(_packed_gemv_kernel.fn)
 
@@ -395,32 +348,6 @@ def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
             _RETIRED.append(buffer)
         buffer = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
     return buffer
-
-
-_SHRINK_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def shrink_counters(device: torch.device) -> torch.Tensor | None:
-    """``SHRINK``'s three int32 counters (tickets taken, ranks done, programs finished) on ``device``,
-    zero between launches (the last program of each sets them back). Made outside any CUDA-graph
-    capture only: a tensor made during one comes from the graph's memory pool, zeroed only when
-    that graph replays, and an eager launch finding it nonzero would wait forever (seen when a
-    warm-up's side stream reused a capture stream's id). One buffer a device: launches that
-    shrink run one after another on it (a decode step's stream). None while capturing before the
-    first eager launch."""
-    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
-    if key not in _SHRINK_COUNTERS:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        _SHRINK_COUNTERS[key] = torch.zeros(3, dtype=torch.int32, device=device)
-    return _SHRINK_COUNTERS[key]
-
-
-def shrink_serves(x: torch.Tensor, groups: int) -> bool:
-    """Whether a GEMV call with a LoRA update computes the shrink itself (``SHRINK``): one linear's
-    factors, on a GPU, not under Triton's interpreter, with the counters made."""
-    return (SHRINK and groups == 1 and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-            and shrink_counters(x.device) is not None)
 
 
 FP8_BLOCK = 128
@@ -509,27 +436,22 @@ class LoRAEpilogue(NamedTuple):
     row_slot: torch.Tensor | None
     scaling: float
     bias: torch.Tensor | None
-    a: torch.Tensor | None = None
-    """One linear's ``A [slots, r, in]`` when the GEMV computes ``t`` itself (``SHRINK``; ``t`` is
-    then an empty fp32 ``[rows, r]`` for it to fill)."""
 
 
 def epilogue_args(lora: LoRAEpilogue | None, y: torch.Tensor) -> tuple[tuple, dict]:
     """The kernel's LoRA arguments (unused placeholders when ``lora`` is None)."""
     if lora is None:
-        return (y, y, y, y, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, y, 0, 0, y), dict(LORA=False, HAS_SLOTS=False,
-                                                                                 HAS_BIAS=False, BLOCK_R=16)
+        return (y, y, y, y, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), dict(LORA=False, HAS_SLOTS=False, HAS_BIAS=False,
+                                                                        BLOCK_R=16)
     bs, r = lora.bs, lora.bs[0].shape[2]
     widths = [b.shape[1] for b in bs] + [0] * (3 - len(bs))
     offsets = lora_groups.offsets(bs)
     slot_strides = [b.stride(0) for b in bs] + [0] * (3 - len(bs))
-    a = lora.a
     args = (lora.t, bs[0], y if lora.row_slot is None else lora.row_slot, y if lora.bias is None else lora.bias,
             lora.scaling, r, lora.t.stride(0), bs[0].stride(1), *offsets, widths[0], widths[0] + widths[1],
-            *slot_strides, y if a is None else a, 0 if a is None else a.stride(0), 0 if a is None else a.stride(1),
-            y if a is None else shrink_counters(y.device))
+            *slot_strides)
     return args, dict(LORA=True, HAS_SLOTS=lora.row_slot is not None, HAS_BIAS=lora.bias is not None,
-                      BLOCK_R=max(16, triton.next_power_of_2(r)), SHRINK=a is not None)
+                      BLOCK_R=max(16, triton.next_power_of_2(r)))
 
 
 def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, in_features: int,

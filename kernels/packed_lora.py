@@ -102,13 +102,9 @@ def served(x, weight, scale, bias, fmt, in_features, as_, bs, row_slot) -> bool:
 def launch(x, weight, scale, global_scale, bias, fmt, in_features, as_, bs, row_slot, scaling) -> torch.Tensor:
     """The two kernels (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
     flat = x.reshape(-1, in_features).contiguous()
-    rows, in_gemv = flat.shape[0], _kernel(flat.shape[0]) is packed_gemv
-    if in_gemv and lora.offered(flat, as_, row_slot) is None and packed_gemv.shrink_serves(flat, len(as_)):
-        t = torch.empty((rows, as_[0].shape[1]), dtype=torch.float32, device=x.device)
-        epilogue = packed_gemv.LoRAEpilogue(t, bs, row_slot, scaling, bias, as_[0])  # the GEMV shrinks too
-    else:
-        epilogue = packed_gemv.LoRAEpilogue(lora.shrink(flat, as_, row_slot), bs, row_slot, scaling, bias)
-    if in_gemv:
+    t = lora.shrink(flat, as_, row_slot)
+    epilogue = packed_gemv.LoRAEpilogue(t, bs, row_slot, scaling, bias)
+    if _kernel(flat.shape[0]) is packed_gemv:
         y = packed_gemv.packed_gemv(fmt, flat, weight, scale, in_features, global_scale, epilogue)
     else:
         y = packed_gemm.packed_gemm(fmt, flat, weight, scale, in_features, global_scale, lora=epilogue)

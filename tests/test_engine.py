@@ -343,43 +343,6 @@ def test_int4_pairs_decode_what_the_rounding_decode_decodes(tiny_checkpoint, tmp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rows", [1, 3])
-def test_the_gemv_shrinking_o_proj_decodes_what_the_shrink_kernel_decodes(tiny_checkpoint, tmp_path, monkeypatch,
-                                                                          rows):
-    """At 1 and 3 rows a graphed int4 engine (LoRA B nonzero) computes o_proj's LoRA shrink inside
-    o_proj's GEMV (``packed_gemv.SHRINK``): it samples the tokens that the shrink kernel before the
-    GEMV samples, with logprobs within fp32 summation order of its."""
-    from orbit_core.policy.load import load_base
-    from orbit_core.quant.quantize import quantize_checkpoint
-    from orbit_kernels import packed_gemv
-    from tests.conftest import PACKED_SHAPE, save_hf_model
-    from tests.test_dequant_ahead import _with_lora
-
-    tok = load_tokenizer(tiny_checkpoint)
-    save_hf_model("qwen2", tmp_path / "dense", **PACKED_SHAPE, vocab_size=len(tok))  # 128 wide: the GEMV serves it
-    path = str(quantize_checkpoint(str(tmp_path / "dense"), str(tmp_path / "int4"), "int4", group_size=32))
-    prompts = [tok(f"{a}*{b}=", add_special_tokens=False)["input_ids"] for a in range(rows) for b in range(1, 2)]
-    served = []
-
-    def recorded(*args, _serves=packed_gemv.shrink_serves):
-        served.append(_serves(*args))
-        return served[-1]
-
-    monkeypatch.setattr(packed_gemv, "shrink_serves", recorded)
-    runs = {}
-    for inside in (True, False):
-        monkeypatch.setattr(packed_gemv, "SHRINK", inside)
-        served.clear()
-        engine = BuiltinEngine(_with_lora(load_base(path, "bfloat16", "cuda")), tok, max_running=rows, seed=3)
-        runs[inside] = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=1.0))
-        assert engine.loop.graphed is not None and engine.loop.graphed.graphs
-        assert any(served) == inside
-    for on, off in zip(runs[True], runs[False]):
-        assert on.token_ids == off.token_ids
-        torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=2e-3, rtol=0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, tmp_path, monkeypatch, fmt):
     """At 1 and 3 rows the graphed engine computes the q/k/v and gate/up shrinks with the norm

@@ -618,8 +618,7 @@ def test_decode_qk_kernel_equals_the_unfused_kernels_and_reference(rows, norm):
 @cuda
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "nvfp4"])
 @pytest.mark.parametrize("rows, slots, shape", [(1, 1, "qkv"), (3, 2, "qkv"), (4, 2, "qkv"), (8, 3, "qkv"),
-                                               (16, 2, "qkv"), (1, 2, "gate_up"), (1, 2, "down"), (1, 2, "o"),
-                                               (3, 2, "o"), (4, 1, "o")])
+                                               (16, 2, "qkv"), (1, 2, "gate_up"), (1, 2, "down")])
 def test_packed_lora_linear_equals_row_by_row_fp32(fmt, rows, slots, shape):
     """The GEMV (to 4 rows) or the packed GEMM (int4 to 8) with the LoRA expand in its epilogue,
     through the op, at the Qwen3-1.7B fused q/k/v shape with a bias, also replayed from a CUDA
@@ -630,7 +629,7 @@ def test_packed_lora_linear_equals_row_by_row_fp32(fmt, rows, slots, shape):
 
     torch.manual_seed(rows * slots)
     widths, cols = {"qkv": ((2048, 1024, 1024), 2048), "gate_up": ((6144, 6144), 2048),
-                    "down": ((2048,), 6144), "o": ((2048,), 2048)}[shape]
+                    "down": ((2048,), 6144)}[shape]
     rank = 16
     args, global_scale, dense = _format_weights(fmt, sum(widths), cols, "cuda")
     x = torch.randn(rows, 1, cols, device="cuda", dtype=torch.bfloat16)
@@ -651,63 +650,6 @@ def test_packed_lora_linear_equals_row_by_row_fp32(fmt, rows, slots, shape):
 
     torch.testing.assert_close(call().view(rows, -1).float(), want, **tolerance)
     _replays_equal(lambda: call().view(rows, -1), want, tolerance)
-
-
-@cuda
-@pytest.mark.parametrize("rows, slots, cols", [(1, 1, 2048), (1, 2, 2048), (2, 2, 6144), (4, 2, 2048)])
-def test_the_gemv_shrinking_itself_equals_the_shrink_kernel(rows, slots, cols, monkeypatch):
-    """One linear's LoRA through the GEMV that computes the shrink in its own programs
-    (``packed_gemv.SHRINK``) against the shrink kernel before it, within fp32 summation order:
-    twice in a row and from three CUDA-graph replays, so the counters are left at zero by every
-    launch; and the ticketed shrink was what ran."""
-    from orbit_kernels import lora, packed_lora
-
-    torch.manual_seed(rows + slots)
-    args, _, _ = _format_weights("int4", 2048, cols, "cuda")
-    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
-    as_ = [torch.randn(slots, 16, cols, device="cuda") * 0.02]
-    bs = [torch.randn(slots, 2048, 16, device="cuda") * 0.05]
-    row_slot = torch.randint(0, slots, (rows,), device="cuda") if slots > 1 else None
-    launches = []
-    kernel = lora._shrink_kernel
-    monkeypatch.setattr(lora, "_shrink_kernel", type("Counted", (), {
-        "__getitem__": lambda self, grid: (launches.append(grid), kernel[grid])[1]})())
-
-    def call():
-        return packed_lora.launch(x, *args, None, None, "int4", cols, as_, bs, row_slot, 2.0).float()
-
-    monkeypatch.setattr(packed_gemv, "SHRINK", False)
-    apart = call()
-    assert len(launches) == 1
-    monkeypatch.setattr(packed_gemv, "SHRINK", True)
-    tolerance = dict(atol=1e-5 * apart.abs().max().item(), rtol=1e-5)
-    for _ in range(2):
-        torch.testing.assert_close(call(), apart, **tolerance)
-    assert len(launches) == 1  # no shrink kernel with SHRINK on
-    _replays_equal(call, apart, tolerance)
-    assert packed_gemv.shrink_counters(x.device).tolist() == [0, 0, 0]
-
-
-def test_the_gemv_shrinks_itself_only_for_one_linear_on_a_gpu(monkeypatch):
-    """``packed_gemv.SHRINK`` waits in the epilogue for other programs: never under the interpreter
-    (one program at a time) or on the CPU, only for one linear's factors, and not while a CUDA graph
-    is captured before its counters exist (made then, they would come from the graph's pool)."""
-    from types import SimpleNamespace
-
-    on_gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
-    counters = {}
-    monkeypatch.setattr(packed_gemv, "shrink_counters", lambda device: counters.get("made"))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not packed_gemv.shrink_serves(on_gpu, 1)  # capturing, no counters yet
-    counters["made"] = torch.zeros(3, dtype=torch.int32)
-    assert packed_gemv.shrink_serves(on_gpu, 1)
-    assert not packed_gemv.shrink_serves(on_gpu, 2)
-    assert not packed_gemv.shrink_serves(torch.zeros(1, 128), 1)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not packed_gemv.shrink_serves(on_gpu, 1)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setattr(packed_gemv, "SHRINK", False)
-    assert not packed_gemv.shrink_serves(on_gpu, 1)
 
 
 def test_packed_lora_linear_on_cpu_is_the_reference_and_traces():
