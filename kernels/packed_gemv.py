@@ -330,6 +330,14 @@ _RETIRED: list[torch.Tensor] = []
 """Outgrown counter buffers: a captured CUDA graph may still point at one, so none is freed."""
 
 
+_MADE_IN_CAPTURE: set[tuple[str, int, int]] = set()
+"""Keys of counter buffers made while their stream was capturing a CUDA graph."""
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Zeroed int32 arrival counters for one split launch of ``tiles`` output tiles.
 
@@ -337,16 +345,27 @@ def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     counters at zero (the last arrival of a tile resets it). Launches on different streams may run
     at once, so each stream has its own. Under graph capture the buffer is the capture stream's,
     and its address is baked into the graph.
+
+    A buffer made during a capture comes from the graph's memory pool, and its zeroing is part of
+    the graph: it holds whatever that memory held until the graph first replays. PyTorch hands
+    out streams from a small pool, so a later stream can have a capture stream's id; the first
+    launch outside a capture to get such a buffer zeroes it first. (A stale nonzero count makes
+    the last arrival of a tile miss its turn, and the tile's output is never written.)
     """
     if not SHARED_COUNTERS:
         return torch.zeros(tiles, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (device.type, device.index or 0, stream)
     buffer = _COUNTERS.get(key)
+    capturing = _capturing(device)
     if buffer is None or buffer.numel() < tiles:
         if buffer is not None:
             _RETIRED.append(buffer)
         buffer = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        (_MADE_IN_CAPTURE.add if capturing else _MADE_IN_CAPTURE.discard)(key)
+    elif not capturing and key in _MADE_IN_CAPTURE:
+        buffer.zero_()
+        _MADE_IN_CAPTURE.discard(key)
     return buffer
 
 

@@ -43,6 +43,27 @@ def test_int4_pairs_serve_only_gpus_with_packed_bf16_fma(monkeypatch):
     assert not packed_gemm._pairs("int4", 128, 128, on_gpu)
 
 
+def test_split_counters_made_during_a_capture_are_zeroed_before_eager_use(monkeypatch):
+    """A split launch's arrival counters made while a CUDA graph is captured hold whatever the
+    graph pool's memory held until the graph replays; a stream that later gets the capture stream's
+    id (streams come from a small pool) must not count from there, or a tile's last arrival misses
+    its turn and the output is never written. The first eager use zeroes such a buffer, once;
+    nothing is zeroed eagerly while capturing."""
+    monkeypatch.setattr(packed_gemv, "_COUNTERS", {})
+    monkeypatch.setattr(packed_gemv, "_MADE_IN_CAPTURE", set())
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(packed_gemv, "_capturing", lambda device: True)
+    made = packed_gemv.arrival_counters(cpu, 8)
+    made.fill_(5)  # the pool memory's leftovers
+    assert packed_gemv.arrival_counters(cpu, 8) is made and made.eq(5).all()
+    monkeypatch.setattr(packed_gemv, "_capturing", lambda device: False)
+    assert packed_gemv.arrival_counters(cpu, 8) is made and not made.any()
+    made.fill_(5)  # from here each launch leaves zeros: no second eager zeroing
+    assert packed_gemv.arrival_counters(cpu, 8) is made and made.eq(5).all()
+    grown = packed_gemv.arrival_counters(cpu, 4096)  # outgrown: a fresh zeroed buffer, made eagerly
+    assert grown is not made and not grown.any() and not packed_gemv._MADE_IN_CAPTURE
+
+
 def test_cpu_dispatch_runs_the_references():
     packed, scale = _packed(48, 256, 32)
     torch.testing.assert_close(int4_dequant(packed, scale, 256, torch.float32),
