@@ -357,13 +357,15 @@ def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (device.type, device.index or 0, stream)
     buffer = _COUNTERS.get(key)
-    capturing = _capturing(device)
     if buffer is None or buffer.numel() < tiles:
         if buffer is not None:
             _RETIRED.append(buffer)
         buffer = _COUNTERS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-        (_MADE_IN_CAPTURE.add if capturing else _MADE_IN_CAPTURE.discard)(key)
-    elif not capturing and key in _MADE_IN_CAPTURE:
+        if _capturing(device):
+            _MADE_IN_CAPTURE.add(key)
+        else:
+            _MADE_IN_CAPTURE.discard(key)
+    elif key in _MADE_IN_CAPTURE and not _capturing(device):  # the usual launch asks nothing more
         buffer.zero_()
         _MADE_IN_CAPTURE.discard(key)
     return buffer
