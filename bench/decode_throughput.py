@@ -88,6 +88,7 @@ ROUND_KERNELS = {
     "merge_unrolled": (attention_kernels, "MERGE_UNROLLED"),  # attention merge reads every chunk at once (else a loop)
     "probed_checks": (decode_loop, "PROBED_CHECKS"),  # host syncs only when a probe shows a finished row
     "int4_pairs": (packed_gemm, "INT4_PAIRS"),  # x-split GEMM: int4 codes to bf16 pairs, scale after the dot
+    "one_pass_attention": (attention_kernels, "ONE_PASS"),  # attention of one chunk writes its output (no merge)
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

@@ -31,6 +31,9 @@ MERGE_UNROLLED = True
 after another's, in a loop). H100, one process (``decode_throughput_merge_unrolled_h100.jsonl``):
 int4 + LoRA 29,286 and 29,479 tok/s against 28,838 at 256 rows, 9,642 and 9,614 against 9,551 at
 32, within noise at 1 and 4; bf16 + LoRA within 1% at every batch."""
+ONE_PASS = True
+"""A launch of one chunk per (row, KV head) writes the output itself, ``acc / l`` as the merge
+computes it for one chunk, and the merge kernel is not launched (else it always runs)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,9 @@ def launch_config(rows: int, kv_heads: int, capacity: int) -> Config:
         return Config()
     if rows * kv_heads >= 128:
         return Config(256, 32, 2, 3)
-    return Config(64, 64, 4, 2) if capacity <= 512 else Config(128, 64, 4, 3)
+    if capacity <= 512:
+        return Config(512, 64, 4, 3) if ONE_PASS else Config(64, 64, 4, 2)
+    return Config(128, 64, 4, 3)
 
 
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -80,9 +85,10 @@ if triton is not None:
 
     @triton.jit
     def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
-                      stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, GROUP: tl.constexpr,
-                      GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+                      stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, out_ptr, stride_or, stride_oh,
+                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
+                      PDL: tl.constexpr = False):
         pdl_enter(PDL)  # first: nothing before it may touch memory
         row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(len_ptr + row)  # the last key this row may read
@@ -117,6 +123,11 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
             m = m_new
+        if DIRECT:  # the only chunk: the merge of one partial is acc / l (keep 0, take 1), so store that
+            ptrs = out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
+            tl.store(ptrs, (acc / tl.where(g_mask, l, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=g_mask[:, None])
+            return
         part = (row * tl.num_programs(1) + kv_head) * SPLITS + split
         tl.store(m_ptr + part * GROUP + offs_g, m, mask=g_mask)
         tl.store(l_ptr + part * GROUP + offs_g, l, mask=g_mask)
@@ -194,16 +205,22 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
     group = heads // kv_heads
     group_pad = max(16, triton.next_power_of_2(group))  # tl.dot wants at least 16 rows
     splits = triton.cdiv(capacity, c.chunk)
-    parts = rows * kv_heads * splits * group
-    m = torch.empty(parts, dtype=torch.float32, device=q.device)
-    l = torch.empty(parts, dtype=torch.float32, device=q.device)
-    acc = torch.empty((parts, dim), dtype=torch.float32, device=q.device)
+    direct = ONE_PASS and splits == 1
+    out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
+    if direct:  # no partials: the kernel never touches these pointers
+        m = l = acc = out
+    else:
+        parts = rows * kv_heads * splits * group
+        m = torch.empty(parts, dtype=torch.float32, device=q.device)
+        l = torch.empty(parts, dtype=torch.float32, device=q.device)
+        acc = torch.empty((parts, dim), dtype=torch.float32, device=q.device)
     _chunk_kernel[(rows, kv_heads, splits)](
         q, k, v, lengths, m, l, acc, 1.0 / math.sqrt(dim), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), GROUP=group, GROUP_PAD=group_pad, DIM=dim, CHUNK=c.chunk,
-        BLOCK_N=c.block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=c.warps, num_stages=c.stages,
-        **pdl_args(q))
-    out = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out, out.stride(0), out.stride(1), GROUP=group,
+        GROUP_PAD=group_pad, DIM=dim, CHUNK=c.chunk, BLOCK_N=c.block_n, SPLITS=splits, DIRECT=direct,
+        IEEE=q.dtype == torch.float32, num_warps=c.warps, num_stages=c.stages, **pdl_args(q))
+    if direct:
+        return out
     _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=group_pad,
                                     DIM=dim, SPLITS=splits, UNROLL=MERGE_UNROLLED, num_warps=4, **pdl_args(out))
     return out

@@ -270,6 +270,27 @@ def test_decode_attention_over_any_chunking_equals_the_reference(dtype, unrolled
         torch.testing.assert_close(got, want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_in_one_pass_is_the_merged_chunk_bit_for_bit(dtype, monkeypatch):
+    """One chunk per (row, KV head): the chunk kernel's own output store against its partials merged
+    by the merge kernel, rows ending at the first key, mid-block and at the capacity."""
+    from orbit_kernels import decode_attention as attention
+
+    torch.manual_seed(1)
+    rows, heads, kv_heads, capacity, dim = 3, 6, 2, 40, 64
+    q = torch.randn(rows, heads, dim).to(dtype)
+    k, v = (torch.randn(rows, kv_heads, capacity, dim).to(dtype) for _ in range(2))
+    lengths = torch.tensor([0, 17, capacity - 1])
+    config = attention.Config(64, 16)  # one chunk covers the capacity
+    merged = {}
+    for one_pass in (False, True):
+        monkeypatch.setattr(attention, "ONE_PASS", one_pass)
+        merged[one_pass] = attention.launch(q, k, v, lengths, config)
+    assert torch.equal(merged[True], merged[False])
+    want = attention.decode_attention_reference(q.float(), k.float(), v.float(), lengths)
+    torch.testing.assert_close(merged[True].float(), want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+
+
 def test_rope_kernel_over_row_tiles_is_the_reference_bit_for_bit():
     """One row a program (a decode step) and tiles of rows (a prefill), on the attention's
     transposed view, a ragged last tile included."""
