@@ -38,7 +38,6 @@ from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
 from orbit_kernels import decode_record
 from orbit_kernels import int4 as int4_kernels
-from orbit_kernels import l2_prefetch
 from orbit_kernels import lora as lora_kernels
 from orbit_kernels import norm_shrink, packed_gemm, packed_gemv, packed_lora
 from orbit_kernels import qk_rope as qk_kernels
@@ -90,7 +89,6 @@ ROUND_KERNELS = {
     "probed_checks": (decode_loop, "PROBED_CHECKS"),  # host syncs only when a probe shows a finished row
     "int4_pairs": (packed_gemm, "INT4_PAIRS"),  # x-split GEMM: int4 codes to bf16 pairs, scale after the dot
     "one_pass_attention": (attention_kernels, "ONE_PASS"),  # attention of one chunk writes its output (no merge)
-    "l2_prefetch": (l2_prefetch, "ENABLED"),  # a layer's later packed weights asked into L2 at its top
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch import nn
 
-from orbit_core.models import dequant_ahead, weight_prefetch
+from orbit_core.models import dequant_ahead
 from orbit_core.models.config import QWEN2_FAMILY, DecoderConfig
 from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.mlp import MLP
@@ -223,14 +223,11 @@ class DecoderLM(nn.Module):
         (``orbit::add_rms_norm``), the same arithmetic as ``DecoderLayer.forward`` in fewer launches."""
         layers = self.model.layers
         ahead = dequant_ahead.plan(layers, x)  # packed weights that dequantize: one layer ahead, aside
-        prefetch = weight_prefetch.plan(self, layers, x)  # packed weights read as words: into L2 early, aside
-        with ahead or nullcontext(), prefetch or nullcontext():
+        with ahead or nullcontext():
             normed, shrunk = layers[0].input_layernorm(x), nullcontext()
             for i, layer in enumerate(layers):
                 if ahead is not None:
                     ahead.enter_layer(i)
-                if prefetch is not None:
-                    prefetch.layer(i)
                 with shrunk:
                     attended = layer.self_attn(normed, cos, sin, cache, slots, decode_mask)
                 x, normed, shrunk = add_norm(x, attended, layer.post_attention_layernorm, layer.mlp,
