@@ -33,7 +33,13 @@ int4 + LoRA 29,286 and 29,479 tok/s against 28,838 at 256 rows, 9,642 and 9,614 
 32, within noise at 1 and 4; bf16 + LoRA within 1% at every batch."""
 ONE_PASS = True
 """A launch of one chunk per (row, KV head) writes the output itself, ``acc / l`` as the merge
-computes it for one chunk, and the merge kernel is not launched (else it always runs)."""
+computes it for one chunk, and the merge kernel is not launched; ``launch_config`` takes such a
+launch for few rows and short caches (False: the merge always runs, and those calls split as
+before). One H100, decoding at 192 keys of 288, on / off / on in one process
+(``decode_throughput_one_pass_attention_h100.jsonl``): int4 + LoRA 2,091 / 2,057 / 2,085 tok/s at
+4 rows and 3,359 / 3,293 / 3,387 at 8; bare int4 2,372 / 2,294 / 2,370 at 4 and 4,709 / 4,522 /
+4,694 at 8; bf16 + LoRA 1,636 / 1,611 / 1,636 at 4; within 1% at 16 rows; at one row +0.8% with
+LoRA and +2% bare on int4, within noise on bf16."""
 
 
 @dataclass(frozen=True)
@@ -58,16 +64,25 @@ def launch_config(rows: int, kv_heads: int, capacity: int) -> Config:
     and 17% at 32 (12.35 against 14.65 at 192 keys). With fewer, shorter chunks spread a row over
     more SMs: at one row, 5.53 against 8.42 us at 192 keys (capacity 288) and 11.86 against 15.60
     at 1,984 keys (capacity 2,080).
+
+    With fewer than 128 pairs and a short cache, one chunk of 512 keys per (row, KV head), in
+    blocks of 64 and three stages, then beats the split launch and its merge (``ONE_PASS``; one
+    H100, ``decode_attention_sweep_one_pass_h100.jsonl`` and ``..._rows_h100.jsonl``, us per layer
+    at 192 keys of 288): 4.61 against 5.12 at one row, 5.20 against 6.26 at 4, 5.89 against 7.74
+    at 8, 7.01 against 10.31 at 15. At 448 keys of 512 it wins at 4 rows (9.06 against 9.48) and
+    loses at one (8.76 against 7.20): a row's few pairs then read too many keys each, so below 32
+    pairs it takes caches of up to 288 positions only.
     """
     if OVERRIDE is not None:
         return OVERRIDE
     if not TUNED:
         return Config()
-    if rows * kv_heads >= 128:
+    pairs = rows * kv_heads
+    if pairs >= 128:
         return Config(256, 32, 2, 3)
-    if capacity <= 512:
-        return Config(512, 64, 4, 3) if ONE_PASS else Config(64, 64, 4, 2)
-    return Config(128, 64, 4, 3)
+    if ONE_PASS and capacity <= (512 if pairs >= 32 else 288):
+        return Config(512, 64, 4, 3)  # one chunk: the chunk kernel stores the output, no merge
+    return Config(64, 64, 4, 2) if capacity <= 512 else Config(128, 64, 4, 3)
 
 
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
