@@ -94,8 +94,8 @@ ROUND_KERNELS = {
 from the round after, the next six from the round after that, the next four from the round after
 that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the next three from the
 round after that, ``pdl`` from the round after, the next five from the round after that, the next
-five from the round before that, the next two from the round after, the last two from this one),
-each switchable for ``--ablate``
+five from the round before that, the next two from the round after, the next two from the round
+after that, ``one_pass_attention`` the latest), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;
@@ -105,9 +105,12 @@ each switchable for ``--ablate``
 1 and 4, the last with LoRA and bare; ``decode_throughput_shrink_fusions_h100.jsonl``: int4 and
 bf16 + LoRA at 1 and 4; ``decode_throughput_record_kernel_h100.jsonl``: int4 and bf16 + LoRA at 1,
 4 and 32; ``decode_throughput_gemv_one_row_tiles_h100.jsonl``: int4 at 1, with LoRA and bare;
-``decode_throughput_int4_pairs_h100.jsonl``: ``int4_pairs``, the latest, int4 + LoRA at 8-32).
+``decode_throughput_int4_pairs_h100.jsonl``: ``int4_pairs``, int4 + LoRA at 8-32;
+``decode_throughput_one_pass_attention_h100.jsonl``: every base, bare and LoRA, at 1-16).
 Switches tried and removed with their code: ``weight_prefetch`` (packed weights asked into L2
-ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.jsonl``),
+ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.jsonl``) and
+``l2_prefetch`` (the same from a side stream, commit 734e041;
+``decode_throughput_l2_prefetch_h100.jsonl`` and its ``_chunks`` and ``_loads`` files),
 ``attention_shrink`` (the attention's merge computing o_proj's LoRA shrink, commit ce1db3d;
 ``decode_throughput_attention_shrink_h100.jsonl``) and ``attention_step`` (the q/k path, the KV
 write, the attention and its merge in one kernel, commit e8ddfa7;
