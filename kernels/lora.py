@@ -173,13 +173,37 @@ if triton is not None:
         """``sum_r t[m, g R + r] * B_g[slot(m), n - start_g, r]`` for rows ``rows`` and output
         columns ``offs_n`` of groups laid end to end (group 1 starts at ``n1``, group 2 at ``n12``):
         a LoRA expand for a few rows, for a kernel that holds those rows' base outputs."""
-        t_ptrs, b_ptrs, mask = _delta_pointers(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn,
-                                               b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS)
-        offs_r = tl.arange(0, BLOCK_R)
-        mask = mask[:, :, None] & (offs_r < R)[None, None, :]
-        t = tl.load(t_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0)
-        b = tl.load(b_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0).to(tl.float32)
+        b = rows_delta_b(b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_bn, b_off1, b_off2, n1, n12, sbs0, sbs1,
+                         sbs2, HAS_SLOTS, BLOCK_R, R)
+        t = rows_delta_t(t_ptr, rows, offs_n, M, N, R, stride_tm, n1, n12, BLOCK_R, R)
         return tl.sum(t * b, axis=2)
+
+    @triton.jit
+    def _rank_mask(rows, offs_n, M, N, ranks, BLOCK_R: tl.constexpr):
+        offs_r = tl.arange(0, BLOCK_R)
+        mask = ((rows < M)[:, None] & (offs_n < N)[None, :])[:, :, None] & (offs_r < ranks)[None, None, :]
+        return offs_r, mask
+
+    @triton.jit
+    def rows_delta_b(b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_bn, b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2,
+                     HAS_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr, ranks):
+        """``rows_delta``'s ``[rows, columns, rank]`` fp32 factor of B, its first ``ranks`` (R; 0 reads nothing):
+        a frozen read for a step, so a kernel may issue it before its PDL wait when there are no
+        row slots to read first."""
+        g, start = group_of(offs_n, n1, n12)
+        b_cols = pick(g, 0, b_off1, b_off2) + (offs_n - start) * stride_bn
+        slots = tl.load(slot_ptr + rows, mask=rows < M, other=0) if HAS_SLOTS else tl.zeros_like(rows)
+        b_ptrs = b_ptr + slots[:, None] * pick(g, sbs0, sbs1, sbs2)[None, :] + b_cols[None, :]
+        offs_r, mask = _rank_mask(rows, offs_n, M, N, ranks, BLOCK_R)
+        return tl.load(b_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def rows_delta_t(t_ptr, rows, offs_n, M, N, R, stride_tm, n1, n12, BLOCK_R: tl.constexpr, ranks):
+        """``rows_delta``'s ``[rows, columns, rank]`` factor of ``t``, its first ``ranks``."""
+        g, start = group_of(offs_n, n1, n12)
+        t_ptrs = t_ptr + rows[:, None] * stride_tm + (g * R)[None, :]
+        offs_r, mask = _rank_mask(rows, offs_n, M, N, ranks, BLOCK_R)
+        return tl.load(t_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0)
 
     @triton.jit
     def rows_delta_by_rank(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1,

@@ -103,11 +103,19 @@ ONE_ROW_TILES = True
 q/k/v and o keep ``ONE_STEP`` (the best settings there were within 4%: 3.09 against 3.19 and
 2.22 against 2.31). Other models' shapes take the same rules, unmeasured. False: the plans
 before (benchmarks compare)."""
+LORA_AHEAD = True
+"""The LoRA expand's factors read at the top of the kernel, not after the K loop: B (frozen during a
+step) before the PDL wait with the first words when no row slots are read, else right after it;
+``t`` right after the wait with the activations. So their memory round trip overlaps the
+weight's instead of following the arithmetic on the way out. H100, decoding int4 + LoRA r16 at the
+Qwen3-1.7B shape, on / off / on in one process (``decode_throughput_gemv_lora_ahead_h100.jsonl``):
+767.8 / 753.2 / 767.0 tok/s at batch 1, 2,117 / 2,094 / 2,114 at 4. False: read after the loop
+(benchmarks compare)."""
 SHARED_COUNTERS = True
 """Set False to give every split launch fresh zeroed counters (a memset each; benchmarks compare)."""
 
 if triton is not None:
-    from orbit_kernels.lora import rows_delta
+    from orbit_kernels.lora import rows_delta, rows_delta_b, rows_delta_t
 
     @triton.jit
     def _decode(codes, FMT: tl.constexpr):
@@ -241,7 +249,8 @@ if triton is not None:
                             SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
                             LORA: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
                             BLOCK_R: tl.constexpr, X_SPLIT: tl.constexpr, IN_PLACE: tl.constexpr = True,
-                            PREFETCH: tl.constexpr = False, EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
+                            PREFETCH: tl.constexpr = False, EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
+                            LORA_AHEAD: tl.constexpr = False):
         # Everything stays in the [BLOCK_N, BLOCK_W] layout of the loaded words: code c of every word
         # is taken at once, times the activations of column ``CODES * w + c``, and summed into a
         # [ROWS, BLOCK_N, BLOCK_W] accumulator; one reduction over words at the very end.
@@ -264,8 +273,19 @@ if triton is not None:
                 pdl_enter(PDL)
             words, scale = _weight_step(w_ptr, s_ptr, k_first, offs_n, n_mask, stride_w, stride_s, CODES, GROUP,
                                         SCALE_ROWS, BLOCK_W)
+            # ``LORA_AHEAD``: the expand's factors are read here, not after the K loop; B (frozen for
+            # the step) with the words when no row slot has to be read first, t with the activations
+            lora_ranks = tl.where(pid_k == 0, R, 0)  # one split adds the update: the others read nothing
+            if LORA_AHEAD and EARLY and not HAS_SLOTS:
+                b_ahead = rows_delta_b(b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_bn, b_off1, b_off2, n1, n12,
+                                       sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R, lora_ranks)
             if EARLY:
                 pdl_enter(PDL)
+            if LORA_AHEAD:
+                if not (EARLY and not HAS_SLOTS):
+                    b_ahead = rows_delta_b(b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_bn, b_off1, b_off2, n1, n12,
+                                           sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R, lora_ranks)
+                t_ahead = rows_delta_t(t_ptr, rows, offs_n, M, N, R, stride_tm, n1, n12, BLOCK_R, lora_ranks)
             xk = _x_step(x_ptr, k_first, rows, M, stride_xm, BLOCK_K)
             for k0 in range(k_first, K, k_step):
                 if PREFETCH:  # the next step's loads go out before this step's arithmetic
@@ -292,8 +312,11 @@ if triton is not None:
             acc = acc / tl.load(gs_ptr).to(tl.float32)
         if LORA:
             if pid_k == 0:  # the LoRA update and the bias join one split's partials: the tile's sum has them once
-                acc += scaling * rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1,
-                                            b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R)
+                if LORA_AHEAD and X_SPLIT:
+                    acc += scaling * tl.sum(t_ahead * b_ahead, axis=2)
+                else:
+                    acc += scaling * rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn,
+                                                b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R)
                 if HAS_BIAS:
                     acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
@@ -506,5 +529,6 @@ def packed_gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
         FMT=FORMAT_CODES[fmt], ROWS=row_bucket, CODES=codes, GROUP=group, SCALE_ROWS=scale_rows,
         HAS_GLOBAL=global_scale is not None, SPLIT_K=split, BLOCK_N=block_n, BLOCK_W=block_w, **lora_flags,
         X_SPLIT=X_SPLIT, IN_PLACE=IN_PLACE_NIBBLES, PREFETCH=prefetch and X_SPLIT, EARLY=_triton.EARLY_READS,
+        LORA_AHEAD=LORA_AHEAD and lora is not None and X_SPLIT,
         num_warps=warps, num_stages=NUM_STAGES, **pdl_args(y))
     return y.view(*x.shape[:-1], out_features)

@@ -363,6 +363,28 @@ def test_packed_kernels_with_the_lora_epilogue_equal_row_by_row_fp32(fmt, rows, 
     assert not packed_gemv.arrival_counters(x.device, 1).any()
 
 
+@pytest.mark.parametrize("rows, slots", [(1, 1), (3, 2)])
+def test_gemv_reading_the_lora_factors_ahead_changes_no_bit(rows, slots, monkeypatch):
+    """``packed_gemv.LORA_AHEAD`` moves only the expand's loads (B before the PDL wait when no row
+    slots are read, t with the activations): the output equals the kernel that reads both after
+    its K loop, bit for bit, with one adapter and with a slot per row."""
+    from orbit_kernels import packed_lora
+
+    torch.manual_seed(rows)
+    cols, rank, widths = 2048, 8, (64, 32, 32)
+    args, global_scale, _ = _format_weights("int4", sum(widths), cols, "cpu")
+    x = torch.randn(rows, cols, dtype=torch.float16)
+    as_ = [torch.randn(slots, rank, cols) * 0.02 for _ in widths]
+    bs = [torch.randn(slots, n, rank) * 0.05 for n in widths]
+    row_slot = torch.randint(0, slots, (rows,)) if slots > 1 else None
+    outputs = []
+    for ahead in (True, False):
+        monkeypatch.setattr(packed_gemv, "LORA_AHEAD", ahead)
+        outputs.append(packed_lora.launch(x, *args, global_scale, None, "int4", cols, as_, bs, row_slot, 2.0))
+    assert outputs[0].abs().max() > 0
+    assert torch.equal(outputs[0], outputs[1])
+
+
 @pytest.mark.parametrize("rows, groups, with_slots", [(1, 3, False), (3, 2, True), (4, 1, False)])
 def test_add_norm_shrink_kernel_equals_the_add_norm_and_row_by_row_shrink(rows, groups, with_slots):
     """The fused kernel against ``add_rms_norm``'s reference for the new residual and the normed
