@@ -90,7 +90,6 @@ ROUND_KERNELS = {
     "int4_pairs": (packed_gemm, "INT4_PAIRS"),  # x-split GEMM: int4 codes to bf16 pairs, scale after the dot
     "one_pass_attention": (attention_kernels, "ONE_PASS"),  # attention of one chunk writes its output (no merge)
     "gemv_lora_ahead": (packed_gemv, "LORA_AHEAD"),  # GEMV reads the LoRA expand's B and t up top (else after K)
-    "attention_early_kv": (attention_kernels, "EARLY_KV"),  # attention reads older keys' first block before the wait
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

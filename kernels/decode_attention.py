@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels import _triton
 from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 
 ENABLED = True
@@ -41,13 +40,6 @@ before). One H100, decoding at 192 keys of 288, on / off / on in one process
 4 rows and 3,359 / 3,293 / 3,387 at 8; bare int4 2,372 / 2,294 / 2,370 at 4 and 4,709 / 4,522 /
 4,694 at 8; bf16 + LoRA 1,636 / 1,611 / 1,636 at 4; within 1% at 16 rows; at one row +0.8% with
 LoRA and +2% bare on int4, within noise on bf16."""
-
-EARLY_KV = True
-"""Under PDL with ``EARLY_READS``, the chunk kernel reads its row's length and its first block of
-older keys and values before the wait (nothing in a step writes them: lengths move between steps,
-older positions were written by earlier steps) and only the new position's key and value after it,
-so that the first block's memory round trip overlaps the kernel before. False: every read after
-the wait (benchmarks compare)."""
 
 
 @dataclass(frozen=True)
@@ -107,73 +99,45 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def _scores(q, k, n_mask, m, l, scale, IEEE: tl.constexpr):
-        """A block's scores folded into the running max and normalizer: (max, rescale, p, normalizer)."""
-        if IEEE:  # fp32 activations: no TF32 rounding of the scores
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        return m_new, alpha, p, l * alpha + tl.sum(p, axis=1)
-
-    @triton.jit
-    def _values(acc, alpha, p, v, q, IEEE: tl.constexpr):
-        if IEEE:
-            return acc * alpha[:, None] + tl.dot(p, v.to(q.dtype), input_precision="ieee")
-        return acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-
-    @triton.jit
     def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, scale, stride_qr, stride_qh,
                       stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, out_ptr, stride_or, stride_oh,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
-                      PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+                      PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_d = tl.arange(0, DIM)
-        start = split * CHUNK
-        k_base = k_ptr + row * stride_kr + kv_head * stride_kh
-        v_base = v_ptr + row * stride_vr + kv_head * stride_vh
-        if EARLY:
-            # ``EARLY_KV``: the row's length (its new position, set between steps) and the chunk's
-            # first block of older keys and values (written by earlier steps) are read before the
-            # wait; the new key and value, which the kernel before writes, after it.
-            length = tl.load(len_ptr + row)
-            offs_0 = start + tl.arange(0, BLOCK_N)
-            older = offs_0 < length
-            k_0 = tl.load(k_base + offs_0[:, None] * stride_kn + offs_d[None, :], mask=older[:, None], other=0.0)
-            v_0 = tl.load(v_base + offs_0[:, None] * stride_vn + offs_d[None, :], mask=older[:, None], other=0.0)
-        pdl_enter(PDL)  # before it, only the reads above
-        if not EARLY:
-            length = tl.load(len_ptr + row)  # the last key this row may read
+        length = tl.load(len_ptr + row)  # the last key this row may read
         offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, DIM)
         g_mask = offs_g < GROUP
         q = tl.load(q_ptr + row * stride_qr + (kv_head * GROUP + offs_g)[:, None] * stride_qh + offs_d[None, :],
                     mask=g_mask[:, None], other=0.0)
         m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, DIM), dtype=tl.float32)
+        start = split * CHUNK
         end = tl.minimum(start + CHUNK, length + 1)  # a chunk past the row's length runs no iteration
-        first = start
-        if EARLY:
-            new = offs_0 == length
-            k_0 = tl.where(new[:, None], tl.load(k_base + offs_0[:, None] * stride_kn + offs_d[None, :],
-                                                 mask=new[:, None], other=0.0), k_0)
-            v_0 = tl.where(new[:, None], tl.load(v_base + offs_0[:, None] * stride_vn + offs_d[None, :],
-                                                 mask=new[:, None], other=0.0), v_0)
-            if start < end:
-                m, alpha, p, l = _scores(q, k_0, offs_0 < end, m, l, scale, IEEE)
-                acc = _values(acc, alpha, p, v_0, q, IEEE)
-            first = start + BLOCK_N
-        for n0 in range(first, end, BLOCK_N):
+        k_base = k_ptr + row * stride_kr + kv_head * stride_kh
+        v_base = v_ptr + row * stride_vr + kv_head * stride_vh
+        for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-            m, alpha, p, l = _scores(q, k, n_mask, m, l, scale, IEEE)
+            if IEEE:  # fp32 activations: no TF32 rounding of the scores
+                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-            acc = _values(acc, alpha, p, v, q, IEEE)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(q.dtype), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+            m = m_new
         if DIRECT:  # the only chunk: the merge of one partial is acc / l (keep 0, take 1), so store that
             ptrs = out_ptr + row * stride_or + (kv_head * GROUP + offs_g)[:, None] * stride_oh + offs_d[None, :]
             tl.store(ptrs, (acc / tl.where(g_mask, l, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
@@ -269,8 +233,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
         q, k, v, lengths, m, l, acc, 1.0 / math.sqrt(dim), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), out, out.stride(0), out.stride(1), GROUP=group,
         GROUP_PAD=group_pad, DIM=dim, CHUNK=c.chunk, BLOCK_N=c.block_n, SPLITS=splits, DIRECT=direct,
-        IEEE=q.dtype == torch.float32, EARLY=EARLY_KV and _triton.EARLY_READS, num_warps=c.warps,
-        num_stages=c.stages, **pdl_args(q))
+        IEEE=q.dtype == torch.float32, num_warps=c.warps, num_stages=c.stages, **pdl_args(q))
     if direct:
         return out
     _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=group_pad,

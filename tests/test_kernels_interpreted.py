@@ -291,27 +291,6 @@ def test_decode_attention_in_one_pass_is_the_merged_chunk_bit_for_bit(dtype, mon
     torch.testing.assert_close(merged[True].float(), want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
 
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_attention_reading_older_keys_early_changes_no_bit(dtype, monkeypatch):
-    """``EARLY_KV`` reads each chunk's first block of older keys and values before the PDL wait and
-    splices the new position in after it: every output equals the kernel that reads everything
-    after the wait, bit for bit, with the new position first in a block, last, mid-block, at the
-    first key and at the capacity, in one chunk and split."""
-    from orbit_kernels import decode_attention as attention
-
-    torch.manual_seed(2)
-    rows, heads, kv_heads, capacity, dim = 6, 4, 2, 40, 64
-    q = torch.randn(rows, heads, dim).to(dtype)
-    k, v = (torch.randn(rows, kv_heads, capacity, dim).to(dtype) for _ in range(2))
-    lengths = torch.tensor([0, 15, 16, 17, 31, capacity - 1])
-    for config in (attention.Config(64, 16), attention.Config(16, 16), attention.Config(32, 16, 4, 2)):
-        outputs = []
-        for early in (True, False):
-            monkeypatch.setattr(attention, "EARLY_KV", early)
-            outputs.append(attention.launch(q, k, v, lengths, config))
-        assert torch.equal(outputs[0], outputs[1]), config
-
 def test_rope_kernel_over_row_tiles_is_the_reference_bit_for_bit():
     """One row a program (a decode step) and tiles of rows (a prefill), on the attention's
     transposed view, a ragged last tile included."""
