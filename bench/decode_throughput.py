@@ -90,13 +90,15 @@ ROUND_KERNELS = {
     "int4_pairs": (packed_gemm, "INT4_PAIRS"),  # x-split GEMM: int4 codes to bf16 pairs, scale after the dot
     "one_pass_attention": (attention_kernels, "ONE_PASS"),  # attention of one chunk writes its output (no merge)
     "gemv_lora_ahead": (packed_gemv, "LORA_AHEAD"),  # GEMV reads the LoRA expand's B and t up top (else after K)
+    "qk_early_tables": (qk_kernels, "EARLY_TABLES"),  # q/k kernel reads norm weights, rope rows before the wait
+    "norm_early_gamma": (norm_shrink, "EARLY_GAMMA"),  # norm + shrink reads its norm weight with A (before the wait)
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
 that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the next three from the
 round after that, ``pdl`` from the round after, the next five from the round after that, the next
 five from the round before that, the next two from the round after, the next two from the round
-after that, ``one_pass_attention`` the round before, ``gemv_lora_ahead`` the latest), each switchable for ``--ablate``
+after that, ``one_pass_attention`` the round before, ``gemv_lora_ahead``, ``qk_early_tables`` and ``norm_early_gamma`` the latest), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;
@@ -108,7 +110,8 @@ bf16 + LoRA at 1 and 4; ``decode_throughput_record_kernel_h100.jsonl``: int4 and
 4 and 32; ``decode_throughput_gemv_one_row_tiles_h100.jsonl``: int4 at 1, with LoRA and bare;
 ``decode_throughput_int4_pairs_h100.jsonl``: ``int4_pairs``, int4 + LoRA at 8-32;
 ``decode_throughput_one_pass_attention_h100.jsonl``: every base, bare and LoRA, at 1-16;
-``decode_throughput_gemv_lora_ahead_h100.jsonl``: int4 + LoRA at 1 and 4).
+``decode_throughput_gemv_lora_ahead_h100.jsonl``: int4 + LoRA at 1 and 4;
+``decode_throughput_early_tables_gamma_h100.jsonl``: the last two, int4 + LoRA at 1 and 4).
 Switches tried and removed with their code: ``weight_prefetch`` (packed weights asked into L2
 ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.jsonl``) and
 ``l2_prefetch`` (the same from a side stream, commit 734e041;

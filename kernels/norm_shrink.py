@@ -23,6 +23,12 @@ ENABLED = True
 MAX_ROWS = 4
 """Rows a call may have: a program per (row, rank index, group) redoes the row's norm, which pays
 where a step has a row or a few (the packed GEMV's rows)."""
+EARLY_GAMMA = True
+"""Read the norm weight with A, before the PDL wait under ``EARLY_READS`` (it is frozen), not after
+the row's sum of squares. H100, int4 + LoRA r16, one process
+(``decode_throughput_early_tables_gamma_h100.jsonl``): 2,174 and 2,178 tok/s against 2,151 with it
+off at batch 4; within noise at 1 (776.0 and 779.8 against 780.4). False: after it (benchmarks
+compare)."""
 
 
 def add_rms_norm_shrink_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -36,7 +42,8 @@ if triton is not None:
     @triton.jit
     def _add_norm_shrink_kernel(x_ptr, d_ptr, h_ptr, w_ptr, y_ptr, a_ptr, slot_ptr, t_ptr, cols, R, stride_as,
                                 stride_ar, stride_tm, a_off1, a_off2, eps, HAS_SLOTS: tl.constexpr,
-                                BLOCK: tl.constexpr, EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
+                                BLOCK: tl.constexpr, EARLY: tl.constexpr = False, PDL: tl.constexpr = False,
+                                EARLY_W: tl.constexpr = False):
         row, r, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         early: tl.constexpr = EARLY and not HAS_SLOTS  # a row's slot is not a frozen weight: it waits
         if not early:
@@ -45,6 +52,8 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         a = tl.load(a_ptr + pick(g, 0, a_off1, a_off2) + slot * stride_as + r * stride_ar + offs, mask=offs < cols,
                     other=0.0)
+        if EARLY_W:  # the norm weight is frozen too (``EARLY_GAMMA``): read with A
+            w = tl.load(w_ptr + offs, mask=offs < cols, other=0.0).to(tl.float32)
         if early:  # A's row was read before the wait (``EARLY_READS``); x and the outputs come after it
             pdl_enter(PDL)
         # the norm as ``rmsnorm._rms_norm_kernel`` computes it for one row: a [1, BLOCK] tile
@@ -56,7 +65,8 @@ if triton is not None:
         hf = h.to(tl.float32)
         scale = tl.rsqrt(tl.sum(hf * hf, axis=1) / cols + eps)
         normed = (hf * scale[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=offs < cols, other=0.0).to(tl.float32)
+        if not EARLY_W:
+            w = tl.load(w_ptr + offs, mask=offs < cols, other=0.0).to(tl.float32)
         y = (w[None, :] * normed).to(y_ptr.dtype.element_ty)
         if r == 0 and g == 0:  # one program of the row writes the new residual and the normed row
             tl.store(h_ptr + row * cols + cells, h, mask=mask)
@@ -116,5 +126,5 @@ def launch(x, delta, weight, eps, as_, row_slot):
     _add_norm_shrink_kernel[(rows, r, groups)](
         x, delta, h, weight, y, a, row_slot if row_slot is not None else t, t, cols, r, a.stride(0), a.stride(1),
         t.stride(0), *lora_groups.offsets(as_), eps, HAS_SLOTS=row_slot is not None, BLOCK=block,
-        num_warps=4 if block <= 4096 else 8, EARLY=_triton.EARLY_READS, **pdl_args(x))
+        num_warps=4 if block <= 4096 else 8, EARLY=_triton.EARLY_READS, EARLY_W=EARLY_GAMMA, **pdl_args(x))
     return h, y, t

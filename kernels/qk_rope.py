@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import torch
 
+from orbit_kernels import _triton
 from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 from orbit_kernels.rmsnorm import rms_norm_reference
-from orbit_kernels.rope import apply_rope_reference, rope_kv_write_reference, rotate_halves
+from orbit_kernels.rope import apply_rope_reference, rope_kv_write_reference, rotate_with, table_halves
 
 ENABLED = True
 """Set False to run the four unfused kernels (benchmarks compare the two in one process)."""
+EARLY_TABLES = True
+"""Under PDL with ``EARLY_READS``, read the q/k norm weights, the row's rope table rows and its
+write position before the wait, the projections after it. H100, decoding int4 + LoRA r16 at the
+Qwen3-1.7B shape in one process (``decode_throughput_early_tables_gamma_h100.jsonl``): 776.0 and
+779.8 tok/s (first and last run) against 766.5 with it off at batch 1, 2,174 and 2,178 against
+2,157 at 4. False: every read after the wait (benchmarks compare)."""
 
 
 def decode_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
@@ -36,39 +43,62 @@ def decode_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
 if triton is not None:
 
     @triton.jit
-    def _norm_rope(x_ptr, w_ptr, c_row, s_row, offs, mask, eps, NORM: tl.constexpr, HALF: tl.constexpr):
+    def _frozen_halves(w_ptr, c_row, s_row, offs, mask, like_ptr, NORM: tl.constexpr, HALF: tl.constexpr):
+        """A head's norm weight halves (ones without ``NORM``) and its row's rope table halves."""
+        if NORM:
+            w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            w1 = tl.zeros_like(offs).to(tl.float32) + 1.0
+            w2 = w1
+        c1, c2, s1, s2 = table_halves(c_row + offs, s_row + offs, mask, like_ptr, HALF)
+        return w1, w2, c1, c2, s1, s2
+
+    @triton.jit
+    def _norm_rope(x_ptr, w1, w2, c1, c2, s1, s2, offs, mask, eps, NORM: tl.constexpr, HALF: tl.constexpr):
         """One head: its two halves normed (when NORM) and rotated, in the activation dtype's roundings."""
         dtype = x_ptr.dtype.element_ty
         x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
         if NORM:
             scale = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
-            w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
             x1 = (w1 * (x1 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             x2 = (w2 * (x2 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        return rotate_halves(x1, x2, c_row + offs, s_row + offs, mask, x_ptr, HALF)
+        return rotate_with(x1, x2, c1, c2, s1, s2, x_ptr)
 
     @triton.jit
     def _decode_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, ck_ptr, cv_ptr, pos_ptr,
                           eps, heads, kv_heads, sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, sc_r, so_r, so_h,
                           sck_r, sck_h, sck_p, scv_r, scv_h, scv_p,
-                          NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_enter(PDL)  # first: nothing before it may touch memory
+                          NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                          EARLY: tl.constexpr = False):
+        if not EARLY:
+            pdl_enter(PDL)  # first: nothing before it may touch memory
         pid = tl.program_id(0)
         row, head = pid // (heads + kv_heads), pid % (heads + kv_heads)
         offs = tl.arange(0, BLOCK)
         mask = offs < HALF
         c_row, s_row = cos_ptr + row * sc_r, sin_ptr + row * sc_r
+        # ``EARLY_TABLES``: the norm weights (frozen), the rope tables' rows and the write position
+        # (set at the step's start or between steps, never by the kernel just before) come before
+        # the wait; the projected q, k and v, which the kernel before writes, after it
         if head < heads:
-            out1, out2 = _norm_rope(q_ptr + row * sq_r + head * sq_h, qw_ptr, c_row, s_row, offs, mask, eps, NORM, HALF)
+            w1, w2, c1, c2, s1, s2 = _frozen_halves(qw_ptr, c_row, s_row, offs, mask, q_ptr, NORM, HALF)
+        else:
+            w1, w2, c1, c2, s1, s2 = _frozen_halves(kw_ptr, c_row, s_row, offs, mask, q_ptr, NORM, HALF)
+        pos = tl.load(pos_ptr + row)
+        if EARLY:
+            pdl_enter(PDL)
+        if head < heads:
+            out1, out2 = _norm_rope(q_ptr + row * sq_r + head * sq_h, w1, w2, c1, c2, s1, s2, offs, mask, eps, NORM,
+                                    HALF)
             dst = out_ptr + row * so_r + head * so_h
             tl.store(dst + offs, out1, mask=mask)
             tl.store(dst + HALF + offs, out2, mask=mask)
         else:
             kv = head - heads
-            pos = tl.load(pos_ptr + row)
-            out1, out2 = _norm_rope(k_ptr + row * sk_r + kv * sk_h, kw_ptr, c_row, s_row, offs, mask, eps, NORM, HALF)
+            out1, out2 = _norm_rope(k_ptr + row * sk_r + kv * sk_h, w1, w2, c1, c2, s1, s2, offs, mask, eps, NORM,
+                                    HALF)
             dst = ck_ptr + row * sck_r + kv * sck_h + pos * sck_p
             tl.store(dst + offs, out1.to(ck_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + HALF + offs, out2.to(ck_ptr.dtype.element_ty), mask=mask)
@@ -106,7 +136,7 @@ def launch(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_p
         heads, kv_heads, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0),
         out.stride(0), out.stride(2), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0),
         cache_v.stride(1), cache_v.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1,
-        **pdl_args(out))
+        EARLY=EARLY_TABLES and _triton.EARLY_READS, **pdl_args(out))
     return out.transpose(1, 2)
 
 

@@ -41,11 +41,23 @@ if triton is not None:
         """Rope of a head's two fp32 halves, with the tables' halves at ``c_ptrs`` / ``s_ptrs``:
         each product and the sum rounded to the dtype ``like_ptr`` points at, as the reference's
         separate ops in that dtype round them."""
+        c1, c2, s1, s2 = table_halves(c_ptrs, s_ptrs, mask, like_ptr, HALF)
+        return rotate_with(x1, x2, c1, c2, s1, s2, like_ptr)
+
+    @triton.jit
+    def table_halves(c_ptrs, s_ptrs, mask, like_ptr, HALF: tl.constexpr):
+        """The cos and sin halves of a row, rounded to the activation dtype, as fp32."""
         dtype = like_ptr.dtype.element_ty
         c1 = tl.load(c_ptrs, mask=mask, other=0.0).to(dtype).to(tl.float32)
         c2 = tl.load(c_ptrs + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
         s1 = tl.load(s_ptrs, mask=mask, other=0.0).to(dtype).to(tl.float32)
         s2 = tl.load(s_ptrs + HALF, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        return c1, c2, s1, s2
+
+    @triton.jit
+    def rotate_with(x1, x2, c1, c2, s1, s2, like_ptr):
+        """``rotate_halves`` with the table halves already loaded."""
+        dtype = like_ptr.dtype.element_ty
         out1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
         out2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
         return out1, out2

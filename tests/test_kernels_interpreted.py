@@ -291,6 +291,46 @@ def test_decode_attention_in_one_pass_is_the_merged_chunk_bit_for_bit(dtype, mon
     torch.testing.assert_close(merged[True].float(), want, atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
 
 
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_decode_qk_reading_weights_and_tables_early_changes_no_bit(norm, monkeypatch):
+    """``qk_rope.EARLY_TABLES`` only moves the frozen reads (norm weights, rope rows, positions)
+    ahead of the projections: q and the cache writes equal the kernel that reads them after."""
+    from orbit_kernels import qk_rope
+
+    torch.manual_seed(3)
+    rows, heads, kv_heads, dim, capacity = 3, 4, 2, 16, 9
+    q, k, v = (torch.randn(rows, 1, n, dim, dtype=torch.float16) * 3 for n in (heads, kv_heads, kv_heads))
+    weights = [(torch.rand(dim) + 0.5).to(torch.float16) for _ in range(2)] if norm else [None, None]
+    cos, sin = torch.randn(rows, 1, dim), torch.randn(rows, 1, dim)
+    write_pos = torch.tensor([0, 8, 3])
+    runs = []
+    for early in (True, False):
+        monkeypatch.setattr(qk_rope, "EARLY_TABLES", early)
+        cache_k, cache_v = torch.zeros(rows, kv_heads, capacity, dim, dtype=torch.float16), torch.zeros(
+            rows, kv_heads, capacity, dim, dtype=torch.float16)
+        runs.append((qk_rope.launch(q, k, v, *weights, 1e-6, cos, sin, cache_k, cache_v, write_pos), cache_k, cache_v))
+    assert runs[0][1].abs().sum() > 0
+    for got, want in zip(runs[0], runs[1]):
+        assert torch.equal(got, want)
+
+
+def test_add_norm_shrink_reading_its_weight_early_changes_no_bit(monkeypatch):
+    """``norm_shrink.EARLY_GAMMA`` reads the norm weight with A: the same residual, normed rows and t."""
+    from orbit_kernels import norm_shrink
+
+    torch.manual_seed(4)
+    rows, cols, rank = 2, 160, 8
+    x, delta = torch.randn(rows, cols, dtype=torch.float16), torch.randn(rows, cols, dtype=torch.float16)
+    weight = (torch.rand(cols) + 0.5).to(torch.float16)
+    as_ = [torch.randn(1, rank, cols) * 0.1 for _ in range(3)]
+    runs = []
+    for early in (True, False):
+        monkeypatch.setattr(norm_shrink, "EARLY_GAMMA", early)
+        runs.append(norm_shrink.launch(x, delta, weight, 1e-6, as_, None))
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+
 def test_rope_kernel_over_row_tiles_is_the_reference_bit_for_bit():
     """One row a program (a decode step) and tiles of rows (a prefill), on the attention's
     transposed view, a ragged last tile included."""
