@@ -5,14 +5,38 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+# CI runs the suite in two pytest-xdist workers on two cores: a thread each, here and in the
+# processes the tests start, so that they do not fight over the cores (OpenMP threads spin as they wait)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     # read when a kernel is decorated (on import): without a GPU, kernels called directly run under
     # Triton's interpreter (tests/test_kernels_interpreted.py); the ops still serve the references
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the end-to-end recipe runs (the longest tests) on both workers at once.
+
+    ``--dist worksteal`` first hands each worker a contiguous share of this order, then lets an idle
+    worker take tests from the end of another's queue. So the recipes that reuse the model the
+    first one warm-starts go first, in their file's order, and each recipe with its own model heads
+    another worker's share."""
+    recipes = [item for item in items if item.path.name == "test_embedded_recipe.py"]
+    own_model = [item for item in recipes if item.get_closest_marker("own_model")]
+    rest = [item for item in items if item.path.name != "test_embedded_recipe.py"]
+    order = [item for item in recipes if item not in own_model] + rest
+    for worker, item in enumerate(own_model, start=1):
+        share = len(items) * worker // max(_WORKERS, 2)
+        order.insert(min(share, len(order)), item)
+    items[:] = order
 
 
 def save_hf_model(kind: str, path, **overrides):

@@ -79,6 +79,7 @@ def test_default_recipe_on_the_megatron_backend_learns(tmp_path, shared_cache):
     assert rows[0]["preflight/max_logprob_abs_diff"] < 1e-3
 
 
+@pytest.mark.own_model
 @pytest.mark.slow
 def test_moe_recipe_builds_its_model_and_learns(tmp_path, shared_cache):
     before, after, wall_s = train_recipe("tiny-arith-moe-lora", tmp_path, shared_cache)  # the MoE model is built here
