@@ -119,7 +119,9 @@ ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.j
 ``attention_shrink`` (the attention's merge computing o_proj's LoRA shrink, commit ce1db3d;
 ``decode_throughput_attention_shrink_h100.jsonl``) and ``attention_step`` (the q/k path, the KV
 write, the attention and its merge in one kernel, commit e8ddfa7;
-``decode_throughput_attention_step_h100.jsonl``), all slower.
+``decode_throughput_attention_step_h100.jsonl``) and ``attention_early_kv`` (each chunk's first
+block of older keys and values read before the PDL wait, commit 56a3d28;
+``decode_throughput_attention_early_kv_h100.jsonl``), all slower.
 ``decode_throughput_masked_int4_h200.jsonl`` switched ``masked_int4``: the GEMV and the x-split GEMM
 decoding an int4 nibble by masking it in place and one FMA (two instructions a code against four;
 26.38 against 27.49 us summed over the GEMV's shapes at one row). End to end it was within the
