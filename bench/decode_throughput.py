@@ -92,7 +92,6 @@ ROUND_KERNELS = {
     "gemv_lora_ahead": (packed_gemv, "LORA_AHEAD"),  # GEMV reads the LoRA expand's B and t up top (else after K)
     "qk_early_tables": (qk_kernels, "EARLY_TABLES"),  # q/k kernel reads norm weights, rope rows before the wait
     "norm_early_gamma": (norm_shrink, "EARLY_GAMMA"),  # norm + shrink reads its norm weight with A (before the wait)
-    "attention_early_length": (attention_kernels, "EARLY_LENGTH"),  # attention reads the row's length before the wait
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

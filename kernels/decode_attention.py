@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from orbit_kernels import _triton
 from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 
 ENABLED = True
@@ -41,11 +40,6 @@ before). One H100, decoding at 192 keys of 288, on / off / on in one process
 4 rows and 3,359 / 3,293 / 3,387 at 8; bare int4 2,372 / 2,294 / 2,370 at 4 and 4,709 / 4,522 /
 4,694 at 8; bf16 + LoRA 1,636 / 1,611 / 1,636 at 4; within 1% at 16 rows; at one row +0.8% with
 LoRA and +2% bare on int4, within noise on bf16."""
-
-EARLY_LENGTH = True
-"""Under PDL with ``EARLY_READS``, the chunk kernel reads its row's length before the wait (lengths
-move between steps), so the first keys' loads, whose bounds it sets, need not wait for it after.
-False: after the wait (benchmarks compare)."""
 
 
 @dataclass(frozen=True)
@@ -109,13 +103,10 @@ if triton is not None:
                       stride_kr, stride_kh, stride_kn, stride_vr, stride_vh, stride_vn, out_ptr, stride_or, stride_oh,
                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
-                      PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+                      PDL: tl.constexpr = False):
+        pdl_enter(PDL)  # first: nothing before it may touch memory
         row, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        if EARLY:  # ``EARLY_LENGTH``: a row's length moves only between steps
-            length = tl.load(len_ptr + row)
-        pdl_enter(PDL)  # before it, nothing but the length may touch memory
-        if not EARLY:
-            length = tl.load(len_ptr + row)  # the last key this row may read
+        length = tl.load(len_ptr + row)  # the last key this row may read
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, DIM)
         g_mask = offs_g < GROUP
@@ -242,8 +233,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Ten
         q, k, v, lengths, m, l, acc, 1.0 / math.sqrt(dim), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), out, out.stride(0), out.stride(1), GROUP=group,
         GROUP_PAD=group_pad, DIM=dim, CHUNK=c.chunk, BLOCK_N=c.block_n, SPLITS=splits, DIRECT=direct,
-        IEEE=q.dtype == torch.float32, EARLY=EARLY_LENGTH and _triton.EARLY_READS, num_warps=c.warps,
-        num_stages=c.stages, **pdl_args(q))
+        IEEE=q.dtype == torch.float32, num_warps=c.warps, num_stages=c.stages, **pdl_args(q))
     if direct:
         return out
     _merge_kernel[(rows, kv_heads)](m, l, acc, out, out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=group_pad,

@@ -292,24 +292,6 @@ def test_decode_attention_in_one_pass_is_the_merged_chunk_bit_for_bit(dtype, mon
 
 
 
-
-def test_decode_attention_reading_the_length_early_changes_no_bit(monkeypatch):
-    """``EARLY_LENGTH`` only moves the length's read ahead of the PDL wait: the same output, in one
-    chunk and split, for rows ending at the first key, mid-block and at the capacity."""
-    from orbit_kernels import decode_attention as attention
-
-    torch.manual_seed(2)
-    rows, heads, kv_heads, capacity, dim = 4, 4, 2, 40, 64
-    q = torch.randn(rows, heads, dim, dtype=torch.float16)
-    k, v = (torch.randn(rows, kv_heads, capacity, dim, dtype=torch.float16) for _ in range(2))
-    lengths = torch.tensor([0, 16, 17, capacity - 1])
-    for config in (attention.Config(64, 16), attention.Config(16, 16)):
-        outputs = []
-        for early in (True, False):
-            monkeypatch.setattr(attention, "EARLY_LENGTH", early)
-            outputs.append(attention.launch(q, k, v, lengths, config))
-        assert torch.equal(outputs[0], outputs[1]), config
-
 @pytest.mark.parametrize("norm", [True, False])
 def test_decode_qk_reading_weights_and_tables_early_changes_no_bit(norm, monkeypatch):
     """``qk_rope.EARLY_TABLES`` only moves the frozen reads (norm weights, rope rows, positions)
