@@ -121,7 +121,9 @@ ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.j
 write, the attention and its merge in one kernel, commit e8ddfa7;
 ``decode_throughput_attention_step_h100.jsonl``) and ``attention_early_kv`` (each chunk's first
 block of older keys and values read before the PDL wait, commit 56a3d28;
-``decode_throughput_attention_early_kv_h100.jsonl``), all slower.
+``decode_throughput_attention_early_kv_h100.jsonl``), all slower; and ``attention_early_length``
+(the row's length alone read before the wait, commit 52dad08;
+``decode_throughput_attention_early_length_h100.jsonl``), within noise.
 ``decode_throughput_masked_int4_h200.jsonl`` switched ``masked_int4``: the GEMV and the x-split GEMM
 decoding an int4 nibble by masking it in place and one FMA (two instructions a code against four;
 26.38 against 27.49 us summed over the GEMV's shapes at one row). End to end it was within the
