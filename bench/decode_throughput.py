@@ -98,7 +98,8 @@ from the round after, the next six from the round after that, the next four from
 that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the next three from the
 round after that, ``pdl`` from the round after, the next five from the round after that, the next
 five from the round before that, the next two from the round after, the next two from the round
-after that, ``one_pass_attention`` the round before, ``gemv_lora_ahead``, ``qk_early_tables`` and ``norm_early_gamma`` the latest), each switchable for ``--ablate``
+after that, ``one_pass_attention`` the round before, ``gemv_lora_ahead``, ``qk_early_tables`` and
+``norm_early_gamma`` the latest), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;

@@ -155,17 +155,19 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _delta_pointers(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1,
-                        n12, sbs0, sbs1, sbs2, HAS_SLOTS: tl.constexpr):
-        # [rows, columns] pointers to rank 0 of each row's t for the column's group and of
-        # B_g[slot(row), column], and where both exist
+    def _t_pointers(t_ptr, rows, offs_n, R, stride_tm, n1, n12):
+        # [rows, columns] pointers to rank 0 of each row's t for the column's group
+        g, _ = group_of(offs_n, n1, n12)
+        return t_ptr + rows[:, None] * stride_tm + (g * R)[None, :]
+
+    @triton.jit
+    def _b_pointers(b_ptr, slot_ptr, rows, offs_n, M, stride_bn, b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2,
+                    HAS_SLOTS: tl.constexpr):
+        # [rows, columns] pointers to rank 0 of B_g[slot(row), column]
         g, start = group_of(offs_n, n1, n12)
         b_cols = pick(g, 0, b_off1, b_off2) + (offs_n - start) * stride_bn
-        m_mask = rows < M
-        slots = tl.load(slot_ptr + rows, mask=m_mask, other=0) if HAS_SLOTS else tl.zeros_like(rows)
-        t_ptrs = t_ptr + rows[:, None] * stride_tm + (g * R)[None, :]
-        b_ptrs = b_ptr + slots[:, None] * pick(g, sbs0, sbs1, sbs2)[None, :] + b_cols[None, :]
-        return t_ptrs, b_ptrs, m_mask[:, None] & (offs_n < N)[None, :]
+        slots = tl.load(slot_ptr + rows, mask=rows < M, other=0) if HAS_SLOTS else tl.zeros_like(rows)
+        return b_ptr + slots[:, None] * pick(g, sbs0, sbs1, sbs2)[None, :] + b_cols[None, :]
 
     @triton.jit
     def rows_delta(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn, b_off1, b_off2, n1, n12,
@@ -190,18 +192,15 @@ if triton is not None:
         """``rows_delta``'s ``[rows, columns, rank]`` fp32 factor of B, its first ``ranks`` (R; 0 reads nothing):
         a frozen read for a step, so a kernel may issue it before its PDL wait when there are no
         row slots to read first."""
-        g, start = group_of(offs_n, n1, n12)
-        b_cols = pick(g, 0, b_off1, b_off2) + (offs_n - start) * stride_bn
-        slots = tl.load(slot_ptr + rows, mask=rows < M, other=0) if HAS_SLOTS else tl.zeros_like(rows)
-        b_ptrs = b_ptr + slots[:, None] * pick(g, sbs0, sbs1, sbs2)[None, :] + b_cols[None, :]
+        b_ptrs = _b_pointers(b_ptr, slot_ptr, rows, offs_n, M, stride_bn, b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2,
+                             HAS_SLOTS)
         offs_r, mask = _rank_mask(rows, offs_n, M, N, ranks, BLOCK_R)
         return tl.load(b_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def rows_delta_t(t_ptr, rows, offs_n, M, N, R, stride_tm, n1, n12, BLOCK_R: tl.constexpr, ranks):
         """``rows_delta``'s ``[rows, columns, rank]`` factor of ``t``, its first ``ranks``."""
-        g, start = group_of(offs_n, n1, n12)
-        t_ptrs = t_ptr + rows[:, None] * stride_tm + (g * R)[None, :]
+        t_ptrs = _t_pointers(t_ptr, rows, offs_n, R, stride_tm, n1, n12)
         offs_r, mask = _rank_mask(rows, offs_n, M, N, ranks, BLOCK_R)
         return tl.load(t_ptrs[:, :, None] + offs_r[None, None, :], mask=mask, other=0.0)
 
@@ -210,8 +209,10 @@ if triton is not None:
                            n12, sbs0, sbs1, sbs2, HAS_SLOTS: tl.constexpr):
         """``rows_delta`` one rank at a time, for a row tile whose ``[rows, columns, rank]``
         product would not fit in registers (the packed GEMM's 16 and 32 rows)."""
-        t_ptrs, b_ptrs, mask = _delta_pointers(t_ptr, b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_tm, stride_bn,
-                                               b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2, HAS_SLOTS)
+        t_ptrs = _t_pointers(t_ptr, rows, offs_n, R, stride_tm, n1, n12)
+        b_ptrs = _b_pointers(b_ptr, slot_ptr, rows, offs_n, M, stride_bn, b_off1, b_off2, n1, n12, sbs0, sbs1, sbs2,
+                             HAS_SLOTS)
+        mask = (rows < M)[:, None] & (offs_n < N)[None, :]
         delta = tl.load(t_ptrs, mask=mask, other=0.0) * tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
         for r in range(1, R):
             delta += tl.load(t_ptrs + r, mask=mask, other=0.0) * tl.load(b_ptrs + r, mask=mask, other=0.0).to(tl.float32)

@@ -275,16 +275,17 @@ if triton is not None:
                                         SCALE_ROWS, BLOCK_W)
             # ``LORA_AHEAD``: the expand's factors are read here, not after the K loop; B (frozen for
             # the step) with the words when no row slot has to be read first, t with the activations
+            b_early: tl.constexpr = LORA_AHEAD and EARLY and not HAS_SLOTS
             lora_ranks = tl.where(pid_k == 0, R, 0)  # one split adds the update: the others read nothing
-            if LORA_AHEAD and EARLY and not HAS_SLOTS:
+            if b_early:
                 b_ahead = rows_delta_b(b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_bn, b_off1, b_off2, n1, n12,
                                        sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R, lora_ranks)
             if EARLY:
                 pdl_enter(PDL)
+            if LORA_AHEAD and not b_early:
+                b_ahead = rows_delta_b(b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_bn, b_off1, b_off2, n1, n12,
+                                       sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R, lora_ranks)
             if LORA_AHEAD:
-                if not (EARLY and not HAS_SLOTS):
-                    b_ahead = rows_delta_b(b_ptr, slot_ptr, rows, offs_n, M, N, R, stride_bn, b_off1, b_off2, n1, n12,
-                                           sbs0, sbs1, sbs2, HAS_SLOTS, BLOCK_R, lora_ranks)
                 t_ahead = rows_delta_t(t_ptr, rows, offs_n, M, N, R, stride_tm, n1, n12, BLOCK_R, lora_ranks)
             xk = _x_step(x_ptr, k_first, rows, M, stride_xm, BLOCK_K)
             for k0 in range(k_first, K, k_step):

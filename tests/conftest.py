@@ -9,8 +9,9 @@ import pytest
 # CI runs the suite in two pytest-xdist workers on two cores: a thread each, here and in the
 # processes the tests start, so that they do not fight over the cores (OpenMP threads spin as they wait)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS)
 
@@ -19,7 +20,7 @@ if not torch.cuda.is_available():
     # read when a kernel is decorated (on import): without a GPU, kernels called directly run under
     # Triton's interpreter (tests/test_kernels_interpreted.py); the ops still serve the references
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+torch.set_num_threads(_THREADS)
 
 
 def pytest_collection_modifyitems(config, items):
