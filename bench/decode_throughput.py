@@ -92,6 +92,9 @@ ROUND_KERNELS = {
     "gemv_lora_ahead": (packed_gemv, "LORA_AHEAD"),  # GEMV reads the LoRA expand's B and t up top (else after K)
     "qk_early_tables": (qk_kernels, "EARLY_TABLES"),  # q/k kernel reads norm weights, rope rows before the wait
     "norm_early_gamma": (norm_shrink, "EARLY_GAMMA"),  # norm + shrink reads its norm weight with A (before the wait)
+    "async_admit": (decode_loop, "ASYNC_ADMIT"),  # an admit's host copies pinned, not waiting for the prefill
+    "counted_seed": (sampling_kernel, "COUNTED"),  # sampling keyed by a device counter (else a generator draw a step)
+    "qk_gather_tables": (qk_kernels, "GATHER_TABLES"),  # the q/k kernel reads the rope tables at each position
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

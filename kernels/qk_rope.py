@@ -19,6 +19,9 @@ from orbit_kernels.rope import apply_rope_reference, rope_kv_write_reference, ro
 
 ENABLED = True
 """Set False to run the four unfused kernels (benchmarks compare the two in one process)."""
+GATHER_TABLES = True
+"""A decode step hands the kernel the whole rope tables and each row reads its rows at its write
+position. False: the step gathers every row's rows first, two torch kernels (benchmarks compare)."""
 EARLY_TABLES = True
 """Under PDL with ``EARLY_READS``, read the q/k norm weights, the row's rope table rows and its
 write position before the wait, the projections after it. H100, decoding int4 + LoRA r16 at the
@@ -30,9 +33,12 @@ Qwen3-1.7B shape in one process (``decode_throughput_early_tables_gamma_h100.jso
 def decode_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
                         k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                         cache_k: torch.Tensor, cache_v: torch.Tensor, write_pos: torch.Tensor) -> torch.Tensor:
-    """q [rows, 1, heads, dim], k and v [rows, 1, kv_heads, dim] as projected; cos/sin [rows, 1, dim];
-    cache_k/v [rows, kv_heads, capacity, dim]. Writes the rotated key and the value at ``write_pos``
-    and returns the normed, rotated q as [rows, heads, 1, dim]."""
+    """q [rows, 1, heads, dim], k and v [rows, 1, kv_heads, dim] as projected; cos/sin [rows, 1, dim],
+    or the whole tables [positions, dim], each row taking its row at ``write_pos``; cache_k/v [rows,
+    kv_heads, capacity, dim]. Writes the rotated key and the value at ``write_pos`` and returns the
+    normed, rotated q as [rows, heads, 1, dim]."""
+    if cos.dim() == 2:
+        cos, sin = cos[write_pos][:, None], sin[write_pos][:, None]
     if q_weight is not None:
         q, k = rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -70,23 +76,27 @@ if triton is not None:
     def _decode_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, ck_ptr, cv_ptr, pos_ptr,
                           eps, heads, kv_heads, sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, sc_r, so_r, so_h,
                           sck_r, sck_h, sck_p, scv_r, scv_h, scv_p,
-                          NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                          EARLY: tl.constexpr = False):
+                          NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr,
+                          PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+        """``GATHER``: cos/sin are the whole tables, a row's rope rows the ones at its write position."""
         if not EARLY:
             pdl_enter(PDL)  # first: nothing before it may touch memory
         pid = tl.program_id(0)
         row, head = pid // (heads + kv_heads), pid % (heads + kv_heads)
         offs = tl.arange(0, BLOCK)
         mask = offs < HALF
-        c_row, s_row = cos_ptr + row * sc_r, sin_ptr + row * sc_r
         # ``EARLY_TABLES``: the norm weights (frozen), the rope tables' rows and the write position
-        # (set at the step's start or between steps, never by the kernel just before) come before
-        # the wait; the projected q, k and v, which the kernel before writes, after it
+        # (set between steps, never by the kernel just before) come before the wait; the projected
+        # q, k and v, which the kernel before writes, after it
+        pos = tl.load(pos_ptr + row)
+        if GATHER:
+            c_row, s_row = cos_ptr + pos * sc_r, sin_ptr + pos * sc_r
+        else:
+            c_row, s_row = cos_ptr + row * sc_r, sin_ptr + row * sc_r
         if head < heads:
             w1, w2, c1, c2, s1, s2 = _frozen_halves(qw_ptr, c_row, s_row, offs, mask, q_ptr, NORM, HALF)
         else:
             w1, w2, c1, c2, s1, s2 = _frozen_halves(kw_ptr, c_row, s_row, offs, mask, q_ptr, NORM, HALF)
-        pos = tl.load(pos_ptr + row)
         if EARLY:
             pdl_enter(PDL)
         if head < heads:
@@ -113,8 +123,10 @@ def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight:
                     k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                     cache_v: torch.Tensor) -> str | None:
     """Why the kernel cannot take this call (None: it can)."""
-    if q.dim() != 4 or q.shape[1] != 1 or k.shape[1] != 1 or v.shape != k.shape or cos.dim() != 3 or cos.shape[1] != 1:
+    if q.dim() != 4 or q.shape[1] != 1 or k.shape[1] != 1 or v.shape != k.shape:
         return f"q {tuple(q.shape)}, k {tuple(k.shape)} are not one decode token per row"
+    if not (cos.dim() == 2 or cos.dim() == 3 and cos.shape[1] == 1):
+        return f"cos {tuple(cos.shape)} is neither a row's [1, dim] for each row nor a [positions, dim] table"
     if q.shape[-1] % 2:
         return f"odd head_dim {q.shape[-1]}"
     if (q_weight is None) != (k_weight is None) or any(
@@ -135,8 +147,8 @@ def launch(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_p
         q, k, v, q_weight if norm else q, k_weight if norm else q, cos, sin, out, cache_k, cache_v, write_pos, eps,
         heads, kv_heads, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0),
         out.stride(0), out.stride(2), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0),
-        cache_v.stride(1), cache_v.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1,
-        EARLY=EARLY_TABLES and _triton.EARLY_READS, **pdl_args(out))
+        cache_v.stride(1), cache_v.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half),
+        GATHER=cos.dim() == 2, num_warps=1, EARLY=EARLY_TABLES and _triton.EARLY_READS, **pdl_args(out))
     return out.transpose(1, 2)
 
 

@@ -23,5 +23,9 @@ def test_the_engine_layer_loop_computes_what_the_layers_do(request, fixture):
         want = x
         for layer in model.model.layers:
             want = layer(want, cos, sin, None, None, None)
-        got = model._engine_layers(x, cos, sin, None, None, None)
-    assert torch.equal(got, want)
+        got, none = model._engine_layers(x, cos, sin, None, None, None, None)
+        # a decode step joins the last residual add to the final norm as well
+        last, hidden = model._engine_layers(x, cos, sin, None, None, None, model.model.norm)
+        want_hidden = model.model.norm(want)
+    assert torch.equal(got, want) and none is None
+    assert torch.equal(last, want) and torch.equal(hidden, want_hidden)

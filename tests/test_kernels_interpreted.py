@@ -373,6 +373,54 @@ def test_decode_qk_kernel_equals_the_unfused_reference(norm):
     assert torch.equal(got_v, want_v)
 
 
+@pytest.mark.parametrize("early", [True, False])
+def test_decode_qk_kernel_reading_the_whole_tables_equals_it_on_gathered_rows(early, monkeypatch):
+    """Given the whole rope tables, each row reads its rows at its write position: the same q and
+    cache writes, bit for bit, as with the rows gathered first, and the reference agrees."""
+    from orbit_kernels import qk_rope
+
+    monkeypatch.setattr(qk_rope, "EARLY_TABLES", early)
+    torch.manual_seed(5)
+    rows, heads, kv_heads, dim, capacity = 3, 4, 2, 16, 9
+    q, k, v = (torch.randn(rows, 1, n, dim, dtype=torch.float16) * 3 for n in (heads, kv_heads, kv_heads))
+    weights = [(torch.rand(dim) + 0.5).to(torch.float16) for _ in range(2)]
+    cos_table, sin_table = torch.randn(capacity, dim), torch.randn(capacity, dim)
+    write_pos = torch.tensor([0, 8, 3])
+    runs = []
+    for cos, sin in ((cos_table, sin_table), (cos_table[write_pos][:, None], sin_table[write_pos][:, None])):
+        cache_k, cache_v = (torch.zeros(rows, kv_heads, capacity, dim, dtype=torch.float16) for _ in range(2))
+        runs.append((qk_rope.launch(q, k, v, *weights, 1e-6, cos, sin, cache_k, cache_v, write_pos), cache_k, cache_v))
+    assert runs[0][1].abs().sum() > 0
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+    cache_k, cache_v = (torch.zeros(rows, kv_heads, capacity, dim, dtype=torch.float16) for _ in range(2))
+    want_q = qk_rope.decode_qk_reference(q, k, v, *weights, 1e-6, cos_table, sin_table, cache_k, cache_v, write_pos)
+    torch.testing.assert_close(runs[0][0], want_q, atol=2e-3, rtol=2 ** -9)
+    torch.testing.assert_close(runs[0][1], cache_k, atol=2e-3, rtol=2 ** -9)
+
+
+def test_counted_sampler_keys_each_call_by_base_plus_counter_and_steps_it():
+    """``launch(counted=True)`` on ``[base, counter]`` draws what the seeded kernel draws at
+    ``base + counter`` and steps the counter once a call; the op's CPU path (the reference) steps it too."""
+    from orbit_kernels import sampling
+
+    torch.manual_seed(6)
+    logits = (torch.randn(40, 600) * 2).to(torch.float16)
+    state = torch.tensor([1000, 7])
+    first = sampling.launch(logits, 0.8, state, block_v=512, counted=True)
+    assert state.tolist() == [1000, 8]
+    second = sampling.launch(logits, 0.8, state, block_v=512, counted=True)
+    assert state.tolist() == [1000, 9]
+    for got, seed in ((first, 1007), (second, 1008)):
+        want = sampling.launch(logits, 0.8, torch.tensor([seed]), block_v=512)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(first[0], second[0])
+    tokens, logprobs = sampling.sample_race_(logits, 0.8, state)
+    assert state.tolist() == [1000, 10]
+    want = torch.log_softmax(logits.float() / 0.8, -1).gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(logprobs, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows, slots, widths, bias", [(1, 1, (64, 32, 32), False), (3, 2, (64, 32, 32), True),
                                                         (2, 2, (128,), True), (12, 2, (64, 32, 32), True),

@@ -28,7 +28,7 @@ from orbit_core.models.shrink_fusion import add_norm
 from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels.decode_attention import decode_attention
 from orbit_kernels.qk_rope import decode_qk_
-from orbit_kernels.rmsnorm import rms_norm, rms_norm_reference
+from orbit_kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
 from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference
 
 
@@ -87,39 +87,44 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None,
         slots: torch.Tensor | slice | None,
-        decode_mask: tuple[torch.Tensor, torch.Tensor] | None,
+        decode: tuple[torch.Tensor, int] | None,
     ) -> torch.Tensor:
-        """decode_mask: ``(write_pos [slots], mask [slots, 1, 1, kv_len])`` in decode mode."""
+        """decode: ``(write_pos [slots], kv_len)`` in decode mode: each slot's new token goes to
+        ``write_pos`` and attends to its cache positions up to it, of the first ``kv_len``; cos/sin
+        are then the whole rope tables, read at ``write_pos`` (or, gathered, each row's rows)."""
         batch, seq, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
-        if decode_mask is not None and use_engine_kernels(x):
-            out = self._engine_decode(q, k, v, cos, sin, cache, decode_mask[0])
+        if decode is not None and use_engine_kernels(x):
+            out = self._engine_decode(q, k, v, cos, sin, cache, decode[0])
             return self.o_proj(out.view(batch, seq, self.num_heads * self.head_dim))
+        if decode is not None and cos.dim() == 2:
+            cos, sin = cos[decode[0]][:, None], sin[decode[0]][:, None]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = apply_rope(q, cos, sin)
-        if decode_mask is None:
+        if decode is None:
             k = apply_rope(k, cos, sin)
             if cache is not None:
                 cache.k[self.layer_idx, slots, :, :seq] = k.to(cache.k.dtype)
                 cache.v[self.layer_idx, slots, :, :seq] = v.to(cache.v.dtype)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
         else:
-            # decode, the reference: one new token per slot; positions come in through the mask's width
-            write_pos, decode_mask = decode_mask
+            # decode, the reference: one new token per slot, over a mask of the first kv_len positions
+            # (the engine's kernel reads each row's live keys and needs none)
+            write_pos, kv_len = decode
             rope_kv_write_reference(k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx], write_pos)
-            kv_len = decode_mask.shape[-1]
+            mask = (torch.arange(kv_len, device=q.device)[None, :] <= write_pos[:, None])[:, None, None, :]
             keys = cache.k[self.layer_idx, :, :, :kv_len].to(q.dtype)
             values = cache.v[self.layer_idx, :, :, :kv_len].to(q.dtype)
             # One query token per slot: fold each KV head's query group into the query-length axis,
             # so attention reads the cache once instead of expanding it per query head.
             group = self.num_heads // self.num_kv_heads
             q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=decode_mask)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             out = out.reshape(batch, self.num_heads, 1, self.head_dim)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
@@ -129,11 +134,13 @@ class Attention(nn.Module):
         """The rollout engine's decode step from the projected ``[rows, 1, heads, dim]`` q, k, v:
         store the new key and value, attend over each row's live keys only; ``[rows, heads, dim]``."""
         cache_k, cache_v = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        if qk_kernels.ENABLED:  # q/k norms, rope and the KV write in one kernel
+        if qk_kernels.ENABLED:  # q/k norms, rope (each row's table rows found by the kernel) and the KV write
             norm = self.q_norm is not None
             q = decode_qk_(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
                            self.q_norm.eps if norm else 0.0, cos, sin, cache_k, cache_v, write_pos)
         else:
+            if cos.dim() == 2:
+                cos, sin = cos[write_pos][:, None], sin[write_pos][:, None]
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -153,8 +160,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, slots, decode_mask, checkpoint_mlp: bool = False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, decode_mask)
+    def forward(self, x, cos, sin, cache, slots, decode, checkpoint_mlp: bool = False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, decode)
         if checkpoint_mlp:  # the SwiGLU's [tokens, intermediate] activations are the largest a layer keeps
             return x + checkpoint(self._mlp_block, x, use_reentrant=False)
         return x + self._mlp_block(x)
@@ -218,9 +225,10 @@ class DecoderLM(nn.Module):
         """Precompute the rope tables so decode steps do no host-side work."""
         self._rope(torch.tensor([length - 1], device=device))
 
-    def _engine_layers(self, x, cos, sin, cache, slots, decode_mask) -> torch.Tensor:
+    def _engine_layers(self, x, cos, sin, cache, slots, decode, final_norm: RMSNorm | None):
         """The layers as the rollout engine runs them: each residual add joined to the norm after it
-        (``orbit::add_rms_norm``), the same arithmetic as ``DecoderLayer.forward`` in fewer launches."""
+        (``orbit::add_rms_norm``), the same arithmetic as ``DecoderLayer.forward`` in fewer launches.
+        ``(x, final_norm(x))``, or ``(x, None)`` without ``final_norm`` (a prefill norms its last rows only)."""
         layers = self.model.layers
         ahead = dequant_ahead.plan(layers, x)  # packed weights that dequantize: one layer ahead, aside
         with ahead or nullcontext():
@@ -229,7 +237,7 @@ class DecoderLM(nn.Module):
                 if ahead is not None:
                     ahead.enter_layer(i)
                 with shrunk:
-                    attended = layer.self_attn(normed, cos, sin, cache, slots, decode_mask)
+                    attended = layer.self_attn(normed, cos, sin, cache, slots, decode)
                 x, normed, shrunk = add_norm(x, attended, layer.post_attention_layernorm, layer.mlp,
                                               ("gate_proj", "up_proj"))
                 with shrunk:
@@ -237,9 +245,11 @@ class DecoderLM(nn.Module):
                 if i + 1 < len(layers):
                     x, normed, shrunk = add_norm(x, out, layers[i + 1].input_layernorm, layers[i + 1].self_attn,
                                                   ("q_proj", "k_proj", "v_proj"))
+                elif final_norm is not None:
+                    return add_rms_norm(x, out, final_norm.weight, final_norm.eps)
                 else:
                     x = x + out
-        return x
+        return x, None
 
     def forward(
         self,
@@ -247,12 +257,15 @@ class DecoderLM(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         slots: torch.Tensor | slice | None = None,
-        decode_mask: torch.Tensor | None = None,
+        decode_kv_len: int | None = None,
         last_index: torch.Tensor | None = None,
         return_hidden: bool = False,
         hidden_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """input_ids/positions: [batch, seq]; decode_mask: [batch, 1, 1, kv_len] bool; last_index: [batch].
+        """input_ids/positions: [batch, seq]; last_index: [batch].
+
+        ``decode_kv_len``: a decode step, one token a row written at ``positions`` into the cache,
+        each row attending to its positions up to that one of the first ``decode_kv_len``.
 
         ``return_hidden`` also returns the final normed hidden states (what a value head reads);
         ``hidden_only`` returns just those, for a trainer that applies the lm_head in chunks.
@@ -261,16 +274,21 @@ class DecoderLM(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             known_length = input_ids.shape[1]
-        if decode_mask is not None:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            decode_mask = (positions[:, 0], decode_mask)
+        decode = None
+        if decode_kv_len is not None:  # the layers read the tables at each row's position
+            cos, sin = self.rope_cos, self.rope_sin
+            if not qk_kernels.GATHER_TABLES:
+                cos, sin = cos[positions], sin[positions]
+            decode = (positions[:, 0], decode_kv_len)
         else:
             cos, sin = self._rope(positions, known_length)
         x = self.model.embed_tokens(input_ids)
         training = self.training and torch.is_grad_enabled() and cache is None
         recompute = self.activation_checkpointing if training else "none"
+        hidden = None
         if not training and use_engine_kernels(x):
-            x = self._engine_layers(x, cos, sin, cache, slots, decode_mask)
+            x, hidden = self._engine_layers(x, cos, sin, cache, slots, decode,
+                                            self.model.norm if last_index is None else None)
         else:
             for layer in self.model.layers:
                 if recompute == "full":  # keep each layer's input, recompute the rest (compiled or not) in backward
@@ -278,10 +296,11 @@ class DecoderLM(nn.Module):
                 elif training:
                     x = self.training_layer_call(layer, x, cos, sin, recompute == "selective")
                 else:
-                    x = layer(x, cos, sin, cache, slots, decode_mask)
+                    x = layer(x, cos, sin, cache, slots, decode)
         if last_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_index]
-        hidden = self.model.norm(x)
+        if hidden is None:
+            hidden = self.model.norm(x)
         if hidden_only:
             return hidden
         logits = self.lm_head(hidden)

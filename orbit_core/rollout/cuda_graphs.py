@@ -10,15 +10,17 @@ the reference path masks the whole capacity, since lengths change between replay
 belong to one cache allocation and are dropped with it (``DecodeLoop.release``), so addresses never
 change under a captured graph. The host syncs only when it reads the finished rows.
 
-Sampling draws from the loop's generator, registered with each graph, so a replay advances it
-exactly as the same step run eagerly would: graphed and eager decoding sample the same tokens.
+Sampling without top-k or top-p keys its draws by a device counter that the sampling kernel steps
+(``orbit::sample_race_``); with them it draws from the loop's generator, registered with the graphs
+that use it. Either way a replay advances the state exactly as the same step run eagerly would:
+graphed and eager decoding sample the same tokens.
 
 With adapter slots (an engine in its own process, double buffering), one slot reads that slot's
 buffers, whose addresses are fixed and whose contents ``write_slot`` replaces in place, so a new
 adapter version needs no recapture. Rows of mixed slots read their slot from the per-row tensor.
 
 Warm-up and capture run the step for real, so the per-row state they touch is saved before and
-restored after, and warm-up samples from a scratch generator (capture itself draws nothing); keys
+restored after (the sampling counter too), and warm-up samples from a scratch generator (capture itself draws nothing); keys
 and values they write sit at positions the next real step writes again.
 
 Small prefills are captured too (``prefill``): an eager prefill launches every kernel of every
@@ -43,8 +45,8 @@ if TYPE_CHECKING:
     from orbit_core.rollout.decode_loop import DecodeLoop
 
 log = logging.getLogger("orbit.rollout")
-STATE = ("lengths", "last_token", "n_generated", "active", "finished", "stop_seen")
-"""The loop's per-row tensors a step changes besides its output records."""
+STATE = ("lengths", "last_token", "n_generated", "active", "finished", "stop_seen", "seed_state")
+"""The loop's tensors a step changes besides its output records (per row, and the sampling counter)."""
 PREFILL_MAX_TOKENS = 8192
 """Rows times padded width of the largest prefill captured; larger ones keep the GPU busy anyway
 (on an H200, a 32-row prefill of 128 tokens took 62 ms of host time eagerly for 23 ms of GPU work)."""
@@ -110,11 +112,12 @@ class GraphedDecode:
         saved = {name: getattr(loop, name).clone() for name in STATE}
         generator = loop.generator
         try:
-            loop.generator = torch.Generator(self.device)
+            loop.generator = scratch = torch.Generator(self.device)
             self._warm_up(lambda: loop.decode_rows(rows, used, graphed=True), times=2)
             loop.generator = generator
             graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(loop.generator)
+            if scratch.get_offset():  # the step draws from the generator (the filters' torch path)
+                graph.register_generator_state(loop.generator)
             self._record(graph, self.pool, lambda: loop.decode_rows(rows, used, graphed=True))
         finally:
             loop.generator = generator
@@ -151,7 +154,7 @@ class GraphedDecode:
     def prefill(self, tokens: torch.Tensor, last_index: torch.Tensor, rows: slice, slot: int) -> torch.Tensor | None:
         """The last-token logits of a prefill of cache ``rows`` (consecutive) from a captured graph,
         or None: run it eagerly (too large, first sighting of its shape, or capture unavailable).
-        ``tokens`` [rows, width] on the host; ``last_index`` [rows] on the device."""
+        ``tokens`` [rows, width] on the host or the device; ``last_index`` [rows] on the device."""
         key = (rows.start, rows.stop, tokens.shape[1], slot)
         if not PREFILL_GRAPHS or self.failed or self.prefill_failed or tokens.numel() > PREFILL_MAX_TOKENS:
             return None
@@ -177,7 +180,7 @@ class GraphedDecode:
 
     def _capture_prefill(self, tokens: torch.Tensor, last_index: torch.Tensor, rows: slice) -> _Prefill:
         loop = self.loop
-        static_tokens = tokens.to(self.device)
+        static_tokens = tokens.to(self.device, copy=True)  # the graph's own: replays copy into it
         static_last = last_index.clone()
 
         def forward() -> torch.Tensor:

@@ -47,6 +47,11 @@ to ``2 * check_every`` steps past its end. False: every check syncs (benchmarks 
 one process (``decode_throughput_probed_checks_h100.jsonl``): int4 + LoRA 747.0 and 742.5 tok/s
 against 728.2 at batch 1, 9,659 and 9,638 against 9,499 at 32; bf16 + LoRA 1,612 and 1,621
 against 1,560 at 4."""
+ASYNC_ADMIT = True
+"""An admit sends its prompts and row numbers through pinned memory without waiting, and takes the
+longest prompt from the host. False: copies from pageable memory and the longest prompt read back
+from the device, each a wait for the work queued before it, so the host sat idle through the
+prefill and the GPU through the admit's bookkeeping after it (benchmarks compare)."""
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -185,8 +190,13 @@ class DecodeLoop:
             self.stop_seen = torch.zeros(slots, dtype=torch.bool, device=device)
             """Set when a row sampled a token that can complete a stop string since the last check."""
             self.probe_host = torch.zeros(slots, dtype=torch.bool, pin_memory=device.type == "cuda")
-            self.key_index = torch.arange(self.cache.capacity, device=device)
             self.slot_versions = torch.zeros(len(self.slot_refs), dtype=torch.long, device=device)
+            # the sampling kernel's seed: a base drawn from the generator here and a counter the kernel
+            # steps, so that a captured step uses no generator (two host-side fills and a kernel a
+            # replay); the kernel runs on GPUs only, so a CPU loop's generator stream stays as it was
+            self.seed_state = torch.zeros(2, dtype=torch.long, device=device)
+            if device.type == "cuda":
+                self.seed_state[:1] = torch.randint(0, 2 ** 62, (1,), device=device, generator=self.generator)
             if self.moe:
                 self.routing = torch.zeros(slots, self.cache.capacity, len(self.moe), self.moe[0].top_k,
                                            dtype=torch.int16, device=device)
@@ -270,12 +280,17 @@ class DecodeLoop:
             admitted.append(heapq.heappop(self.free))
             batch.append(self.pending.popleft())
         ids = [r.prompt for r in batch]
-        width = round_up(max(len(x) for x in ids), PREFILL_BUCKET)
+        longest = max(len(x) for x in ids)
+        width = round_up(longest, PREFILL_BUCKET)
         tokens = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         for i, x in enumerate(ids):
             tokens[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        prompt_lengths = torch.tensor([len(x) for x in ids], device=self.device)
-        rows = torch.tensor(admitted, device=self.device)
+        host_rows = torch.tensor([[len(x) for x in ids], admitted], dtype=torch.long)
+        if ASYNC_ADMIT:
+            tokens, host_rows = self._staged(tokens), self._staged(host_rows)
+        else:
+            host_rows = host_rows.to(self.device)
+        prompt_lengths, rows = host_rows[0], host_rows[1]
         if self.bank is not None:
             self.bank.set_rows(None, (self.active_slot,))
         # consecutive rows (a fresh batch always is) write the cache through a slice: a plain copy,
@@ -287,17 +302,20 @@ class DecodeLoop:
             logits = self._graphs().prefill(tokens, prompt_lengths - 1, slots, self.active_slot)
         if logits is None:
             with self._trace() as traces, engine_forward():
-                logits = self.model(tokens.to(self.device), cache=self.cache, slots=slots, last_index=prompt_lengths - 1)
+                logits = self.model(tokens.to(self.device, non_blocking=True), cache=self.cache, slots=slots,
+                                    last_index=prompt_lengths - 1)
         else:
             traces = None  # graphs are off for MoE models, whose routing is traced
         if traces is not None:
             self.routing[rows, :width] = stack_trace(traces).view(len(ids), width, len(self.moe), -1).to(torch.int16)
-        self.lengths[rows] = prompt_lengths
-        self.n_generated[rows] = 0
-        self.row_adapter[rows] = self.active_slot
-        self.active[rows] = True
-        self.finished[rows] = False
-        self.stop_seen[rows] = False
+        # scalars go in through index_fill_: an indexed write of a Python value copies it from pageable
+        # host memory, which waits for the prefill queued above
+        self.lengths.index_copy_(0, rows, prompt_lengths)
+        self.n_generated.index_fill_(0, rows, 0)
+        self.row_adapter.index_fill_(0, rows, self.active_slot)
+        self.active.index_fill_(0, rows, True)
+        self.finished.index_fill_(0, rows, False)
+        self.stop_seen.index_fill_(0, rows, False)
         version = self.bank.versions[self.active_slot] if self.bank else self.version
         for row, request in zip(admitted, batch):
             self.busy_rows[row] = request
@@ -306,18 +324,26 @@ class DecodeLoop:
             self.scanned[row] = 0
             self.row_due[row] = self.decode_steps + self.params.max_new_tokens - 1  # the prefill sampled one
         self.slot_refs[self.active_slot] += len(admitted)
-        self.max_len = max(self.max_len, int(prompt_lengths.max()))
+        self.max_len = max(self.max_len, longest if ASYNC_ADMIT else int(prompt_lengths.max()))
         p = self.params
-        new_tokens, new_logprobs = sample_tokens(logits, p.temperature, p.top_k, p.top_p, self.generator)
+        new_tokens, new_logprobs = sample_tokens(logits, p.temperature, p.top_k, p.top_p, self.generator,
+                                                 self.seed_state)
         hi = max(self.busy_rows) + 1
-        which = torch.zeros(hi, dtype=torch.bool, device=self.device)
-        which[rows] = True
+        which = torch.zeros(hi, dtype=torch.bool, device=self.device).index_fill_(0, rows, True)
         full_tokens = torch.zeros(hi, dtype=torch.long, device=self.device).index_copy(0, rows, new_tokens)
         full_logprobs = torch.zeros(hi, dtype=torch.float32, device=self.device).index_copy(0, rows, new_logprobs.float())
         full_logits = None
         if p.topk_ids:
             full_logits = torch.zeros(hi, logits.shape[-1], device=self.device).index_copy(0, rows, logits.float())
         self._record(hi, full_tokens, full_logprobs, which, full_logits)
+
+    def _staged(self, host: torch.Tensor) -> torch.Tensor:
+        """``host`` on the loop's device without waiting for the work queued there: a copy from
+        pageable memory syncs the stream first, so on a GPU it goes through pinned memory (the
+        caching host allocator keeps the block until the copy is done)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _decode(self) -> None:
         rows = row_bucket(max(self.busy_rows) + 1, self.cache.k.shape[1])
@@ -335,23 +361,22 @@ class DecodeLoop:
     def decode_rows(self, rows: int, used: tuple[int, ...], graphed: bool) -> None:
         """One decode step over rows ``[0, rows)``: forward, sample, record, flag finished rows.
 
-        Tensor ops only (captured whole as a CUDA graph when ``graphed``). The mask covers the whole
-        capacity in a graph, since lengths change between replays; on a GPU the engine's attention
-        kernel reads only each row's live keys and ignores it.
+        Tensor ops only (captured whole as a CUDA graph when ``graphed``). The reference attention's
+        mask covers the whole capacity in a graph, since lengths change between replays; on a GPU the
+        engine's attention kernel reads only each row's live keys and builds none.
         """
         lengths = self.lengths[:rows]
         row_slot = self.row_adapter[:rows] if len(used) > 1 else None
         kv_len = self.cache.capacity if graphed else min(round_up(self.max_len + 1, KV_BUCKET), self.cache.capacity)
-        mask = (self.key_index[None, :kv_len] <= lengths[:, None])[:, None, None, :]
         view = KVCache(self.cache.k[:, :rows], self.cache.v[:, :rows])
         if self.bank is not None:
             self.bank.set_rows(row_slot, used)
         with self._trace() as traces, engine_forward():
-            logits = self.model(self.last_token[:rows, None], lengths[:, None], cache=view, decode_mask=mask)[:, -1]
+            logits = self.model(self.last_token[:rows, None], lengths[:, None], cache=view, decode_kv_len=kv_len)[:, -1]
         if traces is not None:  # the fed token sits at position `lengths`
             self.routing[torch.arange(rows, device=self.device), lengths] = stack_trace(traces).to(torch.int16)
         p = self.params
-        tokens, logprobs = sample_tokens(logits, p.temperature, p.top_k, p.top_p, self.generator)
+        tokens, logprobs = sample_tokens(logits, p.temperature, p.top_k, p.top_p, self.generator, self.seed_state)
         self._record(rows, tokens, logprobs, self.active[:rows], logits if p.topk_ids else None, lengths)
 
     def _trace(self):

@@ -13,6 +13,7 @@ def sample_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    seed_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [batch, vocab] -> (tokens [batch], logprobs [batch]).
 
@@ -24,9 +25,13 @@ def sample_tokens(
     probability ``p_i`` (the exponential-race form of the Gumbel-max trick). Unlike
     ``torch.multinomial`` it never reads back to the host, so it runs inside a captured CUDA graph.
     On a GPU without filters one kernel (``orbit::sample_race``) runs the whole race in a single
-    pass over the logits, with a seed drawn from ``generator`` each call.
+    pass over the logits, with a seed drawn from ``generator`` each call, or with ``seed_state``
+    (``[base, counter]`` int64 on the logits' device) keyed by ``base + counter``, which the kernel
+    then steps (``orbit::sample_race_``): that draws nothing from ``generator``.
     """
     if temperature > 0 and not (top_k and top_k < logits.shape[-1]) and top_p >= 1.0 and sampling_kernel.served(logits):
+        if seed_state is not None and sampling_kernel.COUNTED:
+            return sampling_kernel.sample_race_(logits, temperature, seed_state)
         seed = torch.randint(0, 2 ** 31 - 1, (1,), device=logits.device, generator=generator)
         return sampling_kernel.sample_race(logits, temperature, seed)
     logits = logits.float()
