@@ -95,6 +95,8 @@ ROUND_KERNELS = {
     "async_admit": (decode_loop, "ASYNC_ADMIT"),  # an admit's host copies pinned, not waiting for the prefill
     "counted_seed": (sampling_kernel, "COUNTED"),  # sampling keyed by a device counter (else a generator draw a step)
     "qk_gather_tables": (qk_kernels, "GATHER_TABLES"),  # the q/k kernel reads the rope tables at each position
+    "norm_embed": (norm_shrink, "EMBED"),  # up to 4 rows: embedding lookup, layer 0's norm and shrink in one kernel
+    "graph_priority": (cuda_graphs, "HIGH_PRIORITY"),  # graphs captured at high priority, above the dequant stream
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

@@ -372,7 +372,8 @@ def test_int4_pairs_decode_what_the_rounding_decode_decodes(tiny_checkpoint, tmp
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, tmp_path, monkeypatch, fmt):
     """At 1 and 3 rows the graphed engine computes the q/k/v and gate/up shrinks with the norm
-    (``orbit::add_rms_norm_shrink``) and down's with the SwiGLU product (``orbit::silu_mul_shrink``):
+    (``orbit::add_rms_norm_shrink``; layer 0's with the embedding, ``orbit::embed_rms_norm_shrink``)
+    and down's with the SwiGLU product (``orbit::silu_mul_shrink``):
     it samples the tokens the separate kernels sample, with logprobs within fp32 summation order of
     theirs. LoRA B is nonzero, so a wrong or stale ``t`` changes the numbers."""
     from orbit_core.policy.load import load_base
@@ -385,12 +386,13 @@ def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, t
         path = str(quantize_checkpoint(tiny_checkpoint, str(tmp_path / "int4"), "int4", group_size=32))
     tok = load_tokenizer(tiny_checkpoint)
     prompts = [tok(f"{a}*{b}=", add_special_tokens=False)["input_ids"] for a in range(3) for b in range(1, 3)]
-    launches = {"norm": 0, "silu": 0}
-    for module, key in ((norm_shrink, "norm"), (silu_shrink, "silu")):
-        def counted(*args, _launch=module.launch, _key=key):
+    launches = {"norm": 0, "silu": 0, "embed": 0}
+    for module, name, key in ((norm_shrink, "launch", "norm"), (silu_shrink, "launch", "silu"),
+                              (norm_shrink, "launch_embed", "embed")):
+        def counted(*args, _launch=getattr(module, name), _key=key):
             launches[_key] += 1
             return _launch(*args)
-        monkeypatch.setattr(module, "launch", counted)
+        monkeypatch.setattr(module, name, counted)
     runs = {}
     for fused in (True, False):
         monkeypatch.setattr(norm_shrink, "ENABLED", fused)
@@ -402,7 +404,7 @@ def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, t
         assert engine.loop.graphed is not None and engine.loop.graphed.graphs
         if fused:
             layers = len(model.model.layers)
-            assert launches["norm"] >= 2 * layers - 1 and launches["silu"] >= layers
+            assert launches["norm"] >= 2 * layers - 1 and launches["silu"] >= layers and launches["embed"] >= 1
             counts = dict(launches)
     assert launches == counts  # with the fusions off, neither kernel ran
     for on, off in zip(runs[True], runs[False]):

@@ -429,8 +429,11 @@ def test_rope_dispatch_on_cpu_is_the_reference():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rope_kernel_equals_the_reference(batch, heads, seq, dtype):
     # laid out as the attention's q: [batch, seq, heads, dim] viewed as [batch, heads, seq, dim]
+    torch.manual_seed(batch + seq)
     q = torch.randn(batch, seq, heads, 128, device="cuda").to(dtype).transpose(1, 2)
-    cos, sin = torch.randn(batch, seq, 128, device="cuda"), torch.randn(batch, seq, 128, device="cuda")
+    # tables as rope's are, |cos| and |sin| at most 1 (the bound below assumes it; normal draws broke it)
+    angles = torch.rand(batch, seq, 128, device="cuda") * 6.3
+    cos, sin = angles.cos(), angles.sin()
     got, want = rope(q, cos, sin), apply_rope_reference(q, cos, sin)
     differ = (got != want).float().mean().item()
     error = (got.float() - want.float()).abs().max().item()

@@ -331,6 +331,34 @@ def test_add_norm_shrink_reading_its_weight_early_changes_no_bit(monkeypatch):
     for got, want in zip(*runs):
         assert torch.equal(got, want)
 
+@pytest.mark.parametrize("with_slots", [False, True])
+def test_embed_norm_shrink_equals_the_add_kernel_on_looked_up_rows(with_slots):
+    """``launch_embed`` reads each row's token row of the table itself: bit for bit what the add
+    kernel computes on the looked-up rows plus zero, and its op on the CPU is the reference
+    (lookup, norm, then an fp32 shrink row by row)."""
+    from orbit_kernels import norm_shrink
+
+    torch.manual_seed(7)
+    vocab, cols, rank, slots = 50, 160, 8, 2
+    table = torch.randn(vocab, cols, dtype=torch.float16)
+    ids = torch.tensor([[7], [0], [49]])
+    weight = (torch.rand(cols) + 0.5).to(torch.float16)
+    as_ = [torch.randn(slots, rank, cols) * 0.1 for _ in range(3)]
+    row_slot = torch.tensor([1, 0, 1]) if with_slots else None
+    looked_up = table[ids]
+    got = norm_shrink.launch_embed(ids, table, weight, 1e-6, as_, row_slot)
+    want = norm_shrink.launch(looked_up, torch.zeros_like(looked_up), weight, 1e-6, as_, row_slot)
+    assert got[0].shape == got[1].shape == (3, 1, cols) and torch.equal(got[0], looked_up)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    x, normed, t = norm_shrink.embed_rms_norm_shrink(ids, table, weight, 1e-6, as_, row_slot)
+    assert torch.equal(x, looked_up)
+    torch.testing.assert_close(normed, got[1], atol=2e-3, rtol=2 ** -9)
+    for i in range(3):
+        s = 0 if row_slot is None else int(row_slot[i])
+        torch.testing.assert_close(t[i], torch.cat([normed[i, 0].float() @ a[s].t() for a in as_]), atol=1e-4, rtol=1e-4)
+
+
 def test_rope_kernel_over_row_tiles_is_the_reference_bit_for_bit():
     """One row a program (a decode step) and tiles of rows (a prefill), on the attention's
     transposed view, a ragged last tile included."""

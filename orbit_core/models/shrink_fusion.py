@@ -1,6 +1,7 @@
 """The engine's decode kernels that also compute the LoRA shrink of the linears reading their
 output: the residual add and norm before q/k/v and before gate/up (``orbit::add_rms_norm_shrink``),
-and the SwiGLU product before down (``orbit::silu_mul_shrink``). Each returns a context in which
+and the SwiGLU product before down (``orbit::silu_mul_shrink``), and at a step's start the embedding
+lookup with layer 0's norm (``orbit::embed_rms_norm_shrink``). Each returns a context in which
 those linears' shrink of exactly that output returns the computed ``t`` (``lora.offer_shrink``);
 anywhere they do not apply (the CPU, other adapters, more rows, ungrouped projections) the unfused
 kernels run and the context does nothing.
@@ -16,7 +17,7 @@ from torch import nn
 from orbit_core.models import projections
 from orbit_kernels import lora as lora_kernels
 from orbit_kernels import norm_shrink, silu_shrink
-from orbit_kernels.norm_shrink import add_rms_norm_shrink
+from orbit_kernels.norm_shrink import add_rms_norm_shrink, embed_rms_norm_shrink
 from orbit_kernels.rmsnorm import add_rms_norm
 from orbit_kernels.silu_mul import silu_mul
 from orbit_kernels.silu_shrink import silu_mul_shrink
@@ -41,6 +42,20 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor, norm: nn.Module, block: nn.Mo
         return (*add_rms_norm(x, delta, norm.weight, norm.eps), nullcontext())
     h, normed, t = add_rms_norm_shrink(x, delta, norm.weight, norm.eps, *factors)
     return h, normed, lora_kernels.offer_shrink(normed.reshape(-1, normed.shape[-1]), *factors, t)
+
+
+def embed_norm(ids: torch.Tensor, embed: nn.Module, norm: nn.Module, block: nn.Module, names: tuple[str, ...]):
+    """``(x, rms_norm(x), context)`` with ``x = embed(ids)``; in the context the linears ``names`` of
+    ``block`` find their shrink of the normed rows done."""
+    factors = None
+    if norm_shrink.ENABLED and norm_shrink.EMBED and projections.GROUPED and type(embed) is nn.Embedding:
+        # the ids stand in for the rows they pick: the same device, row count and engine check
+        factors = _shrink_factors(ids[..., None], [getattr(block, name, None) for name in names], norm_shrink.MAX_ROWS)
+    if factors is None:
+        x = embed(ids)
+        return x, norm(x), nullcontext()
+    x, normed, t = embed_rms_norm_shrink(ids.contiguous(), embed.weight, norm.weight, norm.eps, *factors)
+    return x, normed, lora_kernels.offer_shrink(normed.reshape(-1, normed.shape[-1]), *factors, t)
 
 
 def silu_mul_for(gate: torch.Tensor, up: torch.Tensor, down: nn.Module):

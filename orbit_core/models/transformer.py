@@ -24,7 +24,7 @@ from orbit_core.models.mlp import MLP
 from orbit_core.models.moe import SparseMoE
 from orbit_core.models.projections import project
 from orbit_core.models.rope import apply_rope, rope_tables
-from orbit_core.models.shrink_fusion import add_norm
+from orbit_core.models.shrink_fusion import add_norm, embed_norm
 from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels.decode_attention import decode_attention
 from orbit_kernels.qk_rope import decode_qk_
@@ -225,14 +225,15 @@ class DecoderLM(nn.Module):
         """Precompute the rope tables so decode steps do no host-side work."""
         self._rope(torch.tensor([length - 1], device=device))
 
-    def _engine_layers(self, x, cos, sin, cache, slots, decode, final_norm: RMSNorm | None):
+    def _engine_layers(self, x, cos, sin, cache, slots, decode, final_norm: RMSNorm | None, first=None):
         """The layers as the rollout engine runs them: each residual add joined to the norm after it
         (``orbit::add_rms_norm``), the same arithmetic as ``DecoderLayer.forward`` in fewer launches.
-        ``(x, final_norm(x))``, or ``(x, None)`` without ``final_norm`` (a prefill norms its last rows only)."""
+        ``(x, final_norm(x))``, or ``(x, None)`` without ``final_norm`` (a prefill norms its last rows
+        only). ``first``: layer 0's ``(normed, shrink context)``, when computed with the embedding."""
         layers = self.model.layers
         ahead = dequant_ahead.plan(layers, x)  # packed weights that dequantize: one layer ahead, aside
         with ahead or nullcontext():
-            normed, shrunk = layers[0].input_layernorm(x), nullcontext()
+            normed, shrunk = first or (layers[0].input_layernorm(x), nullcontext())
             for i, layer in enumerate(layers):
                 if ahead is not None:
                     ahead.enter_layer(i)
@@ -282,14 +283,17 @@ class DecoderLM(nn.Module):
             decode = (positions[:, 0], decode_kv_len)
         else:
             cos, sin = self._rope(positions, known_length)
-        x = self.model.embed_tokens(input_ids)
         training = self.training and torch.is_grad_enabled() and cache is None
         recompute = self.activation_checkpointing if training else "none"
         hidden = None
-        if not training and use_engine_kernels(x):
+        if not training and use_engine_kernels(input_ids):
+            layer0 = self.model.layers[0]
+            x, *first = embed_norm(input_ids, self.model.embed_tokens, layer0.input_layernorm, layer0.self_attn,
+                                   ("q_proj", "k_proj", "v_proj"))
             x, hidden = self._engine_layers(x, cos, sin, cache, slots, decode,
-                                            self.model.norm if last_index is None else None)
+                                            self.model.norm if last_index is None else None, first)
         else:
+            x = self.model.embed_tokens(input_ids)
             for layer in self.model.layers:
                 if recompute == "full":  # keep each layer's input, recompute the rest (compiled or not) in backward
                     x = checkpoint(self.training_layer_call, layer, x, cos, sin, False, use_reentrant=False)

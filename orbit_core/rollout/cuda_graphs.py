@@ -54,6 +54,11 @@ PREFILL_MAX_GRAPHS = 32
 """Prefill shapes captured per cache allocation; later new shapes run eagerly."""
 PREFILL_GRAPHS = True
 """Set False to prefill eagerly always (benchmarks compare the two in one process)."""
+HIGH_PRIORITY = True
+"""Capture on a stream of high priority, above the dequantize-ahead side stream's (the default,
+lowest): a replay's own kernels then get the SMs first and the side stream's dequantization fills
+in behind them, where at equal priority it slowed them (a 128-token prefill's LoRA expand took 24
+against 5 us beside it). False: default priority (benchmarks compare)."""
 
 
 class _Prefill(NamedTuple):
@@ -101,7 +106,8 @@ class GraphedDecode:
         try:
             # torch.cuda.graph's default capture stream is made once per process, on the device
             # current at the first capture; a later capture for another GPU would launch outside it
-            with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(self.device)):
+            stream = torch.cuda.Stream(self.device, priority=-1 if HIGH_PRIORITY else 0)
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 return fn()
         finally:
             if collecting:
