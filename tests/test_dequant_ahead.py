@@ -98,7 +98,7 @@ def test_every_call_is_served_its_own_dense_weight_and_the_layers_compute_what_t
     model = _with_lora(load_base(packed_checkpoints[fmt]))
     x, cos, sin = _layer_inputs(model, 5, "cpu", torch.float32)
     with torch.no_grad():
-        want = model._engine_layers(x, cos, sin, None, None, None)
+        want, _ = model._engine_layers(x, cos, sin, None, None, None)
     made = []
 
     def inline(layers, x):
@@ -107,7 +107,7 @@ def test_every_call_is_served_its_own_dense_weight_and_the_layers_compute_what_t
 
     monkeypatch.setattr(dequant_ahead, "plan", inline)
     with torch.no_grad():
-        got = model._engine_layers(x, cos, sin, None, None, None)
+        got, _ = model._engine_layers(x, cos, sin, None, None, None)
     assert made[0].hits == 7 * len(model.model.layers)
     assert torch.equal(got, want)
     assert dequant_ahead.dense_for(_packed(model.model.layers[0].self_attn.q_proj)[0], x.dtype) is None  # only inside
@@ -133,13 +133,13 @@ def test_on_the_gpu_the_side_stream_schedule_equals_the_inline_path_eagerly_and_
         with engine_forward():
             dequant_ahead.ENABLED = False
             try:
-                inline = model._engine_layers(x, cos, sin, None, None, None)
+                inline, _ = model._engine_layers(x, cos, sin, None, None, None)
             finally:
                 dequant_ahead.ENABLED = True
             made = []
             plan = dequant_ahead.plan
             monkeypatch.setattr(dequant_ahead, "plan", lambda layers, x: made.append(plan(layers, x)) or made[-1])
-            ahead = model._engine_layers(x, cos, sin, None, None, None)
+            ahead, _ = model._engine_layers(x, cos, sin, None, None, None)
             assert made[0] is not None and made[0].stream is not None
             assert made[0].hits == sum(len(c) for c in made[0].calls) == len(packed_calls(layers[0])) * len(layers)
             static_x = x.clone()
@@ -150,12 +150,12 @@ def test_on_the_gpu_the_side_stream_schedule_equals_the_inline_path_eagerly_and_
                 model._engine_layers(static_x, cos, sin, None, None, None)  # warm-up outside the graph
             torch.cuda.current_stream().wait_stream(side)
             with torch.cuda.graph(graph):
-                replayed = model._engine_layers(static_x, cos, sin, None, None, None)
+                replayed, _ = model._engine_layers(static_x, cos, sin, None, None, None)
             static_x.copy_(x * 0.5)
             graph.replay()
             dequant_ahead.ENABLED = False
             try:
-                inline_half = model._engine_layers(x * 0.5, cos, sin, None, None, None)
+                inline_half, _ = model._engine_layers(x * 0.5, cos, sin, None, None, None)
             finally:
                 dequant_ahead.ENABLED = True
     assert torch.equal(ahead, inline)

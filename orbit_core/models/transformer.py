@@ -225,7 +225,7 @@ class DecoderLM(nn.Module):
         """Precompute the rope tables so decode steps do no host-side work."""
         self._rope(torch.tensor([length - 1], device=device))
 
-    def _engine_layers(self, x, cos, sin, cache, slots, decode, final_norm: RMSNorm | None, first=None):
+    def _engine_layers(self, x, cos, sin, cache, slots, decode, final_norm: RMSNorm | None = None, first=None):
         """The layers as the rollout engine runs them: each residual add joined to the norm after it
         (``orbit::add_rms_norm``), the same arithmetic as ``DecoderLayer.forward`` in fewer launches.
         ``(x, final_norm(x))``, or ``(x, None)`` without ``final_norm`` (a prefill norms its last rows
