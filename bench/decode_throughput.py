@@ -104,7 +104,7 @@ that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the 
 round after that, ``pdl`` from the round after, the next five from the round after that, the next
 five from the round before that, the next two from the round after, the next two from the round
 after that, ``one_pass_attention`` the round before, ``gemv_lora_ahead``, ``qk_early_tables`` and
-``norm_early_gamma`` the latest), each switchable for ``--ablate``
+``norm_early_gamma`` the round after, the last five the latest), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;
@@ -117,7 +117,11 @@ bf16 + LoRA at 1 and 4; ``decode_throughput_record_kernel_h100.jsonl``: int4 and
 ``decode_throughput_int4_pairs_h100.jsonl``: ``int4_pairs``, int4 + LoRA at 8-32;
 ``decode_throughput_one_pass_attention_h100.jsonl``: every base, bare and LoRA, at 1-16;
 ``decode_throughput_gemv_lora_ahead_h100.jsonl``: int4 + LoRA at 1 and 4;
-``decode_throughput_early_tables_gamma_h100.jsonl``: the last two, int4 + LoRA at 1 and 4).
+``decode_throughput_early_tables_gamma_h100.jsonl``: those two, int4 + LoRA at 1 and 4;
+``decode_throughput_step_edges_h100.jsonl``: ``async_admit``, ``counted_seed`` and
+``qk_gather_tables``, int4 + LoRA at 1 and 4; ``decode_throughput_embed_priority_h100.jsonl``:
+``graph_priority`` and ``norm_embed``, the same; ``decode_throughput_graph_priority_256_h100.jsonl``:
+``graph_priority`` and ``counted_seed`` at 256).
 Switches tried and removed with their code: ``weight_prefetch`` (packed weights asked into L2
 ahead of their GEMVs, commit a54547b; ``decode_throughput_weight_prefetch_h100.jsonl``) and
 ``l2_prefetch`` (the same from a side stream, commit 734e041;
