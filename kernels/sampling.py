@@ -172,9 +172,9 @@ def _(logits, temperature, state):
 def splits_for(rows: int, vocab: int, block_v: int) -> int:
     """Vocabulary spans per row: at least 2,048 programs where the vocabulary has the blocks (one
     program per row would walk a 152k vocabulary on one SM), and at least 16 spans a row. One H100,
-    a 152k vocabulary, us a call (``sample_race_splits_h100.jsonl``): 4.7 against 8.3 with the
-    rule before (at most 4 blocks a span and 512 programs) at one row, 6.6 against 9.1 at 4, 24.0
-    against 25.9 at 32, 152 against 176 at 256."""
+    a 152k vocabulary, us a call (``sample_race_splits_h100.jsonl``): 4.7 against 8.4 with the
+    rule before (at most 4 blocks a span and 512 programs) at one row, 6.6 against 9.1 at 4, 24.1
+    against 26.0 at 32, 152 against 176 at 256."""
     return max(1, min(triton.cdiv(vocab, block_v), max(16, triton.cdiv(2048, rows))))
 
 
