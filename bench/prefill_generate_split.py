@@ -6,7 +6,8 @@ the same with one decode switch off at a time (``--ablate``, as ``bench.decode_t
 them), all in one process. For the default settings (and ``--traced`` switches) it profiles one
 generate, writes its Chrome trace and splits it (``split``): the captured prefill's span, from its
 first kernel to the lm_head's end, against the GPU time before it (the admit) and after it (the
-first token's sampling and bookkeeping), where the host works and the GPU mostly waits.
+first token's sampling and bookkeeping), where the host works and the GPU mostly waits; and the
+LoRA expand's mean time beside the dequantize-ahead stream's kernels against alone (``beside``).
     python -m bench.prefill_generate_split [--ablate dequant_ahead pdl ...] [--traced dequant_ahead pdl]
 """
 
@@ -53,6 +54,21 @@ def split(trace_path: str) -> dict:
             "after_ms": round((max(e["ts"] + e["dur"] for e in events) - end) / 1e3, 2)}
 
 
+def beside(trace_path: str, name: str = "_expand_tiles_kernel", other: str = "_dequant_tiles_kernel") -> dict:
+    """Mean duration of the ``name`` kernels that overlap an ``other`` kernel (the dequantize-ahead
+    side stream's) against those that do not."""
+    events = [e for e in json.load(open(trace_path))["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    others = [(e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == other]
+    overlapped, alone = [], []
+    for e in events:
+        if e["name"] == name:
+            hit = any(lo < e["ts"] + e["dur"] and e["ts"] < hi for lo, hi in others)
+            (overlapped if hit else alone).append(e["dur"])
+    mean = lambda xs: round(sum(xs) / len(xs), 2) if xs else None
+    return {f"{name}_beside_{other}_us": mean(overlapped), f"{name}_beside_count": len(overlapped),
+            f"{name}_alone_us": mean(alone), f"{name}_alone_count": len(alone)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ablate", nargs="*", default=["dequant_ahead", "pdl", "lora_tiles", "prefill_graphs"],
@@ -86,7 +102,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 path = str(Path(args.out) / f"prefill_{base}_{adapter}_{off or 'default'}.json")
                 prof.export_chrome_trace(path)
-                row.update(split(path))
+                row.update(split(path), **beside(path))
             print(json.dumps(row), flush=True)
             engine = None
             gc.collect()

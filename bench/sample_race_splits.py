@@ -1,7 +1,8 @@
 """The sampling kernel's time by vocabulary spans per row, one JSON line per (rows, spans).
 
 ``orbit_kernels.sampling.launch`` (the counted form a decode step runs) on random bf16 logits of a
-152k vocabulary, 20 calls captured in a CUDA graph, replayed 10 times: microseconds a call. The
+152k vocabulary, 20 calls captured in a CUDA graph (``bench.int4_linear.graph_us``): microseconds a
+call. (``sample_race_splits_h100.jsonl`` was made by the same graph replayed 10 times, not 5.) The
 baseline in the same process is the rule before (``rule_before``: at most 4 blocks of 1,024 tokens
 a span and 512 programs), beside the library's ``splits_for`` and a few fixed counts.
     python -m bench.sample_race_splits [--rows 1 4 8 32 256]
@@ -14,6 +15,7 @@ import json
 
 import torch
 
+from bench.int4_linear import graph_us
 from orbit_kernels import sampling
 from orbit_kernels._triton import triton
 
@@ -25,24 +27,7 @@ def rule_before(rows: int) -> int:
 
 
 def us_per_call(logits: torch.Tensor, state: torch.Tensor, splits: int) -> float:
-    def call():
-        sampling.launch(logits, 1.0, state, block_v=BLOCK_V, splits=splits, counted=True)
-
-    for _ in range(3):
-        call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(20):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / 200
+    return graph_us(lambda: sampling.launch(logits, 1.0, state, block_v=BLOCK_V, splits=splits, counted=True), 20)
 
 
 def main() -> None:

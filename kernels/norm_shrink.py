@@ -149,18 +149,19 @@ def _(x, delta, weight, eps, as_, row_slot):
 
 def launch(x, delta, weight, eps, as_, row_slot):
     """The kernel (no dispatch checks: tests call it directly, also under the Triton interpreter)."""
-    return _launch(x, delta, x.shape, x.dtype, weight, eps, as_, row_slot, gather=False)
+    return _launch(x, delta, x.shape, weight, eps, as_, row_slot, gather=False)
 
 
 def launch_embed(ids, table, weight, eps, as_, row_slot):
     """``embed_rms_norm_shrink``'s kernel (no dispatch checks)."""
-    return _launch(table, ids, (*ids.shape, table.shape[1]), table.dtype, weight, eps, as_, row_slot, gather=True)
+    return _launch(table, ids, (*ids.shape, table.shape[1]), weight, eps, as_, row_slot, gather=True)
 
 
-def _launch(x, d, shape, dtype, weight, eps, as_, row_slot, gather: bool):
+def _launch(x, d, shape, weight, eps, as_, row_slot, gather: bool):
+    """``shape``: the outputs' (the rows' shape and the columns); ``x`` is the table when ``gather``."""
+    h, y = (torch.empty(shape, dtype=x.dtype, device=x.device) for _ in range(2))
     cols = shape[-1]
-    rows, groups, r = d.numel() // (1 if gather else cols), len(as_), as_[0].shape[1]
-    h, y = (torch.empty(shape, dtype=dtype, device=x.device) for _ in range(2))
+    rows, groups, r = h.numel() // cols, len(as_), as_[0].shape[1]
     t = torch.empty((rows, groups * r), dtype=torch.float32, device=x.device)
     a = as_[0]
     block = triton.next_power_of_2(cols)

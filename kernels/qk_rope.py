@@ -15,7 +15,7 @@ import torch
 from orbit_kernels import _triton
 from orbit_kernels._triton import pdl_args, pdl_enter, serves, tl, triton
 from orbit_kernels.rmsnorm import rms_norm_reference
-from orbit_kernels.rope import apply_rope_reference, rope_kv_write_reference, rotate_with, table_halves
+from orbit_kernels.rope import apply_rope_reference, rope_kv_write_reference, rotate_with, rows_at, table_halves
 
 ENABLED = True
 """Set False to run the four unfused kernels (benchmarks compare the two in one process)."""
@@ -37,8 +37,7 @@ def decode_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
     or the whole tables [positions, dim], each row taking its row at ``write_pos``; cache_k/v [rows,
     kv_heads, capacity, dim]. Writes the rotated key and the value at ``write_pos`` and returns the
     normed, rotated q as [rows, heads, 1, dim]."""
-    if cos.dim() == 2:
-        cos, sin = cos[write_pos][:, None], sin[write_pos][:, None]
+    cos, sin = rows_at(cos, sin, write_pos)
     if q_weight is not None:
         q, k = rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

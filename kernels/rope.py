@@ -26,6 +26,14 @@ MULTI_ROW = True
 """Set False for one row a program at any row count, as before (benchmarks compare)."""
 
 
+def rows_at(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each decode row's ``[1, dim]`` rope rows, from the whole ``[positions, dim]`` tables (rows
+    already gathered, ``[rows, 1, dim]``, pass through)."""
+    if cos.dim() != 2:
+        return cos, sin
+    return cos[positions][:, None], sin[positions][:, None]
+
+
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)

@@ -29,7 +29,7 @@ from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels.decode_attention import decode_attention
 from orbit_kernels.qk_rope import decode_qk_
 from orbit_kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
-from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference
+from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference, rows_at
 
 
 class RMSNorm(nn.Module):
@@ -100,8 +100,8 @@ class Attention(nn.Module):
         if decode is not None and use_engine_kernels(x):
             out = self._engine_decode(q, k, v, cos, sin, cache, decode[0])
             return self.o_proj(out.view(batch, seq, self.num_heads * self.head_dim))
-        if decode is not None and cos.dim() == 2:
-            cos, sin = cos[decode[0]][:, None], sin[decode[0]][:, None]
+        if decode is not None:
+            cos, sin = rows_at(cos, sin, decode[0])
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -139,8 +139,7 @@ class Attention(nn.Module):
             q = decode_qk_(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
                            self.q_norm.eps if norm else 0.0, cos, sin, cache_k, cache_v, write_pos)
         else:
-            if cos.dim() == 2:
-                cos, sin = cos[write_pos][:, None], sin[write_pos][:, None]
+            cos, sin = rows_at(cos, sin, write_pos)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -57,8 +57,11 @@ PREFILL_GRAPHS = True
 HIGH_PRIORITY = True
 """Capture on a stream of high priority, above the dequantize-ahead side stream's (the default,
 lowest): a replay's own kernels then get the SMs first and the side stream's dequantization fills
-in behind them, where at equal priority it slowed them (a 128-token prefill's LoRA expand took 24
-against 5 us beside it). False: default priority (benchmarks compare)."""
+in behind them, where at equal priority it slowed them (a 128-token prefill's LoRA expands took
+24.3 us beside it against 5.3 alone, ``prefill_generate_split_before_h100.txt``). H100, int4 +
+LoRA r16, one process (``decode_throughput_graph_priority_256_h100.jsonl``): 29,754 and 29,804
+tok/s against 29,378 at batch 256; within noise at 1 and 4. False: default priority (benchmarks
+compare)."""
 
 
 class _Prefill(NamedTuple):
