@@ -50,13 +50,34 @@ if triton is not None:
             if PDL:
                 gdc_wait()
                 gdc_launch_dependents()
+        @triton.jit
+        def pdl_wait(PDL: tl.constexpr):
+            """``pdl_enter``'s wait alone, for a kernel of many waves that lets the kernel after it be
+            scheduled only at its end (``pdl_release``): launched at its start, that kernel's waiting
+            programs would hold SM slots that this one's later waves need."""
+            if PDL:
+                gdc_wait()
+
+        @triton.jit
+        def pdl_release(PDL: tl.constexpr):
+            """Let the kernel after this one be scheduled (once every program has called it or exited)."""
+            if PDL:
+                gdc_launch_dependents()
     else:
 
         @triton.jit
         def pdl_enter(PDL: tl.constexpr):
             pass
+
+        @triton.jit
+        def pdl_wait(PDL: tl.constexpr):
+            pass
+
+        @triton.jit
+        def pdl_release(PDL: tl.constexpr):
+            pass
 else:
-    pdl_enter = None
+    pdl_enter = pdl_wait = pdl_release = None
 
 _MAJOR: dict[int, int] = {}
 

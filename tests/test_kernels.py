@@ -319,6 +319,34 @@ def test_add_rms_norm_kernel_equals_the_unfused_add_and_norm(shape):
     _assert_rounding_steps(normed, want_normed)
 
 
+def test_dense_gemv_on_cpu_is_the_reference_and_traces():
+    from orbit_kernels.dense_gemv import dense_gemv
+
+    x, w = torch.randn(1, 1, 40), torch.randn(30, 40)
+    torch.testing.assert_close(dense_gemv(x, w), torch.nn.functional.linear(x, w))
+    compiled = torch.compile(lambda x: dense_gemv(x, w), backend="aot_eager", fullgraph=True)
+    assert compiled(x).shape == (1, 1, 30)
+
+
+@cuda
+@pytest.mark.parametrize("n, k", [(151936, 2048), (1000, 4100)])
+def test_dense_gemv_kernel_equals_cublas_and_falls_back_above_its_rows(n, k):
+    """The lm_head's shape and a ragged one against the fp32 product, each within a bf16 rounding of
+    it, as cuBLAS is (the two sum in different orders); more rows than ``MAX_ROWS`` run cuBLAS."""
+    from orbit_kernels import dense_gemv
+
+    torch.manual_seed(0)
+    w = (torch.randn(n, k, device="cuda") * 0.05).to(torch.bfloat16)
+    x = torch.randn(1, 1, k, device="cuda").to(torch.bfloat16)
+    got = dense_gemv.dense_gemv(x, w)
+    exact = x.float() @ w.float().t()
+    assert got.shape == (1, 1, n)
+    for y in (got, torch.nn.functional.linear(x, w)):
+        torch.testing.assert_close(y.float(), exact, atol=1e-4, rtol=2 ** -8)
+    many = torch.randn(dense_gemv.MAX_ROWS + 1, k, device="cuda").to(torch.bfloat16)
+    assert torch.equal(dense_gemv.dense_gemv(many, w), torch.nn.functional.linear(many, w))
+
+
 def test_silu_mul_on_cpu_is_the_reference_and_traces():
     from orbit_kernels.silu_mul import silu_mul
 

@@ -578,3 +578,20 @@ def test_silu_mul_shrink_kernel_equals_silu_mul_and_row_by_row_shrink(rows, fuse
     for i in range(rows):
         s = 0 if row_slot is None else int(row_slot[i])
         torch.testing.assert_close(t[i], y[i].float() @ a[s].t(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows, n, k", [(1, 45, 96), (3, 20, 4100)])
+def test_dense_gemv_kernel_equals_an_fp32_product(rows, n, k):
+    """A ragged last tile of output rows, and (4,100 wide) K steps with a ragged last one, against
+    the fp32 product rounded once (the kernel's only rounding)."""
+    from orbit_kernels import dense_gemv
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, k, dtype=torch.float16)
+    w = (torch.randn(n, k) * 0.05).to(torch.float16)
+    got = dense_gemv.launch(x, w)
+    want = (x.float() @ w.float().t()).to(torch.float16)
+    assert got.shape == (rows, n)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=2 ** -9)
+    if rows == 1:  # and a zero row gives zeros: no element reads past its own row
+        assert torch.equal(dense_gemv.launch(torch.zeros_like(x), w), torch.zeros(rows, n, dtype=torch.float16))
