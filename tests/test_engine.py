@@ -248,6 +248,30 @@ def test_reading_finished_rows_every_few_steps_changes_no_completion(tiny_checkp
         torch.testing.assert_close(torch.tensor(deferred.logprobs), torch.tensor(every_step.logprobs), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_one_read_completes_rows_as_a_read_per_record_does(tiny_checkpoint, monkeypatch, check_every):
+    """Completions read back in one wait (``ONE_READ``) against a read per record kind: the same
+    tokens, logprobs, top-k ids and finish reasons, with rows ending by EOS and by length at
+    different steps and slots reused."""
+    from orbit_core.rollout import decode_loop
+
+    model, tok = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    eos = _prompts(tok)[0][-1]  # "=": a token the model writes often, as an extra EOS
+    model.config = dataclasses.replace(model.config, eos_token_ids=(*model.config.eos_token_ids, eos))
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=2, topk_ids=3)
+    runs = {}
+    for one_read in (True, False):
+        monkeypatch.setattr(decode_loop, "ONE_READ", one_read)
+        engine = BuiltinEngine(model, tok, max_running=3, seed=5)
+        engine.loop.check_every = check_every
+        runs[one_read] = engine.generate(_prompts(tok), params)
+    assert {c.finish_reason for c in runs[True]} == {"eos", "length"}
+    assert len({len(c.token_ids) for c in runs[True]}) > 2
+    for one, each in zip(runs[True], runs[False]):
+        assert (one.token_ids, one.logprobs, one.finish_reason, one.extra) == \
+            (each.token_ids, each.logprobs, each.finish_reason, each.extra)
+
+
 def test_deferred_checks_stop_decoding_where_the_length_limit_ends_every_row(tiny_checkpoint):
     """Reading finished rows every 4 steps must not run steps past ``max_new_tokens``: the host
     knows when a row reaches it, so the loop checks there (EOS is unknown to it; see above)."""
@@ -410,3 +434,57 @@ def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, t
     for on, off in zip(runs[True], runs[False]):
         assert on.token_ids == off.token_ids
         torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=2e-3, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lm_head_kernel_decodes_what_cublas_decodes(tiny_checkpoint, monkeypatch):
+    """At one row the graphed engine's lm_head is ``orbit::dense_gemv`` (prefill and decode): it
+    samples the tokens cuBLAS's lm_head samples, with logprobs within a rounding of the logits; at
+    three rows it is not used."""
+    from orbit_core.policy.load import load_base
+    from orbit_kernels import dense_gemv
+    from tests.test_dequant_ahead import _with_lora
+
+    tok = load_tokenizer(tiny_checkpoint)
+    prompts = [tok(f"{a}+{b}=", add_special_tokens=False)["input_ids"] for a in range(3) for b in range(1, 3)]
+    launches = []
+    monkeypatch.setattr(dense_gemv, "launch", lambda x, w, _launch=dense_gemv.launch: launches.append(x.shape)
+                        or _launch(x, w))
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(dense_gemv, "ENABLED", on)
+        engine = BuiltinEngine(_with_lora(load_base(tiny_checkpoint, "bfloat16", "cuda")), tok, max_running=3, seed=3)
+        params = SamplingParams(max_new_tokens=10, temperature=1.0)
+        runs[on] = [c for n in (1, 1, 3) for c in engine.generate(prompts[:n], params)]
+        assert engine.loop.graphed is not None and engine.loop.graphed.graphs
+        if on:
+            assert launches and all(s.numel() // s[-1] == 1 for s in launches)
+            seen = len(launches)
+    assert len(launches) == seen  # off, the kernel never ran
+    for on, off in zip(runs[True], runs[False]):
+        assert on.token_ids == off.token_ids
+        torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=2e-2, rtol=0)
+
+
+def test_quick_mode_walk_finds_the_modules_that_modules_finds(tiny_checkpoint, monkeypatch):
+    """``training_modules``' own walk against ``Module.modules()``: the same modules in training mode,
+    each once (a module shared by two parents too), and ``set_training`` sets what setattr sets."""
+    from orbit_core.rollout import engine as engine_module
+
+    model = load_model(tiny_checkpoint)
+    apply_lora(model, 4, 8, 0.1, ["all-linear"])
+    model.train()
+    model.model.layers[0].eval()
+    model.model.layers[1].mlp.shared = model.model.layers[0].mlp  # a second parent, in eval mode
+    model.model.layers[1].mlp.shared.down_proj.train()
+    found = {}
+    for quick in (True, False):
+        monkeypatch.setattr(engine_module, "QUICK_MODES", quick)
+        found[quick] = engine_module.training_modules(model)
+    assert len(found[True]) == len({id(m) for m in found[True]}) > 0
+    assert {id(m) for m in found[True]} == {id(m) for m in found[False]}
+    monkeypatch.setattr(engine_module, "QUICK_MODES", True)
+    engine_module.set_training(found[True], False)
+    assert not any(m.training for m in model.modules())
+    engine_module.set_training(found[True], True)
+    assert {id(m) for m in model.modules() if m.training} == {id(m) for m in found[False]}

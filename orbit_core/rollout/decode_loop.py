@@ -54,6 +54,17 @@ from the device, each a wait for the work queued before it, so the host sat idle
 prefill and the GPU through the admit's bookkeeping after it (benchmarks compare)."""
 
 
+ONE_READ = True
+"""A completion reads its rows' counts and records back in one wait (copies into pinned memory, then
+one synchronize), with the row numbers sent and the rows' flags cleared without waiting. False: a
+read per record kind and Python values written through an index, each a wait for the work queued
+before it, with the GPU idle between them (benchmarks compare)."""
+ADMIT_PROBE = True
+"""An admit ends by sending the flags' probe (``PROBED_CHECKS``), so that the first check after it
+reads the probe instead of draining the GPU. False: the first check after an admit syncs
+(benchmarks compare)."""
+
+
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -191,6 +202,7 @@ class DecodeLoop:
             """Set when a row sampled a token that can complete a stop string since the last check."""
             self.probe_host = torch.zeros(slots, dtype=torch.bool, pin_memory=device.type == "cuda")
             self.slot_versions = torch.zeros(len(self.slot_refs), dtype=torch.long, device=device)
+            self.versions_sent: list[int] | None = None  # what slot_versions holds, as last written
             # the sampling kernel's seed: a base drawn from the generator here and a counter the kernel
             # steps, so that a captured step uses no generator (two host-side fills and a kernel a
             # replay); the kernel runs on GPUs only, so a CPU loop's generator stream stays as it was
@@ -217,7 +229,12 @@ class DecodeLoop:
         since captured graphs hold its address)."""
         if self.cache is None:
             return
-        versions = self.bank.versions if self.bank else [self.version]
+        versions = list(self.bank.versions if self.bank else [self.version])
+        if ASYNC_ADMIT:  # sent only when changed, without waiting (a generate's start calls this)
+            if versions != self.versions_sent:
+                self.slot_versions.copy_(self._staged(torch.tensor(versions, dtype=torch.long)))
+                self.versions_sent = versions
+            return
         self.slot_versions.copy_(torch.tensor(versions, dtype=torch.long))
 
     # -- stepping --------------------------------------------------------------------------
@@ -336,6 +353,8 @@ class DecodeLoop:
         if p.topk_ids:
             full_logits = torch.zeros(hi, logits.shape[-1], device=self.device).index_copy(0, rows, logits.float())
         self._record(hi, full_tokens, full_logprobs, which, full_logits)
+        if ADMIT_PROBE:
+            self._take_probe()
 
     def _staged(self, host: torch.Tensor) -> torch.Tensor:
         """``host`` on the loop's device without waiting for the work queued there: a copy from
@@ -434,14 +453,25 @@ class DecodeLoop:
         or the length limit), reading all their records back in one transfer per record kind."""
         p = self.params
         rows = [row for row, _ in ending]
-        index = torch.tensor(rows, device=self.device)
-        generated = self.n_generated[index].tolist()
-        counts = [n if stop_at is None else stop_at for n, (_, stop_at) in zip(generated, ending)]
-        width = max(counts)
-        tokens = self.out_tokens[index, :width].tolist()
-        logprobs = self.out_logprobs[index, :width].tolist()
-        topk = self.out_topk[index, :width].tolist() if p.topk_ids else None
-        versions = self.out_versions[index, :width].tolist() if self.audit else None
+        if ONE_READ:
+            index = self._staged(torch.tensor(rows, dtype=torch.long))
+            # a row holds at most its prefill's token and one a decode step since its admit
+            width = min(p.max_new_tokens, max(self.decode_steps - self.row_due[row] + p.max_new_tokens for row in rows))
+            parts = [self.n_generated[index], self.out_tokens[index, :width], self.out_logprobs[index, :width],
+                     self.out_topk[index, :width] if p.topk_ids else None,
+                     self.out_versions[index, :width] if self.audit else None]
+            parts = self._read(parts)
+            generated, tokens, logprobs, topk, versions = [None if t is None else t.tolist() for t in parts]
+            counts = [n if stop_at is None else stop_at for n, (_, stop_at) in zip(generated, ending)]
+        else:
+            index = torch.tensor(rows, device=self.device)
+            generated = self.n_generated[index].tolist()
+            counts = [n if stop_at is None else stop_at for n, (_, stop_at) in zip(generated, ending)]
+            width = max(counts)
+            tokens = self.out_tokens[index, :width].tolist()
+            logprobs = self.out_logprobs[index, :width].tolist()
+            topk = self.out_topk[index, :width].tolist() if p.topk_ids else None
+            versions = self.out_versions[index, :width].tolist() if self.audit else None
         out = []
         for i, ((row, stop_at), count) in enumerate(zip(ending, counts)):
             token_ids = tokens[i][:count]
@@ -468,6 +498,19 @@ class DecodeLoop:
             self.row_due.pop(row, None)
             heapq.heappush(self.free, row)
             out.append((request, completion))
-        self.active[index] = False
-        self.finished[index] = False
+        if ONE_READ:  # a Python value written through an index is a copy that waits for the queue
+            self.active.index_fill_(0, index, False)
+            self.finished.index_fill_(0, index, False)
+        else:
+            self.active[index] = False
+            self.finished[index] = False
         return out
+
+    def _read(self, parts: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """``parts`` on the host after one wait: each copied without waiting (into pinned memory on a
+        GPU), then the stream synchronized once."""
+        if self.device.type != "cuda":
+            return [None if t is None else t.cpu() for t in parts]
+        host = [None if t is None else t.to("cpu", non_blocking=True) for t in parts]
+        torch.cuda.current_stream(self.device).synchronize()
+        return host

@@ -3,11 +3,44 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from orbit_core.models.projections import fuse_projections
 from orbit_core.models.transformer import DecoderLM
 from orbit_core.rollout.decode_loop import DecodeLoop, Request
 from orbit_core.rollout.types import Completion, SamplingParams
+
+QUICK_MODES = True
+"""``generate`` finds the modules in training mode by walking ``_modules`` itself and flips their
+flag in the instance dict: ``Module.modules()``'s chain of generators and ``Module.__setattr__``'s
+checks cost about 0.9 ms and 4.7 ms a call on a 28-layer model with LoRA (790 modules; a CPU of the
+CI kind), where this costs about 0.2 and 0.2. The same modules either way. False: ``modules()``
+and ``setattr`` (benchmarks compare)."""
+
+
+def training_modules(root: nn.Module) -> list[nn.Module]:
+    """The modules under ``root`` (itself included) in training mode, each once."""
+    if not QUICK_MODES:
+        return [m for m in root.modules() if m.training]
+    found, seen, stack = [], set(), [root]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if m.training:
+            found.append(m)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return found
+
+
+def set_training(modules: list[nn.Module], flag: bool) -> None:
+    """Each module's own ``training`` flag, as ``m.training = flag`` sets it (no children)."""
+    for m in modules:
+        if QUICK_MODES and "training" in m.__dict__:
+            m.__dict__["training"] = flag
+        else:
+            m.training = flag
 
 
 class BuiltinEngine:
@@ -51,9 +84,8 @@ class BuiltinEngine:
             return []
         # generation runs without dropout; each module's mode is put back as it was (train()/eval() on
         # the root would set every module's, through a slow setattr each: milliseconds a call)
-        training = [m for m in self.model.modules() if m.training]
-        for m in training:
-            m.training = False
+        training = training_modules(self.model)
+        set_training(training, False)
         results: dict[int, Completion] = {}
         try:
             self.loop.submit(requests, params)
@@ -65,6 +97,5 @@ class BuiltinEngine:
             self.loop.reset()
             raise
         finally:
-            for m in training:
-                m.training = True
+            set_training(training, True)
         return [results[i] for i in sorted(results)]
