@@ -33,10 +33,11 @@ from orbit_core.peft.oft import apply_oft
 from orbit_core.policy import load_base
 from orbit_core.quant import quantize_checkpoint
 from orbit_core.rollout import cuda_graphs, decode_loop
+from orbit_core.rollout import engine as engine_module
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
-from orbit_kernels import decode_record
+from orbit_kernels import decode_record, dense_gemv
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
 from orbit_kernels import norm_shrink, packed_gemm, packed_gemv, packed_lora
@@ -97,6 +98,13 @@ ROUND_KERNELS = {
     "qk_gather_tables": (qk_kernels, "GATHER_TABLES"),  # the q/k kernel reads the rope tables at each position
     "norm_embed": (norm_shrink, "EMBED"),  # up to 4 rows: embedding lookup, layer 0's norm and shrink in one kernel
     "graph_priority": (cuda_graphs, "HIGH_PRIORITY"),  # graphs captured at high priority, above the dequant stream
+    "lm_head_kernel": (dense_gemv, "ENABLED"),  # one row: the lm_head as a Triton GEMV under PDL (else cuBLAS)
+    "one_read": (decode_loop, "ONE_READ"),  # a completion's records read back in one wait (else one per kind)
+    "admit_probe": (decode_loop, "ADMIT_PROBE"),  # an admit sends the flags' probe (else the first check syncs)
+    "lm_head_late_release": (dense_gemv, "LATE_RELEASE"),  # the lm_head kernel releases the next kernel at its end
+    "lm_head_early": (dense_gemv, "EARLY"),  # the lm_head kernel reads its first weight step before the PDL wait
+    "quick_modes": (engine_module, "QUICK_MODES"),  # generate flips module modes by its own walk (else modules())
+    "lm_head_evict_first": (dense_gemv, "EVICT_FIRST"),  # the lm_head kernel's weight loads evict first from L2
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
