@@ -74,10 +74,13 @@ if triton is not None:
     @triton.jit
     def _decode_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, ck_ptr, cv_ptr, pos_ptr,
                           eps, heads, kv_heads, sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, sc_r, so_r, so_h,
-                          sck_r, sck_h, sck_p, scv_r, scv_h, scv_p,
+                          sck_r, sck_h, sck_p, scv_r, scv_h, scv_p, tokens, sc_t, so_t,
                           NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr,
-                          PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
-        """``GATHER``: cos/sin are the whole tables, a row's rope rows the ones at its write position."""
+                          PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PREFILL: tl.constexpr = False):
+        """``GATHER``: cos/sin are the whole tables, a row's rope rows the ones at its write position.
+        ``PREFILL``: a row is one of ``tokens`` consecutive tokens of a cache row, written at its index
+        there; its rope rows at ``sc_r`` a cache row and ``sc_t`` a token, its q at ``so_r`` a cache row
+        and ``so_t`` a token."""
         if not EARLY:
             pdl_enter(PDL)  # first: nothing before it may touch memory
         pid = tl.program_id(0)
@@ -87,11 +90,16 @@ if triton is not None:
         # ``EARLY_TABLES``: the norm weights (frozen), the rope tables' rows and the write position
         # (set between steps, never by the kernel just before) come before the wait; the projected
         # q, k and v, which the kernel before writes, after it
-        pos = tl.load(pos_ptr + row)
-        if GATHER:
-            c_row, s_row = cos_ptr + pos * sc_r, sin_ptr + pos * sc_r
+        if PREFILL:
+            crow, pos = row // tokens, row % tokens
+            c_row, s_row = cos_ptr + crow * sc_r + pos * sc_t, sin_ptr + crow * sc_r + pos * sc_t
         else:
-            c_row, s_row = cos_ptr + row * sc_r, sin_ptr + row * sc_r
+            crow = row
+            pos = tl.load(pos_ptr + row)
+            if GATHER:
+                c_row, s_row = cos_ptr + pos * sc_r, sin_ptr + pos * sc_r
+            else:
+                c_row, s_row = cos_ptr + row * sc_r, sin_ptr + row * sc_r
         if head < heads:
             w1, w2, c1, c2, s1, s2 = _frozen_halves(qw_ptr, c_row, s_row, offs, mask, q_ptr, NORM, HALF)
         else:
@@ -101,20 +109,20 @@ if triton is not None:
         if head < heads:
             out1, out2 = _norm_rope(q_ptr + row * sq_r + head * sq_h, w1, w2, c1, c2, s1, s2, offs, mask, eps, NORM,
                                     HALF)
-            dst = out_ptr + row * so_r + head * so_h
+            dst = out_ptr + crow * so_r + pos * so_t + head * so_h if PREFILL else out_ptr + row * so_r + head * so_h
             tl.store(dst + offs, out1, mask=mask)
             tl.store(dst + HALF + offs, out2, mask=mask)
         else:
             kv = head - heads
             out1, out2 = _norm_rope(k_ptr + row * sk_r + kv * sk_h, w1, w2, c1, c2, s1, s2, offs, mask, eps, NORM,
                                     HALF)
-            dst = ck_ptr + row * sck_r + kv * sck_h + pos * sck_p
+            dst = ck_ptr + crow * sck_r + kv * sck_h + pos * sck_p
             tl.store(dst + offs, out1.to(ck_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + HALF + offs, out2.to(ck_ptr.dtype.element_ty), mask=mask)
             full = tl.arange(0, 2 * BLOCK)
             full_mask = full < 2 * HALF
             value = tl.load(v_ptr + row * sv_r + kv * sv_h + full, mask=full_mask, other=0.0)
-            tl.store(cv_ptr + row * scv_r + kv * scv_h + pos * scv_p + full, value.to(cv_ptr.dtype.element_ty),
+            tl.store(cv_ptr + crow * scv_r + kv * scv_h + pos * scv_p + full, value.to(cv_ptr.dtype.element_ty),
                      mask=full_mask)
 
 
@@ -146,7 +154,7 @@ def launch(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_p
         q, k, v, q_weight if norm else q, k_weight if norm else q, cos, sin, out, cache_k, cache_v, write_pos, eps,
         heads, kv_heads, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0),
         out.stride(0), out.stride(2), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0),
-        cache_v.stride(1), cache_v.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half),
+        cache_v.stride(1), cache_v.stride(2), 1, 0, 0, NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half),
         GATHER=cos.dim() == 2, num_warps=1, EARLY=EARLY_TABLES and _triton.EARLY_READS, **pdl_args(out))
     return out.transpose(1, 2)
 
@@ -169,3 +177,80 @@ def decode_qk_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torc
 @decode_qk_.register_fake
 def _(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_pos):
     return q.new_empty((q.shape[0], q.shape[2], 1, q.shape[3]))
+
+
+PREFILL = True
+"""A prefill's q/k path in the same kernel (``prefill_qk_``): the q and k norms, rope of both and the
+keys and values written at cache positions ``0..T-1``, where the prefill ran two norms, two rope
+kernels and two copies into the cache a layer. False: those six (benchmarks compare)."""
+
+
+def prefill_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+                         k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                         cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+    """q [batch, T, heads, dim], k and v [batch, T, kv_heads, dim] as projected; cos/sin [batch, T,
+    dim] (a batch of one broadcasts); cache_k/v [batch, kv_heads, capacity, dim], the prefill's cache
+    rows. Writes the rotated keys and the values at positions ``0..T-1`` and returns the normed,
+    rotated q as [batch, heads, T, dim]."""
+    if q_weight is not None:
+        q, k = rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q, k = apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
+    cache_k[:, :, : k.shape[2]] = k.to(cache_k.dtype)
+    cache_v[:, :, : v.shape[2]] = v.to(cache_v.dtype)
+    return q
+
+
+def _token_rows(t: torch.Tensor) -> bool:
+    """Whether ``t`` [batch, T, heads, dim] steps evenly over its batch * T tokens."""
+    return t.stride(-1) == 1 and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
+
+
+def prefill_unserved_reason(q, k, v, q_weight, k_weight, cos, sin, cache_k, cache_v) -> str | None:
+    """Why the kernel cannot take this prefill (None: it can)."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[:2] != k.shape[:2]:
+        return f"q {tuple(q.shape)}, k {tuple(k.shape)} are not [batch, T, heads, dim]"
+    if q.shape[-1] % 2:
+        return f"odd head_dim {q.shape[-1]}"
+    if cos.dim() != 3 or cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] != q.shape[1] or cos.stride() != sin.stride():
+        return f"cos {tuple(cos.shape)} is not [batch, T, dim] rows laid out as sin's"
+    if (q_weight is None) != (k_weight is None) or any(
+            w is not None and (w.dtype != q.dtype or not w.is_contiguous()) for w in (q_weight, k_weight)):
+        return "the q and k norm weights are not both there in the activation dtype"
+    if not all(_token_rows(t) for t in (q, k, v)) or any(t.stride(-1) != 1 for t in (cos, cache_k, cache_v)):
+        return "q, k or v do not step evenly over the tokens, or head_dim is not contiguous"
+    if cache_k.shape[0] != q.shape[0] or cache_k.shape[2] < q.shape[1]:
+        return f"a cache of {tuple(cache_k.shape)} for {q.shape[0]} rows of {q.shape[1]} tokens"
+    return None
+
+
+def launch_prefill(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v) -> torch.Tensor:
+    """The kernel on a prefill (no dispatch checks: tests call it directly, also under the interpreter)."""
+    batch, tokens, heads, dim = q.shape
+    kv_heads, half = k.shape[2], dim // 2
+    out = torch.empty((batch, heads, tokens, dim), dtype=q.dtype, device=q.device)
+    norm = q_weight is not None
+    _decode_qk_kernel[(batch * tokens * (heads + kv_heads),)](
+        q, k, v, q_weight if norm else q, k_weight if norm else q, cos, sin, out, cache_k, cache_v, out, eps,
+        heads, kv_heads, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+        cos.stride(0) if cos.shape[0] > 1 else 0, out.stride(0), out.stride(1), cache_k.stride(0), cache_k.stride(1),
+        cache_k.stride(2), cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), tokens, cos.stride(1),
+        out.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half), GATHER=False, num_warps=1,
+        EARLY=EARLY_TABLES and _triton.EARLY_READS, PREFILL=True, **pdl_args(out))
+    return out
+
+
+@torch.library.custom_op("orbit::prefill_qk_", mutates_args=("cache_k", "cache_v"))
+def prefill_qk_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+                k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
+                cache_v: torch.Tensor) -> torch.Tensor:
+    """``prefill_qk_reference`` in one kernel where it serves (inference only)."""
+    if serves("prefill_qk_", ENABLED and PREFILL, q,
+              lambda: prefill_unserved_reason(q, k, v, q_weight, k_weight, cos, sin, cache_k, cache_v)):
+        return launch_prefill(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v)
+    return prefill_qk_reference(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v).contiguous()
+
+
+@prefill_qk_.register_fake
+def _(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v):
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))

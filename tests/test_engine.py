@@ -488,3 +488,37 @@ def test_quick_mode_walk_finds_the_modules_that_modules_finds(tiny_checkpoint, m
     assert not any(m.training for m in model.modules())
     engine_module.set_training(found[True], True)
     assert {id(m) for m in model.modules() if m.training} == {id(m) for m in found[False]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_prefill_qk_kernel_decodes_what_the_unfused_kernels_decode(tiny_checkpoint, tmp_path, monkeypatch, fmt):
+    """An engine prefill's q/k norms, rope and cache writes in one kernel (``orbit::prefill_qk_``),
+    its attention reading the keys and values from the cache: the graphed engine samples the tokens
+    the six unfused kernels sample, with logprobs within a rounding of theirs."""
+    from orbit_core.policy.load import load_base
+    from orbit_core.quant.quantize import quantize_checkpoint
+    from orbit_kernels import qk_rope
+    from tests.test_dequant_ahead import _with_lora
+
+    path = tiny_checkpoint
+    if fmt == "int4":
+        path = str(quantize_checkpoint(tiny_checkpoint, str(tmp_path / "int4"), "int4", group_size=32))
+    tok = load_tokenizer(tiny_checkpoint)
+    prompts = [tok(f"{a}-{b}=", add_special_tokens=False)["input_ids"] for a in range(3) for b in range(1, 3)]
+    launches = []
+    monkeypatch.setattr(qk_rope, "launch_prefill", lambda *a, _launch=qk_rope.launch_prefill: launches.append(1)
+                        or _launch(*a))
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(qk_rope, "PREFILL", on)
+        engine = BuiltinEngine(_with_lora(load_base(path, "bfloat16", "cuda")), tok, max_running=4, seed=3)
+        params = SamplingParams(max_new_tokens=8, temperature=1.0)
+        runs[on] = [c for n in (1, 3, 6) for c in engine.generate(prompts[:n], params)]
+        if on:
+            assert launches
+            seen = len(launches)
+    assert len(launches) == seen
+    for on, off in zip(runs[True], runs[False]):
+        assert on.token_ids == off.token_ids
+        torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=2e-2, rtol=0)

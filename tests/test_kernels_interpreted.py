@@ -595,3 +595,33 @@ def test_dense_gemv_kernel_equals_an_fp32_product(rows, n, k):
     torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=2 ** -9)
     if rows == 1:  # and a zero row gives zeros: no element reads past its own row
         assert torch.equal(dense_gemv.launch(torch.zeros_like(x), w), torch.zeros(rows, n, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("table_rows", [1, 2])
+def test_prefill_qk_kernel_equals_the_unfused_reference(norm, table_rows):
+    """A prefill's q/k path: q, k and v as column views of one fused q/k/v output over 2 rows of 5
+    tokens, the rope rows one per row or one broadcast, the cache two rows of a bigger one. The
+    keys and values land at positions 0..4 and nowhere else."""
+    from orbit_kernels.qk_rope import launch_prefill, prefill_qk_reference
+
+    torch.manual_seed(0)
+    batch, tokens, heads, kv_heads, dim, capacity = 2, 5, 4, 2, 16, 9
+    qkv = torch.randn(batch, tokens, (heads + 2 * kv_heads) * dim, dtype=torch.float16) * 3
+    q = qkv[..., :heads * dim].view(batch, tokens, heads, dim)
+    k = qkv[..., heads * dim:(heads + kv_heads) * dim].view(batch, tokens, kv_heads, dim)
+    v = qkv[..., (heads + kv_heads) * dim:].view(batch, tokens, kv_heads, dim)
+    weights = [(torch.rand(dim) + 0.5).to(torch.float16) for _ in range(2)] if norm else [None, None]
+    cos, sin = torch.randn(table_rows, tokens, dim), torch.randn(table_rows, tokens, dim)
+    want_k = torch.randn(batch + 2, kv_heads, capacity, dim, dtype=torch.float16)
+    want_v = torch.randn(batch + 2, kv_heads, capacity, dim, dtype=torch.float16)
+    got_k, got_v = want_k.clone(), want_v.clone()
+    before = want_k.clone()
+    want_q = prefill_qk_reference(q, k, v, *weights, 1e-6, cos, sin, want_k[1:batch + 1], want_v[1:batch + 1])
+    got_q = launch_prefill(q, k, v, *weights, 1e-6, cos, sin, got_k[1:batch + 1], got_v[1:batch + 1])
+    assert got_q.shape == want_q.shape == (batch, heads, tokens, dim)
+    close = dict(atol=2e-3, rtol=2 ** -9) if norm else dict(atol=0, rtol=0)
+    torch.testing.assert_close(got_q, want_q, **close)
+    torch.testing.assert_close(got_k, want_k, **close)
+    assert torch.equal(got_v, want_v)
+    assert torch.equal(got_k[:, :, tokens:], before[:, :, tokens:]) and torch.equal(got_k[0], before[0])

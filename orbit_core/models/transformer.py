@@ -28,7 +28,7 @@ from orbit_core.models.shrink_fusion import add_norm, embed_norm
 from orbit_kernels import dense_gemv as dense_gemv_kernels
 from orbit_kernels import qk_rope as qk_kernels
 from orbit_kernels.decode_attention import decode_attention
-from orbit_kernels.qk_rope import decode_qk_
+from orbit_kernels.qk_rope import decode_qk_, prefill_qk_
 from orbit_kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_reference
 from orbit_kernels.rope import rope_kv_write_, rope_kv_write_reference, rows_at
 
@@ -101,6 +101,14 @@ class Attention(nn.Module):
         if decode is not None and use_engine_kernels(x):
             out = self._engine_decode(q, k, v, cos, sin, cache, decode[0])
             return self.o_proj(out.view(batch, seq, self.num_heads * self.head_dim))
+        if decode is None and self._prefill_kernel(x, cache, slots):
+            norm = self.q_norm is not None
+            cache_k, cache_v = cache.k[self.layer_idx, slots], cache.v[self.layer_idx, slots]
+            q = prefill_qk_(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                            self.q_norm.eps if norm else 0.0, cos, sin, cache_k, cache_v)
+            out = F.scaled_dot_product_attention(q, cache_k[:, :, :seq], cache_v[:, :, :seq], is_causal=True,
+                                                 enable_gqa=self.num_heads != self.num_kv_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
         if decode is not None:
             cos, sin = rows_at(cos, sin, decode[0])
         if self.q_norm is not None:
@@ -129,6 +137,12 @@ class Attention(nn.Module):
             out = out.reshape(batch, self.num_heads, 1, self.head_dim)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+    def _prefill_kernel(self, x: torch.Tensor, cache: KVCache | None, slots) -> bool:
+        """Whether an engine prefill takes ``orbit::prefill_qk_``: consecutive cache rows (a slice) of
+        the activations' dtype, whose stored keys and values attention then reads."""
+        return (cache is not None and isinstance(slots, slice) and qk_kernels.ENABLED and qk_kernels.PREFILL
+                and cache.k.dtype == x.dtype and use_engine_kernels(x))
 
     def _engine_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, cache: KVCache, write_pos: torch.Tensor) -> torch.Tensor:
