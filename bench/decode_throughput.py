@@ -105,6 +105,7 @@ ROUND_KERNELS = {
     "lm_head_early": (dense_gemv, "EARLY"),  # the lm_head kernel reads its first weight step before the PDL wait
     "quick_modes": (engine_module, "QUICK_MODES"),  # generate flips module modes by its own walk (else modules())
     "lm_head_evict_first": (dense_gemv, "EVICT_FIRST"),  # the lm_head kernel's weight loads evict first from L2
+    "prefill_qk": (qk_kernels, "PREFILL"),  # a prefill's q/k norms, rope and cache writes in one kernel (else six)
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after

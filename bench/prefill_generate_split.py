@@ -24,6 +24,7 @@ import torch
 
 from bench.base_memory import write_random_checkpoint
 from bench.decode_throughput import ROUND_KERNELS, build_model
+from bench.generate_timeline import LM_HEAD
 from bench.rollout_throughput import SHAPES, NoEosTokenizer, timed
 from orbit_core.quant import quantize_checkpoint
 from orbit_core.rollout.engine import BuiltinEngine
@@ -32,14 +33,14 @@ from orbit_core.rollout.types import SamplingParams
 
 def split(trace_path: str) -> dict:
     """The trace's GPU events: the prefill graph's span (an index kernel ``arange`` starts the
-    forward, the lm_head's ``384x8`` cuBLAS kernel ends it), its busy time (the union of its
+    forward, the lm_head's kernel ends it: cuBLAS's ``384x8`` or ``orbit::dense_gemv``), its busy time (the union of its
     kernels), and the GPU time before and after it in the generate."""
     events = [e for e in json.load(open(trace_path))["traceEvents"]
               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     events.sort(key=lambda e: e["ts"])
     names = [e["name"] for e in events]
     first = min(i for i, n in enumerate(names) if "arang" in n)
-    last = max(i for i, n in enumerate(names) if "384x8" in n)
+    last = max(i for i, n in enumerate(names) if any(head in n for head in LM_HEAD))
     graph = events[first:last + 1]
     busy, (lo, hi) = 0.0, (graph[0]["ts"], graph[0]["ts"] + graph[0]["dur"])
     for e in sorted(graph, key=lambda e: e["ts"])[1:]:
