@@ -1,12 +1,14 @@
-"""A one-row product with a dense (bf16 or fp16) weight, for the decode step's lm_head, beside its
-plain-torch reference.
+"""A product of a few rows with a dense (bf16 or fp16) weight, for the decode step's lm_head,
+beside its plain-torch reference.
 
 At one row the lm_head is the step's largest read (the Qwen3-1.7B shape: a 151,936 x 2,048 bf16
 table, 622 MB), and cuBLAS's kernel for it runs as a plain launch in a chain of kernels under
 programmatic dependent launch. ``orbit::dense_gemv`` gives each program ``BLOCK_N`` output rows
-of the weight over the whole reduction, read in one load per K step, and sums in fp32 before one
-rounding. The first K step of the weight, which no kernel of the step writes, is read before the
-PDL wait (``_triton.EARLY_READS``). The two differ from the reference only in summation order.
+of the weight over the whole reduction, read in one load per K step (evict-first: the table is
+streamed once a step), and sums in fp32 before one rounding. The first K step of the weight, which
+no kernel of the step writes, is read before the PDL wait (``_triton.EARLY_READS``), and each
+program releases the kernel after it only at its end (``LATE_RELEASE``). The two differ from the
+reference only in summation order.
 
 Where it runs is measured (``MAX_ROWS``); above, the engine keeps ``F.linear``.
 """
@@ -23,9 +25,9 @@ ENABLED = True
 """Set False to force the reference (benchmarks compare the two in one process)."""
 MAX_ROWS = 1
 """Rows the engine hands the kernel. One H100, the Qwen3-1.7B lm_head, ten calls a CUDA graph
-(a one-off sweep of 36 launch settings, ``bench/results/dense_gemv_h100.jsonl``): 8 output rows a
-program and the whole 2,048-wide reduction in one step took 199.9 us at one row against cuBLAS's
-216.5; at four rows the best setting took 224.1 against 218.5."""
+(``bench/dense_gemv.py``, ``bench/results/dense_gemv_h100.jsonl``): 200.0 us at one row against
+cuBLAS's 216.9, 209.9 against 218.0 at two rows and 262.3 against 218.5 at four. Two rows are not
+taken: not measured end to end."""
 BLOCK_N = 8
 """Output rows a program."""
 BLOCK_K = 2048
@@ -34,14 +36,18 @@ WARPS = 4
 LATE_RELEASE = True
 """Under PDL, let the kernel after this one (the sampling kernel) be scheduled only as each program
 ends, not as it starts: this kernel runs in many waves (18,992 programs at the lm_head's shape),
-whose SM slots the next kernel's waiting programs would otherwise hold. False: at the start, as the
-step's other kernels do (benchmarks compare)."""
+whose SM slots the next kernel's waiting programs would otherwise hold. H100, int4 + LoRA r16 at
+batch 1 (``decode_throughput_lm_head_edges_h100.jsonl``): 799.3 tok/s released at the start against
+807.9. False: at the start, as the step's other kernels do (benchmarks compare)."""
 EARLY = True
-"""Read the first K step of the weight before the PDL wait (with ``_triton.EARLY_READS``). False:
-after it (benchmarks compare)."""
+"""Read the first K step of the weight before the PDL wait (with ``_triton.EARLY_READS``); within
+noise at batch 1 on the H100 (807.2 tok/s off against 807.9). False: after it (benchmarks compare)."""
 EVICT_FIRST = True
 """Load the weight with L2's evict-first policy: streamed once a step, it need not push out what the
-step's other kernels read again next step. False: the default policy (benchmarks compare)."""
+step's other kernels read again next step (with the default policy the layers' kernels ran about
+14 us slower a step in sum). H100, int4 + LoRA r16 at batch 1
+(``decode_throughput_evict_first_h100.jsonl``): 812.1 and 812.7 tok/s against 805.1. False: the
+default policy (benchmarks compare)."""
 
 
 def dense_gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -226,7 +226,9 @@ class DecodeLoop:
 
     def refresh_versions(self) -> None:
         """Call after a slot is written: the audit reads each slot's version from this tensor (in place,
-        since captured graphs hold its address)."""
+        since captured graphs hold its address). With ``ASYNC_ADMIT`` the versions go through pinned
+        memory, and only when they changed: a generate's start calls this, and a copy from pageable
+        memory waits for the work queued before it."""
         if self.cache is None:
             return
         versions = list(self.bank.versions if self.bank else [self.version])
@@ -450,7 +452,8 @@ class DecodeLoop:
 
     def _complete(self, ending: list[tuple[int, int | None]]) -> list[tuple[Request, Completion]]:
         """Complete each ``(row, stop_at)`` (``stop_at``: tokens kept up to a stop string, None for EOS
-        or the length limit), reading all their records back in one transfer per record kind."""
+        or the length limit), reading all their records back in one wait (``ONE_READ``; else one
+        transfer per record kind)."""
         p = self.params
         rows = [row for row, _ in ending]
         if ONE_READ:

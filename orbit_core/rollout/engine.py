@@ -13,9 +13,9 @@ from orbit_core.rollout.types import Completion, SamplingParams
 QUICK_MODES = True
 """``generate`` finds the modules in training mode by walking ``_modules`` itself and flips their
 flag in the instance dict: ``Module.modules()``'s chain of generators and ``Module.__setattr__``'s
-checks cost about 0.9 ms and 4.7 ms a call on a 28-layer model with LoRA (790 modules; a CPU of the
-CI kind), where this costs about 0.2 and 0.2. The same modules either way. False: ``modules()``
-and ``setattr`` (benchmarks compare)."""
+checks cost about 0.9 ms and 4.7 ms a call on a 28-layer model with LoRA in training mode (790
+modules, on the development machine's CPU), where this costs about 0.2 and 0.2. The same modules
+either way. False: ``modules()`` and ``setattr`` (benchmarks compare)."""
 
 
 def training_modules(root: nn.Module) -> list[nn.Module]:
