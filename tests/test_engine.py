@@ -436,36 +436,6 @@ def test_fused_shrinks_decode_what_the_unfused_kernels_decode(tiny_checkpoint, t
         torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=2e-3, rtol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_lm_head_kernel_decodes_what_cublas_decodes(tiny_checkpoint, monkeypatch):
-    """At one row the graphed engine's lm_head is ``orbit::dense_gemv`` (prefill and decode): it
-    samples the tokens cuBLAS's lm_head samples, with logprobs within a rounding of the logits; at
-    three rows it is not used."""
-    from orbit_core.policy.load import load_base
-    from orbit_kernels import dense_gemv
-    from tests.test_dequant_ahead import _with_lora
-
-    tok = load_tokenizer(tiny_checkpoint)
-    prompts = [tok(f"{a}+{b}=", add_special_tokens=False)["input_ids"] for a in range(3) for b in range(1, 3)]
-    launches = []
-    monkeypatch.setattr(dense_gemv, "launch", lambda x, w, _launch=dense_gemv.launch: launches.append(x.shape)
-                        or _launch(x, w))
-    runs = {}
-    for on in (True, False):
-        monkeypatch.setattr(dense_gemv, "ENABLED", on)
-        engine = BuiltinEngine(_with_lora(load_base(tiny_checkpoint, "bfloat16", "cuda")), tok, max_running=3, seed=3)
-        params = SamplingParams(max_new_tokens=10, temperature=1.0)
-        runs[on] = [c for n in (1, 1, 3) for c in engine.generate(prompts[:n], params)]
-        assert engine.loop.graphed is not None and engine.loop.graphed.graphs
-        if on:
-            assert launches and all(s.numel() // s[-1] == 1 for s in launches)
-            seen = len(launches)
-    assert len(launches) == seen  # off, the kernel never ran
-    for on, off in zip(runs[True], runs[False]):
-        assert on.token_ids == off.token_ids
-        torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=2e-2, rtol=0)
-
-
 def test_quick_mode_walk_finds_the_modules_that_modules_finds(tiny_checkpoint, monkeypatch):
     """``training_modules``' own walk against ``Module.modules()``: the same modules in training mode,
     each once (a module shared by two parents too), and ``set_training`` sets what setattr sets."""
@@ -490,35 +460,59 @@ def test_quick_mode_walk_finds_the_modules_that_modules_finds(tiny_checkpoint, m
     assert {id(m) for m in model.modules() if m.training} == {id(m) for m in found[False]}
 
 
+def _decodes_alike_with_and_without(monkeypatch, module, switch: str, launch: str, path: str, tok, prompts,
+                                    batches: tuple[int, ...], max_running: int) -> list[tuple]:
+    """Graphed LoRA engines with ``module.switch`` on, then off, each generating ``prompts[:n]`` for
+    ``n`` in ``batches``: the same tokens, logprobs within a rounding of the logits, and
+    ``module.launch`` called only with the switch on. Returns the arguments of each call."""
+    from orbit_core.policy.load import load_base
+    from tests.test_dequant_ahead import _with_lora
+
+    calls = []
+    monkeypatch.setattr(module, launch, lambda *a, _launch=getattr(module, launch): calls.append(a) or _launch(*a))
+    runs, seen = {}, 0
+    for on in (True, False):
+        monkeypatch.setattr(module, switch, on)
+        engine = BuiltinEngine(_with_lora(load_base(path, "bfloat16", "cuda")), tok, max_running=max_running, seed=3)
+        params = SamplingParams(max_new_tokens=8, temperature=1.0)
+        runs[on] = [c for n in batches for c in engine.generate(prompts[:n], params)]
+        assert engine.loop.graphed is not None and engine.loop.graphed.graphs
+        if on:
+            assert calls
+            seen = len(calls)
+    assert len(calls) == seen  # off, the kernel never ran
+    for on, off in zip(runs[True], runs[False]):
+        assert on.token_ids == off.token_ids
+        torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=2e-2, rtol=0)
+    return calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lm_head_kernel_decodes_what_cublas_decodes(tiny_checkpoint, monkeypatch):
+    """At one row the graphed engine's lm_head is ``orbit::dense_gemv`` (prefill and decode): it
+    samples the tokens cuBLAS's lm_head samples, with logprobs within a rounding of the logits; at
+    three rows it is not used."""
+    from orbit_kernels import dense_gemv
+
+    tok = load_tokenizer(tiny_checkpoint)
+    prompts = [tok(f"{a}+{b}=", add_special_tokens=False)["input_ids"] for a in range(3) for b in range(1, 3)]
+    calls = _decodes_alike_with_and_without(monkeypatch, dense_gemv, "ENABLED", "launch", tiny_checkpoint, tok,
+                                            prompts, (1, 1, 3), 3)
+    assert all(x.numel() // x.shape[-1] == 1 for x, _ in calls)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_prefill_qk_kernel_decodes_what_the_unfused_kernels_decode(tiny_checkpoint, tmp_path, monkeypatch, fmt):
     """An engine prefill's q/k norms, rope and cache writes in one kernel (``orbit::prefill_qk_``),
     its attention reading the keys and values from the cache: the graphed engine samples the tokens
     the six unfused kernels sample, with logprobs within a rounding of theirs."""
-    from orbit_core.policy.load import load_base
     from orbit_core.quant.quantize import quantize_checkpoint
     from orbit_kernels import qk_rope
-    from tests.test_dequant_ahead import _with_lora
 
     path = tiny_checkpoint
     if fmt == "int4":
         path = str(quantize_checkpoint(tiny_checkpoint, str(tmp_path / "int4"), "int4", group_size=32))
     tok = load_tokenizer(tiny_checkpoint)
     prompts = [tok(f"{a}-{b}=", add_special_tokens=False)["input_ids"] for a in range(3) for b in range(1, 3)]
-    launches = []
-    monkeypatch.setattr(qk_rope, "launch_prefill", lambda *a, _launch=qk_rope.launch_prefill: launches.append(1)
-                        or _launch(*a))
-    runs = {}
-    for on in (True, False):
-        monkeypatch.setattr(qk_rope, "PREFILL", on)
-        engine = BuiltinEngine(_with_lora(load_base(path, "bfloat16", "cuda")), tok, max_running=4, seed=3)
-        params = SamplingParams(max_new_tokens=8, temperature=1.0)
-        runs[on] = [c for n in (1, 3, 6) for c in engine.generate(prompts[:n], params)]
-        if on:
-            assert launches
-            seen = len(launches)
-    assert len(launches) == seen
-    for on, off in zip(runs[True], runs[False]):
-        assert on.token_ids == off.token_ids
-        torch.testing.assert_close(torch.tensor(on.logprobs), torch.tensor(off.logprobs), atol=2e-2, rtol=0)
+    _decodes_alike_with_and_without(monkeypatch, qk_rope, "PREFILL", "launch_prefill", path, tok, prompts, (1, 3, 6), 4)
