@@ -43,11 +43,10 @@ EARLY = True
 """Read the first K step of the weight before the PDL wait (with ``_triton.EARLY_READS``); within
 noise at batch 1 on the H100 (807.2 tok/s off against 807.9). False: after it (benchmarks compare)."""
 EVICT_FIRST = True
-"""Load the weight with L2's evict-first policy: streamed once a step, it need not push out what the
-step's other kernels read again next step (with the default policy the layers' kernels ran about
-14 us slower a step in sum). H100, int4 + LoRA r16 at batch 1
-(``decode_throughput_evict_first_h100.jsonl``): 812.1 and 812.7 tok/s against 805.1. False: the
-default policy (benchmarks compare)."""
+"""Load the weight with L2's evict-first policy: it is streamed once a step. H100, int4 + LoRA r16
+at batch 1 (``decode_throughput_evict_first_h100.jsonl``): 812.1 and 812.7 tok/s against 805.1
+(with the default policy the kernel tied cuBLAS end to end though it was 15 us faster; why this
+helps is not established). False: the default policy (benchmarks compare)."""
 
 
 def dense_gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
