@@ -35,7 +35,8 @@ MARK = "orbit_generate"
 LM_HEAD = ("384x8", "_dense_gemv_kernel")  # the lm_head: cuBLAS's few-row kernel at this shape, or orbit's
 
 
-def _union(spans: list[tuple[float, float]]) -> float:
+def union_us(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` spans: the time a stream of kernels kept the GPU busy."""
     busy, hi = 0.0, float("-inf")
     for lo, end in sorted(spans):
         if end > hi:
@@ -44,15 +45,28 @@ def _union(spans: list[tuple[float, float]]) -> float:
     return busy
 
 
-def timeline(trace_path: str, top_gaps: int = 5) -> dict:
-    """The generate's parts in ms, from a Chrome trace holding the ``MARK`` annotation."""
+def gpu_events(events: list[dict]) -> list[dict]:
+    """A Chrome trace's kernels, copies and fills, in start order."""
+    return sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                  key=lambda e: e["ts"])
+
+
+def is_lm_head(name: str) -> bool:
+    return any(head in name for head in LM_HEAD)
+
+
+def _marked(trace_path: str) -> tuple[dict, list[dict]]:
+    """The ``MARK`` annotation (the generate) and the GPU events that start inside it."""
     events = json.load(open(trace_path))["traceEvents"]
     mark = next(e for e in events if e.get("ph") == "X" and e.get("name") == MARK and e.get("cat") != "gpu_user_annotation")
-    gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                 key=lambda e: e["ts"])
+    return mark, [e for e in gpu_events(events) if mark["ts"] <= e["ts"] <= mark["ts"] + mark["dur"]]
+
+
+def timeline(trace_path: str, top_gaps: int = 5) -> dict:
+    """The generate's parts in ms, from a Chrome trace holding the ``MARK`` annotation."""
+    mark, gpu = _marked(trace_path)
     start, stop = mark["ts"], mark["ts"] + mark["dur"]
-    gpu = [e for e in gpu if start <= e["ts"] <= stop]
-    heads = [i for i, e in enumerate(gpu) if any(name in e["name"] for name in LM_HEAD)]
+    heads = [i for i, e in enumerate(gpu) if is_lm_head(e["name"])]
     prefill, decode = gpu[:heads[0] + 1], gpu[heads[0] + 1:]
     end = lambda e: e["ts"] + e["dur"]
     gaps, hi, before = [], float("-inf"), None
@@ -62,7 +76,7 @@ def timeline(trace_path: str, top_gaps: int = 5) -> dict:
         if end(e) > hi:
             hi, before = end(e), e
     span = (end(decode[-1]) - decode[0]["ts"]) if decode else 0.0
-    busy = _union([(e["ts"], end(e)) for e in decode])
+    busy = union_us([(e["ts"], end(e)) for e in decode])
     last = max(end(e) for e in gpu)
     steps = len(heads) - 1
     return {
@@ -81,11 +95,8 @@ def timeline(trace_path: str, top_gaps: int = 5) -> dict:
 
 def prefill_kernels(trace_path: str, top: int = 25) -> list[tuple[float, int, str]]:
     """The prefill's kernels (up to its lm_head) grouped by name: total us, count, name; the largest first."""
-    events = json.load(open(trace_path))["traceEvents"]
-    mark = next(e for e in events if e.get("ph") == "X" and e.get("name") == MARK and e.get("cat") != "gpu_user_annotation")
-    gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-                  and mark["ts"] <= e["ts"] <= mark["ts"] + mark["dur"]), key=lambda e: e["ts"])
-    first_head = next(i for i, e in enumerate(gpu) if any(name in e["name"] for name in LM_HEAD))
+    _, gpu = _marked(trace_path)
+    first_head = next(i for i, e in enumerate(gpu) if is_lm_head(e["name"]))
     groups: dict[str, list[float]] = {}
     for e in gpu[:first_head + 1]:
         groups.setdefault(e["name"], []).append(e["dur"])

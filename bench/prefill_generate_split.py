@@ -24,7 +24,7 @@ import torch
 
 from bench.base_memory import write_random_checkpoint
 from bench.decode_throughput import ROUND_KERNELS, build_model
-from bench.generate_timeline import LM_HEAD
+from bench.generate_timeline import gpu_events, is_lm_head, union_us
 from bench.rollout_throughput import SHAPES, NoEosTokenizer, timed
 from orbit_core.quant import quantize_checkpoint
 from orbit_core.rollout.engine import BuiltinEngine
@@ -33,22 +33,14 @@ from orbit_core.rollout.types import SamplingParams
 
 def split(trace_path: str) -> dict:
     """The trace's GPU events: the prefill graph's span (an index kernel ``arange`` starts the
-    forward, the lm_head's kernel ends it: cuBLAS's ``384x8`` or ``orbit::dense_gemv``), its busy time (the union of its
-    kernels), and the GPU time before and after it in the generate."""
-    events = [e for e in json.load(open(trace_path))["traceEvents"]
-              if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    events.sort(key=lambda e: e["ts"])
+    forward, the lm_head's kernel ends it: cuBLAS's ``384x8`` or ``orbit::dense_gemv``), its busy
+    time (the union of its kernels), and the GPU time before and after it in the generate."""
+    events = gpu_events(json.load(open(trace_path))["traceEvents"])
     names = [e["name"] for e in events]
     first = min(i for i, n in enumerate(names) if "arang" in n)
-    last = max(i for i, n in enumerate(names) if any(head in n for head in LM_HEAD))
+    last = max(i for i, n in enumerate(names) if is_lm_head(n))
     graph = events[first:last + 1]
-    busy, (lo, hi) = 0.0, (graph[0]["ts"], graph[0]["ts"] + graph[0]["dur"])
-    for e in sorted(graph, key=lambda e: e["ts"])[1:]:
-        if e["ts"] > hi:
-            busy, lo, hi = busy + hi - lo, e["ts"], e["ts"] + e["dur"]
-        else:
-            hi = max(hi, e["ts"] + e["dur"])
-    busy += hi - lo
+    busy = union_us([(e["ts"], e["ts"] + e["dur"]) for e in graph])
     end = graph[-1]["ts"] + graph[-1]["dur"]
     return {"graph_span_ms": round((end - graph[0]["ts"]) / 1e3, 2), "graph_busy_ms": round(busy / 1e3, 2),
             "graph_kernels": len(graph), "before_ms": round((graph[0]["ts"] - events[0]["ts"]) / 1e3, 2),

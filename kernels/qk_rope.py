@@ -28,6 +28,10 @@ write position before the wait, the projections after it. H100, decoding int4 + 
 Qwen3-1.7B shape in one process (``decode_throughput_early_tables_gamma_h100.jsonl``): 776.0 and
 779.8 tok/s (first and last run) against 766.5 with it off at batch 1, 2,174 and 2,178 against
 2,157 at 4. False: every read after the wait (benchmarks compare)."""
+PREFILL = True
+"""A prefill's q/k path in the same kernel (``prefill_qk_``): the q and k norms, rope of both and the
+keys and values written at cache positions ``0..T-1``, where the prefill ran two norms, two rope
+kernels and two copies into the cache a layer. False: those six (benchmarks compare)."""
 
 
 def decode_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
@@ -126,6 +130,16 @@ if triton is not None:
                      mask=full_mask)
 
 
+def _heads_reason(q: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None) -> str | None:
+    """What the kernel cannot take in the heads' shape or their norm weights (None: nothing)."""
+    if q.shape[-1] % 2:
+        return f"odd head_dim {q.shape[-1]}"
+    if (q_weight is None) != (k_weight is None) or any(
+            w is not None and (w.dtype != q.dtype or not w.is_contiguous()) for w in (q_weight, k_weight)):
+        return "the q and k norm weights are not both there in the activation dtype"
+    return None
+
+
 def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
                     k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                     cache_v: torch.Tensor) -> str | None:
@@ -134,11 +148,9 @@ def unserved_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight:
         return f"q {tuple(q.shape)}, k {tuple(k.shape)} are not one decode token per row"
     if not (cos.dim() == 2 or cos.dim() == 3 and cos.shape[1] == 1):
         return f"cos {tuple(cos.shape)} is neither a row's [1, dim] for each row nor a [positions, dim] table"
-    if q.shape[-1] % 2:
-        return f"odd head_dim {q.shape[-1]}"
-    if (q_weight is None) != (k_weight is None) or any(
-            w is not None and (w.dtype != q.dtype or not w.is_contiguous()) for w in (q_weight, k_weight)):
-        return "the q and k norm weights are not both there in the activation dtype"
+    why = _heads_reason(q, q_weight, k_weight)
+    if why is not None:
+        return why
     if any(t.stride(-1) != 1 for t in (q, k, v, cos, cache_k, cache_v)) or cos.stride() != sin.stride():
         return "head_dim is not contiguous, or cos and sin are laid out differently"
     return None
@@ -179,11 +191,6 @@ def _(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_pos):
     return q.new_empty((q.shape[0], q.shape[2], 1, q.shape[3]))
 
 
-PREFILL = True
-"""A prefill's q/k path in the same kernel (``prefill_qk_``): the q and k norms, rope of both and the
-keys and values written at cache positions ``0..T-1``, where the prefill ran two norms, two rope
-kernels and two copies into the cache a layer. False: those six (benchmarks compare)."""
-
 
 def prefill_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
                          k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
@@ -210,13 +217,11 @@ def prefill_unserved_reason(q, k, v, q_weight, k_weight, cos, sin, cache_k, cach
     """Why the kernel cannot take this prefill (None: it can)."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[:2] != k.shape[:2]:
         return f"q {tuple(q.shape)}, k {tuple(k.shape)} are not [batch, T, heads, dim]"
-    if q.shape[-1] % 2:
-        return f"odd head_dim {q.shape[-1]}"
+    why = _heads_reason(q, q_weight, k_weight)
+    if why is not None:
+        return why
     if cos.dim() != 3 or cos.shape[0] not in (1, q.shape[0]) or cos.shape[1] != q.shape[1] or cos.stride() != sin.stride():
         return f"cos {tuple(cos.shape)} is not [batch, T, dim] rows laid out as sin's"
-    if (q_weight is None) != (k_weight is None) or any(
-            w is not None and (w.dtype != q.dtype or not w.is_contiguous()) for w in (q_weight, k_weight)):
-        return "the q and k norm weights are not both there in the activation dtype"
     if not all(_token_rows(t) for t in (q, k, v)) or any(t.stride(-1) != 1 for t in (cos, cache_k, cache_v)):
         return "q, k or v do not step evenly over the tokens, or head_dim is not contiguous"
     if cache_k.shape[0] != q.shape[0] or cache_k.shape[2] < q.shape[1]:

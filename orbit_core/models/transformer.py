@@ -102,10 +102,8 @@ class Attention(nn.Module):
             out = self._engine_decode(q, k, v, cos, sin, cache, decode[0])
             return self.o_proj(out.view(batch, seq, self.num_heads * self.head_dim))
         if decode is None and self._prefill_kernel(x, cache, slots):
-            norm = self.q_norm is not None
             cache_k, cache_v = cache.k[self.layer_idx, slots], cache.v[self.layer_idx, slots]
-            q = prefill_qk_(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
-                            self.q_norm.eps if norm else 0.0, cos, sin, cache_k, cache_v)
+            q = prefill_qk_(q, k, v, *self._qk_norms(), cos, sin, cache_k, cache_v)
             out = F.scaled_dot_product_attention(q, cache_k[:, :, :seq], cache_v[:, :, :seq], is_causal=True,
                                                  enable_gqa=self.num_heads != self.num_kv_heads)
             return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
@@ -138,6 +136,12 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
+    def _qk_norms(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """The q/k kernels' norm arguments: (q weight, k weight, eps), or no weights without qk norms."""
+        if self.q_norm is None:
+            return None, None, 0.0
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+
     def _prefill_kernel(self, x: torch.Tensor, cache: KVCache | None, slots) -> bool:
         """Whether an engine prefill takes ``orbit::prefill_qk_``: consecutive cache rows (a slice) of
         the activations' dtype, whose stored keys and values attention then reads."""
@@ -150,9 +154,7 @@ class Attention(nn.Module):
         store the new key and value, attend over each row's live keys only; ``[rows, heads, dim]``."""
         cache_k, cache_v = cache.k[self.layer_idx], cache.v[self.layer_idx]
         if qk_kernels.ENABLED:  # q/k norms, rope (each row's table rows found by the kernel) and the KV write
-            norm = self.q_norm is not None
-            q = decode_qk_(q, k, v, self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
-                           self.q_norm.eps if norm else 0.0, cos, sin, cache_k, cache_v, write_pos)
+            q = decode_qk_(q, k, v, *self._qk_norms(), cos, sin, cache_k, cache_v, write_pos)
         else:
             cos, sin = rows_at(cos, sin, write_pos)
             if self.q_norm is not None:

@@ -20,8 +20,8 @@ buffers, whose addresses are fixed and whose contents ``write_slot`` replaces in
 adapter version needs no recapture. Rows of mixed slots read their slot from the per-row tensor.
 
 Warm-up and capture run the step for real, so the per-row state they touch is saved before and
-restored after (the sampling counter too), and warm-up samples from a scratch generator (capture itself draws nothing); keys
-and values they write sit at positions the next real step writes again.
+restored after (the sampling counter too), and warm-up samples from a scratch generator (capture
+itself draws nothing); keys and values they write sit at positions the next real step writes again.
 
 Small prefills are captured too (``prefill``): an eager prefill launches every kernel of every
 layer from Python, which at one 128-token prompt took about 50 ms of host time for about 3 ms of

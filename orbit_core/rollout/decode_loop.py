@@ -52,8 +52,6 @@ ASYNC_ADMIT = True
 longest prompt from the host. False: copies from pageable memory and the longest prompt read back
 from the device, each a wait for the work queued before it, so the host sat idle through the
 prefill and the GPU through the admit's bookkeeping after it (benchmarks compare)."""
-
-
 ONE_READ = True
 """A completion reads its rows' counts and records back in one wait (copies into pinned memory, then
 one synchronize), with the row numbers sent and the rows' flags cleared without waiting. False: a
@@ -232,7 +230,7 @@ class DecodeLoop:
         if self.cache is None:
             return
         versions = list(self.bank.versions if self.bank else [self.version])
-        if ASYNC_ADMIT:  # sent only when changed, without waiting (a generate's start calls this)
+        if ASYNC_ADMIT:
             if versions != self.versions_sent:
                 self.slot_versions.copy_(self._staged(torch.tensor(versions, dtype=torch.long)))
                 self.versions_sent = versions
