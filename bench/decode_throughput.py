@@ -37,7 +37,7 @@ from orbit_core.rollout import engine as engine_module
 from orbit_core.rollout.engine import BuiltinEngine
 from orbit_core.rollout.types import SamplingParams
 from orbit_kernels import decode_attention as attention_kernels
-from orbit_kernels import decode_record, dense_gemv
+from orbit_kernels import decode_record, dense_gemv, dense_lora
 from orbit_kernels import int4 as int4_kernels
 from orbit_kernels import lora as lora_kernels
 from orbit_kernels import norm_shrink, packed_gemm, packed_gemv, packed_lora
@@ -106,6 +106,8 @@ ROUND_KERNELS = {
     "quick_modes": (engine_module, "QUICK_MODES"),  # generate flips module modes by its own walk (else modules())
     "lm_head_evict_first": (dense_gemv, "EVICT_FIRST"),  # the lm_head kernel's weight loads evict first from L2
     "prefill_qk": (qk_kernels, "PREFILL"),  # a prefill's q/k norms, rope and cache writes in one kernel (else six)
+    "prefill_qk_tiles": (qk_kernels, "PREFILL_TILES"),  # that kernel over blocks of tokens (else one token a program)
+    "dense_lora": (dense_lora, "ENABLED"),  # many rows: LoRA update written, then the GEMM adds onto it (else after)
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
@@ -113,7 +115,8 @@ that, ``gemm_x_split`` and ``gemm_narrow_tiles`` from the round after that, the 
 round after that, ``pdl`` from the round after, the next five from the round after that, the next
 five from the round before that, the next two from the round after, the next two from the round
 after that, ``one_pass_attention`` the round before, ``gemv_lora_ahead``, ``qk_early_tables`` and
-``norm_early_gamma`` the round after, the last five the latest), each switchable for ``--ablate``
+``norm_early_gamma`` the round after, the next five the round after that, the next eight the round
+before the latest, the last two the latest), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;

@@ -59,7 +59,8 @@ if triton is not None:
                              stride_ps, stride_pm, stride_bs, stride_bn, stride_ym,
                              y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2, sym1, sym2,
                              HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+                             BLOCK_C: tl.constexpr, WRITE: tl.constexpr = False, PDL: tl.constexpr = False):
+        # WRITE: y = the update, rounded once (``dense_lora``: a GEMM adds the base product onto it)
         pdl_enter(PDL)  # first: nothing before it may touch memory
         g, y_ptr, b_ptr, N, stride_bs, stride_ym, offs_m, offs_n = expand_view(
             y_ptr, b_ptr, N, stride_bs, stride_ym, y_off1, y_off2, b_off1, b_off2, n1, n2, start1, start2, sbs1, sbs2,
@@ -76,12 +77,14 @@ if triton is not None:
                          mask=t_mask, other=0.0)
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         y_mask = m_mask[:, None] & n_mask[None, :]
-        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        dtype = y_ptr.dtype.element_ty
         # B_all^T as [BLOCK_C, BLOCK_N]: column c of t is rank c % R of slot c // R
         b = tl.load(b_ptr + (offs_c[:, None] // R) * stride_bs + offs_n[None, :] * stride_bn + offs_c[:, None] % R,
-                    mask=c_mask[:, None] & n_mask[None, :], other=0.0).to(y.dtype)
-        delta = tl.dot(t.to(y.dtype), b)
-        tl.store(y_ptrs, (y.to(tl.float32) + delta * scaling).to(y.dtype), mask=y_mask)
+                    mask=c_mask[:, None] & n_mask[None, :], other=0.0).to(dtype)
+        delta = tl.dot(t.to(dtype), b) * scaling
+        if not WRITE:
+            delta += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, delta.to(dtype), mask=y_mask)
 
 
 def unserved_reason(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> str | None:
@@ -107,8 +110,10 @@ def launch_tiles(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
 
 
 def launch_tile_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tensor], bs: list[torch.Tensor],
-                       row_slot: torch.Tensor | None, scaling: float, split: int | None = None) -> None:
-    """The two kernels for up to three linears that read ``x`` (``lora_groups``)."""
+                       row_slot: torch.Tensor | None, scaling: float, split: int | None = None,
+                       write: bool = False) -> None:
+    """The two kernels for up to three linears that read ``x`` (``lora_groups``). ``write``: each
+    ``ys[g]`` becomes the update instead of having it added (nothing of ``ys`` is read)."""
     rows, k = x.shape
     a = as_[0]
     groups, r, stacked = len(ys), a.shape[1], a.shape[0] * a.shape[1]
@@ -130,4 +135,4 @@ def launch_tile_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.
     _expand_tiles_kernel[(triton.cdiv(rows, block_m), tiles)](
         part, b, slots, y, rows, y.shape[1], stacked, r, split, scaling, part.stride(0), part.stride(1),
         b.stride(0), b.stride(1), y.stride(0), *group_args, HAS_SLOTS=row_slot is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4, **pdl_args(y))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, WRITE=write, num_warps=4, **pdl_args(y))

@@ -32,6 +32,17 @@ PREFILL = True
 """A prefill's q/k path in the same kernel (``prefill_qk_``): the q and k norms, rope of both and the
 keys and values written at cache positions ``0..T-1``, where the prefill ran two norms, two rope
 kernels and two copies into the cache a layer. False: those six (benchmarks compare)."""
+PREFILL_TILES = True
+"""A prefill program takes ``PREFILL_TOKENS`` tokens of one head with ``PREFILL_WARPS`` warps. A
+program per (token, head) of one warp, as the decode kernel runs, took 26.6 ms of a 256-row x
+128-token prefill's 222 ms of kernels on an H100 (0.95 ms a layer for about 0.5 GB read and
+written; ``decode_graph_replay_profile_prefill_256_h100.txt``). One H100, the Qwen3-1.7B heads,
+per call (``bench/prefill_qk.py``, ``prefill_qk_h100.jsonl``): 206.6 us against 947.6 at 256 x 128
+tokens, 2.11 against 4.80 at 1 x 128 (8 tokens and 4 warps measured within 1%). Decoding 256 rows
+after 128-token prompts (``decode_throughput_prefill_tiles_h100.jsonl``, first and last all-on runs
+against it off): int4 + LoRA 30,443 and 30,384 tok/s against 29,567, bf16 + LoRA 35,125 and
+35,515 against 34,721; batch 1 within noise. False: the launch before (benchmarks compare)."""
+PREFILL_TOKENS, PREFILL_WARPS = 16, 4
 
 
 def decode_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
@@ -52,39 +63,40 @@ def decode_qk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
 if triton is not None:
 
     @triton.jit
-    def _frozen_halves(w_ptr, c_row, s_row, offs, mask, like_ptr, NORM: tl.constexpr, HALF: tl.constexpr):
-        """A head's norm weight halves (ones without ``NORM``) and its row's rope table halves."""
+    def _frozen_halves(w_ptr, c_ptrs, s_ptrs, offs, mask, like_ptr, NORM: tl.constexpr, HALF: tl.constexpr):
+        """A head's norm weight halves (ones without ``NORM``; over ``offs``, the head's first half) and
+        the rope table halves at ``c_ptrs`` / ``s_ptrs`` (one row, or a block of tokens' rows)."""
+        w_mask = offs < HALF
         if NORM:
-            w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+            w1 = tl.load(w_ptr + offs, mask=w_mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + offs, mask=w_mask, other=0.0).to(tl.float32)
         else:
             w1 = tl.zeros_like(offs).to(tl.float32) + 1.0
             w2 = w1
-        c1, c2, s1, s2 = table_halves(c_row + offs, s_row + offs, mask, like_ptr, HALF)
+        c1, c2, s1, s2 = table_halves(c_ptrs, s_ptrs, mask, like_ptr, HALF)
         return w1, w2, c1, c2, s1, s2
 
     @triton.jit
-    def _norm_rope(x_ptr, w1, w2, c1, c2, s1, s2, offs, mask, eps, NORM: tl.constexpr, HALF: tl.constexpr):
-        """One head: its two halves normed (when NORM) and rotated, in the activation dtype's roundings."""
-        dtype = x_ptr.dtype.element_ty
-        x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    def _norm_rope(x_ptrs, w1, w2, c1, c2, s1, s2, mask, eps, NORM: tl.constexpr, HALF: tl.constexpr):
+        """A head's two halves (``x_ptrs`` the first half's: one token's, or a block of tokens' along
+        the first axis) normed (when NORM) and rotated, in the activation dtype's roundings."""
+        dtype = x_ptrs.dtype.element_ty
+        x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
         if NORM:
-            scale = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+            squares = tl.sum(x1 * x1, axis=-1, keep_dims=True) + tl.sum(x2 * x2, axis=-1, keep_dims=True)
+            scale = tl.rsqrt(squares / (2 * HALF) + eps)
             x1 = (w1 * (x1 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             x2 = (w2 * (x2 * scale).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        return rotate_with(x1, x2, c1, c2, s1, s2, x_ptr)
+        return rotate_with(x1, x2, c1, c2, s1, s2, x_ptrs)
 
     @triton.jit
     def _decode_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, ck_ptr, cv_ptr, pos_ptr,
                           eps, heads, kv_heads, sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, sc_r, so_r, so_h,
-                          sck_r, sck_h, sck_p, scv_r, scv_h, scv_p, tokens, sc_t, so_t,
+                          sck_r, sck_h, sck_p, scv_r, scv_h, scv_p,
                           NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr,
-                          PDL: tl.constexpr = False, EARLY: tl.constexpr = False, PREFILL: tl.constexpr = False):
-        """``GATHER``: cos/sin are the whole tables, a row's rope rows the ones at its write position.
-        ``PREFILL``: a row is one of ``tokens`` consecutive tokens of a cache row, written at its index
-        there; its rope rows at ``sc_r`` a cache row and ``sc_t`` a token, its q at ``so_r`` a cache row
-        and ``so_t`` a token."""
+                          PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+        """``GATHER``: cos/sin are the whole tables, a row's rope rows the ones at its write position."""
         if not EARLY:
             pdl_enter(PDL)  # first: nothing before it may touch memory
         pid = tl.program_id(0)
@@ -94,40 +106,78 @@ if triton is not None:
         # ``EARLY_TABLES``: the norm weights (frozen), the rope tables' rows and the write position
         # (set between steps, never by the kernel just before) come before the wait; the projected
         # q, k and v, which the kernel before writes, after it
-        if PREFILL:
-            crow, pos = row // tokens, row % tokens
-            c_row, s_row = cos_ptr + crow * sc_r + pos * sc_t, sin_ptr + crow * sc_r + pos * sc_t
+        pos = tl.load(pos_ptr + row)
+        if GATHER:
+            c_row, s_row = cos_ptr + pos * sc_r, sin_ptr + pos * sc_r
         else:
-            crow = row
-            pos = tl.load(pos_ptr + row)
-            if GATHER:
-                c_row, s_row = cos_ptr + pos * sc_r, sin_ptr + pos * sc_r
-            else:
-                c_row, s_row = cos_ptr + row * sc_r, sin_ptr + row * sc_r
+            c_row, s_row = cos_ptr + row * sc_r, sin_ptr + row * sc_r
         if head < heads:
-            w1, w2, c1, c2, s1, s2 = _frozen_halves(qw_ptr, c_row, s_row, offs, mask, q_ptr, NORM, HALF)
+            w1, w2, c1, c2, s1, s2 = _frozen_halves(qw_ptr, c_row + offs, s_row + offs, offs, mask, q_ptr, NORM, HALF)
         else:
-            w1, w2, c1, c2, s1, s2 = _frozen_halves(kw_ptr, c_row, s_row, offs, mask, q_ptr, NORM, HALF)
+            w1, w2, c1, c2, s1, s2 = _frozen_halves(kw_ptr, c_row + offs, s_row + offs, offs, mask, q_ptr, NORM, HALF)
         if EARLY:
             pdl_enter(PDL)
         if head < heads:
-            out1, out2 = _norm_rope(q_ptr + row * sq_r + head * sq_h, w1, w2, c1, c2, s1, s2, offs, mask, eps, NORM,
-                                    HALF)
-            dst = out_ptr + crow * so_r + pos * so_t + head * so_h if PREFILL else out_ptr + row * so_r + head * so_h
+            out1, out2 = _norm_rope(q_ptr + row * sq_r + head * sq_h + offs, w1, w2, c1, c2, s1, s2, mask, eps,
+                                    NORM, HALF)
+            dst = out_ptr + row * so_r + head * so_h
             tl.store(dst + offs, out1, mask=mask)
             tl.store(dst + HALF + offs, out2, mask=mask)
         else:
             kv = head - heads
-            out1, out2 = _norm_rope(k_ptr + row * sk_r + kv * sk_h, w1, w2, c1, c2, s1, s2, offs, mask, eps, NORM,
+            out1, out2 = _norm_rope(k_ptr + row * sk_r + kv * sk_h + offs, w1, w2, c1, c2, s1, s2, mask, eps, NORM,
                                     HALF)
-            dst = ck_ptr + crow * sck_r + kv * sck_h + pos * sck_p
+            dst = ck_ptr + row * sck_r + kv * sck_h + pos * sck_p
             tl.store(dst + offs, out1.to(ck_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + HALF + offs, out2.to(ck_ptr.dtype.element_ty), mask=mask)
             full = tl.arange(0, 2 * BLOCK)
             full_mask = full < 2 * HALF
             value = tl.load(v_ptr + row * sv_r + kv * sv_h + full, mask=full_mask, other=0.0)
-            tl.store(cv_ptr + crow * scv_r + kv * scv_h + pos * scv_p + full, value.to(cv_ptr.dtype.element_ty),
+            tl.store(cv_ptr + row * scv_r + kv * scv_h + pos * scv_p + full, value.to(cv_ptr.dtype.element_ty),
                      mask=full_mask)
+
+    @triton.jit
+    def _prefill_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, out_ptr, ck_ptr, cv_ptr, eps, tokens,
+                           heads, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_b, sc_t, so_b, so_h, so_t,
+                           sck_b, sck_h, sck_p, scv_b, scv_h, scv_p,
+                           NORM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, TOKENS: tl.constexpr,
+                           PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
+        """A prefill: program (block of ``TOKENS`` consecutive tokens, head, cache row); token ``p`` of
+        cache row ``b`` is row ``b * tokens + p`` of q, k and v, written at position ``p``."""
+        if not EARLY:
+            pdl_enter(PDL)  # first: nothing before it may touch memory
+        pos = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+        head, b = tl.program_id(1), tl.program_id(2)
+        offs = tl.arange(0, BLOCK)
+        mask = (pos < tokens)[:, None] & (offs < HALF)[None, :]
+        row = (b * tokens + pos)[:, None]
+        table = b * sc_b + pos[:, None] * sc_t + offs[None, :]
+        # the norm weights (frozen) and the rope rows before the wait, the projections after it, as in decode
+        if head < heads:
+            w1, w2, c1, c2, s1, s2 = _frozen_halves(qw_ptr, cos_ptr + table, sin_ptr + table, offs, mask, q_ptr,
+                                                    NORM, HALF)
+        else:
+            w1, w2, c1, c2, s1, s2 = _frozen_halves(kw_ptr, cos_ptr + table, sin_ptr + table, offs, mask, q_ptr,
+                                                    NORM, HALF)
+        if EARLY:
+            pdl_enter(PDL)
+        if head < heads:
+            out1, out2 = _norm_rope(q_ptr + row * sq_t + head * sq_h + offs[None, :], w1, w2, c1, c2, s1, s2, mask,
+                                    eps, NORM, HALF)
+            dst = out_ptr + b * so_b + head * so_h + pos[:, None] * so_t + offs[None, :]
+            tl.store(dst, out1, mask=mask)
+            tl.store(dst + HALF, out2, mask=mask)
+        else:
+            kv = head - heads
+            out1, out2 = _norm_rope(k_ptr + row * sk_t + kv * sk_h + offs[None, :], w1, w2, c1, c2, s1, s2, mask, eps,
+                                    NORM, HALF)
+            dst = ck_ptr + b * sck_b + kv * sck_h + pos[:, None] * sck_p + offs[None, :]
+            tl.store(dst, out1.to(ck_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF, out2.to(ck_ptr.dtype.element_ty), mask=mask)
+            for half in tl.static_range(2):
+                value = tl.load(v_ptr + row * sv_t + kv * sv_h + half * HALF + offs[None, :], mask=mask, other=0.0)
+                tl.store(cv_ptr + b * scv_b + kv * scv_h + pos[:, None] * scv_p + half * HALF + offs[None, :],
+                         value.to(cv_ptr.dtype.element_ty), mask=mask)
 
 
 def _heads_reason(q: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None) -> str | None:
@@ -166,7 +216,7 @@ def launch(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, write_p
         q, k, v, q_weight if norm else q, k_weight if norm else q, cos, sin, out, cache_k, cache_v, write_pos, eps,
         heads, kv_heads, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2), cos.stride(0),
         out.stride(0), out.stride(2), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0),
-        cache_v.stride(1), cache_v.stride(2), 1, 0, 0, NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half),
+        cache_v.stride(1), cache_v.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half),
         GATHER=cos.dim() == 2, num_warps=1, EARLY=EARLY_TABLES and _triton.EARLY_READS, **pdl_args(out))
     return out.transpose(1, 2)
 
@@ -229,19 +279,22 @@ def prefill_unserved_reason(q, k, v, q_weight, k_weight, cos, sin, cache_k, cach
     return None
 
 
-def launch_prefill(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v) -> torch.Tensor:
+def launch_prefill(q, k, v, q_weight, k_weight, eps, cos, sin, cache_k, cache_v, tokens_per_program: int | None = None,
+                   warps: int | None = None) -> torch.Tensor:
     """The kernel on a prefill (no dispatch checks: tests call it directly, also under the interpreter)."""
     batch, tokens, heads, dim = q.shape
     kv_heads, half = k.shape[2], dim // 2
     out = torch.empty((batch, heads, tokens, dim), dtype=q.dtype, device=q.device)
     norm = q_weight is not None
-    _decode_qk_kernel[(batch * tokens * (heads + kv_heads),)](
-        q, k, v, q_weight if norm else q, k_weight if norm else q, cos, sin, out, cache_k, cache_v, out, eps,
-        heads, kv_heads, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        cos.stride(0) if cos.shape[0] > 1 else 0, out.stride(0), out.stride(1), cache_k.stride(0), cache_k.stride(1),
-        cache_k.stride(2), cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), tokens, cos.stride(1),
-        out.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half), GATHER=False, num_warps=1,
-        EARLY=EARLY_TABLES and _triton.EARLY_READS, PREFILL=True, **pdl_args(out))
+    block = tokens_per_program or (PREFILL_TOKENS if PREFILL_TILES else 1)
+    warps = warps or (PREFILL_WARPS if PREFILL_TILES else 1)
+    _prefill_qk_kernel[(triton.cdiv(tokens, block), heads + kv_heads, batch)](
+        q, k, v, q_weight if norm else q, k_weight if norm else q, cos, sin, out, cache_k, cache_v, eps, tokens,
+        heads, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), cache_v.stride(0), cache_v.stride(1),
+        cache_v.stride(2), NORM=norm, HALF=half, BLOCK=triton.next_power_of_2(half), TOKENS=block,
+        num_warps=warps, EARLY=EARLY_TABLES and _triton.EARLY_READS, **pdl_args(out))
     return out
 
 

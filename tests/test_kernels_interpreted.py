@@ -226,6 +226,34 @@ def test_grouped_lora_kernels_equal_row_by_row_fp32(rows, slots):
             torch.testing.assert_close(g.float(), want, atol=2e-3, rtol=2 ** -9)
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+def test_dense_lora_linear_writes_the_update_then_adds_the_product(slots):
+    """``orbit::dense_lora_linear``'s kernels (the tile expand writing the update into a fresh output,
+    then ``addmm_`` adding the base product onto it) and its unfused reference, each against fp32,
+    for a q/k/v-like group of three widths and for one linear: every output column gets its own
+    linear's update, every row its own slot's."""
+    from orbit_kernels import dense_lora
+    from tests.test_kernels import _lora_fp32
+
+    torch.manual_seed(slots)
+    rows, width, rank = 40, 96, 8
+    x = torch.randn(rows, width, dtype=torch.float16)
+    stacked_a = torch.randn(slots, 3 * rank, width) * 0.05
+    as_ = [stacked_a[:, g * rank:(g + 1) * rank] for g in range(3)]
+    bs = [torch.randn(slots, n, rank) * 0.05 for n in (130, 70, 70)]
+    weight = (torch.randn(270, width) * 0.1).to(torch.float16)
+    row_slot = torch.randint(0, slots, (rows,)) if slots > 1 else None
+    for linears in (3, 1):
+        out = sum(b.shape[1] for b in bs[:linears])
+        product = x.float() @ weight[:out].float().t()
+        want = torch.cat([_lora_fp32(y, x, a, b, row_slot, 2.0) for y, a, b in
+                          zip(product.split([b.shape[1] for b in bs[:linears]], dim=1), as_, bs)], dim=1)
+        for impl in (dense_lora.launch, dense_lora.dense_lora_reference):
+            got = impl(x, weight[:out], as_[:linears], bs[:linears], row_slot, 2.0)
+            assert got.shape == (rows, out) and got.dtype == x.dtype
+            torch.testing.assert_close(got.float(), want, atol=4e-3, rtol=2 ** -8)
+
+
 def test_silu_mul_kernel_reads_column_slices_and_equals_the_reference():
     """Gate and up as two tensors, and as the two halves of one fused gate/up output."""
     from orbit_kernels.silu_mul import BLOCK, launch, silu_mul_reference
@@ -598,11 +626,12 @@ def test_dense_gemv_kernel_equals_an_fp32_product(rows, n, k):
 
 
 @pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("table_rows", [1, 2])
-def test_prefill_qk_kernel_equals_the_unfused_reference(norm, table_rows):
+@pytest.mark.parametrize("table_rows,block", [(1, None), (2, None), (2, 2)])
+def test_prefill_qk_kernel_equals_the_unfused_reference(norm, table_rows, block):
     """A prefill's q/k path: q, k and v as column views of one fused q/k/v output over 2 rows of 5
-    tokens, the rope rows one per row or one broadcast, the cache two rows of a bigger one. The
-    keys and values land at positions 0..4 and nowhere else."""
+    tokens, the rope rows one per row or one broadcast, the cache two rows of a bigger one, in one
+    block of tokens a program or in blocks of 2 (the last one partial). The keys and values land at
+    positions 0..4 and nowhere else."""
     from orbit_kernels.qk_rope import launch_prefill, prefill_qk_reference
 
     torch.manual_seed(0)
@@ -618,7 +647,7 @@ def test_prefill_qk_kernel_equals_the_unfused_reference(norm, table_rows):
     got_k, got_v = want_k.clone(), want_v.clone()
     before = want_k.clone()
     want_q = prefill_qk_reference(q, k, v, *weights, 1e-6, cos, sin, want_k[1:batch + 1], want_v[1:batch + 1])
-    got_q = launch_prefill(q, k, v, *weights, 1e-6, cos, sin, got_k[1:batch + 1], got_v[1:batch + 1])
+    got_q = launch_prefill(q, k, v, *weights, 1e-6, cos, sin, got_k[1:batch + 1], got_v[1:batch + 1], block)
     assert got_q.shape == want_q.shape == (batch, heads, tokens, dim)
     close = dict(atol=2e-3, rtol=2 ** -9) if norm else dict(atol=0, rtol=0)
     torch.testing.assert_close(got_q, want_q, **close)

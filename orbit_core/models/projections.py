@@ -138,6 +138,29 @@ def base_outputs(x: torch.Tensor, bases: Sequence[nn.Module]) -> list[torch.Tens
     return list(record.forward(x).split(record.widths, dim=-1))
 
 
+def dense_base_weight(bases: Sequence[nn.Module], dtype: torch.dtype) -> torch.Tensor | None:
+    """The dense weight that one base call of ``bases`` (a fused group, or one linear) multiplies by,
+    for a kernel that runs that GEMM itself: a bias-free ``nn.Linear``'s weight in ``dtype``, or a
+    bias-free packed weight the engine forward dequantized ahead (``dequant_ahead.dense_for``).
+    None otherwise (another kind, a bias, a group no longer fused, or dequantized inline)."""
+    first = bases[0]
+    if type(first) is nn.Linear:
+        if len(bases) == 1:
+            weight, bias = first.weight, first.bias
+        else:
+            record = _record(bases) if FUSED else None
+            if record is None:
+                return None
+            weight, bias = record.tensors[0], record.tensors[-1]
+        return weight if bias is None and weight.dtype == dtype else None
+    parts = packed_parts(bases)
+    if parts is None or parts.bias is not None:
+        return None
+    from orbit_core.models.dequant_ahead import dense_for  # that module builds on this one
+
+    return dense_for(parts.weight, dtype)
+
+
 class PackedParts(NamedTuple):
     """What one packed base call of a linear or a fused group runs on, for a kernel that takes the
     format's tensors as stored (``orbit::packed_lora_linear``)."""

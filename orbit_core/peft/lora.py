@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from orbit_core.models.engine_forward import use_engine_kernels
-from orbit_core.models.projections import base_outputs, packed_parts
+from orbit_core.models.projections import base_outputs, dense_base_weight, packed_parts
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
-from orbit_kernels import packed_gemm, packed_lora
+from orbit_kernels import dense_lora, packed_gemm, packed_lora
 from orbit_kernels.lora import lora_add_, lora_add_group_
 
 
@@ -34,6 +34,8 @@ class LoRALinear(AdapterLayer):
         engine = self.enabled and not self.training and use_engine_kernels(x)
         if engine:
             fused = self._engine_packed(x, [self])
+            if fused is None:
+                fused = self._engine_dense(x, [self])
             if fused is not None:
                 return fused[0]
         out = self.base(x)
@@ -84,6 +86,8 @@ class LoRALinear(AdapterLayer):
             return None
         flat_x = x.reshape(-1, x.shape[-1]).contiguous()
         fused = LoRALinear._engine_packed(x, linears, factors)
+        if fused is None:
+            fused = LoRALinear._engine_dense(x, linears, factors)
         if fused is not None:
             return fused
         # the kernels add in place, through flat views: of one fused base call, or of each base's output
@@ -133,6 +137,26 @@ class LoRALinear(AdapterLayer):
             return None
         y = packed_lora.packed_lora_linear(x, parts.weight, parts.scale, parts.global_scale, parts.bias, parts.fmt,
                                            parts.in_features, as_, bs, row_slot, linears[0].scaling)
+        return list(y.split([m.base.out_features for m in linears], dim=-1))
+
+    @staticmethod
+    def _engine_dense(x: torch.Tensor, linears, factors: list | None = None) -> list[torch.Tensor] | None:
+        """Many rows through a dense base call (bf16, or a packed weight dequantized ahead): the update
+        written first and the GEMM adding the base product onto it (``orbit::dense_lora_linear``),
+        each linear's output a column view. None: not served. ``factors`` as ``_engine_packed``'s."""
+        rows = x.numel() // x.shape[-1]
+        if not dense_lora.takes_rows(rows):
+            return None
+        weight = dense_base_weight([m.base for m in linears], x.dtype)
+        if weight is None:
+            return None
+        factors = factors or [m._engine_factors(rows) for m in linears]
+        if any(f is None for f in factors):
+            return None
+        as_, bs, row_slot = [f[0] for f in factors], [f[1] for f in factors], factors[0][2]
+        if not dense_lora.served(x, weight, as_, bs, row_slot):
+            return None
+        y = dense_lora.dense_lora_linear(x, weight, as_, bs, row_slot, linears[0].scaling)
         return list(y.split([m.base.out_features for m in linears], dim=-1))
 
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
