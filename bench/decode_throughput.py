@@ -108,6 +108,7 @@ ROUND_KERNELS = {
     "prefill_qk": (qk_kernels, "PREFILL"),  # a prefill's q/k norms, rope and cache writes in one kernel (else six)
     "prefill_qk_tiles": (qk_kernels, "PREFILL_TILES"),  # that kernel over blocks of tokens (else one token a program)
     "dense_lora": (dense_lora, "ENABLED"),  # many rows: LoRA update written, then the GEMM adds onto it (else after)
+    "shrink_beside": (lora_kernels, "SHRINK_BESIDE"),  # above 32 rows the LoRA shrink beside the base GEMM (else after)
 }
 """The decode changes of the last ten rounds (the first five from nine rounds ago, the next three
 from the round after, the next six from the round after that, the next four from the round after
@@ -116,7 +117,7 @@ round after that, ``pdl`` from the round after, the next five from the round aft
 five from the round before that, the next two from the round after, the next two from the round
 after that, ``one_pass_attention`` the round before, ``gemv_lora_ahead``, ``qk_early_tables`` and
 ``norm_early_gamma`` the round after, the next five the round after that, the next eight the round
-before the latest, the last two the latest), each switchable for ``--ablate``
+before the latest, the last three the latest), each switchable for ``--ablate``
 (``decode_throughput_gemm_x_split_h200.jsonl``: int4 at batch 8-32;
 ``decode_throughput_dequant_ahead_h200.jsonl``: int4 and fp8 at 64 and 256;
 ``decode_throughput_gemv_layouts_h200.jsonl``: the packed bases at 1 and 4;

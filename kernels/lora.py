@@ -13,6 +13,8 @@ reference only by the activation dtype's rounding of the two intermediate produc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from orbit_kernels import _triton, lora_groups, lora_tiles
@@ -62,6 +64,17 @@ WIDE_SHRINK = True
 """Set False for the shrink's old 512-column steps (a 2,048-wide row takes four; benchmarks compare)."""
 TILES_ENABLED = True
 """Set False to serve more than ``KERNEL_MAX_ROWS`` rows through the reference (benchmarks)."""
+SHRINK_BESIDE, BESIDE_MAX_ROWS = True, 128
+"""Above ``KERNEL_MAX_ROWS`` rows and up to ``BESIDE_MAX_ROWS``, where a caller computes the base
+output itself (``add_beside``: a cuBLAS GEMM), the tile shrink, which reads only the input, runs on
+a side stream while the base GEMM runs, and the expand follows both. In the 256-row decode step of
+bf16 + LoRA r16 at the Qwen3-1.7B shape the shrinks took 0.39 ms of a 5.46 ms replay, in the chain
+after each GEMM (``decode_graph_replay_profile_prefill_256_h100.txt``). H100, that shape, on at
+every row count above 32 against off, one process (``decode_throughput_shrink_beside_h100.jsonl``,
+first and last on): at 64 rows int4 + LoRA 13,843 and 13,768 tok/s against 13,104, bf16 + LoRA
+18,755 and 18,782 against 17,115; at 256 rows int4 + LoRA 30,555 and 30,517 against 30,613 and
+bf16 + LoRA 35,328 and 35,279 against 35,944, a loss, hence the cap (128 rows is not measured).
+False: shrink and expand after the GEMM (benchmarks compare)."""
 
 
 def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -339,6 +352,43 @@ def launch_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.Tenso
         t, b, slots, y, rows, y.shape[1], r, scaling, t.stride(0), b.stride(0), b.stride(1), y.stride(0), *group_args,
         HAS_SLOTS=row_slot is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_R=block_r, num_warps=4,
         **(pdl_args(t) if after_pdl and EXPAND_AFTER_PDL else _pdl(t, rows)))
+
+
+_BESIDE: dict[tuple[int, int], torch.cuda.Stream] = {}
+
+
+def _beside_stream(device: torch.device) -> torch.cuda.Stream:
+    """A side stream of the current stream's priority (a graph's capture stream runs at high priority)."""
+    current = torch.cuda.current_stream(device)
+    key = (current.device.index, current.priority)
+    if key not in _BESIDE:
+        _BESIDE[key] = torch.cuda.Stream(current.device, priority=current.priority)
+    return _BESIDE[key]
+
+
+def add_beside(base: Callable[[], list[torch.Tensor]], x: torch.Tensor, as_: list[torch.Tensor],
+               bs: list[torch.Tensor], row_slot: torch.Tensor | None, scaling: float) -> list[torch.Tensor] | None:
+    """``base()``'s outputs (one per linear of ``x``, ``[rows, features]``) with each linear's update
+    added (``lora_add_group_``'s arithmetic): the tile shrink on a side stream while ``base()`` runs
+    on the current one, then the expand once both are done (``SHRINK_BESIDE``). None, with nothing
+    run: not these rows, or factors the tile kernels do not take (the caller runs base, then the add)."""
+    rows = x.shape[0]
+    if not (SHRINK_BESIDE and ENABLED and TILES_ENABLED and x.is_cuda and KERNEL_MAX_ROWS < rows <= BESIDE_MAX_ROWS):
+        return None
+    a, b = as_[0], bs[0]
+    if not serves("lora_add_ beside", True, x, lambda: unserved_reason(x, x, a, b) or lora_tiles.unserved_reason(
+            x, a, b) or lora_groups.factors_reason(as_, bs)):
+        return None
+    side = _beside_stream(x.device)
+    part = lora_tiles.shrink_tiles(x, as_, beside=side)
+    ys = base()
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    if lora_groups.unserved_reason(ys, as_, bs) is None:
+        lora_tiles.expand_tiles(ys, part, bs, row_slot, scaling)
+    else:  # outputs the expand cannot address (not [rows, features] with contiguous features)
+        for y, a, b in zip(ys, as_, bs):
+            lora_add_reference(y, x, a, b, row_slot, scaling)
+    return ys
 
 
 @torch.library.custom_op("orbit::lora_add_", mutates_args=("y",))

@@ -16,6 +16,8 @@ any batch and any mix of slots, reading the fp32 factors directly:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from orbit_kernels import lora_groups
@@ -114,9 +116,18 @@ def launch_tile_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.
                        write: bool = False) -> None:
     """The two kernels for up to three linears that read ``x`` (``lora_groups``). ``write``: each
     ``ys[g]`` becomes the update instead of having it added (nothing of ``ys`` is read)."""
+    expand_tiles(ys, shrink_tiles(x, as_, split), bs, row_slot, scaling, write)
+
+
+def shrink_tiles(x: torch.Tensor, as_: list[torch.Tensor], split: int | None = None,
+                 beside: torch.cuda.Stream | None = None) -> torch.Tensor:
+    """The shrink: fp32 partial sums ``[splits, rows, groups * slots * r]`` of ``x @ A_all^T`` for
+    each group's stacked ``A``. ``beside``: launched on that stream once it has caught up with the
+    current one (the caller makes the current stream wait for it before reading the partials);
+    the partials are allocated on the current stream either way."""
     rows, k = x.shape
     a = as_[0]
-    groups, r, stacked = len(ys), a.shape[1], a.shape[0] * a.shape[1]
+    groups, r, stacked = len(as_), a.shape[1], a.shape[0] * a.shape[1]
     block_c = max(16, triton.next_power_of_2(stacked))
     # a [block_k, block_c] tile of A per pipeline stage: keep it within shared memory at 256 stacked ranks
     block_m, block_k = (16 if rows <= 16 else 32), (128 if block_c <= 64 else 64)
@@ -124,15 +135,28 @@ def launch_tile_groups(ys: list[torch.Tensor], x: torch.Tensor, as_: list[torch.
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
     part = torch.empty((split, rows, groups * stacked), dtype=torch.float32, device=x.device)
-    _shrink_tiles_kernel[(triton.cdiv(rows, block_m), split, groups)](
-        x, a, part, rows, k, stacked, r, k_per_split, x.stride(0), a.stride(0), a.stride(1), part.stride(0),
-        part.stride(1), *lora_groups.offsets(as_), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4,
-        **pdl_args(x))
+    if beside is not None:
+        beside.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(beside) if beside is not None else nullcontext():
+        _shrink_tiles_kernel[(triton.cdiv(rows, block_m), split, groups)](
+            x, a, part, rows, k, stacked, r, k_per_split, x.stride(0), a.stride(0), a.stride(1), part.stride(0),
+            part.stride(1), *lora_groups.offsets(as_), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k,
+            num_warps=4, **({} if beside is not None else pdl_args(x)))
+    return part
+
+
+def expand_tiles(ys: list[torch.Tensor], part: torch.Tensor, bs: list[torch.Tensor], row_slot: torch.Tensor | None,
+                 scaling: float, write: bool = False) -> None:
+    """The expand: ``shrink_tiles``' partials summed, each row's own slot's columns kept, times ``B``,
+    added into (or, ``write``, written as) each ``ys[g]``."""
+    rows, b = ys[0].shape[0], bs[0]
+    r, stacked = b.shape[2], b.shape[0] * b.shape[2]
+    block_c = max(16, triton.next_power_of_2(stacked))
     slots = row_slot if row_slot is not None else part  # unused pointer when HAS_SLOTS is off
     block_m, block_n = (16 if rows <= 16 else 64), 64
     tiles, group_args = lora_groups.expand_args(ys, bs, block_n)
-    y, b = ys[0], bs[0]
+    y = ys[0]
     _expand_tiles_kernel[(triton.cdiv(rows, block_m), tiles)](
-        part, b, slots, y, rows, y.shape[1], stacked, r, split, scaling, part.stride(0), part.stride(1),
+        part, b, slots, y, rows, y.shape[1], stacked, r, part.shape[0], scaling, part.stride(0), part.stride(1),
         b.stride(0), b.stride(1), y.stride(0), *group_args, HAS_SLOTS=row_slot is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, WRITE=write, num_warps=4, **pdl_args(y))

@@ -637,6 +637,35 @@ def test_grouped_lora_kernels_equal_the_reference(rows, slots):
 
 
 @cuda
+@pytest.mark.parametrize("slots", [1, 2])
+def test_lora_shrink_beside_the_base_gemm_adds_what_row_by_row_fp32_adds(slots):
+    """``lora.add_beside``: the tile shrink on a side stream while a fused q/k/v-like GEMM runs on the
+    current stream, then the expand into the GEMM's column views, against row-by-row fp32. At the
+    row kernels' 32 rows it runs nothing."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(slots)
+    rows, rank, widths = 100, 16, [1300, 600, 600]
+    x = torch.randn(rows, 1000, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(sum(widths), 1000, device="cuda") * 0.03).to(torch.bfloat16)
+    stacked_a = torch.randn(slots, 3 * rank, 1000, device="cuda") * 0.05
+    as_ = [stacked_a[:, g * rank:(g + 1) * rank] for g in range(3)]
+    bs = [torch.randn(slots, n, rank, device="cuda") * 0.05 for n in widths]
+    row_slot = torch.randint(0, slots, (rows,), device="cuda") if slots > 1 else None
+    outs = []
+
+    def base():
+        outs.extend(F.linear(x, w).split(widths, dim=1))
+        return outs
+
+    assert lora.add_beside(base, x, as_, bs, row_slot, 2.0) is outs
+    wants = [_lora_fp32(p, x, a, b, row_slot, 2.0) for p, a, b in zip(F.linear(x, w).split(widths, dim=1), as_, bs)]
+    for got, want in zip(outs, wants):
+        torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=2 ** -6)
+    assert lora.add_beside(base, x[:32], as_, bs, None, 2.0) is None and len(outs) == 3
+
+
+@cuda
 @pytest.mark.parametrize("rows", [1, 256])
 @pytest.mark.parametrize("norm", [True, False])
 def test_decode_qk_kernel_equals_the_unfused_kernels_and_reference(rows, norm):

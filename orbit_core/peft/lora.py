@@ -11,7 +11,7 @@ from orbit_core.models.engine_forward import use_engine_kernels
 from orbit_core.models.projections import base_outputs, dense_base_weight, packed_parts
 from orbit_core.peft.base import AdapterLayer, base_device, base_weight, replace_module, target_linears
 from orbit_kernels import dense_lora, packed_gemm, packed_lora
-from orbit_kernels.lora import lora_add_, lora_add_group_
+from orbit_kernels.lora import KERNEL_MAX_ROWS, add_beside, lora_add_, lora_add_group_
 
 
 class LoRALinear(AdapterLayer):
@@ -36,6 +36,8 @@ class LoRALinear(AdapterLayer):
             fused = self._engine_packed(x, [self])
             if fused is None:
                 fused = self._engine_dense(x, [self])
+            if fused is None:
+                fused = self._engine_beside(x, [self])
             if fused is not None:
                 return fused[0]
         out = self.base(x)
@@ -88,6 +90,8 @@ class LoRALinear(AdapterLayer):
         fused = LoRALinear._engine_packed(x, linears, factors)
         if fused is None:
             fused = LoRALinear._engine_dense(x, linears, factors)
+        if fused is None:
+            fused = LoRALinear._engine_beside(x, linears, factors)
         if fused is not None:
             return fused
         # the kernels add in place, through flat views: of one fused base call, or of each base's output
@@ -158,6 +162,29 @@ class LoRALinear(AdapterLayer):
             return None
         y = dense_lora.dense_lora_linear(x, weight, as_, bs, row_slot, linears[0].scaling)
         return list(y.split([m.base.out_features for m in linears], dim=-1))
+
+    @staticmethod
+    def _engine_beside(x: torch.Tensor, linears, factors: list | None = None) -> list[torch.Tensor] | None:
+        """Many rows through the base's own call (``nn.Linear``, or a packed weight's dequantize +
+        cuBLAS): the LoRA shrink on a side stream beside it, then the expand into its outputs
+        (``lora.add_beside``). None, with nothing run: not served. ``factors`` as ``_engine_packed``'s."""
+        rows = x.numel() // x.shape[-1]
+        if rows <= KERNEL_MAX_ROWS:
+            return None
+        factors = factors or [m._engine_factors(rows) for m in linears]
+        if any(f is None for f in factors):
+            return None
+        outs: list[torch.Tensor] = []
+
+        def base_call() -> list[torch.Tensor]:
+            outs.extend(base_outputs(x, [m.base for m in linears]) or [m.base(x).contiguous() for m in linears])
+            return [o.view(-1, o.shape[-1]) for o in outs]
+
+        flat_x = x.reshape(-1, x.shape[-1]).contiguous()
+        if add_beside(base_call, flat_x, [f[0] for f in factors], [f[1] for f in factors], factors[0][2],
+                      linears[0].scaling) is None:
+            return None
+        return outs
 
     def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # computed in the activation dtype (bf16 on a GPU base); A and B stay fp32 master weights
