@@ -121,6 +121,15 @@ class LoRALinear(AdapterLayer):
         return None if factors is None else ([f[0] for f in factors], factors[0][2])
 
     @staticmethod
+    def _factor_lists(linears, rows: int, factors: list | None) -> tuple[list, list, torch.Tensor | None] | None:
+        """(each linear's A, each one's B, the rows' slots) from ``factors`` (the linears'
+        ``_engine_factors``, or None to ask them); None when one has none for ``rows``."""
+        factors = factors or [m._engine_factors(rows) for m in linears]
+        if any(f is None for f in factors):
+            return None
+        return [f[0] for f in factors], [f[1] for f in factors], factors[0][2]
+
+    @staticmethod
     def _engine_packed(x: torch.Tensor, linears, factors: list | None = None) -> list[torch.Tensor] | None:
         """Decode rows through packed bases: the base GEMV or GEMM with the LoRA expand in its epilogue
         (``orbit::packed_lora_linear``), each linear's output a column view. None: not served.
@@ -130,12 +139,10 @@ class LoRALinear(AdapterLayer):
         if fmt is None or rows > packed_lora.max_rows(fmt):
             return None
         parts = packed_parts([m.base for m in linears])
-        if parts is None:
+        lists = None if parts is None else LoRALinear._factor_lists(linears, rows, factors)
+        if lists is None:
             return None
-        factors = factors or [m._engine_factors(rows) for m in linears]
-        if any(f is None for f in factors):
-            return None
-        as_, bs, row_slot = [f[0] for f in factors], [f[1] for f in factors], factors[0][2]
+        as_, bs, row_slot = lists
         if not packed_lora.served(x, parts.weight, parts.scale, parts.bias, parts.fmt, parts.in_features, as_, bs,
                                   row_slot):
             return None
@@ -152,12 +159,10 @@ class LoRALinear(AdapterLayer):
         if not dense_lora.takes_rows(rows):
             return None
         weight = dense_base_weight([m.base for m in linears], x.dtype)
-        if weight is None:
+        lists = None if weight is None else LoRALinear._factor_lists(linears, rows, factors)
+        if lists is None:
             return None
-        factors = factors or [m._engine_factors(rows) for m in linears]
-        if any(f is None for f in factors):
-            return None
-        as_, bs, row_slot = [f[0] for f in factors], [f[1] for f in factors], factors[0][2]
+        as_, bs, row_slot = lists
         if not dense_lora.served(x, weight, as_, bs, row_slot):
             return None
         y = dense_lora.dense_lora_linear(x, weight, as_, bs, row_slot, linears[0].scaling)
@@ -169,10 +174,8 @@ class LoRALinear(AdapterLayer):
         cuBLAS): the LoRA shrink on a side stream beside it, then the expand into its outputs
         (``lora.add_beside``). None, with nothing run: not served. ``factors`` as ``_engine_packed``'s."""
         rows = x.numel() // x.shape[-1]
-        if rows <= KERNEL_MAX_ROWS:
-            return None
-        factors = factors or [m._engine_factors(rows) for m in linears]
-        if any(f is None for f in factors):
+        lists = None if rows <= KERNEL_MAX_ROWS else LoRALinear._factor_lists(linears, rows, factors)
+        if lists is None:
             return None
         outs: list[torch.Tensor] = []
 
@@ -181,8 +184,7 @@ class LoRALinear(AdapterLayer):
             return [o.view(-1, o.shape[-1]) for o in outs]
 
         flat_x = x.reshape(-1, x.shape[-1]).contiguous()
-        if add_beside(base_call, flat_x, [f[0] for f in factors], [f[1] for f in factors], factors[0][2],
-                      linears[0].scaling) is None:
+        if add_beside(base_call, flat_x, *lists, linears[0].scaling) is None:
             return None
         return outs
 
