@@ -58,15 +58,8 @@ def unserved_reason(x: torch.Tensor, weight: torch.Tensor, as_: list[torch.Tenso
     rows = x.numel() // x.shape[-1]
     if weight.dim() != 2 or weight.dtype != x.dtype or weight.shape[1] != x.shape[-1] or weight.stride(-1) != 1:
         return f"a weight {tuple(weight.shape)} {weight.dtype} for activations {tuple(x.shape)} {x.dtype}"
-    if not 1 <= len(as_) == len(bs) <= lora_groups.MAX_GROUPS:
-        return f"{len(as_)} A and {len(bs)} B (1 to {lora_groups.MAX_GROUPS} linears)"
-    if sum(b.shape[1] for b in bs) != weight.shape[0]:
-        return f"the B widths sum to {sum(b.shape[1] for b in bs)}, not the weight's {weight.shape[0]} rows"
-    if row_slot is not None and row_slot.shape != (rows,):
-        return f"row slots {tuple(row_slot.shape)} for {rows} rows"
-    if any(t.stride(-1) != 1 for t in (*as_, *bs)) or as_[0].shape[1] > lora.MAX_RANK:
-        return "a LoRA factor's last dimension is not contiguous, or its rank is over the kernels'"
-    return lora_tiles.unserved_reason(x, as_[0], bs[0]) or lora_groups.factors_reason(as_, bs)
+    return (lora_groups.linear_reason(as_, bs, weight.shape[0], rows, row_slot, lora.MAX_RANK)
+            or lora_tiles.unserved_reason(x, as_[0], bs[0]))
 
 
 def served(x, weight, as_, bs, row_slot) -> bool:

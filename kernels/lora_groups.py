@@ -61,6 +61,27 @@ def factors_reason(as_: list[torch.Tensor], bs: list[torch.Tensor]) -> str | Non
     return None
 
 
+def linear_reason(as_: list[torch.Tensor], bs: list[torch.Tensor], out_features: int, rows: int,
+                  row_slot: torch.Tensor | None, max_rank: int) -> str | None:
+    """Why one base call of ``out_features`` outputs (a linear, or a fused group's laid end to end)
+    over ``rows`` rows cannot take these linears' LoRA factors in one kernel pass (None: it can)."""
+    if not 1 <= len(as_) == len(bs) <= MAX_GROUPS:
+        return f"{len(as_)} A and {len(bs)} B (1 to {MAX_GROUPS} linears)"
+    why = factors_reason(as_, bs)
+    if why is not None:
+        return why
+    a0, b0 = as_[0], bs[0]
+    if a0.shape[1] > max_rank or b0.shape[2] != a0.shape[1]:
+        return f"rank {a0.shape[1]} (B's {b0.shape[2]}) is not one the kernel takes (up to {max_rank})"
+    if a0.stride(-1) != 1 or b0.stride(-1) != 1:
+        return "a LoRA factor's last dimension is not contiguous"
+    if sum(b.shape[1] for b in bs) != out_features:
+        return f"the B widths sum to {sum(b.shape[1] for b in bs)}, not the weight's {out_features} rows"
+    if row_slot is not None and row_slot.shape != (rows,):
+        return f"row slots {tuple(row_slot.shape)} for {rows} rows"
+    return None
+
+
 if triton is not None:
 
     @triton.jit

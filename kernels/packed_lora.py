@@ -75,23 +75,9 @@ def unserved_reason(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     why = _kernel(rows).unserved_reason(fmt, x, weight, scale, in_features)
     if why is not None:
         return why
-    if not 1 <= len(as_) == len(bs) <= lora_groups.MAX_GROUPS:
-        return f"{len(as_)} A and {len(bs)} B (1 to {lora_groups.MAX_GROUPS} linears)"
-    why = lora_groups.factors_reason(as_, bs)
-    if why is not None:
-        return why
-    a0, b0 = as_[0], bs[0]
-    if a0.shape[1] > lora.MAX_RANK or b0.shape[2] != a0.shape[1]:
-        return f"rank {a0.shape[1]} (B's {b0.shape[2]}) is not one the kernel takes (up to {lora.MAX_RANK})"
-    if a0.stride(-1) != 1 or b0.stride(-1) != 1:
-        return "a LoRA factor's last dimension is not contiguous"
-    if sum(b.shape[1] for b in bs) != weight.shape[0]:
-        return f"the B widths sum to {sum(b.shape[1] for b in bs)}, not the weight's {weight.shape[0]} rows"
     if bias is not None and (bias.shape != (weight.shape[0],) or not bias.is_contiguous()):
         return f"bias {tuple(bias.shape)} is not one contiguous value per output"
-    if row_slot is not None and row_slot.shape != (rows,):
-        return f"row slots {tuple(row_slot.shape)} for {rows} rows"
-    return None
+    return lora_groups.linear_reason(as_, bs, weight.shape[0], rows, row_slot, lora.MAX_RANK)
 
 
 def served(x, weight, scale, bias, fmt, in_features, as_, bs, row_slot) -> bool:

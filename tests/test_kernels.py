@@ -406,6 +406,26 @@ def _lora_fp32(y, x, a, b, row_slot, scaling):
     return out
 
 
+def test_lora_linear_reason_names_what_a_kernel_pass_cannot_take():
+    """The checks the packed and dense LoRA ops share: None for a fused group's factors that fit,
+    else the one problem, for a rank past the kernels', B widths that miss the outputs, row slots
+    for other rows, and A that differ across the group."""
+    from orbit_kernels import dense_lora, lora_groups, packed_lora
+
+    a = torch.randn(2, 48, 64)
+    as_, bs = [a[:, :16], a[:, 16:32], a[:, 32:]], [torch.randn(2, n, 16) for n in (64, 32, 32)]
+    assert lora_groups.linear_reason(as_, bs, 128, 5, torch.zeros(5, dtype=torch.long), 128) is None
+    assert "rank 16" in lora_groups.linear_reason(as_, bs, 128, 5, None, 8)
+    assert "sum to 128" in lora_groups.linear_reason(as_, bs, 96, 5, None, 128)
+    assert "row slots (4,)" in lora_groups.linear_reason(as_, bs, 128, 5, torch.zeros(4, dtype=torch.long), 128)
+    assert "A differ" in lora_groups.linear_reason([as_[0], torch.randn(2, 8, 64), as_[2]], bs, 128, 5, None, 128)
+    x, weight = torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(128, 64, dtype=torch.bfloat16)
+    assert dense_lora.unserved_reason(x, weight, as_, bs, None) is None
+    assert "sum to 128" in dense_lora.unserved_reason(x, weight[:96], as_, bs, None)
+    assert "bias" in packed_lora.unserved_reason(x, torch.zeros(128, 8, dtype=torch.int32), torch.ones(128, 1),
+                                                 torch.zeros(3), "int4", 64, as_, bs, None)
+
+
 def test_lora_dispatch_on_cpu_is_the_reference():
     torch.manual_seed(0)
     x, a, b = torch.randn(6, 32), torch.randn(3, 4, 32), torch.randn(3, 20, 4)
